@@ -1,0 +1,1 @@
+"""Fused ops, each with its plain-PyTorch reference beside it. Installed as fastdreamer.kernels."""

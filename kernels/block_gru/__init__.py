@@ -1,0 +1,69 @@
+"""The RSSM's recurrent core behind one switch: `torch` (reference.py, the eager spec) or `triton` (fused).
+
+The RSSM calls only `step` and `rollout` from here. `set_impl` is called once at start; it returns the
+implementation actually in use and logs one line when it has to fall back to the reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import reference
+from .reference import BlockGRUWeights, check_shapes
+
+__all__ = ["BlockGRUWeights", "check_shapes", "set_impl", "get_impl", "step", "rollout", "IMPLS"]
+
+IMPLS = ("torch", "triton")
+_impl = "torch"
+log = logging.getLogger("fastdreamer")
+
+
+def triton_available() -> tuple[bool, str]:
+    """Whether the fused kernels can run here, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed"
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    return True, ""
+
+
+def set_impl(impl: str) -> str:
+    """Select the core implementation for the whole process; returns the one in use."""
+    global _impl
+    if impl not in IMPLS:
+        raise ValueError(f"block_gru: unknown implementation {impl!r}; choose one of {IMPLS}")
+    if impl == "triton":
+        ok, why = triton_available()
+        if not ok:
+            log.warning("block_gru: triton requested but %s; using the torch reference", why)
+            impl = "torch"
+    _impl = impl
+    return _impl
+
+
+def get_impl() -> str:
+    return _impl
+
+
+def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+    """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D)."""
+    if _impl == "triton":
+        from . import fused
+
+        return fused.step(deter, stoch, action, w)
+    return reference.step(deter, stoch, action, w)
+
+
+def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+    """No-grad multi-step entry with given inputs: stoch (B, T, S*C), action (B, T, A) -> (B, T, D)."""
+    if _impl == "triton":
+        from . import fused
+
+        return fused.rollout(deter, stoch, action, w)
+    return reference.rollout(deter, stoch, action, w)

@@ -1,0 +1,110 @@
+"""The block-GRU core of DreamerV3's RSSM: the spec, in plain PyTorch, and the eager implementation.
+
+One core step (danijar/dreamerv3 rssm.py `_core`, BlockLinear in embodied/jax/nets.py):
+
+    x0 = silu(rms(deter  @ w0 + b0) * s0)        # (B, K)   three input branches
+    x1 = silu(rms(stoch  @ w1 + b1) * s1)        # (B, K)   stoch is flat (B, S*C)
+    x2 = silu(rms(action @ w2 + b2) * s2)        # (B, K)   action already divided by max(1, |a|)
+    u  = per block g: concat(deter_g, x0, x1, x2) # (B, G, D/G + 3K)
+    h  = silu(rms(blocklinear(u, wh) + bh) * sh)  # (B, D)    the norm spans all blocks
+    r, c, z = split_per_block(blocklinear(h, wg) + bg)   # each (B, D), block-major
+    deter' = sigmoid(z - 1) * tanh(sigmoid(r) * c) + (1 - sigmoid(z - 1)) * deter
+
+rms(x) = x * rsqrt(mean(x^2) + 1e-4). Computed in float32 whatever the weight dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-4  # the reference's RMSNorm epsilon
+
+
+class BlockGRUWeights(NamedTuple):
+    """All parameters of one core, in the order every implementation takes them."""
+
+    w0: torch.Tensor  # (D, K)            deter branch
+    b0: torch.Tensor  # (K,)
+    s0: torch.Tensor  # (K,)              norm scale
+    w1: torch.Tensor  # (S*C, K)          stoch branch
+    b1: torch.Tensor  # (K,)
+    s1: torch.Tensor  # (K,)
+    w2: torch.Tensor  # (A, K)            action branch
+    b2: torch.Tensor  # (K,)
+    s2: torch.Tensor  # (K,)
+    wh: torch.Tensor  # (G, D/G + 3K, D/G) block-diagonal hidden layer
+    bh: torch.Tensor  # (D,)
+    sh: torch.Tensor  # (D,)              norm scale over all of deter
+    wg: torch.Tensor  # (G, D/G, 3D/G)    block-diagonal gate layer
+    bg: torch.Tensor  # (3D,)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS) * scale.float()
+
+
+def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x (B, G, I) with w (G, I, O) -> (B, G*O) plus bias (G*O,)."""
+    y = torch.einsum("bgi,gio->bgo", x, w.float())
+    return y.reshape(x.shape[0], -1) + b.float()
+
+
+def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
+    """Raise ValueError naming the shape when inputs and weights disagree."""
+    if deter.dim() != 2 or stoch.dim() != 2 or action.dim() != 2:
+        raise ValueError(f"block_gru: expected 2-d deter, stoch, action; got {tuple(deter.shape)}, "
+                         f"{tuple(stoch.shape)}, {tuple(action.shape)}")
+    B, D = deter.shape
+    if stoch.shape[0] != B or action.shape[0] != B:
+        raise ValueError(f"block_gru: mismatched batch: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
+                         f"action {tuple(action.shape)}")
+    if w.wh.dim() != 3:
+        raise ValueError(f"block_gru: wh must be (G, D/G + 3K, D/G), got {tuple(w.wh.shape)}")
+    G = w.wh.shape[0]
+    K = w.w0.shape[1]
+    if D % G != 0:
+        raise ValueError(f"block_gru: deter {D} is not divisible by {G} blocks")
+    expect = {
+        "w0": (D, K), "b0": (K,), "s0": (K,),
+        "w1": (stoch.shape[1], K), "b1": (K,), "s1": (K,),
+        "w2": (action.shape[1], K), "b2": (K,), "s2": (K,),
+        "wh": (G, D // G + 3 * K, D // G), "bh": (D,), "sh": (D,),
+        "wg": (G, D // G, 3 * D // G), "bg": (3 * D,),
+    }
+    for name, shape in expect.items():
+        got = tuple(getattr(w, name).shape)
+        if got != shape:
+            raise ValueError(f"block_gru: weight {name} has shape {got}, expected {shape} for deter {D}, "
+                             f"{G} blocks, hidden {K}")
+
+
+def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+    """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32."""
+    B, D = deter.shape
+    G = w.wh.shape[0]
+    deter = deter.float()
+    x0 = F.silu(rms_norm(deter @ w.w0.float() + w.b0.float(), w.s0))
+    x1 = F.silu(rms_norm(stoch.float() @ w.w1.float() + w.b1.float(), w.s1))
+    x2 = F.silu(rms_norm(action.float() @ w.w2.float() + w.b2.float(), w.s2))
+    x = torch.cat([x0, x1, x2], -1)  # (B, 3K)
+    u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
+    h = F.silu(rms_norm(block_linear(u, w.wh, w.bh), w.sh))  # (B, D)
+    gates = block_linear(h.reshape(B, G, D // G), w.wg, w.bg).reshape(B, G, 3, D // G)
+    reset, cand, update = (gates[:, :, i].reshape(B, D) for i in range(3))
+    reset = torch.sigmoid(reset)
+    cand = torch.tanh(reset * cand)
+    update = torch.sigmoid(update - 1.0)
+    return update * cand + (1.0 - update) * deter
+
+
+def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+    """Several core steps with given inputs: stoch (B, T, S*C), action (B, T, A) -> deters (B, T, D)."""
+    out = []
+    for t in range(stoch.shape[1]):
+        deter = step(deter, stoch[:, t], action[:, t], w)
+        out.append(deter)
+    return torch.stack(out, 1)

@@ -1,0 +1,37 @@
+import platform
+
+from setuptools import find_packages, setup
+
+# kernels/ installs as fastdreamer.kernels: a top-level module named `kernels` belongs to another package.
+packages = find_packages(include=["fastdreamer", "fastdreamer.*"])
+packages += ["fastdreamer.kernels"] + [f"fastdreamer.kernels.{p}" for p in find_packages("kernels")]
+triton = ["triton>=3.0"] if platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64") else []
+
+setup(
+    name="fastdreamer",
+    version="0.1.0",
+    description="The fastest faithful DreamerV3 trainer on one GPU, in PyTorch.",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"fastdreamer.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "numpy>=1.24",
+        "gymnasium>=1.0",
+        "envpool>=0.8.4",
+        "tyro>=0.8",
+        "tensorboard>=2.14",
+        "tqdm>=4.66",
+        *triton,
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "plot": ["matplotlib>=3.7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fastdreamer-train=fastdreamer.train:main",
+            "fastdreamer-eval=fastdreamer.eval:main",
+        ]
+    },
+)
