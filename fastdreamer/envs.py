@@ -1,0 +1,321 @@
+"""Batched environments whose observations, rewards and flags arrive as tensors on the training device.
+
+Two backends share one step contract: envpool for every id it knows, Gymnasium's SyncVectorEnv for any other
+registered id (including a user's "some.module:MyEnv-v0"). Both auto-reset on the call after an episode ends;
+that call ignores its action and returns the first observation of the next episode, which we flag is_first=True
+with reward 0 (the DreamerV3 / embodied convention).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import gymnasium
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_ALIGN = 16  # byte alignment of each field inside the staging buffer, so any dtype can view its slice
+
+# DreamerV3 reference Atari settings (danijar/dreamerv3 configs: atari size 64, repeat 4, sticky, gray, noops 30,
+# full action space, no life-loss episodes, unclipped rewards) expressed as envpool arguments.
+ATARI_DEFAULTS: dict[str, Any] = dict(
+    frame_skip=4,
+    repeat_action_probability=0.25,
+    stack_num=1,
+    gray_scale=True,
+    noop_max=30,
+    full_action_space=True,
+    episodic_life=False,
+    reward_clip=False,
+    use_fire_reset=False,
+)
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    obs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # 'vector': ((O,), float32), 'image': ((H, W, C), uint8)
+    discrete: bool
+    act_dim: int  # number of discrete actions, or continuous action dims
+    env_id: str  # resolved id
+
+
+def _envpool_ids() -> list[str]:
+    try:
+        import envpool
+    except ImportError:
+        return []
+    return list(envpool.list_all_envs())
+
+
+def _unknown_id_error(env_id: str, known: list[str]) -> ValueError:
+    close = difflib.get_close_matches(env_id, list(dict.fromkeys(known)), n=3, cutoff=0.6)
+    hint = f"; did you mean: {', '.join(close)}?" if close else "; see envpool.list_all_envs() or gymnasium.registry"
+    return ValueError(f"unknown environment '{env_id}'{hint}")
+
+
+def make_env(
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    device: torch.device | str,
+    *,
+    image_size: int = 64,
+    atari: dict | None = None,
+    env_kwargs: dict | None = None,
+) -> VecEnv:
+    """Create N copies of `env_id` stepping in lockstep. `atari` overrides ATARI_DEFAULTS for envpool Atari ids;
+    `env_kwargs` go to the backend's constructor as they are (e.g. max_episode_steps)."""
+    if num_envs < 1:
+        raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+    env_kwargs = dict(env_kwargs or {})
+    pool_ids = _envpool_ids()
+    if env_id in pool_ids:
+        import envpool
+
+        # Atari is the only envpool family whose specs carry sticky actions; match by the option, not a name list.
+        is_atari = "repeat_action_probability" in envpool.make_spec(env_id)._config_keys
+        if is_atari:
+            env_kwargs = {
+                **ATARI_DEFAULTS,
+                "img_height": image_size,
+                "img_width": image_size,
+                **(atari or {}),
+                **env_kwargs,
+            }
+        pool = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs)
+        return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
+    if ":" in env_id or env_id in gymnasium.registry:
+        envs = gymnasium.vector.SyncVectorEnv(
+            [(lambda: gymnasium.make(env_id, **env_kwargs)) for _ in range(num_envs)],
+            autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
+        )
+        return VecEnv(_GymBackend(envs, seed), env_id, num_envs, device, image_size)
+    raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
+
+
+class _EnvpoolBackend:
+    def __init__(self, pool: Any, seed: int):
+        self.pool, self.obs_space, self.act_space = pool, pool.observation_space, pool.action_space
+
+    def reset(self) -> Any:
+        return self.pool.reset()[0]
+
+    def step(self, action: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, _ = self.pool.step(action)
+        return obs, reward, terminated, truncated
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class _GymBackend:
+    def __init__(self, envs: gymnasium.vector.VectorEnv, seed: int):
+        self.envs, self.seed = envs, seed
+        self.obs_space, self.act_space = envs.single_observation_space, envs.single_action_space
+
+    def reset(self) -> Any:
+        seed, self.seed = self.seed, None  # seed once; later resets continue the seeded streams
+        return self.envs.reset(seed=seed)[0]
+
+    def step(self, action: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, _ = self.envs.step(action)
+        return obs, reward, terminated, truncated
+
+    def close(self) -> None:
+        self.envs.close()
+
+
+@dataclass
+class _Field:
+    key: str  # staging field name
+    src: str | None  # key in a dict observation, None for a plain array
+    cols: slice | None  # destination columns inside 'vector'
+    chw: bool  # source image is CHW
+
+
+def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict]:
+    """Map an observation space to staging fields. Returns (fields, staged spec, final spec)."""
+    items = sorted(space.spaces.items()) if isinstance(space, gymnasium.spaces.Dict) else [(None, space)]
+    fields, vec_cols, image = [], 0, None
+    for name, sub in items:
+        if not isinstance(sub, gymnasium.spaces.Box):
+            raise ValueError(f"observation '{name}' has unsupported space {sub}")
+        shape = tuple(sub.shape)
+        if len(shape) == 3 and sub.dtype == np.uint8:
+            if image is not None:
+                raise ValueError(f"more than one image observation in {space}")
+            chw = shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+            image = shape[1:] + shape[:1] if chw else shape  # (H, W, C)
+            fields.append(_Field("image", name, None, chw))
+        elif len(shape) <= 1:
+            width = int(np.prod(shape))
+            fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width), False))
+            vec_cols += width
+        else:
+            raise ValueError(f"observation '{name}' of shape {shape} is neither an image nor a vector")
+    staged, final = {}, {}
+    if vec_cols:
+        staged["vector"] = final["vector"] = ((vec_cols,), torch.float32)
+    if image is not None:
+        staged["image"] = (image, torch.uint8)
+        final["image"] = ((image_size, image_size, image[2]), torch.uint8)
+    return fields, staged, final
+
+
+class _Staging:
+    """Host staging for one step's data: all fields packed in one byte buffer, so one H2D copy per step.
+
+    Two slots alternate; on CUDA each slot is pinned and guarded by an event recorded after its copy, so a slot is
+    refilled only once its previous copy has finished."""
+
+    def __init__(self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]], n: int, device: torch.device):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.offsets, off = {}, 0
+        for key, (shape, dtype) in spec.items():
+            nbytes = n * int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+            self.offsets[key] = (off, nbytes, (n, *shape), dtype)
+            off += -(-nbytes // _ALIGN) * _ALIGN
+        self.slots = [torch.empty(off, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self.views = [self._views(buf) for buf in self.slots]  # numpy views the backends write into
+        self.events = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self.slot = 0
+
+    def _views(self, buf: torch.Tensor) -> dict[str, np.ndarray]:
+        raw = buf.numpy()
+        return {
+            key: raw[off : off + nbytes].view(torch.empty((), dtype=dtype).numpy().dtype).reshape(shape)
+            for key, (off, nbytes, shape, dtype) in self.offsets.items()
+        }
+
+    def acquire(self) -> dict[str, np.ndarray]:
+        self.slot ^= 1
+        if self.cuda:
+            self.events[self.slot].synchronize()  # no-op unless this slot's last copy is still in flight
+        return self.views[self.slot]
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        buf = self.slots[self.slot]
+        if self.cuda:
+            dev = buf.to(self.device, non_blocking=True)
+            self.events[self.slot].record()
+        else:
+            dev = buf.clone()  # the caller may keep the tensors; the slot is overwritten two steps later
+        return {
+            key: dev[off : off + nbytes].view(dtype).view(shape)
+            for key, (off, nbytes, shape, dtype) in self.offsets.items()
+        }
+
+
+class VecEnv:
+    """N environments; reset/step return {obs keys, 'reward', 'is_first', 'is_last', 'is_terminal'} on `device`."""
+
+    def __init__(self, backend: Any, env_id: str, num_envs: int, device: torch.device | str, image_size: int):
+        self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
+        self._fields, staged, final = _layout_obs(backend.obs_space, image_size)
+        act = backend.act_space
+        if isinstance(act, gymnasium.spaces.Discrete):
+            discrete, act_dim = True, int(act.n)
+            self._act_offset = int(act.start)
+        elif isinstance(act, gymnasium.spaces.Box):
+            discrete, act_dim = False, int(np.prod(act.shape))
+            low, high = act.low.astype(np.float64).reshape(-1), act.high.astype(np.float64).reshape(-1)
+            bounded = np.isfinite(low) & np.isfinite(high)
+            # a in [-1, 1] -> low + (a + 1) / 2 * (high - low); unbounded dims pass through the clipped value.
+            self._act_scale = np.where(bounded, (high - low) / 2, 1.0)
+            self._act_shift = np.where(bounded, (high + low) / 2, 0.0)
+            self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
+            self._act_buf = np.empty((num_envs, act_dim), np.float64)
+        else:
+            raise ValueError(f"unsupported action space {act}")
+        self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id)
+        self._resize = "image" in staged and staged["image"][0] != final["image"][0]
+        flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}
+        self._staging = _Staging({**staged, **flags}, num_envs, self.device)
+        self._done = np.ones(num_envs, bool)  # the next step auto-resets these envs
+        self._ep_return = np.zeros(num_envs, np.float64)
+        self._ep_length = np.zeros(num_envs, np.int64)
+        self._episodes: list[tuple[float, int]] = []
+
+    def reset(self) -> dict[str, torch.Tensor]:
+        obs = self.backend.reset()
+        self._done[:] = False
+        self._ep_return[:] = 0
+        self._ep_length[:] = 0
+        out = self._staging.acquire()
+        self._fill_obs(out, obs)
+        out["reward"][:] = 0
+        out["is_first"][:] = True
+        out["is_last"][:] = False
+        out["is_terminal"][:] = False
+        return self._upload()
+
+    def step(self, action: torch.Tensor) -> dict[str, torch.Tensor]:
+        """action: (N,) int64 indices (or (N, A) one-hot) when discrete, (N, A) in [-1, 1] when continuous."""
+        act = self._host_action(action)
+        obs, reward, terminated, truncated = self.backend.step(act)
+        first = self._done  # these envs ignored the action and returned a reset observation
+        last = terminated | truncated
+        out = self._staging.acquire()
+        self._fill_obs(out, obs)
+        np.copyto(out["reward"], reward, casting="unsafe")
+        out["reward"][first] = 0
+        np.copyto(out["is_first"], first)
+        np.copyto(out["is_last"], last & ~first)
+        np.copyto(out["is_terminal"], terminated & ~first)
+        # Host-side episode accounting: a reset step starts an episode; every other step is one transition.
+        self._ep_return[first] = 0
+        self._ep_length[first] = 0
+        self._ep_return += np.where(first, 0.0, out["reward"])
+        self._ep_length += ~first
+        ended = out["is_last"]
+        if ended.any():
+            for i in np.flatnonzero(ended):
+                self._episodes.append((float(self._ep_return[i]), int(self._ep_length[i])))
+        self._done = ended.copy()
+        return self._upload()
+
+    def pop_episodes(self) -> list[tuple[float, int]]:
+        """(return, length) of the episodes that ended since the last call; length counts env transitions."""
+        episodes, self._episodes = self._episodes, []
+        return episodes
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def _host_action(self, action: torch.Tensor) -> np.ndarray:
+        n = self.num_envs
+        if self.spec.discrete:
+            if action.ndim == 2 and action.shape == (n, self.spec.act_dim):
+                action = action.argmax(-1)
+            assert action.shape == (n,), f"discrete action must be (N,)={(n,)} indices, got {tuple(action.shape)}"
+            return action.to("cpu", torch.int64).numpy() + self._act_offset  # the one D2H copy per step
+        assert action.shape == (n, self.spec.act_dim), (
+            f"action must be (N, A)={(n, self.spec.act_dim)}, got {tuple(action.shape)}"
+        )
+        buf = self._act_buf
+        np.copyto(buf, action.detach().to("cpu", torch.float32).numpy())
+        np.clip(buf, -1.0, 1.0, out=buf)
+        buf *= self._act_scale
+        buf += self._act_shift
+        return buf.astype(self._act_dtype, copy=False).reshape(n, *self._act_shape)
+
+    def _fill_obs(self, out: dict[str, np.ndarray], obs: Any) -> None:
+        n = self.num_envs
+        for f in self._fields:
+            src = obs if f.src is None else obs[f.src]
+            if f.key == "image":
+                np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src)
+            else:
+                np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
+
+    def _upload(self) -> dict[str, torch.Tensor]:
+        data = self._staging.upload()
+        if self._resize:
+            size = self.spec.obs["image"][0][:2]
+            img = data["image"].permute(0, 3, 1, 2).float()  # (N, C, H, W)
+            img = F.interpolate(img, size=size, mode="area")
+            data["image"] = img.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
+        return data
