@@ -1,0 +1,202 @@
+"""Replay: N streams (one per env) in one preallocated ring, sampled on the training device without host syncs.
+
+Every field is stored as (N, M, ...) with M = capacity // N steps per stream. add() writes one step for all N envs
+at the head, a host-side int, so adding never reads a tensor. sample() draws (stream, start) pairs uniformly over
+all windows of seq_len steps that lie inside written data in temporal order, so no sequence crosses the write head.
+Sequences may cross episode boundaries; is_first marks them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+GiB = 1024**3
+
+
+def _device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes on a CUDA device."""
+    return torch.cuda.mem_get_info(device)
+
+
+def _host_available() -> int:
+    """Bytes of host RAM available to new allocations (MemAvailable)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("MemAvailable missing from /proc/meminfo")
+
+
+def _headroom(total: int) -> int:
+    # Leave room for the model, activations and the CUDA graphs' private pools (or the rest of the process).
+    return max(2 * GiB, total // 10)
+
+
+def choose_location(nbytes: int, device: torch.device) -> str:
+    """'cuda' if the buffer fits in free device memory, else 'pinned host' if it fits in host RAM; 'cpu' on CPU."""
+    host = _host_available()
+    host_fits = nbytes <= host - _headroom(host)
+    if device.type == "cuda":
+        free, total = _device_memory(device)
+        if nbytes <= free - _headroom(total):
+            return "cuda"
+        if host_fits:
+            return "pinned host"
+        raise ValueError(
+            f"replay of {nbytes / GiB:.2f} GiB fits neither in device memory ({free / GiB:.2f} GiB free) "
+            f"nor in host memory ({host / GiB:.2f} GiB available); lower the replay capacity"
+        )
+    if host_fits:
+        return "cpu"
+    raise ValueError(
+        f"replay of {nbytes / GiB:.2f} GiB does not fit in host memory ({host / GiB:.2f} GiB available); "
+        "lower the replay capacity"
+    )
+
+
+class Replay:
+    def __init__(
+        self,
+        spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        capacity: int,
+        num_envs: int,
+        seq_len: int,
+        device: torch.device | str,
+        seed: int = 0,
+    ):
+        if num_envs < 1 or seq_len < 1:
+            raise ValueError(f"replay needs num_envs >= 1 and seq_len >= 1, got {num_envs} and {seq_len}")
+        self.length = capacity // num_envs  # M, steps per stream
+        if seq_len > self.length:
+            raise ValueError(
+                f"replay capacity {capacity} over {num_envs} envs holds {self.length} steps per env, fewer than "
+                f"seq_len {seq_len}; raise the capacity to at least {seq_len * num_envs}"
+            )
+        self.spec, self.num_envs, self.seq_len = dict(spec), num_envs, seq_len
+        self.device = torch.device(device)
+        n, m = num_envs, self.length
+        self.nbytes = sum(
+            n * m * math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values()
+        )
+        self.location = choose_location(self.nbytes, self.device)
+        store = self.device if self.location == "cuda" else torch.device("cpu")
+        pin = self.location == "pinned host"
+        self.data = {
+            k: torch.zeros((n, m, *shape), dtype=dt, device=store, pin_memory=pin) for k, (shape, dt) in spec.items()
+        }
+        self._flat = {k: v.view(n * m, *v.shape[2:]) for k, v in self.data.items()}  # (N * M, ...) views for gathers
+        self.head = 0  # next slot written in every stream
+        self.count = 0  # steps added per stream, total (not capped)
+        self.generator = torch.Generator(device=store).manual_seed(seed)
+        self._offsets = torch.arange(seq_len, device=store)  # (L,)
+        self._staging: dict[int, tuple[list[dict[str, torch.Tensor]], list]] = {}  # batch -> pinned slots, events
+        self._slot = 0
+
+    def __len__(self) -> int:
+        return min(self.count, self.length) * self.num_envs
+
+    def add(self, step: dict[str, torch.Tensor]) -> None:
+        """Write one step for all N envs; step[k] is (N, *shape) for every key of the spec (extra keys ignored)."""
+        n, h = self.num_envs, self.head
+        dst, src = [], []
+        for key, (shape, _) in self.spec.items():
+            if key not in step:
+                raise KeyError(f"replay step lacks '{key}'; it has {sorted(step)}")
+            value = step[key]
+            assert value.shape == (n, *shape), f"replay '{key}' expects {(n, *shape)}, got {tuple(value.shape)}"
+            dst.append(self.data[key][:, h])
+            src.append(value)
+        if self.location == "cuda":
+            torch._foreach_copy_(dst, src, non_blocking=True)  # one fused launch for all fields
+        else:
+            # Blocking: host-side sampling reads these slots right away, so a D2H copy must have landed.
+            for d, s in zip(dst, src):
+                d.copy_(s)
+        self.head = (h + 1) % self.length
+        self.count += 1
+
+    def ready(self) -> bool:
+        """At least seq_len steps in every stream."""
+        return self.count >= self.seq_len
+
+    def sample(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Draw B sequences of L steps: data[k] (B, L, *shape) on the device, idx (B, L) int64 flat slot indices."""
+        assert self.ready(), (
+            f"replay holds {min(self.count, self.length)} steps per env, fewer than seq_len {self.seq_len}"
+        )
+        m, filled = self.length, min(self.count, self.length)
+        windows = filled - self.seq_len + 1  # valid starts per stream
+        oldest = (self.head - filled) % m  # physical slot of each stream's oldest step
+        store = self.generator.device
+        pick = torch.randint(self.num_envs * windows, (batch,), generator=self.generator, device=store)  # (B,)
+        stream = pick // windows
+        start = pick - stream * windows + oldest  # logical start -> physical, before the wrap
+        idx = stream[:, None] * m + (start[:, None] + self._offsets) % m  # (B, L)
+        if self.location != "pinned host":
+            flat = idx.view(-1)
+            return {
+                k: v.index_select(0, flat).view(batch, self.seq_len, *v.shape[1:]) for k, v in self._flat.items()
+            }, idx
+        out = self._gather_pinned(idx)
+        return out, idx.to(self.device, non_blocking=True)
+
+    def _gather_pinned(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Host gather into a pinned slot, then an async copy; two slots with events so a slot is refilled only after
+        # its previous copy has finished.
+        batch = idx.shape[0]
+        if batch not in self._staging:
+            slots = [
+                {
+                    k: torch.empty((batch * self.seq_len, *v.shape[1:]), dtype=v.dtype, pin_memory=True)
+                    for k, v in self._flat.items()
+                }
+                for _ in range(2)
+            ]
+            self._staging[batch] = (slots, [torch.cuda.Event(), torch.cuda.Event()])
+        slots, events = self._staging[batch]
+        self._slot ^= 1
+        events[self._slot].synchronize()
+        flat, out = idx.view(-1), {}
+        for key, src in self._flat.items():
+            dst = slots[self._slot][key]
+            torch.index_select(src, 0, flat, out=dst)
+            out[key] = dst.to(self.device, non_blocking=True).view(batch, self.seq_len, *src.shape[1:])
+        events[self._slot].record()
+        return out
+
+    def write(self, idx: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        """Overwrite fields at idx (B, L') from sample(): values[k] is (B, L', *shape). Used to refresh latents.
+
+        A slot overwritten by add() between sample() and write() gets the stale value; with M far above the steps
+        taken per update this does not happen."""
+        flat = idx.reshape(-1).to(self._offsets.device)
+        for key, value in values.items():
+            dst = self._flat[key]
+            assert value.shape == (*idx.shape, *dst.shape[1:]), (
+                f"replay write '{key}' expects {(*idx.shape, *dst.shape[1:])}, got {tuple(value.shape)}"
+            )
+            dst.index_copy_(0, flat, value.reshape(-1, *dst.shape[1:]).to(dst.device, dst.dtype))
+
+    def state_dict(self) -> dict:
+        return {
+            "data": self.data,
+            "head": self.head,
+            "count": self.count,
+            "generator": self.generator.get_state(),
+            "shape": (self.num_envs, self.length, self.seq_len),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        if tuple(d["shape"]) != (self.num_envs, self.length, self.seq_len):
+            raise ValueError(
+                f"replay state has (num_envs, steps per env, seq_len) = {tuple(d['shape'])}, "
+                f"this replay has {(self.num_envs, self.length, self.seq_len)}"
+            )
+        if set(d["data"]) != set(self.data):
+            raise ValueError(f"replay state has fields {sorted(d['data'])}, this replay has {sorted(self.data)}")
+        for key, value in d["data"].items():
+            self.data[key].copy_(value)
+        self.head, self.count = int(d["head"]), int(d["count"])
+        self.generator.set_state(d["generator"])
