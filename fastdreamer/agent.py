@@ -1,0 +1,226 @@
+"""The DreamerV3 agent (dreamerv3/agent.py): world model, imagination, actor-critic, in one loss for one
+optimizer. Everything here stays on the device: no .item(), no host branching on tensor values."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import dists
+from .config import SIZES, Config
+from .nets import MLP, Decoder, Encoder, Linear, symlog
+from .rssm import RSSM, feat
+
+if TYPE_CHECKING:
+    from .envs import EnvSpec
+
+
+class Head(nn.Module):
+    """MLP -> Linear; the output layer scaled by `outscale` (0 for reward and critic: zero-initialised)."""
+
+    def __init__(self, fin: int, units: int, layers: int, out: int, outscale: float):
+        super().__init__()
+        self.mlp = MLP(fin, units, layers)
+        self.out = Linear(self.mlp.out_dim, out, outscale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.mlp(x))
+
+
+def lambda_return(last, term, rew, boot, disc, lam):
+    """The reference's lambda-return over (N, L) inputs -> (N, L - 1): returns for every step but the last,
+    bootstrapped from `boot` where a sequence is cut (last) and at its end."""
+    live = (1.0 - term.float())[:, 1:] * disc
+    cont = (1.0 - last.float())[:, 1:] * lam
+    interm = rew[:, 1:] + (1.0 - cont) * live * boot[:, 1:]
+    ret = boot[:, -1]
+    rets = []
+    for t in reversed(range(live.shape[1])):
+        ret = interm[:, t] + live[:, t] * cont[:, t] * ret
+        rets.append(ret)
+    return torch.stack(rets[::-1], 1)
+
+
+def percentiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
+    """Percentiles of a 1-d tensor with linear interpolation (numpy's default). The size is static, so the
+    positions are Python numbers: one sort on the device and no host sync (torch.quantile checks its
+    arguments on the host)."""
+    x = x.sort().values
+    n = x.shape[0]
+    out = []
+    for q in qs:
+        pos = q / 100 * (n - 1)
+        lo = int(pos)
+        hi = min(lo + 1, n - 1)
+        out.append(x[lo] + (pos - lo) * (x[hi] - x[lo]))
+    return out
+
+
+class Agent(nn.Module):
+    def __init__(self, cfg: Config, spec: EnvSpec):
+        super().__init__()
+        self.cfg, self.spec = cfg, spec
+        size = SIZES[cfg.size]
+        self.act_dim = spec.act_dim
+        self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth)
+        self.rssm = RSSM(self.encoder.out_dim, spec.act_dim, size.deter, size.hidden, size.stoch, size.classes,
+                         size.blocks, cfg.unimix, cfg.obslayers, cfg.imglayers, cfg.free_nats)
+        fdim = self.rssm.feat_dim
+        self.decoder = Decoder(spec.obs, size.deter, size.stoch * size.classes, size.units, cfg.dec_layers,
+                               size.depth, bspace=cfg.bspace)
+        self.reward = Head(fdim, size.units, cfg.head_layers, cfg.bins, 0.0)
+        self.cont = Head(fdim, size.units, cfg.head_layers, 1, 1.0)
+        pol_out = spec.act_dim if spec.discrete else 2 * spec.act_dim
+        self.actor = Head(fdim, size.units, cfg.ac_layers, pol_out, 0.01)
+        self.critic = Head(fdim, size.units, cfg.ac_layers, cfg.bins, 0.0)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.register_buffer("bins", dists.twohot_bins(cfg.bins))
+        self.register_buffer("retnorm_lo", torch.zeros(()))
+        self.register_buffer("retnorm_hi", torch.zeros(()))
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("slow_critic.")]
+
+    def policy(self, f: torch.Tensor) -> dists.Policy:
+        return dists.Policy(self.actor(f), self.spec.discrete, self.cfg.unimix, self.cfg.minstd, self.cfg.maxstd)
+
+    def initial(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        deter, stoch = self.rssm.initial(n, device)
+        return deter, stoch, torch.zeros(n, self.act_dim, device=device)
+
+    @torch.no_grad()
+    def act(self, carry, obs: dict[str, torch.Tensor], greedy: bool = False):
+        """One acting step for N envs: carry (deter, stoch, prevact), obs (N, ...) -> action (N, A), carry.
+        The action is one-hot for discrete envs and unclipped for continuous ones."""
+        deter, stoch, prevact = carry
+        token = self.encoder(obs, bdims=1)
+        deter, stoch, _ = self.rssm.obs_step(deter, stoch, prevact, token, obs["is_first"])
+        pol = self.policy(feat(deter, stoch))
+        action = pol.mode() if greedy else pol.sample()
+        return action, (deter, stoch, action)
+
+    def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
+        """H prior steps from every start (N, D), (N, S, C) under the actor. No gradient: the reference stops
+        gradients at imagined features and trains the actor by REINFORCE. Returns feats (N, H+1, F) and
+        actions (N, H+1, A), the action at index h being the one taken in state h."""
+        with torch.no_grad():
+            feats, acts = [feat(deter, stoch)], []
+            for _ in range(self.cfg.imag_length):
+                action = self.policy(feats[-1]).sample()
+                acts.append(action)
+                deter, stoch, _ = self.rssm.img_step(deter, stoch, action)
+                feats.append(feat(deter, stoch))
+            acts.append(self.policy(feats[-1]).sample())
+            return torch.stack(feats, 1), torch.stack(acts, 1)
+
+    def _update_retnorm(self, ret: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EMA of the 5th and 95th return percentiles, then (offset, scale) with scale >= limit."""
+        q = percentiles(ret.detach().flatten().float(), (self.cfg.retnorm_lo, self.cfg.retnorm_hi))
+        rate = self.cfg.retnorm_rate
+        self.retnorm_lo.mul_(1 - rate).add_(rate * q[0])
+        self.retnorm_hi.mul_(1 - rate).add_(rate * q[1])
+        scale = torch.clamp_min(self.retnorm_hi - self.retnorm_lo, self.cfg.retnorm_limit)
+        return self.retnorm_lo.clone(), scale
+
+    def loss(self, data: dict[str, torch.Tensor]):
+        """The whole DreamerV3 loss on a replay batch (B, T + context, ...). Returns the scalar loss, a dict
+        of device-scalar metrics, and the refreshed posterior latents (deter (B, T, D), stoch index (B, T, S))
+        for the replay-context write-back."""
+        cfg = self.cfg
+        ctx = cfg.replay_context
+        B = data["is_first"].shape[0]
+        device = data["is_first"].device
+        S, C = self.rssm.stoch, self.rssm.classes
+        if ctx:
+            deter0 = data["deter"][:, 0].float()
+            stoch0 = F.one_hot(data["stoch"][:, 0].long(), C).float()
+            prevact = data["action"][:, :-1].float()
+        else:
+            deter0, stoch0, act0 = self.initial(B, device)
+            prevact = torch.cat([act0[:, None], data["action"][:, :-1].float()], 1)
+        obs = {k: v[:, ctx:] for k, v in data.items()}
+        is_first, is_last, is_term = obs["is_first"], obs["is_last"], obs["is_terminal"]
+        reward = obs["reward"].float()
+        T = is_first.shape[1]
+
+        # World model.
+        tokens = self.encoder(obs)  # (B, T, E)
+        deters, stochs, post = self.rssm.observe(deter0, stoch0, tokens, prevact, is_first)
+        prior = self.rssm.prior(deters)  # (B, T, S, C)
+        dyn, rep = self.rssm.kl_losses(post, prior)
+        repfeat = feat(deters, stochs)  # (B, T, F)
+        losses = {"dyn": dyn, "rep": rep}
+        recons = self.decoder(deters, stochs.flatten(-2))
+        for key, recon in recons.items():
+            if key in self.decoder.img_keys:
+                losses[key] = (recon - obs[key].float() / 255.0).square().sum((-3, -2, -1))
+            else:
+                losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
+        losses["rew"] = dists.twohot_loss(self.reward(repfeat), reward, self.bins)
+        con_target = (~is_term).float() * (1.0 - 1.0 / cfg.horizon)  # contdisc
+        losses["con"] = -dists.binary_logp(self.cont(repfeat).squeeze(-1), con_target)
+
+        # Imagination from every posterior state of the batch.
+        D = deters.shape[-1]
+        imgfeat, imgact = self.imagine(deters.detach().reshape(B * T, D), stochs.detach().reshape(B * T, S, C))
+        with torch.no_grad():
+            rew = dists.twohot_pred(self.reward(imgfeat), self.bins)  # (N, H+1)
+            con = torch.sigmoid(self.cont(imgfeat).squeeze(-1).float())
+            slowval = dists.twohot_pred(self.slow_critic(imgfeat), self.bins)
+        val_logits = self.critic(imgfeat)
+        val = dists.twohot_pred(val_logits.detach(), self.bins)
+        with torch.no_grad():
+            weight = torch.cumprod(con, 1)  # disc is 1 with contdisc
+            ret = lambda_return(torch.zeros_like(con), 1.0 - con, rew, val, 1.0, cfg.lam)  # (N, H)
+            roffset, rscale = self._update_retnorm(ret)
+            adv = (ret - val[:, :-1]) / rscale
+        pol = self.policy(imgfeat)
+        logpi = pol.logp(imgact)[:, :-1]
+        ent = pol.entropy()[:, :-1]
+        losses["policy"] = weight[:, :-1] * -(logpi * adv + cfg.actent * ent)
+        losses["value"] = weight[:, :-1] * (
+            dists.twohot_loss(val_logits[:, :-1], ret, self.bins)
+            + cfg.slowreg * dists.twohot_loss(val_logits[:, :-1], slowval[:, :-1], self.bins))
+
+        # Critic on replayed trajectories, bootstrapped from the imagined returns (repval loss).
+        rep_logits = self.critic(repfeat)
+        with torch.no_grad():
+            boot = ret[:, 0].reshape(B, T)
+            rep_slow = dists.twohot_pred(self.slow_critic(repfeat), self.bins)
+            rep_ret = lambda_return(is_last, is_term, reward, boot, 1.0 - 1.0 / cfg.horizon, cfg.lam)  # (B, T-1)
+        losses["repval"] = (~is_last[:, :-1]).float() * (
+            dists.twohot_loss(rep_logits[:, :-1], rep_ret, self.bins)
+            + cfg.slowreg * dists.twohot_loss(rep_logits[:, :-1], rep_slow[:, :-1], self.bins))
+
+        scales = {"dyn": cfg.loss_dyn, "rep": cfg.loss_rep, "rew": cfg.loss_rew, "con": cfg.loss_con,
+                  "policy": cfg.loss_policy, "value": cfg.loss_value, "repval": cfg.loss_repval}
+        means = {k: v.mean() for k, v in losses.items()}
+        total = sum(means[k] * scales.get(k, cfg.loss_rec) for k in means)
+        metrics = {f"loss/{k}": v.detach() for k, v in means.items()}
+        with torch.no_grad():
+            metrics.update({
+                "loss/total": total.detach(),
+                "wm/dyn_ent": dists.categorical_entropy(prior).sum(-1).mean(),
+                "wm/rep_ent": dists.categorical_entropy(post).sum(-1).mean(),
+                "ac/ret": ret.mean(),
+                "ac/adv": adv.mean(),
+                "ac/adv_std": adv.std(),
+                "ac/entropy": ent.mean(),
+                "ac/value": val.mean(),
+                "ac/retnorm_scale": rscale,
+                "ac/retnorm_offset": roffset,
+                "ac/imag_reward": rew.mean(),
+                "ac/imag_cont": con.mean(),
+            })
+        latents = {"deter": deters.detach(), "stoch": stochs.detach().argmax(-1)}
+        return total, metrics, latents
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        rate = self.cfg.slow_rate
+        slow = list(self.slow_critic.parameters())
+        torch._foreach_lerp_(slow, list(self.critic.parameters()), rate)

@@ -1,0 +1,184 @@
+"""Configuration as data: one dataclass (its field docstrings are the CLI's --help), the model-size table of
+the reference (dreamerv3/configs.yaml), and one preset per environment."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Size:
+    deter: int
+    hidden: int
+    classes: int
+    depth: int
+    units: int
+    stoch: int = 32
+    blocks: int = 8
+
+
+# The reference's size table; `debug` is ours, for tests.
+SIZES: dict[str, Size] = {
+    "debug": Size(deter=32, hidden=16, classes=4, depth=2, units=16, stoch=4, blocks=4),
+    "1m": Size(deter=512, hidden=64, classes=4, depth=4, units=64),
+    "12m": Size(deter=2048, hidden=256, classes=16, depth=16, units=256),
+    "25m": Size(deter=3072, hidden=384, classes=24, depth=24, units=384),
+    "50m": Size(deter=4096, hidden=512, classes=32, depth=32, units=512),
+    "100m": Size(deter=6144, hidden=768, classes=48, depth=48, units=768),
+    "200m": Size(deter=8192, hidden=1024, classes=64, depth=64, units=1024),
+    "400m": Size(deter=12288, hidden=1536, classes=96, depth=96, units=1536),
+}
+
+
+@dataclass
+class Config:
+    # What to train.
+    env: str = "cartpole"
+    """Preset name (cartpole, pendulum, pong, carracing, walker) or any envpool / Gymnasium id, e.g. 'Acrobot-v1'
+    or 'my.module:MyEnv-v0'."""
+    size: str = "12m"
+    """Model size: debug, 1m, 12m, 25m, 50m, 100m, 200m, 400m."""
+    steps: int = 100_000
+    """Environment steps to train for (summed over all envs)."""
+    train_ratio: float = 32.0
+    """Replayed steps per environment step, as in the reference (batch_size * batch_length per update)."""
+    num_envs: int = 16
+    """Parallel environments."""
+    seed: int = 0
+    device: str = "auto"
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    logdir: str = "logdir/{env}-{size}-seed{seed}"
+    """Run directory: config.json, metrics.jsonl, TensorBoard events, checkpoint.pt."""
+    resume: bool = False
+    """Continue the run in --logdir from its checkpoint, exactly."""
+    gru_impl: str = "torch"
+    """Recurrent core implementation: torch (reference) or triton (fused kernel)."""
+
+    # Data.
+    batch_size: int = 16
+    batch_length: int = 64
+    replay_context: int = 1
+    """Steps of stored latent state that start each training sequence (0 or 1)."""
+    replay_size: int = 1_000_000
+    """Replay capacity in environment steps (all envs together)."""
+    image_size: int = 64
+    prefill: int = 0
+    """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""
+
+    # World model.
+    unimix: float = 0.01
+    free_nats: float = 1.0
+    imglayers: int = 2
+    obslayers: int = 1
+    enc_layers: int = 3
+    dec_layers: int = 3
+    head_layers: int = 1
+    """Layers of the reward and continue heads."""
+    ac_layers: int = 3
+    """Layers of the actor and critic."""
+    bins: int = 255
+    bspace: int = 8
+    """Blocks of the image decoder's spatial projection."""
+    loss_rec: float = 1.0
+    loss_rew: float = 1.0
+    loss_con: float = 1.0
+    loss_dyn: float = 1.0
+    loss_rep: float = 0.1
+
+    # Actor-critic.
+    imag_length: int = 15
+    horizon: int = 333
+    lam: float = 0.95
+    actent: float = 3e-4
+    minstd: float = 0.1
+    maxstd: float = 1.0
+    slow_rate: float = 0.02
+    slowreg: float = 1.0
+    retnorm_rate: float = 0.01
+    retnorm_limit: float = 1.0
+    retnorm_lo: float = 5.0
+    retnorm_hi: float = 95.0
+    loss_policy: float = 1.0
+    loss_value: float = 1.0
+    loss_repval: float = 0.3
+
+    # Optimizer (LaProp + AGC).
+    lr: float = 4e-5
+    agc: float = 0.3
+    eps: float = 1e-20
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup: int = 1000
+
+    # Bookkeeping.
+    log_every: float = 30.0
+    """Seconds between metric logs."""
+    save_every: int = 5000
+    """Updates between checkpoints (and one at the end)."""
+    eval_episodes: int = 0
+    """Episodes of greedy evaluation at the end of training (0: none)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def resolved_logdir(self) -> str:
+        return self.logdir.format(env=self.env.replace("/", "_").replace(":", "_"), size=self.size, seed=self.seed)
+
+
+@dataclass(frozen=True)
+class Preset:
+    env_id: str
+    overrides: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "cartpole": Preset("CartPole-v1", dict(size="1m", train_ratio=512.0, num_envs=4, steps=100_000,
+                                           replay_size=200_000)),
+    "pendulum": Preset("Pendulum-v1", dict(size="1m", train_ratio=512.0, num_envs=4, steps=100_000,
+                                           replay_size=200_000)),
+    "pong": Preset("Pong-v5", dict(size="12m", train_ratio=32.0, num_envs=16, steps=5_000_000,
+                                   replay_size=2_000_000)),
+    "carracing": Preset("CarRacing-v3", dict(size="12m", train_ratio=64.0, num_envs=16, steps=2_000_000,
+                                             replay_size=1_000_000)),
+    "walker": Preset("WalkerWalk-v1", dict(size="12m", train_ratio=512.0, num_envs=4, steps=1_000_000,
+                                           replay_size=1_000_000)),
+}
+
+
+def preset_defaults(env: str) -> Config:
+    """The Config a run of `env` starts from before command-line overrides."""
+    preset = PRESETS.get(env)
+    if preset is None:
+        return Config(env=env)
+    return dataclasses.replace(Config(env=env), **preset.overrides)
+
+
+def env_id(cfg: Config) -> str:
+    preset = PRESETS.get(cfg.env)
+    return preset.env_id if preset else cfg.env
+
+
+def validate(cfg: Config) -> None:
+    """Raise ValueError with one clear line for a config that cannot run."""
+    if cfg.size not in SIZES:
+        close = difflib.get_close_matches(cfg.size, SIZES, 3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; choose one of {', '.join(SIZES)}"
+        raise ValueError(f"unknown size {cfg.size!r}{hint}")
+    positive = dict(train_ratio=cfg.train_ratio, num_envs=cfg.num_envs, steps=cfg.steps, batch_size=cfg.batch_size,
+                    batch_length=cfg.batch_length, replay_size=cfg.replay_size, imag_length=cfg.imag_length,
+                    horizon=cfg.horizon, lr=cfg.lr)
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.replay_context not in (0, 1):
+        raise ValueError(f"--replay-context must be 0 or 1, got {cfg.replay_context}")
+    seq = cfg.batch_length + cfg.replay_context
+    per_env = cfg.replay_size // cfg.num_envs
+    if seq > per_env:
+        raise ValueError(f"sequence of {seq} steps is longer than the replay capacity per env "
+                         f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size")
+    if not 0 <= cfg.unimix < 1 or not 0 <= cfg.lam <= 1:
+        raise ValueError("--unimix must be in [0, 1) and --lam in [0, 1]")
+    if cfg.gru_impl not in ("torch", "triton"):
+        raise ValueError(f"--gru-impl must be torch or triton, got {cfg.gru_impl!r}")

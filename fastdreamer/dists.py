@@ -1,0 +1,128 @@
+"""Output distributions of the reference (embodied/jax/outs.py, heads.py), without torch.distributions:
+no argument validation and no host syncs, so they are safe inside captured and compiled steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .nets import symexp
+
+
+def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
+    """Log of (1 - unimix) * softmax(logits) + unimix / C."""
+    if not unimix:
+        return torch.log_softmax(logits.float(), -1)
+    probs = torch.softmax(logits.float(), -1)
+    probs = (1.0 - unimix) * probs + unimix / logits.shape[-1]
+    return torch.log(probs)
+
+
+def sample_onehot(logp: torch.Tensor) -> torch.Tensor:
+    """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs."""
+    probs = logp.exp()
+    # Gumbel-max instead of torch.multinomial: elementwise and argmax only, so no host sync and capturable.
+    gumbel = -torch.log(-torch.log(torch.rand_like(probs)))
+    index = (logp.detach() + gumbel).argmax(-1)
+    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return onehot + probs - probs.detach()
+
+
+def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis, both given as log-probs."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def categorical_entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def twohot_bins(n: int = 255, device=None) -> torch.Tensor:
+    """The reference's symexp-spaced bins: symexp(linspace(-20, 20)), built from one half so they are exactly
+    symmetric around zero."""
+    if n % 2 == 1:
+        half = symexp(torch.linspace(-20.0, 0.0, (n - 1) // 2 + 1, device=device))
+        return torch.cat([half, -half[:-1].flip(0)])
+    half = symexp(torch.linspace(-20.0, 0.0, n // 2, device=device))
+    return torch.cat([half, -half.flip(0)])
+
+
+def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Expected value under softmax(logits) over bins, summed symmetrically from the middle outwards so that
+    uniform probabilities give exactly zero (a left-to-right sum does not)."""
+    probs = torch.softmax(logits.float(), -1)
+    n = bins.shape[0]
+    m = (n - 1) // 2 if n % 2 else n // 2
+    if n % 2:
+        mid = probs[..., m] * bins[m]
+        lo, hi = (probs[..., :m] * bins[:m]).flip(-1), probs[..., m + 1 :] * bins[m + 1 :]
+        return mid + (lo + hi).sum(-1)
+    lo, hi = (probs[..., :m] * bins[:m]).flip(-1), probs[..., m:] * bins[m:]
+    return (lo + hi).sum(-1)
+
+
+def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Two-hot encoding of scalar targets (...,) over bins (n,): weights on the two neighbouring bins,
+    linear in the raw value; values outside the range go fully to the end bin."""
+    n = bins.shape[0]
+    target = target.float()
+    below = (bins <= target[..., None]).sum(-1) - 1
+    above = n - (bins > target[..., None]).sum(-1)
+    below = below.clamp(0, n - 1)
+    above = above.clamp(0, n - 1)
+    equal = below == above
+    to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
+    to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
+    total = to_below + to_above
+    return (F.one_hot(below, n) * (to_above / total)[..., None] + F.one_hot(above, n) * (to_below / total)[..., None])
+
+
+def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of softmax(logits) against the two-hot target, (...,)."""
+    return -(twohot_encode(target.detach(), bins) * torch.log_softmax(logits.float(), -1)).sum(-1)
+
+
+def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of a soft binary target under sigmoid(logit)."""
+    logit = logit.float()
+    return target * F.logsigmoid(logit) + (1 - target) * F.logsigmoid(-logit)
+
+
+class Policy:
+    """The actor's output: categorical with unimix (discrete) or bounded normal (continuous).
+    `raw` is the head output: logits (..., A) or mean and pre-std stacked as (..., 2A)."""
+
+    def __init__(self, raw: torch.Tensor, discrete: bool, unimix: float = 0.01, minstd: float = 0.1,
+                 maxstd: float = 1.0):
+        self.discrete = discrete
+        if discrete:
+            self.logp_all = unimix_logits(raw, unimix)  # (..., A)
+        else:
+            mean, std = raw.float().chunk(2, -1)
+            self.mean = torch.tanh(mean)
+            self.std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
+
+    def sample(self) -> torch.Tensor:
+        """One-hot (..., A) for discrete actions, (..., A) unclipped for continuous. No gradient."""
+        with torch.no_grad():
+            if self.discrete:
+                return sample_onehot(self.logp_all).detach()
+            return self.mean + self.std * torch.randn_like(self.mean)
+
+    def mode(self) -> torch.Tensor:
+        if self.discrete:
+            return F.one_hot(self.logp_all.argmax(-1), self.logp_all.shape[-1]).float()
+        return self.mean
+
+    def logp(self, action: torch.Tensor) -> torch.Tensor:
+        if self.discrete:
+            return (action * self.logp_all).sum(-1)
+        z = (action - self.mean) / self.std
+        return (-0.5 * z.square() - torch.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        if self.discrete:
+            return categorical_entropy(self.logp_all)
+        return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.std)).sum(-1)

@@ -1,0 +1,216 @@
+"""Layers of the DreamerV3 reference (embodied/jax/nets.py): trunc-normal fan-in init, RMSNorm, MLPs, CNNs.
+
+Images are stored and passed as uint8 HWC; convolutions run NCHW internally.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-4  # the reference's RMSNorm epsilon
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(torch.abs(x))
+
+
+def trunc_normal_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> torch.Tensor:
+    """Truncated normal in [-2, 2] scaled by 1.1368 / sqrt(fan_in): unit variance after truncation."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(w, 0.0, 1.0, -2.0, 2.0)
+        w.mul_(1.1368 * math.sqrt(1.0 / fan_in) * scale)
+    return w
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the reference init: trunc-normal fan-in weights times `outscale`, zero bias."""
+
+    def __init__(self, fin: int, fout: int, outscale: float = 1.0):
+        super().__init__(fin, fout)
+        trunc_normal_(self.weight, fin, outscale)
+        nn.init.zeros_(self.bias)
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + 1e-4) * scale over the last dim, in float32."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + NORM_EPS) * self.scale
+        return x.to(dtype)
+
+
+class Dense(nn.Module):
+    """Linear -> RMSNorm -> SiLU, the reference's hidden layer."""
+
+    def __init__(self, fin: int, fout: int):
+        super().__init__()
+        self.linear = Linear(fin, fout)
+        self.norm = RMSNorm(fout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.norm(self.linear(x)))
+
+
+class MLP(nn.Sequential):
+    def __init__(self, fin: int, units: int, layers: int):
+        super().__init__(*[Dense(fin if i == 0 else units, units) for i in range(layers)])
+        self.out_dim = units if layers else fin
+
+
+class BlockLinear(nn.Module):
+    """Block-diagonal linear: G independent (I/G -> O/G) maps. Init fan-in is the full input size I, as in
+    the reference (its fan computation multiplies by the number of blocks)."""
+
+    def __init__(self, fin: int, fout: int, blocks: int, outscale: float = 1.0):
+        super().__init__()
+        if fin % blocks or fout % blocks:
+            raise ValueError(f"BlockLinear: {fin} -> {fout} is not divisible into {blocks} blocks")
+        self.blocks = blocks
+        self.weight = nn.Parameter(trunc_normal_(torch.empty(blocks, fin // blocks, fout // blocks), fin, outscale))
+        self.bias = nn.Parameter(torch.zeros(fout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G = self.blocks
+        xb = x.reshape(-1, G, x.shape[-1] // G).transpose(0, 1)  # (G, N, I/G)
+        y = torch.bmm(xb, self.weight).transpose(0, 1)  # (N, G, O/G)
+        return y.reshape(*x.shape[:-1], -1) + self.bias
+
+
+class ChannelNorm(RMSNorm):
+    """RMSNorm over the channels of an NCHW tensor (the reference normalises NHWC over its last axis)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.square().mean(1, keepdim=True) + NORM_EPS) * self.scale[:, None, None]
+        return x.to(dtype)
+
+
+class Conv(nn.Conv2d):
+    def __init__(self, cin: int, cout: int, kernel: int, outscale: float = 1.0):
+        super().__init__(cin, cout, kernel, padding="same")
+        trunc_normal_(self.weight, cin * kernel * kernel, outscale)
+        nn.init.zeros_(self.bias)
+
+
+class Encoder(nn.Module):
+    """Vector obs: symlog -> MLP. Image obs (uint8 HWC): /255 - 0.5 -> [conv5 -> maxpool2 -> norm -> silu] x 4.
+    Returns the concatenated token (..., E)."""
+
+    def __init__(self, obs_spec: dict, units: int, layers: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5):
+        super().__init__()
+        self.vec_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
+        self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
+        self.out_dim = 0
+        if self.vec_keys:
+            fin = sum(obs_spec[k][0][0] for k in self.vec_keys)
+            self.mlp = MLP(fin, units, layers)
+            self.out_dim += self.mlp.out_dim
+        if self.img_keys:
+            H, W, _ = obs_spec[self.img_keys[0]][0]
+            cin = sum(obs_spec[k][0][2] for k in self.img_keys)
+            depths = [depth * m for m in mults]
+            convs, norms = [], []
+            for d in depths:
+                convs.append(Conv(cin, d, kernel))
+                norms.append(ChannelNorm(d))
+                cin = d
+            self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
+            factor = 2 ** len(depths)
+            if not (3 <= H // factor <= 16 and 3 <= W // factor <= 16):
+                raise ValueError(f"image size {H}x{W} is too small or large for {len(depths)} conv stages")
+            self.out_dim += depths[-1] * (H // factor) * (W // factor)
+
+    def forward(self, obs: dict[str, torch.Tensor], bdims: int = 2) -> torch.Tensor:
+        outs = []
+        bshape = None
+        if self.vec_keys:
+            x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
+            bshape = x.shape[:bdims]
+            outs.append(self.mlp(symlog(x)).reshape(*bshape, -1))
+        if self.img_keys:
+            x = torch.cat([obs[k] for k in self.img_keys], -1)
+            bshape = x.shape[:bdims]
+            x = x.reshape(-1, *x.shape[bdims:]).permute(0, 3, 1, 2).float() / 255.0 - 0.5  # (N, C, H, W)
+            for conv, norm in zip(self.convs, self.norms):
+                x = F.silu(norm(F.max_pool2d(conv(x), 2)))
+            outs.append(x.permute(0, 2, 3, 1).reshape(*bshape, -1))  # flatten HWC like the reference
+        return torch.cat(outs, -1)
+
+
+class Decoder(nn.Module):
+    """Reconstructions from feat = (deter, stoch). Vector: MLP -> linear (symlog MSE target). Image: the
+    reference's block-space projection of deter plus an MLP of stoch, then [upsample -> conv5 -> norm -> silu]
+    and a sigmoid output."""
+
+    def __init__(self, obs_spec: dict, deter: int, stoch_flat: int, units: int, layers: int, depth: int,
+                 mults=(2, 3, 4, 4), kernel: int = 5, bspace: int = 8):
+        super().__init__()
+        self.vec_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
+        self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
+        if self.vec_keys:
+            self.vec_sizes = [obs_spec[k][0][0] for k in self.vec_keys]
+            self.mlp = MLP(deter + stoch_flat, units, layers)
+            self.vec_out = Linear(self.mlp.out_dim, sum(self.vec_sizes))
+        if self.img_keys:
+            H, W, _ = obs_spec[self.img_keys[0]][0]
+            self.img_chans = [obs_spec[k][0][2] for k in self.img_keys]
+            depths = [depth * m for m in mults]
+            factor = 2 ** len(depths)
+            self.minres = (H // factor, W // factor)
+            self.bspace = bspace
+            c = depths[-1]
+            if deter % bspace or c % bspace:
+                raise ValueError(f"decoder: deter {deter} and depth {c} must be divisible by {bspace}")
+            u = self.minres[0] * self.minres[1] * c
+            self.sp0 = BlockLinear(deter, u, bspace)
+            self.sp1 = Dense(stoch_flat, 2 * units)
+            self.sp2 = Linear(2 * units, u)
+            self.spnorm = ChannelNorm(c)
+            convs, norms = [], []
+            cin = c
+            for d in reversed(depths[:-1]):
+                convs.append(Conv(cin, d, kernel))
+                norms.append(ChannelNorm(d))
+                cin = d
+            self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
+            self.img_out = Conv(cin, sum(self.img_chans), kernel)
+            self.depth_last = c
+
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) in symlog space, 'image': (..., H, W, C) in [0, 1]}."""
+        bshape = deter.shape[:-1]
+        out = {}
+        if self.vec_keys:
+            x = self.vec_out(self.mlp(torch.cat([stoch, deter], -1)))
+            for k, v in zip(self.vec_keys, torch.split(x, self.vec_sizes, -1)):
+                out[k] = v
+        if self.img_keys:
+            h, w = self.minres
+            g, c = self.bspace, self.depth_last
+            d, s = deter.reshape(-1, deter.shape[-1]), stoch.reshape(-1, stoch.shape[-1])
+            x0 = self.sp0(d).reshape(-1, g, h, w, c // g).permute(0, 2, 3, 1, 4).reshape(-1, h, w, c)
+            x1 = self.sp2(self.sp1(s)).reshape(-1, h, w, c)
+            x = (x0 + x1).permute(0, 3, 1, 2)  # (N, C, h, w)
+            x = F.silu(self.spnorm(x))
+            for conv, norm in zip(self.convs, self.norms):
+                x = F.silu(norm(conv(F.interpolate(x, scale_factor=2, mode="nearest"))))
+            x = torch.sigmoid(self.img_out(F.interpolate(x, scale_factor=2, mode="nearest")))
+            x = x.permute(0, 2, 3, 1).reshape(*bshape, *x.shape[2:], x.shape[1])
+            for k, v in zip(self.img_keys, torch.split(x, self.img_chans, -1)):
+                out[k] = v
+        return out

@@ -1,0 +1,111 @@
+"""The RSSM of the reference (dreamerv3/rssm.py): block-GRU core, 1-layer posterior, 2-layer prior,
+S categorical latents of C classes with 1% unimix and straight-through samples, KL with free bits."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dists
+from .kernels import block_gru
+from .nets import MLP, Linear, trunc_normal_
+
+
+class BlockGRUCore(nn.Module):
+    """Parameters of one block-GRU core; the math lives in kernels/block_gru (one switch: torch | triton)."""
+
+    def __init__(self, deter: int, stoch_flat: int, act_dim: int, hidden: int, blocks: int):
+        super().__init__()
+        if deter % blocks:
+            raise ValueError(f"deter {deter} is not divisible by {blocks} blocks")
+        D, K, G = deter, hidden, blocks
+
+        def weight(fin, fout):
+            return nn.Parameter(trunc_normal_(torch.empty(fin, fout), fin))
+
+        self.w0, self.b0, self.s0 = weight(D, K), nn.Parameter(torch.zeros(K)), nn.Parameter(torch.ones(K))
+        self.w1, self.b1, self.s1 = weight(stoch_flat, K), nn.Parameter(torch.zeros(K)), nn.Parameter(torch.ones(K))
+        self.w2, self.b2, self.s2 = weight(act_dim, K), nn.Parameter(torch.zeros(K)), nn.Parameter(torch.ones(K))
+        # Block layers: fan-in is the whole input width, as in the reference's BlockLinear.
+        self.wh = nn.Parameter(trunc_normal_(torch.empty(G, D // G + 3 * K, D // G), D + 3 * K * G))
+        self.bh, self.sh = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.ones(D))
+        self.wg = nn.Parameter(trunc_normal_(torch.empty(G, D // G, 3 * D // G), D))
+        self.bg = nn.Parameter(torch.zeros(3 * D))
+
+    def weights(self) -> block_gru.BlockGRUWeights:
+        return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
+
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D)."""
+        action = action / action.abs().clamp_min(1.0).detach()
+        return block_gru.step(deter, stoch, action, self.weights())
+
+
+class RSSM(nn.Module):
+    def __init__(self, token_dim: int, act_dim: int, deter: int, hidden: int, stoch: int, classes: int,
+                 blocks: int, unimix: float = 0.01, obslayers: int = 1, imglayers: int = 2, free_nats: float = 1.0):
+        super().__init__()
+        self.deter, self.stoch, self.classes = deter, stoch, classes
+        self.unimix, self.free_nats = unimix, free_nats
+        self.core = BlockGRUCore(deter, stoch * classes, act_dim, hidden, blocks)
+        self.obs_net = MLP(deter + token_dim, hidden, obslayers)
+        self.obs_logit = Linear(self.obs_net.out_dim, stoch * classes)
+        self.img_net = MLP(deter, hidden, imglayers)
+        self.img_logit = Linear(self.img_net.out_dim, stoch * classes)
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    def initial(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch, self.classes, device=device)
+
+    def _logp(self, logit: torch.Tensor) -> torch.Tensor:
+        """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
+        return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
+
+    def obs_step(self, deter, stoch, action, token, is_first):
+        """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
+        is_first (N,). Returns deter, stoch sample (N, S, C), posterior log-probs (N, S, C)."""
+        keep = (~is_first).to(deter.dtype)[:, None]
+        deter, action = deter * keep, action * keep
+        stoch = stoch * keep[:, :, None]
+        deter = self.core(deter, stoch.flatten(1), action)
+        logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
+        return deter, dists.sample_onehot(logp), logp
+
+    def img_step(self, deter, stoch, action):
+        """Prior step from (deter, stoch) under action: deter (N, D), stoch (N, S, C), prior log-probs."""
+        deter = self.core(deter, stoch.flatten(1), action)
+        logp = self.prior(deter)
+        return deter, dists.sample_onehot(logp), logp
+
+    def prior(self, deter: torch.Tensor) -> torch.Tensor:
+        return self._logp(self.img_logit(self.img_net(deter)))
+
+    def observe(self, deter, stoch, tokens, actions, is_first):
+        """Posterior over a sequence: tokens (B, T, E), actions (B, T, A) (the action before each step),
+        is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
+        deters, stochs, logps = [], [], []
+        for t in range(tokens.shape[1]):
+            deter, stoch, logp = self.obs_step(deter, stoch, actions[:, t], tokens[:, t], is_first[:, t])
+            deters.append(deter)
+            stochs.append(stoch)
+            logps.append(logp)
+        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
+
+    def kl_losses(self, post_logp: torch.Tensor, prior_logp: torch.Tensor):
+        """Dynamics and representation losses with free bits, (B, T) each, and the two entropies."""
+        dyn = dists.categorical_kl(post_logp.detach(), prior_logp).sum(-1)
+        rep = dists.categorical_kl(post_logp, prior_logp.detach()).sum(-1)
+        dyn = dyn.clamp_min(self.free_nats)
+        rep = rep.clamp_min(self.free_nats)
+        return dyn, rep
+
+
+def feat(deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
+    """The model state the heads read: concat(deter, flat stoch)."""
+    return torch.cat([deter, stoch.flatten(-2)], -1)
+
+
+__all__ = ["RSSM", "BlockGRUCore", "feat"]
