@@ -21,17 +21,17 @@ _ALIGN = 16  # byte alignment of each field inside the staging buffer, so any dt
 
 # DreamerV3 reference Atari settings (danijar/dreamerv3 configs: atari size 64, repeat 4, sticky, gray, noops 30,
 # full action space, no life-loss episodes, unclipped rewards) expressed as envpool arguments.
-ATARI_DEFAULTS: dict[str, Any] = dict(
-    frame_skip=4,
-    repeat_action_probability=0.25,
-    stack_num=1,
-    gray_scale=True,
-    noop_max=30,
-    full_action_space=True,
-    episodic_life=False,
-    reward_clip=False,
-    use_fire_reset=False,
-)
+ATARI_DEFAULTS: dict[str, Any] = {
+    "frame_skip": 4,
+    "repeat_action_probability": 0.25,
+    "stack_num": 1,
+    "gray_scale": True,
+    "noop_max": 30,
+    "full_action_space": True,
+    "episodic_life": False,
+    "reward_clip": False,
+    "use_fire_reset": False,
+}
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
     fields, vec_cols, image = [], 0, None
     for name, sub in items:
         if not isinstance(sub, gymnasium.spaces.Box):
-            raise ValueError(f"observation '{name}' has unsupported space {sub}")
+            raise TypeError(f"observation '{name}' has unsupported space {sub}")
         shape = tuple(sub.shape)
         if len(shape) == 3 and sub.dtype == np.uint8:
             if image is not None:
@@ -229,7 +229,7 @@ class VecEnv:
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
         else:
-            raise ValueError(f"unsupported action space {act}")
+            raise TypeError(f"unsupported action space {act}")
         self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id)
         self._resize = "image" in staged and staged["image"][0] != final["image"][0]
         flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}
