@@ -1,0 +1,238 @@
+import sys
+import textwrap
+
+import envpool
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdreamer.envs import ATARI_DEFAULTS, make_env
+
+FLAGS = ("is_first", "is_last", "is_terminal")
+
+# A user's own environments, imported by gymnasium.make from "module:Id" — proof that the fallback handles them.
+TINY_ENVS = textwrap.dedent(
+    """
+    import gymnasium as gym
+    import numpy as np
+
+    class Count(gym.Env):
+        # obs [t, episode]; reward t after each step; action 1 terminates, a time limit of 5 truncates.
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t, self.episode = 0, getattr(self, "episode", -1) + 1
+            return np.array([self.t, self.episode], np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            obs = np.array([self.t, self.episode], np.float32)
+            return obs, float(self.t), bool(action == 1), False, {}
+
+    class Echo(gym.Env):
+        # obs = the action it received, so the rescaling to the Box bounds is visible.
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        action_space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 10.0], np.float32))
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(2, np.float32), {}
+
+        def step(self, action):
+            return np.asarray(action, np.float32), 0.0, False, False, {}
+
+    gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
+    gym.register("FdTinyEcho-v0", entry_point=Echo)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_envs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user_envs")
+    (path / "fd_tiny_envs.py").write_text(TINY_ENVS)
+    sys.path.insert(0, str(path))
+    yield "fd_tiny_envs"
+    sys.path.remove(str(path))
+
+
+def _rollout(env, steps: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Reset, then `steps` random actions. Returns outputs stacked to (T+1, N, ...) and the actions taken."""
+    gen = torch.Generator().manual_seed(seed)
+    outs, actions = [env.reset()], []
+    for _ in range(steps):
+        if env.spec.discrete:
+            act = torch.randint(env.spec.act_dim, (env.num_envs,), generator=gen)
+        else:
+            act = torch.rand(env.num_envs, env.spec.act_dim, generator=gen) * 2 - 1
+        actions.append(act)
+        outs.append(env.step(act))
+    return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}, actions
+
+
+def _check_flags(out: dict[str, torch.Tensor], episodes: list[tuple[float, int]], limit: int) -> tuple[int, int]:
+    """The DreamerV3 flag contract, and episode accounting against a manual sum. Returns (#terminated, #truncated)."""
+    first, last, terminal, reward = out["is_first"], out["is_last"], out["is_terminal"], out["reward"]
+    for key in FLAGS:
+        assert out[key].dtype == torch.bool
+    assert reward.dtype == torch.float32
+    assert first[0].all() and (reward[0] == 0).all(), "reset gives is_first and reward 0"
+    assert not (terminal & ~last).any(), "is_terminal implies is_last"
+    assert not (first & last).any()
+    assert torch.equal(first[1:], last[:-1]), "the step after an episode's end is the auto-reset step"
+    assert (reward[first] == 0).all(), "the auto-reset step has reward 0"
+    expected, ret, length, kinds = [], np.zeros(first.shape[1]), np.zeros(first.shape[1], int), [0, 0]
+    for t in range(first.shape[0]):
+        for i in range(first.shape[1]):
+            if first[t, i]:
+                ret[i], length[i] = 0.0, 0
+                continue
+            ret[i] += float(reward[t, i])
+            length[i] += 1
+            if last[t, i]:
+                expected.append((ret[i], length[i]))
+                truncated = not terminal[t, i]
+                kinds[truncated] += 1
+                assert length[i] <= limit
+                if truncated:
+                    assert length[i] == limit, "truncation only at the time limit"
+    assert [n for _, n in episodes] == [n for _, n in expected]
+    np.testing.assert_allclose([r for r, _ in episodes], [r for r, _ in expected], rtol=1e-5)
+    return kinds[0], kinds[1]
+
+
+def test_envpool_cartpole_flags_terminal_vs_truncated_and_autoreset():
+    limit, n = 12, 4
+    env = make_env("CartPole-v1", n, seed=3, device="cpu", env_kwargs={"max_episode_steps": limit})
+    out, actions = _rollout(env, 80)
+    terminated, truncated = _check_flags(out, env.pop_episodes(), limit)
+    assert terminated > 0 and truncated > 0, "the rollout must exercise both endings"
+    assert env.pop_episodes() == []
+    # The same seed and actions on raw envpool: our flags are its flags, and its auto-reset step is elapsed_step 0.
+    pool = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, seed=3, max_episode_steps=limit)
+    obs, info = pool.reset()
+    assert np.array_equal(out["vector"][0].numpy(), obs)
+    for t, act in enumerate(actions, start=1):
+        obs, reward, term, trunc, info = pool.step(act.numpy())
+        assert np.array_equal(out["vector"][t].numpy(), obs)
+        assert np.array_equal(out["is_first"][t].numpy(), info["elapsed_step"] == 0)
+        assert np.array_equal(out["is_last"][t].numpy(), term | trunc)
+        assert np.array_equal(out["is_terminal"][t].numpy(), term)
+        assert np.array_equal(out["reward"][t].numpy(), reward)
+    env.close()
+    pool.close()
+
+
+def test_envpool_pendulum_only_truncates_and_sums_returns():
+    env = make_env("Pendulum-v1", 3, seed=0, device="cpu", env_kwargs={"max_episode_steps": 7})
+    out, _ = _rollout(env, 31)  # 4 episodes per env: 7 steps each plus an auto-reset step between them
+    episodes = env.pop_episodes()
+    terminated, truncated = _check_flags(out, episodes, 7)
+    assert terminated == 0 and truncated == 3 * 4 and all(n == 7 for _, n in episodes)
+    assert all(r < 0 for r, _ in episodes), "Pendulum's rewards are negative costs"
+    env.close()
+
+
+def test_gymnasium_fallback_user_module_env_has_the_same_flags(tiny_envs):
+    env_id = f"{tiny_envs}:FdTinyCount-v0"
+    assert env_id.split(":")[1] not in envpool.list_all_envs()
+    env = make_env(env_id, 3, seed=0, device="cpu")
+    assert env.spec.env_id == env_id and env.spec.discrete and env.spec.act_dim == 2
+    assert env.spec.obs == {"vector": ((2,), torch.float32)}
+    gen = torch.Generator().manual_seed(0)
+    outs, actions = [env.reset()], []
+    for _ in range(40):
+        actions.append((torch.rand(3, generator=gen) < 0.25).long())  # mostly 0, so the time limit is reached too
+        outs.append(env.step(actions[-1]))
+    out = {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    terminated, truncated = _check_flags(out, env.pop_episodes(), 5)
+    assert terminated > 0 and truncated > 0
+    t, episode = out["vector"][..., 0], out["vector"][..., 1]
+    assert (t[out["is_first"]] == 0).all(), "the auto-reset step returns the next episode's first observation"
+    assert torch.equal(out["reward"][~out["is_first"]], t[~out["is_first"]])
+    new_episode = out["is_first"][1:]
+    assert torch.equal(episode[1:][new_episode], episode[:-1][new_episode] + 1)
+    # The action on an auto-reset step is ignored: the env did not step, so t stays 0 even for action 1.
+    acts = torch.stack(actions)  # (T, N)
+    assert (acts[out["is_first"][1:]] == 1).any()
+    env.close()
+
+
+def test_continuous_actions_are_clipped_and_rescaled_to_the_box(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyEcho-v0", 3, seed=0, device="cpu")
+    assert not env.spec.discrete and env.spec.act_dim == 2
+    env.reset()
+    policy = torch.tensor([[-1.0, 1.0], [0.0, 0.5], [5.0, -3.0]])
+    out = env.step(policy)
+    expected = torch.tensor([[-2.0, 10.0], [0.0, 7.5], [2.0, 0.0]])  # low + (clip(a) + 1) / 2 * (high - low)
+    torch.testing.assert_close(out["vector"], expected)
+    assert torch.equal(policy, torch.tensor([[-1.0, 1.0], [0.0, 0.5], [5.0, -3.0]])), "the caller's tensor is untouched"
+    env.close()
+
+
+def test_discrete_actions_accept_one_hot():
+    env = make_env("CartPole-v1", 2, seed=0, device="cpu")
+    env.reset()
+    a = env.step(torch.tensor([1, 0]))
+    b = make_env("CartPole-v1", 2, seed=0, device="cpu")
+    b.reset()
+    torch.testing.assert_close(b.step(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))["vector"], a["vector"])
+
+
+def test_unknown_env_id_suggests_close_names():
+    with pytest.raises(ValueError, match=r"^unknown environment 'CartPol-v1'; did you mean: CartPole-v1, CartPole-v0"):
+        make_env("CartPol-v1", 1, seed=0, device="cpu")
+
+
+def test_pong_is_64x64_gray_hwc_with_the_reference_settings():
+    env = make_env("Pong-v5", 2, seed=0, device="cpu")
+    assert env.spec.obs == {"image": ((64, 64, 1), torch.uint8)} and env.spec.discrete and env.spec.act_dim == 18
+    out, _ = _rollout(env, 3)
+    assert out["image"].shape == (4, 2, 64, 64, 1) and out["image"].float().std() > 0
+    pool = envpool.make(
+        "Pong-v5", env_type="gymnasium", num_envs=2, seed=0, img_height=64, img_width=64, **ATARI_DEFAULTS
+    )
+    obs, _ = pool.reset()  # (N, C, H, W)
+    assert np.array_equal(out["image"][0].numpy(), obs.transpose(0, 2, 3, 1))
+    env.close()
+    pool.close()
+
+
+def test_carracing_is_resized_to_64x64x3():
+    env = make_env("CarRacing-v3", 2, seed=0, device="cpu")
+    assert env.spec.obs == {"image": ((64, 64, 3), torch.uint8)} and not env.spec.discrete and env.spec.act_dim == 3
+    out, _ = _rollout(env, 2)
+    assert out["image"].shape == (3, 2, 64, 64, 3) and out["image"].dtype == torch.uint8
+    pool = envpool.make("CarRacing-v3", env_type="gymnasium", num_envs=2, seed=0)
+    obs, _ = pool.reset()  # (N, 96, 96, 3)
+    ref = F.interpolate(torch.from_numpy(obs).permute(0, 3, 1, 2).float(), size=(64, 64), mode="area")
+    ref = ref.round().to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(out["image"][0], ref)
+    env.close()
+    pool.close()
+
+
+def test_walker_walk_flattens_proprio_in_sorted_key_order():
+    env = make_env("WalkerWalk-v1", 2, seed=0, device="cpu")
+    assert env.spec.obs == {"vector": ((24,), torch.float32)} and not env.spec.discrete and env.spec.act_dim == 6
+    out, _ = _rollout(env, 2)
+    assert out["vector"].shape == (3, 2, 24) and out["vector"].dtype == torch.float32
+    pool = envpool.make("WalkerWalk-v1", env_type="gymnasium", num_envs=2, seed=0)
+    obs, _ = pool.reset()
+    flat = np.concatenate([obs[k].reshape(2, -1) for k in ("height", "orientations", "velocity")], axis=1)
+    np.testing.assert_allclose(out["vector"][0].numpy(), flat.astype(np.float32))
+    env.close()
+    pool.close()
+
+
+def test_outputs_are_fresh_tensors_not_views_of_a_reused_buffer():
+    env = make_env("CartPole-v1", 2, seed=0, device="cpu")
+    first = env.reset()
+    kept = {k: v.clone() for k, v in first.items()}
+    for _ in range(3):
+        env.step(torch.zeros(2, dtype=torch.int64))
+    for k, value in kept.items():
+        assert torch.equal(first[k], value)
