@@ -45,7 +45,7 @@ import triton.language as tl
 
 from .reference import EPS, BlockGRUWeights, check_shapes
 
-__all__ = ["step", "rollout", "forward", "DEBUG_POISON", "DTYPES"]
+__all__ = ["DEBUG_POISON", "DTYPES", "backward", "forward", "rollout", "step", "validate"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 4096  # the branch backward keeps a full row of K in registers
@@ -138,7 +138,7 @@ def _x_part(acc, pre_ptr, s_ptr, wh_blk, x_ptr, write_x, br: tl.constexpr, rows,
         s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
         n = p * rs[:, None] * s[None, :]
         x = tl.where(m, n * _sigmoid(n), 0.0)
-        if SAVE:
+        if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, write_x a runtime one)
             if write_x:
                 tl.store(x_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], x, mask=m)
         w = tl.load(wh_blk + (DG + br * K + ks[:, None]) * DG + js[None, :], mask=kmask[:, None] & jmask[None, :],
@@ -194,7 +194,7 @@ def _fwd_gates(deter_ptr, deter_stride, hpre_ptr, part_ptr, sh_ptr, wg_ptr, bg_p
     part = tl.load(part_ptr + rows[:, None] * NP + ps[None, :], mask=rmask[:, None] & (ps < NP)[None, :], other=0.0)
     rs = 1.0 / tl.sqrt(tl.sum(part, 1) / D + 1e-4)
     first = (g == 0) & (pj == 0)
-    if SAVE:
+    if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, first a runtime one)
         if first:
             tl.store(rs_ptr + rows, rs, mask=rmask)
     wg_blk = wg_ptr + g * DG * 3 * DG
@@ -209,7 +209,7 @@ def _fwd_gates(deter_ptr, deter_stride, hpre_ptr, part_ptr, sh_ptr, wg_ptr, bg_p
         sh = tl.load(sh_ptr + g * DG + ii, mask=imask, other=0.0).to(tl.float32)
         n = hp * rs[:, None] * sh[None, :]
         h = tl.where(m, n * _sigmoid(n), 0.0)
-        if SAVE:
+        if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, pj a runtime one)
             if pj == 0:
                 tl.store(h_ptr + rows[:, None] * D + g * DG + ii[None, :], h, mask=m)
         wm = imask[:, None] & jmask[None, :]

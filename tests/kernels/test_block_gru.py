@@ -1,0 +1,178 @@
+"""The fused Triton block-GRU against reference.py: outputs and every gradient, odd shapes, both weight dtypes.
+
+Without a GPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on CUDA natively.
+Tolerances are the table in kernels/block_gru/fused.py; every buffer a kernel must write starts as NaN here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fastdreamer.kernels import block_gru
+from fastdreamer.kernels.block_gru import fused, reference
+from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OUT_TOL = dict(atol=2e-5, rtol=1e-5)
+GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
+BF16_WEIGHT_GRAD_TOL = dict(atol=1e-4, rtol=8e-3)  # one bf16 rounding (<= 2^-8 relative) of the fp32 grad
+NAMES = ("deter", "stoch", "action", *BlockGRUWeights._fields)
+
+
+@pytest.fixture(autouse=True)
+def poison_and_restore(monkeypatch):
+    monkeypatch.setattr(fused, "DEBUG_POISON", True)
+    yield
+    block_gru.set_impl("torch")
+
+
+def make_case(B, D, G, K, SC, A, dtype=torch.float32, seed=0):
+    """Random inputs and weights at roughly unit activation scale; norm scales near 1, small biases."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, mean=0.0):
+        return (mean + scale * torch.randn(*shape, generator=gen)).to(DEVICE)
+
+    DG = D // G
+    w = BlockGRUWeights(
+        r(D, K, scale=D**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(SC, K, scale=SC**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(A, K, scale=A**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5), r(D, scale=0.1), r(D, scale=0.1, mean=1.0),
+        r(G, DG, 3 * DG, scale=DG**-0.5), r(3 * D, scale=0.1),
+    )
+    w = BlockGRUWeights(*(t.to(dtype) for t in w))
+    action = r(B, A)
+    action = action / action.abs().clamp(min=1.0)
+    return r(B, D), r(B, SC), action, w, r(B, D)  # the last is the upstream gradient
+
+
+def grads_of(fn, deter, stoch, action, w, dout, upcast=False):
+    """fn's output and its gradients w.r.t. all 17 inputs; upcast=True differentiates fp32 copies of the weights."""
+    ins = [t.detach().clone().requires_grad_() for t in (deter, stoch, action)]
+    ins += [(t.detach().float() if upcast else t.detach().clone()).requires_grad_() for t in w]
+    out = fn(ins[0], ins[1], ins[2], BlockGRUWeights(*ins[3:]))
+    return out, torch.autograd.grad(out, ins, dout)
+
+
+# (B, D, G, K, S*C, A): D not a power of two, odd hidden sizes, batch 1 / 3 / 16; the last needs several tiles
+# everywhere (D/G = 132 > 64-wide tiles, K = 136 > 128, B = 17 > 16 rows per program). Batch 1000 takes ~25 s in
+# the interpreter, so it runs on GPU only (below).
+SHAPES = [(1, 24, 4, 20, 15, 6), (3, 40, 8, 12, 32, 3), (16, 24, 4, 16, 9, 1), (17, 264, 2, 136, 30, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_D{}_G{}_K{}_SC{}_A{}".format(*s))
+def test_step_matches_reference_output_and_every_gradient(shape, dtype):
+    deter, stoch, action, w, dout = make_case(*shape, dtype=dtype, seed=sum(shape))
+    out, grads = grads_of(fused.step, deter, stoch, action, w, dout)
+    # bf16 weights: the reference on the same weights upcast to fp32 is the same math the kernel does.
+    ref, ref_grads = grads_of(reference.step, deter, stoch, action, w, dout, upcast=True)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg, t in zip(NAMES, grads, ref_grads, (deter, stoch, action, *w)):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else GRAD_TOL
+        torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def test_gradients_flow_when_only_the_state_requires_grad():
+    deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=1)
+    d = deter.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fused.step(d, stoch, action, w), d, dout)
+    d2 = deter.clone().requires_grad_()
+    (rg,) = torch.autograd.grad(reference.step(d2, stoch, action, w), d2, dout)
+    torch.testing.assert_close(g, rg, **GRAD_TOL)
+
+
+def test_step_without_grad_matches_reference():
+    deter, stoch, action, w, _ = make_case(3, 40, 8, 12, 32, 3, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(fused.step(deter, stoch, action, w), reference.step(deter, stoch, action, w),
+                                   **OUT_TOL)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="batch 1000 is too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_matches_reference_at_batch_1000_and_12m_widths(dtype):
+    deter, stoch, action, w, dout = make_case(1000, 2048, 8, 256, 512, 6, dtype=dtype, seed=3)
+    out, grads = grads_of(fused.step, deter, stoch, action, w, dout)
+    ref, ref_grads = grads_of(reference.step, deter, stoch, action, w, dout, upcast=True)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg, t in zip(NAMES, grads, ref_grads, (deter, stoch, action, *w)):
+        # Weight grads here sum 1000 rows: allow the fp32 rounding of that many terms (sqrt(1000) x the base).
+        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else dict(atol=3e-3, rtol=1e-4)
+        torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rollout_matches_reference_rollout(dtype):
+    B, T, D, G, K, SC, A = 3, 4, 24, 4, 20, 15, 6
+    deter, _, _, w, _ = make_case(B, D, G, K, SC, A, dtype=dtype, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    stoch = torch.randn(B, T, SC, generator=gen).to(DEVICE)
+    action = torch.randn(B, T, A, generator=gen).to(DEVICE)
+    out = fused.rollout(deter, stoch, action, w)
+    ref = reference.rollout(deter, stoch, action, BlockGRUWeights(*(t.float() for t in w)))
+    assert out.shape == (B, T, D)
+    torch.testing.assert_close(out, ref, **OUT_TOL)  # errors do not grow: each step is a contraction mix
+
+
+def test_switch_dispatches_to_the_fused_kernels():
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=6)
+    assert block_gru.set_impl("triton") == "triton"
+    with torch.no_grad():
+        torch.testing.assert_close(block_gru.step(deter, stoch, action, w), reference.step(deter, stoch, action, w),
+                                   **OUT_TOL)
+
+
+def test_set_impl_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with caplog.at_level(logging.WARNING, logger="fastdreamer"):
+        assert block_gru.set_impl("triton") == "torch"
+    assert block_gru.get_impl() == "torch"
+    assert len(caplog.records) == 1 and "using the torch reference" in caplog.records[0].getMessage()
+
+
+def _bad(kind):
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=7)
+    if kind == "batch":
+        stoch = stoch[:2]
+    elif kind == "blocks":
+        deter = torch.cat([deter, deter[:, :2]], 1)  # D = 26 with 4 blocks
+    elif kind == "weight_shape":
+        w = w._replace(wg=w.wg[:, :, :-1])
+    elif kind == "non_contiguous":
+        w = w._replace(w0=w.w0.t().contiguous().t())  # right shape, transposed strides
+    elif kind == "float64":
+        w = BlockGRUWeights(*(t.double() for t in w))
+    elif kind == "mixed_dtypes":
+        w = w._replace(wh=w.wh.bfloat16())
+    elif kind == "int_action":
+        action = action.long()
+    return deter, stoch, action, w
+
+
+@pytest.mark.parametrize("kind, match", [
+    ("batch", r"mismatched batch: deter \(3, 24\), stoch \(2, 15\)"),
+    ("blocks", r"deter 26 is not divisible by 4 blocks"),
+    ("weight_shape", r"weight wg has shape \(4, 6, 17\), expected \(4, 6, 18\)"),
+    ("non_contiguous", r"weight w0 \(24, 20\) with stride \(1, 24\) is not contiguous"),
+    ("float64", r"weights must share one dtype"),
+    ("mixed_dtypes", r"weights must share one dtype"),
+    ("int_action", r"action \(3, 6\) has dtype torch.int64"),
+])
+def test_unsupported_inputs_raise_value_error_naming_the_shape(kind, match):
+    deter, stoch, action, w = _bad(kind)
+    with pytest.raises(ValueError, match=match):
+        fused.step(deter, stoch, action, w)
+
+
+def test_rollout_rejects_mismatched_sequences():
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=8)
+    with pytest.raises(ValueError, match=r"got \(3, 2, 15\), \(3, 3, 6\)"):
+        fused.rollout(deter, stoch[:, None].expand(3, 2, 15), action[:, None].expand(3, 3, 6), w)
