@@ -9,6 +9,7 @@ with reward 0 (the DreamerV3 / embodied convention).
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +86,10 @@ def make_env(
                 **(atari or {}),
                 **env_kwargs,
             }
-        pool = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs)
-        return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
+        with warnings.catch_warnings():  # envpool builds float64 Box bounds that gymnasium warns about casting
+            warnings.filterwarnings("ignore", message=".*precision lowered.*")
+            pool = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs)
+            return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
     if ":" in env_id or env_id in gymnasium.registry:
         envs = gymnasium.vector.SyncVectorEnv(
             [(lambda: gymnasium.make(env_id, **env_kwargs)) for _ in range(num_envs)],

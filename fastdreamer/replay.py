@@ -108,8 +108,8 @@ class Replay:
             assert value.shape == (n, *shape), f"replay '{key}' expects {(n, *shape)}, got {tuple(value.shape)}"
             dst.append(self.data[key][:, h])
             src.append(value)
-        if self.location == "cuda":
-            torch._foreach_copy_(dst, src, non_blocking=True)  # one fused launch for all fields
+        if self.location != "pinned host":
+            torch._foreach_copy_(dst, src, non_blocking=True)  # one fused launch for all fields on CUDA
         else:
             # Blocking: host-side sampling reads these slots right away, so a D2H copy must have landed.
             for d, s in zip(dst, src):

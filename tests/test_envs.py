@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from fastdreamer.envs import ATARI_DEFAULTS, make_env
 
+# Raw envpool (the reference in several tests) builds float64 Box bounds that gymnasium warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered")
+
 FLAGS = ("is_first", "is_last", "is_terminal")
 
 # A user's own environments, imported by gymnasium.make from "module:Id" — proof that the fallback handles them.
