@@ -180,6 +180,7 @@ class Replay:
             dst.index_copy_(0, flat, value.reshape(-1, *dst.shape[1:]).to(dst.device, dst.dtype))
 
     def state_dict(self) -> dict:
+        """Everything for an exact resume: the buffers (live references; torch.save copies them), counters, RNG."""
         return {
             "data": self.data,
             "head": self.head,

@@ -239,3 +239,18 @@ def test_outputs_are_fresh_tensors_not_views_of_a_reused_buffer():
         env.step(torch.zeros(2, dtype=torch.int64))
     for k, value in kept.items():
         assert torch.equal(first[k], value)
+
+
+def test_dmc_auto_reset_step_has_reward_zero_although_envpool_repeats_the_last_reward():
+    # envpool 1.2.5's dm_control envs return the previous step's reward on the auto-reset step (CartPole returns 0).
+    env = make_env("WalkerWalk-v1", 2, seed=0, device="cpu", env_kwargs={"max_episode_steps": 3})
+    out, actions = _rollout(env, 8)
+    _check_flags(out, env.pop_episodes(), 3)
+    assert out["is_first"][4].all() and not out["is_terminal"].any(), "DMC's time limit is a truncation"
+    pool = envpool.make("WalkerWalk-v1", env_type="gymnasium", num_envs=2, seed=0, max_episode_steps=3)
+    pool.reset()
+    raw = [pool.step(act.numpy().astype(np.float64))[1] for act in actions]
+    assert (raw[3] != 0).all(), "if envpool stops repeating the reward, this test no longer guards anything"
+    assert (out["reward"][4] == 0).all()
+    env.close()
+    pool.close()
