@@ -271,7 +271,7 @@ class VecEnv:
         # Host-side episode accounting: a reset step starts an episode; every other step is one transition.
         self._ep_return[first] = 0
         self._ep_length[first] = 0
-        self._ep_return += np.where(first, 0.0, out["reward"])
+        self._ep_return += out["reward"]  # already 0 on reset steps
         self._ep_length += ~first
         ended = out["is_last"]
         if ended.any():
@@ -294,7 +294,7 @@ class VecEnv:
             if action.ndim == 2 and action.shape == (n, self.spec.act_dim):
                 action = action.argmax(-1)
             assert action.shape == (n,), f"discrete action must be (N,)={(n,)} indices, got {tuple(action.shape)}"
-            return action.to("cpu", torch.int64).numpy() + self._act_offset  # the one D2H copy per step
+            return action.detach().to("cpu", torch.int64).numpy() + self._act_offset  # the one D2H copy per step
         assert action.shape == (n, self.spec.act_dim), (
             f"action must be (N, A)={(n, self.spec.act_dim)}, got {tuple(action.shape)}"
         )
