@@ -10,15 +10,14 @@ import logging
 
 import pytest
 import torch
-
 from fastdreamer.kernels import block_gru
 from fastdreamer.kernels.block_gru import fused, reference
 from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-OUT_TOL = dict(atol=2e-5, rtol=1e-5)
-GRAD_TOL = dict(atol=1e-4, rtol=1e-4)
-BF16_WEIGHT_GRAD_TOL = dict(atol=1e-4, rtol=8e-3)  # one bf16 rounding (<= 2^-8 relative) of the fp32 grad
+OUT_TOL = {"atol": 2e-5, "rtol": 1e-5}
+GRAD_TOL = {"atol": 1e-4, "rtol": 1e-4}
+BF16_WEIGHT_GRAD_TOL = {"atol": 1e-4, "rtol": 8e-3}  # one bf16 rounding (<= 2^-8 relative) of the fp32 grad
 NAMES = ("deter", "stoch", "action", *BlockGRUWeights._fields)
 
 
@@ -38,11 +37,20 @@ def make_case(B, D, G, K, SC, A, dtype=torch.float32, seed=0):
 
     DG = D // G
     w = BlockGRUWeights(
-        r(D, K, scale=D**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(SC, K, scale=SC**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(A, K, scale=A**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5), r(D, scale=0.1), r(D, scale=0.1, mean=1.0),
-        r(G, DG, 3 * DG, scale=DG**-0.5), r(3 * D, scale=0.1),
+        r(D, K, scale=D**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(SC, K, scale=SC**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(A, K, scale=A**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5),
+        r(D, scale=0.1),
+        r(D, scale=0.1, mean=1.0),
+        r(G, DG, 3 * DG, scale=DG**-0.5),
+        r(3 * D, scale=0.1),
     )
     w = BlockGRUWeights(*(t.to(dtype) for t in w))
     action = r(B, A)
@@ -91,8 +99,9 @@ def test_gradients_flow_when_only_the_state_requires_grad():
 def test_step_without_grad_matches_reference():
     deter, stoch, action, w, _ = make_case(3, 40, 8, 12, 32, 3, seed=2)
     with torch.no_grad():
-        torch.testing.assert_close(fused.step(deter, stoch, action, w), reference.step(deter, stoch, action, w),
-                                   **OUT_TOL)
+        torch.testing.assert_close(
+            fused.step(deter, stoch, action, w), reference.step(deter, stoch, action, w), **OUT_TOL
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="batch 1000 is too slow for the interpreter")
@@ -104,7 +113,7 @@ def test_step_matches_reference_at_batch_1000_and_12m_widths(dtype):
     torch.testing.assert_close(out, ref, **OUT_TOL)
     for name, g, rg, t in zip(NAMES, grads, ref_grads, (deter, stoch, action, *w)):
         # Weight grads here sum 1000 rows: allow the fp32 rounding of that many terms (sqrt(1000) x the base).
-        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else dict(atol=3e-3, rtol=1e-4)
+        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else {"atol": 3e-3, "rtol": 1e-4}
         torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
@@ -125,8 +134,9 @@ def test_switch_dispatches_to_the_fused_kernels():
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=6)
     assert block_gru.set_impl("triton") == "triton"
     with torch.no_grad():
-        torch.testing.assert_close(block_gru.step(deter, stoch, action, w), reference.step(deter, stoch, action, w),
-                                   **OUT_TOL)
+        torch.testing.assert_close(
+            block_gru.step(deter, stoch, action, w), reference.step(deter, stoch, action, w), **OUT_TOL
+        )
 
 
 def test_set_impl_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
@@ -157,15 +167,18 @@ def _bad(kind):
     return deter, stoch, action, w
 
 
-@pytest.mark.parametrize("kind, match", [
-    ("batch", r"mismatched batch: deter \(3, 24\), stoch \(2, 15\)"),
-    ("blocks", r"deter 26 is not divisible by 4 blocks"),
-    ("weight_shape", r"weight wg has shape \(4, 6, 17\), expected \(4, 6, 18\)"),
-    ("non_contiguous", r"weight w0 \(24, 20\) with stride \(1, 24\) is not contiguous"),
-    ("float64", r"weights must share one dtype"),
-    ("mixed_dtypes", r"weights must share one dtype"),
-    ("int_action", r"action \(3, 6\) has dtype torch.int64"),
-])
+@pytest.mark.parametrize(
+    "kind, match",
+    [
+        ("batch", r"mismatched batch: deter \(3, 24\), stoch \(2, 15\)"),
+        ("blocks", r"deter 26 is not divisible by 4 blocks"),
+        ("weight_shape", r"weight wg has shape \(4, 6, 17\), expected \(4, 6, 18\)"),
+        ("non_contiguous", r"weight w0 \(24, 20\) with stride \(1, 24\) is not contiguous"),
+        ("float64", r"weights must share one dtype"),
+        ("mixed_dtypes", r"weights must share one dtype"),
+        ("int_action", r"action \(3, 6\) has dtype torch.int64"),
+    ],
+)
 def test_unsupported_inputs_raise_value_error_naming_the_shape(kind, match):
     deter, stoch, action, w = _bad(kind)
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,226 @@
+"""Time one block-GRU core step: reference eager, reference under torch.compile, and the fused Triton kernels.
+
+    python bench/bench_block_gru.py --device cuda --json bench/results/block_gru_cuda.json
+    python bench/bench_block_gru.py --device cpu --small --json bench/results/block_gru_cpu.json
+
+On CUDA every mode runs inside CUDA-graph replay (N dependent steps captured once, replayed, timed with CUDA
+events), because that is how the trainer calls the core and because launch cost is what the fused kernel is meant
+to remove. `fwd` is N chained steps; `fwd+bwd` is N chained steps and backpropagation through all of them into
+the first deter, the stoch/action inputs and all 14 weights (what the world-model update does over T).
+On CPU there are no graphs and Triton runs in its interpreter: --small proves the script end to end, the times
+mean nothing. Each mode is checked against reference eager first; a failing check records ok=false and no time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES = {  # name: (D, G, K, S*C, A)
+    "12m": (2048, 8, 256, 32 * 16, 6),
+    "200m": (8192, 32, 1024, 32 * 64, 6),
+    "small": (48, 4, 24, 4 * 4, 3),
+}
+# The check before timing. Wider than the unit tests' table (kernels/block_gru/fused.py) because these widths sum
+# thousands of terms per output (rounding grows ~sqrt(n) * 6e-8) and BPTT over N steps compounds it; it is a guard
+# against a broken mode, not the correctness test. Errors are max |a - b| / max(|b|, 1) per tensor.
+CHECK_TOL = {"out": 1e-4, "grad": 1e-3}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--json", help="write results here")
+    p.add_argument("--small", action="store_true", help="only the tiny shape at batch 4 (for CPU)")
+    p.add_argument("--models", nargs="+", default=["12m", "200m"], choices=list(SHAPES))
+    p.add_argument("--batches", nargs="+", type=int, default=[16, 1024])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile", "triton"], choices=("eager", "compile", "triton"))
+    p.add_argument("--steps", type=int, default=16, help="dependent steps per timed graph")
+    p.add_argument("--repeats", type=int, default=30, help="timed replays; median and p10/p90 reported")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
+    args = p.parse_args(argv)
+    if args.small:
+        args.models, args.batches, args.steps = ["small"], [4], min(args.steps, 2)
+        args.repeats = min(args.repeats, 3)
+    return args
+
+
+def meta(args, torch, triton):
+    def git(*cmd):
+        try:
+            return subprocess.run(
+                ["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False
+            ).stdout.strip()
+        except Exception:  # noqa: BLE001 (no git is not an error for a benchmark)
+            return ""
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--", "kernels", "bench")),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "date_utc": time.strftime("%Y-%m-%dT%H:%MZ"),
+        "args": vars(args),
+        "check_tol": CHECK_TOL,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    sys.path.insert(0, ROOT)
+    import torch
+    import triton
+    from fastdreamer.kernels.block_gru import fused, reference
+    from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
+
+    dev = torch.device(args.device)
+    wdtype = getattr(torch, args.dtype)
+    impls = {"eager": reference.step, "triton": fused.step}
+    if "compile" in args.modes:
+        impls["compile"] = torch.compile(reference.step, dynamic=False)
+
+    def make(B, D, G, K, SC, A):
+        gen = torch.Generator().manual_seed(0)
+
+        def r(*shape, scale=1.0, mean=0.0):
+            return (mean + scale * torch.randn(*shape, generator=gen)).to(dev)
+
+        DG = D // G
+        w = BlockGRUWeights(
+            r(D, K, scale=D**-0.5),
+            r(K, scale=0.1),
+            r(K, scale=0.1, mean=1.0),
+            r(SC, K, scale=SC**-0.5),
+            r(K, scale=0.1),
+            r(K, scale=0.1, mean=1.0),
+            r(A, K, scale=A**-0.5),
+            r(K, scale=0.1),
+            r(K, scale=0.1, mean=1.0),
+            r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5),
+            r(D, scale=0.1),
+            r(D, scale=0.1, mean=1.0),
+            r(G, DG, 3 * DG, scale=DG**-0.5),
+            r(3 * D, scale=0.1),
+        )
+        w = BlockGRUWeights(*(t.to(wdtype).requires_grad_() for t in w))
+        return r(B, D).requires_grad_(), r(B, SC).requires_grad_(), r(B, A).requires_grad_(), w
+
+    def run(fn, deter, stoch, action, w, backward):
+        """N chained steps; with backward, gradients of sum(last deter) for every input."""
+        with torch.set_grad_enabled(backward):
+            d = deter
+            for _ in range(args.steps):
+                d = fn(d, stoch, action, w)
+            if not backward:
+                return (d,)
+            return (d, *torch.autograd.grad(d.sum(), (deter, stoch, action, *w)))
+
+    def check(outs, refs):
+        errs = [
+            ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1.0)).item()
+            for a, b in zip(outs, refs)
+        ]
+        ok = errs[0] <= CHECK_TOL["out"] and all(e <= CHECK_TOL["grad"] for e in errs[1:])
+        return ok, max(errs)
+
+    def time_it(fn, inputs, backward):
+        if args.device == "cpu":
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                run(fn, *inputs, backward)
+                times.append((time.perf_counter() - t0) * 1e3)
+            return times
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):  # warm up (compile, autotune, allocator) outside the capture
+                run(fn, *inputs, backward)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run(fn, *inputs, backward)
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+    results = []
+    for model in args.models:
+        D, G, K, SC, A = SHAPES[model]
+        for B in args.batches:
+            inputs = make(B, D, G, K, SC, A)
+            for backward in (False, True):
+                refs = [t.detach() for t in run(reference.step, *inputs, backward)]
+                for mode in args.modes:
+                    row = {
+                        "model": model,
+                        "batch": B,
+                        "pass": "fwd+bwd" if backward else "fwd",
+                        "mode": mode,
+                        "weights": args.dtype,
+                        "steps": args.steps,
+                        "repeats": args.repeats,
+                    }
+                    try:
+                        ok, err = check(run(impls[mode], *inputs, backward), refs)
+                        row.update(ok=ok, check_err=err)
+                        if ok:
+                            per_step = sorted(t / args.steps for t in time_it(impls[mode], inputs, backward))
+                            n = len(per_step)
+                            row.update(
+                                ms_per_step_median=statistics.median(per_step),
+                                ms_per_step_p10=per_step[n // 10],
+                                ms_per_step_p90=per_step[(9 * n) // 10],
+                            )
+                    except Exception as e:  # noqa: BLE001 (a mode that cannot run is a result, not a crash)
+                        row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+                    results.append(row)
+                    t = row.get("ms_per_step_median")
+                    print(
+                        f"{model:>5} B{B:<5} {row['pass']:<8} {mode:<8} ok={row['ok']!s:<5} "
+                        f"err={row.get('check_err', float('nan')):.1e} "
+                        + (
+                            f"{t:.4f} ms/step [{row['ms_per_step_p10']:.4f}, {row['ms_per_step_p90']:.4f}]"
+                            if t is not None
+                            else row.get("error", "not timed")
+                        ),
+                        flush=True,
+                    )
+    out = {"meta": meta(args, torch, triton), "results": results}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Backward Triton kernels of the block-GRU step: every per-row gradient (fused.py turns them into weight grads)."""
+
+import triton
+import triton.language as tl
+
+from .kernels_fwd import _sigmoid, _silu_grad, _tanh
+
+
+@triton.jit
+def _bwd_gates(
+    dout_ptr,
+    deter_ptr,
+    deter_stride,
+    gates_ptr,
+    hpre_ptr,
+    rs_ptr,
+    sh_ptr,
+    wg_ptr,
+    dgates_ptr,
+    ddeter_ptr,
+    dn_ptr,
+    dy_ptr,
+    part_ptr,
+    B,
+    DG,
+    NJ,
+    BB: tl.constexpr,
+    BO: tl.constexpr,
+    BJ: tl.constexpr,
+):
+    """dgates (elementwise), dh_g = dgates_g @ wg[g]^T for a chunk of h, then the first half of the norm's
+    backward: dn = dh * silu'(n), dy = dn * sh and partial sums of dy * y for the row reduction."""
+    row0 = tl.program_id(0) * BB
+    g = tl.program_id(1)
+    pj = tl.program_id(2)
+    rows = row0 + tl.arange(0, BB)
+    js = pj * BJ + tl.arange(0, BJ)
+    rmask = rows < B
+    jmask = js < DG
+    D = DG * tl.num_programs(1)
+    wg_blk = wg_ptr + g * DG * 3 * DG
+    dh = tl.zeros((BB, BJ), tl.float32)
+    for o0 in range(0, DG, BO):
+        oo = o0 + tl.arange(0, BO)
+        omask = oo < DG
+        m = rmask[:, None] & omask[None, :]
+        gp = gates_ptr + rows[:, None] * (3 * D) + g * 3 * DG + oo[None, :]
+        gr = tl.load(gp, mask=m, other=0.0)
+        gc = tl.load(gp + DG, mask=m, other=0.0)
+        gz = tl.load(gp + 2 * DG, mask=m, other=0.0)
+        d = tl.load(deter_ptr + rows[:, None] * deter_stride + g * DG + oo[None, :], mask=m, other=0.0)
+        do = tl.load(dout_ptr + rows[:, None] * D + g * DG + oo[None, :], mask=m, other=0.0)
+        d = d.to(tl.float32)
+        r = _sigmoid(gr)
+        c = _tanh(r * gc)
+        z = _sigmoid(gz - 1.0)
+        dgz = tl.where(m, do * (c - d) * z * (1.0 - z), 0.0)
+        drc = do * z * (1.0 - c * c)  # through tanh, to the product r * c
+        dgc = tl.where(m, drc * r, 0.0)
+        dgr = tl.where(m, drc * gc * r * (1.0 - r), 0.0)
+        if pj == 0:
+            dgp = dgates_ptr + rows[:, None] * (3 * D) + g * 3 * DG + oo[None, :]
+            tl.store(dgp, dgr, mask=m)
+            tl.store(dgp + DG, dgc, mask=m)
+            tl.store(dgp + 2 * DG, dgz, mask=m)
+            tl.store(ddeter_ptr + rows[:, None] * D + g * DG + oo[None, :], do * (1.0 - z), mask=m)
+        wm = omask[:, None] & jmask[None, :]
+        wp = wg_blk + js[None, :] * (3 * DG) + oo[:, None]  # wg[g, js, oo] read as (BO, BJ)
+        dh = tl.dot(dgr, tl.load(wp, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
+        dh = tl.dot(dgc, tl.load(wp + DG, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
+        dh = tl.dot(dgz, tl.load(wp + 2 * DG, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
+    m = rmask[:, None] & jmask[None, :]
+    hp = tl.load(hpre_ptr + rows[:, None] * D + g * DG + js[None, :], mask=m, other=0.0)
+    rs = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
+    sh = tl.load(sh_ptr + g * DG + js, mask=jmask, other=0.0).to(tl.float32)
+    y = hp * rs[:, None]
+    dn = tl.where(m, dh * _silu_grad(y * sh[None, :]), 0.0)
+    dy = dn * sh[None, :]
+    tl.store(dn_ptr + rows[:, None] * D + g * DG + js[None, :], dn, mask=m)
+    tl.store(dy_ptr + rows[:, None] * D + g * DG + js[None, :], dy, mask=m)
+    tl.store(part_ptr + rows * (tl.num_programs(1) * NJ) + g * NJ + pj, tl.sum(dy * y, 1), mask=rmask)
+
+
+@triton.jit
+def _bwd_hidden(
+    dy_ptr,
+    hpre_ptr,
+    rs_ptr,
+    part_ptr,
+    wh_ptr,
+    dhpre_ptr,
+    ddeter_ptr,
+    B,
+    DG,
+    K,
+    NP,
+    BB: tl.constexpr,
+    BI: tl.constexpr,
+    BJ: tl.constexpr,
+    BP: tl.constexpr,
+):
+    """Finish the norm's backward (dhpre = rs * (dy - y * mean(dy * y))) and add dhpre_g @ wh[g, :DG]^T to
+    d deter for a chunk of the block's deter inputs."""
+    row0 = tl.program_id(0) * BB
+    g = tl.program_id(1)
+    pi = tl.program_id(2)
+    rows = row0 + tl.arange(0, BB)
+    ii = pi * BI + tl.arange(0, BI)
+    rmask = rows < B
+    imask = ii < DG
+    D = DG * tl.num_programs(1)
+    ps = tl.arange(0, BP)
+    part = tl.load(part_ptr + rows[:, None] * NP + ps[None, :], mask=rmask[:, None] & (ps < NP)[None, :], other=0.0)
+    mean = tl.sum(part, 1) / D
+    rs = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
+    wh_blk = wh_ptr + g * (DG + 3 * K) * DG
+    acc = tl.zeros((BB, BI), tl.float32)
+    for j0 in range(0, DG, BJ):
+        jj = j0 + tl.arange(0, BJ)
+        jmask = jj < DG
+        m = rmask[:, None] & jmask[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * D + g * DG + jj[None, :], mask=m, other=0.0)
+        y = tl.load(hpre_ptr + rows[:, None] * D + g * DG + jj[None, :], mask=m, other=0.0) * rs[:, None]
+        dhp = tl.where(m, rs[:, None] * (dy - y * mean[:, None]), 0.0)
+        if pi == 0:
+            tl.store(dhpre_ptr + rows[:, None] * D + g * DG + jj[None, :], dhp, mask=m)
+        w = tl.load(wh_blk + ii[None, :] * DG + jj[:, None], mask=jmask[:, None] & imask[None, :], other=0.0)
+        acc = tl.dot(dhp, w.to(tl.float32), acc, input_precision="ieee")
+    m = rmask[:, None] & imask[None, :]
+    dp = ddeter_ptr + rows[:, None] * D + g * DG + ii[None, :]
+    tl.store(dp, tl.load(dp, mask=m, other=0.0) + acc, mask=m)
+
+
+@triton.jit
+def _branch_bwd(
+    dhpre_ptr,
+    pre_ptr,
+    s_ptr,
+    w_ptr,
+    wh_ptr,
+    dn_ptr,
+    dpre_ptr,
+    dinp_ptr,
+    br,
+    B,
+    N_IN,
+    K,
+    DG,
+    G,
+    row0,
+    BB: tl.constexpr,
+    BI: tl.constexpr,
+    BJ: tl.constexpr,
+    BK: tl.constexpr,
+    ACCUM: tl.constexpr,
+):
+    rows = row0 + tl.arange(0, BB)
+    ks = tl.arange(0, BK)
+    rmask = rows < B
+    kmask = ks < K
+    D = DG * G
+    dx = tl.zeros((BB, BK), tl.float32)
+    for g in range(G):
+        wh_blk = wh_ptr + g * (DG + 3 * K) * DG
+        for j0 in range(0, DG, BJ):
+            jj = j0 + tl.arange(0, BJ)
+            jmask = jj < DG
+            dhp = tl.load(
+                dhpre_ptr + rows[:, None] * D + g * DG + jj[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0
+            )
+            w = tl.load(
+                wh_blk + (DG + br * K + ks[None, :]) * DG + jj[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0
+            )  # wh[g, DG + br*K + ks, jj] read as (BJ, BK)
+            dx = tl.dot(dhp, w.to(tl.float32), dx, input_precision="ieee")
+    m = rmask[:, None] & kmask[None, :]
+    p = tl.load(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=m, other=0.0)
+    rs = 1.0 / tl.sqrt(tl.sum(p * p, 1) / K + 1e-4)
+    s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+    y = p * rs[:, None]
+    dn = tl.where(m, dx * _silu_grad(y * s[None, :]), 0.0)
+    dy = dn * s[None, :]
+    mean = tl.sum(dy * y, 1) / K
+    dpre = tl.where(m, rs[:, None] * (dy - y * mean[:, None]), 0.0)
+    tl.store(dn_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], dn, mask=m)
+    tl.store(dpre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], dpre, mask=m)
+    for i0 in range(0, N_IN, BI):
+        ii = i0 + tl.arange(0, BI)
+        imask = ii < N_IN
+        w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
+        di = tl.dot(dpre, w.to(tl.float32), input_precision="ieee")  # (BB, BI)
+        om = rmask[:, None] & imask[None, :]
+        op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
+        if ACCUM:
+            di += tl.load(op, mask=om, other=0.0)
+        tl.store(op, di, mask=om)
+
+
+@triton.jit
+def _bwd_branches(
+    dhpre_ptr,
+    pre_ptr,
+    s0,
+    s1,
+    s2,
+    w0,
+    w1,
+    w2,
+    wh_ptr,
+    dn_ptr,
+    dpre_ptr,
+    ddeter_ptr,
+    dstoch_ptr,
+    daction_ptr,
+    B,
+    D,
+    SC,
+    A,
+    K,
+    DG,
+    G,
+    BB: tl.constexpr,
+    BI: tl.constexpr,
+    BJ: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """d x_i = dhpre @ wh[:, DG + i*K : DG + (i+1)*K]^T summed over blocks, the branch norm's backward, and
+    d input_i = dpre_i @ w_i^T (added to d deter for branch 0)."""
+    row0 = tl.program_id(0) * BB
+    br = tl.program_id(1)
+    if br == 0:
+        _branch_bwd(
+            dhpre_ptr,
+            pre_ptr,
+            s0,
+            w0,
+            wh_ptr,
+            dn_ptr,
+            dpre_ptr,
+            ddeter_ptr,
+            0,
+            B,
+            D,
+            K,
+            DG,
+            G,
+            row0,
+            BB,
+            BI,
+            BJ,
+            BK,
+            True,
+        )
+    elif br == 1:
+        _branch_bwd(
+            dhpre_ptr,
+            pre_ptr,
+            s1,
+            w1,
+            wh_ptr,
+            dn_ptr,
+            dpre_ptr,
+            dstoch_ptr,
+            1,
+            B,
+            SC,
+            K,
+            DG,
+            G,
+            row0,
+            BB,
+            BI,
+            BJ,
+            BK,
+            False,
+        )
+    else:
+        _branch_bwd(
+            dhpre_ptr,
+            pre_ptr,
+            s2,
+            w2,
+            wh_ptr,
+            dn_ptr,
+            dpre_ptr,
+            daction_ptr,
+            2,
+            B,
+            A,
+            K,
+            DG,
+            G,
+            row0,
+            BB,
+            BI,
+            BJ,
+            BK,
+            False,
+        )
