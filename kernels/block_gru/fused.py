@@ -13,9 +13,18 @@ Math is reference.step's, to the letter; reference.py is the spec. One forward s
 
 The norm over deter spans blocks, so it is split across launches: the hidden kernel writes partial sums of
 squares, the gate kernel (which needs the whole of h_g anyway) finishes the reduction per row. The backward
-pass mirrors this with three kernels (gates, hidden, branches) that produce every per-row gradient
-(d deter, d stoch, d action and the intermediate dgates, dhpre, dpre); weight gradients are then plain torch
-matmul/einsum/sum over the batch, which cuBLAS does well and which keeps the kernels small.
+pass mirrors this with four kernels that produce every per-row gradient (d deter, d stoch, d action and the
+intermediate dgates, dhpre, dx, dpre):
+
+    _bwd_gates     grid (B/BB, G, DG/BJ)   dgates (elementwise), dh = dgates_g @ wg[g]^T, dn, dy and partial sums
+                                           of dy * y for the deter-wide norm; d deter = dout * (1 - z)
+    _bwd_hidden    grid (B/BB, G, DG/BI)   dhpre from those partials; d deter += dhpre_g @ wh[g, :DG]^T
+    _bwd_dx        grid (B/BB, 3K/BKC)     dx = sum over blocks of dhpre_g @ wh[g, DG:]^T
+    _bwd_branches  grid (B/BB, 3, In/BI)   the branch norms' backward -> dpre; d input_i = dpre_i @ w_i^T
+
+Weight gradients are then plain torch matmul/einsum/sum over the batch of those per-row grads, which cuBLAS does
+well and which keeps the kernels small. Every loop is chunked (no full-width row in registers), so any K and D/G
+work; tiles are 16 rows by 16-128 columns, masked at the edges.
 
 Weights may be float32, bfloat16 or float16 (all the same dtype); they are upcast on load and every dot
 accumulates in float32 with input_precision="ieee" (no TF32), because the spec computes in float32.
@@ -44,14 +53,13 @@ import os
 import torch
 import triton
 
-from .kernels_bwd import _bwd_branches, _bwd_gates, _bwd_hidden
+from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
 from .reference import EPS, BlockGRUWeights, check_shapes
 
 __all__ = ["DEBUG_POISON", "DTYPES", "backward", "forward", "rollout", "step", "validate"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_HIDDEN = 4096  # the branch backward keeps a full row of K in registers
 # Tests set this: every buffer a kernel should fully write starts as NaN, so an unwritten element shows.
 DEBUG_POISON = os.environ.get("FASTDREAMER_KERNEL_POISON") == "1"
 BB = 16  # rows per program; tl.dot needs every tile dimension >= 16
@@ -94,9 +102,6 @@ def validate(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: 
         raise ValueError(
             f"block_gru fused: deter {tuple(deter.shape)} is on {device}; the kernels need CUDA (or TRITON_INTERPRET=1)"
         )
-    K = w.w0.shape[1]
-    if K > MAX_HIDDEN:
-        raise ValueError(f"block_gru fused: hidden {K} (w0 {tuple(w.w0.shape)}) exceeds {MAX_HIDDEN}")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -258,8 +263,11 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         BJ=BJ,
         BP=triton.next_power_of_2(G * NJ),
     )
-    _bwd_branches[(nb, 3)](
-        dhpre,
+    BKC, BIN = _np2(K, hi=128), _np2(max(D, SC, A))
+    dx = _empty((B, 3 * K), dev)
+    _bwd_dx[(nb, triton.cdiv(3 * K, BKC))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BJ, BKC=BKC)
+    _bwd_branches[(nb, 3, triton.cdiv(max(D, SC, A), BIN))](
+        dx,
         pre,
         w.s0,
         w.s1,
@@ -267,7 +275,6 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         w.w0,
         w.w1,
         w.w2,
-        w.wh,
         dn_x,
         dpre,
         ddeter,
@@ -278,12 +285,9 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         SC,
         A,
         K,
-        DG,
-        G,
         BB=BB,
-        BI=_np2(max(D, SC, A)),
-        BJ=BJ,
-        BK=max(16, triton.next_power_of_2(K)),
+        BI=BIN,
+        BKC=BKC,
     )
     grads: list[torch.Tensor | None] = [
         ddeter.to(deter.dtype) if needs[0] else None,

@@ -132,34 +132,15 @@ def _bwd_hidden(
 
 
 @triton.jit
-def _branch_bwd(
-    dhpre_ptr,
-    pre_ptr,
-    s_ptr,
-    w_ptr,
-    wh_ptr,
-    dn_ptr,
-    dpre_ptr,
-    dinp_ptr,
-    br,
-    B,
-    N_IN,
-    K,
-    DG,
-    G,
-    row0,
-    BB: tl.constexpr,
-    BI: tl.constexpr,
-    BJ: tl.constexpr,
-    BK: tl.constexpr,
-    ACCUM: tl.constexpr,
-):
-    rows = row0 + tl.arange(0, BB)
-    ks = tl.arange(0, BK)
+def _bwd_dx(dhpre_ptr, wh_ptr, dx_ptr, B, DG, G, K, BB: tl.constexpr, BJ: tl.constexpr, BKC: tl.constexpr):
+    """dx = dhpre @ Wx^T for a chunk of the 3K branch outputs, Wx (3K, D) being every block's wh[g, DG:, :] side
+    by side: x feeds every block, so its gradient sums over all of them."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    ks = tl.program_id(1) * BKC + tl.arange(0, BKC)
     rmask = rows < B
-    kmask = ks < K
+    kmask = ks < 3 * K
     D = DG * G
-    dx = tl.zeros((BB, BK), tl.float32)
+    dx = tl.zeros((BB, BKC), tl.float32)
     for g in range(G):
         wh_blk = wh_ptr + g * (DG + 3 * K) * DG
         for j0 in range(0, DG, BJ):
@@ -169,35 +150,81 @@ def _branch_bwd(
                 dhpre_ptr + rows[:, None] * D + g * DG + jj[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0
             )
             w = tl.load(
-                wh_blk + (DG + br * K + ks[None, :]) * DG + jj[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0
-            )  # wh[g, DG + br*K + ks, jj] read as (BJ, BK)
+                wh_blk + (DG + ks[None, :]) * DG + jj[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0
+            )  # wh[g, DG + ks, jj] read as (BJ, BKC)
             dx = tl.dot(dhp, w.to(tl.float32), dx, input_precision="ieee")
-    m = rmask[:, None] & kmask[None, :]
-    p = tl.load(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=m, other=0.0)
-    rs = 1.0 / tl.sqrt(tl.sum(p * p, 1) / K + 1e-4)
-    s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-    y = p * rs[:, None]
-    dn = tl.where(m, dx * _silu_grad(y * s[None, :]), 0.0)
-    dy = dn * s[None, :]
-    mean = tl.sum(dy * y, 1) / K
-    dpre = tl.where(m, rs[:, None] * (dy - y * mean[:, None]), 0.0)
-    tl.store(dn_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], dn, mask=m)
-    tl.store(dpre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], dpre, mask=m)
-    for i0 in range(0, N_IN, BI):
-        ii = i0 + tl.arange(0, BI)
-        imask = ii < N_IN
+    tl.store(dx_ptr + rows[:, None] * (3 * K) + ks[None, :], dx, mask=rmask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _branch_bwd(
+    dx_ptr,
+    pre_ptr,
+    s_ptr,
+    w_ptr,
+    dn_ptr,
+    dpre_ptr,
+    dinp_ptr,
+    br,
+    B,
+    N_IN,
+    K,
+    row0,
+    pi,
+    BB: tl.constexpr,
+    BI: tl.constexpr,
+    BKC: tl.constexpr,
+    ACCUM: tl.constexpr,
+):
+    """The branch norm's backward for these rows (three chunked passes: rms, mean(dy * y), dpre) and
+    d input[:, chunk pi] = dpre @ w[chunk]^T. Every input chunk recomputes the row scalars, which costs two reads
+    of a K-wide row instead of a launch."""
+    rows = row0 + tl.arange(0, BB)
+    rmask = rows < B
+    base = rows[:, None] * (3 * K) + br * K
+    ss = tl.zeros((BB,), tl.float32)
+    for k0 in range(0, K, BKC):
+        ks = k0 + tl.arange(0, BKC)
+        p = tl.load(pre_ptr + base + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+        ss += tl.sum(p * p, 1)
+    rs = 1.0 / tl.sqrt(ss / K + 1e-4)
+    dyy = tl.zeros((BB,), tl.float32)
+    for k0 in range(0, K, BKC):
+        ks = k0 + tl.arange(0, BKC)
+        kmask = ks < K
+        m = rmask[:, None] & kmask[None, :]
+        y = tl.load(pre_ptr + base + ks[None, :], mask=m, other=0.0) * rs[:, None]
+        s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+        dx = tl.load(dx_ptr + base + ks[None, :], mask=m, other=0.0)
+        dyy += tl.sum(dx * _silu_grad(y * s[None, :]) * s[None, :] * y, 1)
+    mean = dyy / K
+    ii = pi * BI + tl.arange(0, BI)
+    imask = ii < N_IN
+    di = tl.zeros((BB, BI), tl.float32)
+    for k0 in range(0, K, BKC):
+        ks = k0 + tl.arange(0, BKC)
+        kmask = ks < K
+        m = rmask[:, None] & kmask[None, :]
+        y = tl.load(pre_ptr + base + ks[None, :], mask=m, other=0.0) * rs[:, None]
+        s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+        dx = tl.load(dx_ptr + base + ks[None, :], mask=m, other=0.0)
+        dn = tl.where(m, dx * _silu_grad(y * s[None, :]), 0.0)
+        dpre = tl.where(m, rs[:, None] * (dn * s[None, :] - y * mean[:, None]), 0.0)
+        if pi == 0:
+            tl.store(dn_ptr + base + ks[None, :], dn, mask=m)
+            tl.store(dpre_ptr + base + ks[None, :], dpre, mask=m)
         w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
-        di = tl.dot(dpre, w.to(tl.float32), input_precision="ieee")  # (BB, BI)
-        om = rmask[:, None] & imask[None, :]
-        op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
-        if ACCUM:
-            di += tl.load(op, mask=om, other=0.0)
-        tl.store(op, di, mask=om)
+        di = tl.dot(dpre, w.to(tl.float32), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
+    om = rmask[:, None] & imask[None, :]
+    op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
+    if ACCUM:
+        di += tl.load(op, mask=om, other=0.0)
+    tl.store(op, di, mask=om)
 
 
 @triton.jit
 def _bwd_branches(
-    dhpre_ptr,
+    dx_ptr,
     pre_ptr,
     s0,
     s1,
@@ -205,7 +232,6 @@ def _bwd_branches(
     w0,
     w1,
     w2,
-    wh_ptr,
     dn_ptr,
     dpre_ptr,
     ddeter_ptr,
@@ -216,83 +242,22 @@ def _bwd_branches(
     SC,
     A,
     K,
-    DG,
-    G,
     BB: tl.constexpr,
     BI: tl.constexpr,
-    BJ: tl.constexpr,
-    BK: tl.constexpr,
+    BKC: tl.constexpr,
 ):
-    """d x_i = dhpre @ wh[:, DG + i*K : DG + (i+1)*K]^T summed over blocks, the branch norm's backward, and
-    d input_i = dpre_i @ w_i^T (added to d deter for branch 0)."""
+    """Grid (B/BB, 3, max(D, S*C, A)/BI): branch norm backward and d input_i = dpre_i @ w_i^T, added to d deter for
+    branch 0. Programs past a branch's input width have nothing to do, except chunk 0 which always writes dpre."""
     row0 = tl.program_id(0) * BB
     br = tl.program_id(1)
+    pi = tl.program_id(2)
     if br == 0:
-        _branch_bwd(
-            dhpre_ptr,
-            pre_ptr,
-            s0,
-            w0,
-            wh_ptr,
-            dn_ptr,
-            dpre_ptr,
-            ddeter_ptr,
-            0,
-            B,
-            D,
-            K,
-            DG,
-            G,
-            row0,
-            BB,
-            BI,
-            BJ,
-            BK,
-            True,
-        )
+        if pi * BI < D:
+            _branch_bwd(dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True)
     elif br == 1:
-        _branch_bwd(
-            dhpre_ptr,
-            pre_ptr,
-            s1,
-            w1,
-            wh_ptr,
-            dn_ptr,
-            dpre_ptr,
-            dstoch_ptr,
-            1,
-            B,
-            SC,
-            K,
-            DG,
-            G,
-            row0,
-            BB,
-            BI,
-            BJ,
-            BK,
-            False,
-        )
-    else:
-        _branch_bwd(
-            dhpre_ptr,
-            pre_ptr,
-            s2,
-            w2,
-            wh_ptr,
-            dn_ptr,
-            dpre_ptr,
-            daction_ptr,
-            2,
-            B,
-            A,
-            K,
-            DG,
-            G,
-            row0,
-            BB,
-            BI,
-            BJ,
-            BK,
-            False,
-        )
+        if pi * BI < SC:
+            _branch_bwd(
+                dx_ptr, pre_ptr, s1, w1, dn_ptr, dpre_ptr, dstoch_ptr, 1, B, SC, K, row0, pi, BB, BI, BKC, False
+            )
+    elif pi * BI < A:
+        _branch_bwd(dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False)
