@@ -182,9 +182,10 @@ class Agent(nn.Module):
         logpi = pol.logp(imgact)[:, :-1]
         ent = pol.entropy()[:, :-1]
         losses["policy"] = weight[:, :-1] * -(logpi * adv + cfg.actent * ent)
+        val_logp = torch.log_softmax(val_logits.float(), -1)[:, :-1]  # a view: no copy of (N, H, bins)
         losses["value"] = weight[:, :-1] * (
-            dists.twohot_loss(val_logits[:, :-1], ret, self.bins)
-            + cfg.slowreg * dists.twohot_loss(val_logits[:, :-1], slowval[:, :-1], self.bins))
+            dists.twohot_nll(val_logp, ret, self.bins)
+            + cfg.slowreg * dists.twohot_nll(val_logp, slowval[:, :-1], self.bins))
 
         # Critic on replayed trajectories, bootstrapped from the imagined returns (repval loss).
         rep_logits = self.critic(repfeat)
@@ -192,9 +193,10 @@ class Agent(nn.Module):
             boot = ret[:, 0].reshape(B, T)
             rep_slow = dists.twohot_pred(self.slow_critic(repfeat), self.bins)
             rep_ret = lambda_return(is_last, is_term, reward, boot, 1.0 - 1.0 / cfg.horizon, cfg.lam)  # (B, T-1)
+        rep_logp = torch.log_softmax(rep_logits.float(), -1)[:, :-1]
         losses["repval"] = (~is_last[:, :-1]).float() * (
-            dists.twohot_loss(rep_logits[:, :-1], rep_ret, self.bins)
-            + cfg.slowreg * dists.twohot_loss(rep_logits[:, :-1], rep_slow[:, :-1], self.bins))
+            dists.twohot_nll(rep_logp, rep_ret, self.bins)
+            + cfg.slowreg * dists.twohot_nll(rep_logp, rep_slow[:, :-1], self.bins))
 
         scales = {"dyn": cfg.loss_dyn, "rep": cfg.loss_rep, "rew": cfg.loss_rew, "con": cfg.loss_con,
                   "policy": cfg.loss_policy, "value": cfg.loss_value, "repval": cfg.loss_repval}

@@ -50,17 +50,14 @@ def twohot_bins(n: int = 255, device=None) -> torch.Tensor:
 
 
 def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Expected value under softmax(logits) over bins, summed symmetrically from the middle outwards so that
-    uniform probabilities give exactly zero (a left-to-right sum does not)."""
+    """Expected value under softmax(logits) over bins. The bins are exactly antisymmetric, so the sum is taken
+    over mirrored pairs, (p_hi - p_lo) * b_hi: uniform probabilities give exactly zero, as the reference's
+    symmetric sum does (a left-to-right sum does not)."""
     probs = torch.softmax(logits.float(), -1)
     n = bins.shape[0]
-    m = (n - 1) // 2 if n % 2 else n // 2
-    if n % 2:
-        mid = probs[..., m] * bins[m]
-        lo, hi = (probs[..., :m] * bins[:m]).flip(-1), probs[..., m + 1 :] * bins[m + 1 :]
-        return mid + (lo + hi).sum(-1)
-    lo, hi = (probs[..., :m] * bins[:m]).flip(-1), probs[..., m:] * bins[m:]
-    return (lo + hi).sum(-1)
+    m = n // 2
+    hi = m + 1 if n % 2 else m
+    return (probs[..., hi:] - probs[..., :m].flip(-1)) @ bins[hi:]
 
 
 def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -81,7 +78,23 @@ def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of softmax(logits) against the two-hot target, (...,)."""
-    return -(twohot_encode(target.detach(), bins) * torch.log_softmax(logits.float(), -1)).sum(-1)
+    return twohot_nll(torch.log_softmax(logits.float(), -1), target, bins)
+
+
+def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """twohot_loss from log-probs (..., n), which may be a strided view: gathers the two log-probs instead of
+    building the (..., n) two-hot tensor (twohot_encode is the plain form; the tests compare both)."""
+    n = bins.shape[0]
+    target = target.detach().float()
+    below = ((bins <= target[..., None]).sum(-1) - 1).clamp(0, n - 1)
+    above = (n - (bins > target[..., None]).sum(-1)).clamp(0, n - 1)
+    equal = below == above
+    to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
+    to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
+    total = to_below + to_above
+    lp_below = logp.gather(-1, below[..., None]).squeeze(-1)
+    lp_above = logp.gather(-1, above[..., None]).squeeze(-1)
+    return -(lp_below * (to_above / total) + lp_above * (to_below / total))
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,336 @@
+"""Train DreamerV3: `python -m fastdreamer.train --env cartpole` (or `fastdreamer-train`).
+
+The loop, top to bottom: act in N envs, store the step, and whenever the train ratio asks for it sample a
+batch, update, and write the refreshed latents back to replay; log once per interval; checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .agent import Agent
+from .checkpoint import CheckpointError
+from .config import PRESETS, SIZES, Config, env_id, preset_defaults, validate
+from .envs import make_env
+from .kernels import block_gru
+from .logger import Logger, to_host
+from .optim import LaProp
+from .replay import Replay
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """Command-line config: the preset named by --env gives the defaults, every field can be overridden."""
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--env", default=Config.env)
+    known, _ = pre.parse_known_args(argv)
+    presets = ", ".join(f"{k} ({p.env_id})" for k, p in PRESETS.items())
+    return tyro.cli(
+        Config,
+        default=preset_defaults(known.env),
+        args=argv,
+        description=f"Train DreamerV3. Presets: {presets}. Sizes: {', '.join(SIZES)}.",
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {name!r} ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def replay_spec(agent: Agent, env_spec) -> dict:
+    """Everything stored per step: observation, reward and flags, the action taken, and the posterior latent
+    state after this observation (replay context), deter in bf16 and stoch as class indices."""
+    rssm = agent.rssm
+    return {
+        **env_spec.obs,
+        "reward": ((), torch.float32),
+        "is_first": ((), torch.bool),
+        "is_last": ((), torch.bool),
+        "is_terminal": ((), torch.bool),
+        "action": ((env_spec.act_dim,), torch.float32),
+        "deter": ((rssm.deter,), torch.bfloat16),
+        "stoch": ((rssm.stoch,), torch.uint8),
+    }
+
+
+class Trainer:
+    """Owns the env, agent, optimizer, replay and counters of one run."""
+
+    def __init__(self, cfg: Config, log=print):
+        validate(cfg)
+        self.cfg = cfg
+        self.log = log
+        self.device = resolve_device(cfg.device)
+        self.logdir = Path(cfg.resolved_logdir())
+        seed_everything(cfg.seed)
+        impl = block_gru.set_impl(cfg.gru_impl)
+        self.env = make_env(env_id(cfg), cfg.num_envs, cfg.seed, self.device, image_size=cfg.image_size)
+        self.agent = Agent(cfg, self.env.spec).to(self.device)
+        self.opt = LaProp(
+            self.agent.trainable(),
+            lr=cfg.lr,
+            beta1=cfg.beta1,
+            beta2=cfg.beta2,
+            eps=cfg.eps,
+            agc=cfg.agc,
+            warmup=cfg.warmup,
+        )
+        self.replay = Replay(
+            replay_spec(self.agent, self.env.spec),
+            cfg.replay_size,
+            cfg.num_envs,
+            cfg.batch_length + cfg.replay_context,
+            self.device,
+            seed=cfg.seed,
+        )
+        nparams = sum(p.numel() for p in self.agent.trainable())
+        log(
+            f"fastdreamer: env {self.env.spec.env_id} ({cfg.num_envs} envs, obs "
+            f"{ {k: s for k, (s, _) in self.env.spec.obs.items()} }, "
+            f"{'discrete' if self.env.spec.discrete else 'continuous'} actions of {self.env.spec.act_dim}), "
+            f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, block_gru {impl}"
+        )
+        log(
+            f"fastdreamer: replay of {cfg.replay_size:,} steps holds {self.replay.nbytes / 2**30:.2f} GiB in "
+            f"{self.replay.location} memory; logdir {self.logdir}"
+        )
+        self.env_steps = 0
+        self.updates = 0
+        self.updates_due = 0.0
+        self.episodes = 0
+        self.metric_keys: list[str] | None = None
+        self.metric_sum: torch.Tensor | None = None
+        self.metric_count = 0
+        self.returns: list[float] = []
+        self.lengths: list[int] = []
+        self.obs = self.env.reset()
+        self.carry = self.agent.initial(cfg.num_envs, self.device)
+
+    # One environment step for all envs.
+    def act(self) -> None:
+        action, self.carry = self.agent.act(self.carry, self.obs)
+        deter, stoch, _ = self.carry
+        self.replay.add(
+            {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
+        )
+        env_action = action.argmax(-1) if self.env.spec.discrete else action
+        self.obs = self.env.step(env_action)
+        self.env_steps += self.cfg.num_envs
+        for ret, length in self.env.pop_episodes():
+            self.returns.append(ret)
+            self.lengths.append(length)
+            self.episodes += 1
+        if self.replay.ready():
+            cfg = self.cfg
+            self.updates_due += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
+
+    # One gradient update on a replay batch, with the replay-context write-back.
+    def update(self) -> None:
+        data, idx = self.replay.sample(self.cfg.batch_size)
+        loss, metrics, latents = self.agent.loss(data)
+        self.opt.zero_grad()
+        loss.backward()
+        metrics.update({f"opt/{k}": v for k, v in self.opt.step().items()})
+        self.agent.update_slow_critic()
+        ctx = self.cfg.replay_context
+        self.replay.write(idx[:, ctx:], {"deter": latents["deter"], "stoch": latents["stoch"]})
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+        if self.metric_sum is None:
+            self.metric_keys = list(metrics)
+            self.metric_sum = torch.zeros_like(values)
+        self.metric_sum += values
+        self.metric_count += 1
+        self.updates += 1
+        self.updates_due -= 1
+
+    def read_metrics(self) -> dict[str, float]:
+        """Means since the last read (one host transfer); raises TrainingDiverged naming a non-finite loss."""
+        out = {}
+        if self.metric_count:
+            out = to_host(dict(zip(self.metric_keys, (self.metric_sum / self.metric_count).unbind())))
+            self.metric_sum.zero_()
+            self.metric_count = 0
+            bad = [k for k, v in out.items() if k.startswith("loss/") and not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"{bad[0]} became {out[bad[0]]} by update {self.updates}; training stopped, "
+                    f"the last good checkpoint is kept in {self.logdir / CHECKPOINT}"
+                )
+        if self.returns:
+            out["episode/return"] = float(np.mean(self.returns))
+            out["episode/length"] = float(np.mean(self.lengths))
+            out["episode/count"] = self.episodes
+            self.returns, self.lengths = [], []
+        return out
+
+    def state(self) -> dict:
+        cfg = self.cfg
+        return {
+            "meta": {"format": FORMAT, "env": cfg.env, "env_id": env_id(cfg), "size": cfg.size},
+            "config": dataclasses.asdict(cfg),
+            "agent": self.agent.state_dict(),
+            "opt": self.opt.state_dict(),
+            "replay": self.replay.state_dict(),
+            "counters": {
+                "env_steps": self.env_steps,
+                "updates": self.updates,
+                "updates_due": self.updates_due,
+                "episodes": self.episodes,
+            },
+            "rng": checkpoint.rng_state(),
+        }
+
+    def save(self) -> Path:
+        """Atomic checkpoint; refuses to overwrite the last good one with a diverged state."""
+        pending = self.metric_sum is not None and self.metric_count
+        if pending:
+            vals = to_host(dict(zip(self.metric_keys, self.metric_sum.unbind())))
+            bad = [k for k, v in vals.items() if k.startswith("loss/") and not math.isfinite(v)]
+            if bad:
+                raise TrainingDiverged(
+                    f"{bad[0]} is not finite by update {self.updates}; training stopped, the "
+                    f"last good checkpoint is kept in {self.logdir / CHECKPOINT}"
+                )
+        path = self.logdir / CHECKPOINT
+        checkpoint.save(path, self.state())
+        return path
+
+    def load(self, path: Path) -> None:
+        cfg = self.cfg
+        state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location=self.device)
+        try:
+            self.agent.load_state_dict(state["agent"])
+            self.opt.load_state_dict(state["opt"])
+            self.replay.load_state_dict(state["replay"])
+            counters = state["counters"]
+        except (KeyError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {first}") from None
+        self.env_steps, self.updates = counters["env_steps"], counters["updates"]
+        self.updates_due, self.episodes = counters["updates_due"], counters["episodes"]
+        checkpoint.set_rng_state(state["rng"])
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def train(cfg: Config, log=print) -> Trainer:
+    trainer = Trainer(cfg, log)
+    logdir = trainer.logdir
+    if cfg.resume:
+        path = logdir / CHECKPOINT
+        trainer.load(path)
+        log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")
+    elif (logdir / CHECKPOINT).exists():
+        raise ValueError(f"{logdir} already holds a run; pass --resume to continue it or choose another --logdir")
+    logger = Logger(logdir, dataclasses.asdict(cfg))
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=trainer.env_steps, unit="step", dynamic_ncols=True, smoothing=0.1)
+    last_log, last_steps, last_updates = time.time(), trainer.env_steps, trainer.updates
+    last_save = trainer.updates
+    latest_return = float("nan")
+    try:
+        while True:
+            # Checkpoint only at update boundaries, before the update: a resumed run performs the very update
+            # the uninterrupted one would have performed next.
+            while trainer.updates_due >= 1:
+                if trainer.updates - last_save >= cfg.save_every:
+                    trainer.save()
+                    last_save = trainer.updates
+                trainer.update()
+            if trainer.env_steps >= cfg.steps:
+                break
+            trainer.act()
+            now = time.time()
+            if now - last_log >= cfg.log_every or trainer.env_steps >= cfg.steps:
+                metrics = trainer.read_metrics()
+                dt = max(now - last_log, 1e-9)
+                metrics["fps/env"] = (trainer.env_steps - last_steps) / dt
+                metrics["fps/train"] = (trainer.updates - last_updates) / dt
+                metrics["updates"] = trainer.updates
+                latest_return = metrics.get("episode/return", latest_return)
+                logger.log(trainer.env_steps, metrics)
+                if bar is not None:
+                    bar.set_postfix(
+                        {
+                            "env/s": f"{metrics['fps/env']:.0f}",
+                            "upd/s": f"{metrics['fps/train']:.1f}",
+                            "return": f"{latest_return:.1f}",
+                        },
+                        refresh=False,
+                    )
+                last_log, last_steps, last_updates = now, trainer.env_steps, trainer.updates
+            if bar is not None:
+                bar.update(cfg.num_envs)
+        final = trainer.read_metrics()
+        if final:
+            logger.log(trainer.env_steps, final)
+        path = trainer.save()
+        log(f"fastdreamer: done, {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint {path}")
+        if cfg.eval_episodes:
+            from .eval import evaluate
+
+            result = evaluate(trainer.agent, env_id(cfg), cfg, cfg.eval_episodes, trainer.device)
+            logger.log(trainer.env_steps, {"eval/return": result["mean"], "eval/return_std": result["std"]})
+            log(f"fastdreamer: eval over {cfg.eval_episodes} episodes: {result['mean']:.2f} ± {result['std']:.2f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        trainer.close()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(argv)
+    try:
+        train(cfg)
+    except (ValueError, CheckpointError, TrainingDiverged) as e:
+        print(f"fastdreamer: error: {e}", file=sys.stderr)
+        sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
+    except KeyboardInterrupt:
+        print("fastdreamer: interrupted; resume with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
