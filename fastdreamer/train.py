@@ -88,6 +88,17 @@ def replay_spec(agent: Agent, env_spec) -> dict:
     }
 
 
+def update_step(agent: Agent, opt: LaProp, data: dict[str, torch.Tensor]):
+    """One gradient update: the whole loss, backward, LaProp step, slow-critic EMA. Returns device-scalar metrics
+    and the refreshed latents. This is the function the fast modes wrap (fastdreamer/fast.py)."""
+    loss, metrics, latents = agent.loss(data)
+    opt.zero_grad()
+    loss.backward()
+    metrics.update({f"opt/{k}": v for k, v in opt.step().items()})
+    agent.update_slow_critic()
+    return metrics, latents
+
+
 class Trainer:
     """Owns the env, agent, optimizer, replay and counters of one run."""
 
@@ -162,11 +173,7 @@ class Trainer:
     # One gradient update on a replay batch, with the replay-context write-back.
     def update(self) -> None:
         data, idx = self.replay.sample(self.cfg.batch_size)
-        loss, metrics, latents = self.agent.loss(data)
-        self.opt.zero_grad()
-        loss.backward()
-        metrics.update({f"opt/{k}": v for k, v in self.opt.step().items()})
-        self.agent.update_slow_critic()
+        metrics, latents = update_step(self.agent, self.opt, data)
         ctx = self.cfg.replay_context
         self.replay.write(idx[:, ctx:], {"deter": latents["deter"], "stoch": latents["stoch"]})
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
