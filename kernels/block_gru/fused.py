@@ -52,6 +52,7 @@ import os
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
@@ -337,6 +338,7 @@ class _Step(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         t = ctx.saved_tensors
         return tuple(backward(dout, t[0], t[1], t[2], BlockGRUWeights(*t[3:17]), t[17:], ctx.needs_input_grad))

@@ -96,6 +96,19 @@ def test_gradients_flow_when_only_the_state_requires_grad():
     torch.testing.assert_close(g, rg, **GRAD_TOL)
 
 
+def test_bf16_inputs_get_bf16_grads_matching_the_reference():
+    deter, stoch, action, w, dout = make_case(3, 40, 8, 12, 100, 3, seed=9)
+    deter, stoch, action = deter.bfloat16(), stoch.bfloat16(), action.bfloat16()
+    out, grads = grads_of(fused.step, deter, stoch, action, w, dout)
+    ref, ref_grads = grads_of(reference.step, deter, stoch, action, w, dout)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg in zip(NAMES, grads, ref_grads):
+        assert g.dtype == rg.dtype, name
+        # Both sides round the same fp32 grad to bf16 for deter/stoch/action: allow one bf16 ulp between them.
+        tol = {"atol": 1e-4, "rtol": 8e-3} if g.dtype == torch.bfloat16 else GRAD_TOL
+        torch.testing.assert_close(g.float(), rg.float(), **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def test_step_without_grad_matches_reference():
     deter, stoch, action, w, _ = make_case(3, 40, 8, 12, 32, 3, seed=2)
     with torch.no_grad():
