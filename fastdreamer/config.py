@@ -34,7 +34,6 @@ SIZES: dict[str, Size] = {
 
 @dataclass
 class Config:
-    # What to train.
     env: str = "cartpole"
     """Preset name (cartpole, pendulum, pong, carracing, walker) or any envpool / Gymnasium id, e.g. 'Acrobot-v1'
     or 'my.module:MyEnv-v0'."""
@@ -55,8 +54,10 @@ class Config:
     """Continue the run in --logdir from its checkpoint, exactly."""
     gru_impl: str = "torch"
     """Recurrent core implementation: torch (reference) or triton (fused kernel)."""
+    mode: str = "eager"
+    """Execution mode of the update and acting step: eager, compile, graphs, or auto (the fastest that works on
+    the device)."""
 
-    # Data.
     batch_size: int = 16
     batch_length: int = 64
     replay_context: int = 1
@@ -67,7 +68,6 @@ class Config:
     prefill: int = 0
     """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""
 
-    # World model.
     unimix: float = 0.01
     free_nats: float = 1.0
     imglayers: int = 2
@@ -87,7 +87,6 @@ class Config:
     loss_dyn: float = 1.0
     loss_rep: float = 0.1
 
-    # Actor-critic.
     imag_length: int = 15
     horizon: int = 333
     lam: float = 0.95
@@ -104,7 +103,6 @@ class Config:
     loss_value: float = 1.0
     loss_repval: float = 0.3
 
-    # Optimizer (LaProp + AGC).
     lr: float = 4e-5
     agc: float = 0.3
     eps: float = 1e-20
@@ -112,7 +110,6 @@ class Config:
     beta2: float = 0.999
     warmup: int = 1000
 
-    # Bookkeeping.
     log_every: float = 30.0
     """Seconds between metric logs."""
     save_every: int = 5000

@@ -129,6 +129,11 @@ class Trainer:
             self.device,
             seed=cfg.seed,
         )
+        from . import fast
+
+        self.mode = fast.resolve_mode(cfg.mode, self.device)
+        self.update_fn = fast.make_update(update_step, self.agent, self.opt, self.mode)
+        self.act_fn = fast.make_act(self.agent, self.mode)
         nparams = sum(p.numel() for p in self.agent.trainable())
         log(
             f"fastdreamer: env {self.env.spec.env_id} ({cfg.num_envs} envs, obs "
@@ -154,7 +159,7 @@ class Trainer:
 
     # One environment step for all envs.
     def act(self) -> None:
-        action, self.carry = self.agent.act(self.carry, self.obs)
+        action, self.carry = self.act_fn(self.carry, self.obs)
         deter, stoch, _ = self.carry
         self.replay.add(
             {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
@@ -173,7 +178,7 @@ class Trainer:
     # One gradient update on a replay batch, with the replay-context write-back.
     def update(self) -> None:
         data, idx = self.replay.sample(self.cfg.batch_size)
-        metrics, latents = update_step(self.agent, self.opt, data)
+        metrics, latents = self.update_fn(data)
         ctx = self.cfg.replay_context
         self.replay.write(idx[:, ctx:], {"deter": latents["deter"], "stoch": latents["stoch"]})
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
