@@ -27,7 +27,7 @@ def sample_onehot(logp: torch.Tensor) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(torch.rand_like(probs)))
     index = (logp.detach() + gumbel).argmax(-1)
     onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return onehot + probs - probs.detach()
+    return onehot + (probs - probs.detach())  # exactly one-hot in value: p - p is exactly 0
 
 
 def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Expected value under softmax(logits) over bins. The bins are exactly antisymmetric, so the sum is taken
     over mirrored pairs, (p_hi - p_lo) * b_hi: uniform probabilities give exactly zero, as the reference's
     symmetric sum does (a left-to-right sum does not)."""
-    probs = torch.softmax(logits.float(), -1)
+    probs = torch.softmax(logits.to(bins.dtype), -1)
     n = bins.shape[0]
     m = n // 2
     hi = m + 1 if n % 2 else m
@@ -64,7 +64,7 @@ def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Two-hot encoding of scalar targets (...,) over bins (n,): weights on the two neighbouring bins,
     linear in the raw value; values outside the range go fully to the end bin."""
     n = bins.shape[0]
-    target = target.float()
+    target = target.to(bins.dtype)
     below = (bins <= target[..., None]).sum(-1) - 1
     above = n - (bins > target[..., None]).sum(-1)
     below = below.clamp(0, n - 1)
@@ -85,7 +85,7 @@ def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> 
     """twohot_loss from log-probs (..., n), which may be a strided view: gathers the two log-probs instead of
     building the (..., n) two-hot tensor (twohot_encode is the plain form; the tests compare both)."""
     n = bins.shape[0]
-    target = target.detach().float()
+    target = target.detach().to(bins.dtype)
     below = ((bins <= target[..., None]).sum(-1) - 1).clamp(0, n - 1)
     above = (n - (bins > target[..., None]).sum(-1)).clamp(0, n - 1)
     equal = below == above

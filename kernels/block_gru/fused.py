@@ -64,9 +64,14 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this: every buffer a kernel should fully write starts as NaN, so an unwritten element shows.
 DEBUG_POISON = os.environ.get("FASTDREAMER_KERNEL_POISON") == "1"
 BB = 16  # rows per program; tl.dot needs every tile dimension >= 16
+TILE = 64  # widest column tile over D/G and input widths
+TILE_K = 128  # widest tile over K in the forward
+# The branch backward holds a (K-tile, TILE) fp32 weight tile per pipeline stage: at 128 it needed 194 KiB of shared
+# memory for sm_90 (more than an A100 has), at 64 it needs 97 KiB (tests/kernels compile it for sm_90 and check).
+TILE_K_BWD = 64
 
 
-def _np2(n: int, lo: int = 16, hi: int = 64) -> int:
+def _np2(n: int, lo: int = 16, hi: int = TILE) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
@@ -126,7 +131,7 @@ def forward(
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
     dev = deter.device
-    BJ, BI, BK = _np2(DG), _np2(DG), _np2(K, hi=128)
+    BJ, BI, BK = _np2(DG), _np2(DG), _np2(K, hi=TILE_K)
     NJ = triton.cdiv(DG, BJ)
     nb = triton.cdiv(B, BB)
     pre = _empty((B, 3 * K), dev)
@@ -264,7 +269,7 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         BJ=BJ,
         BP=triton.next_power_of_2(G * NJ),
     )
-    BKC, BIN = _np2(K, hi=128), _np2(max(D, SC, A))
+    BKC, BIN = _np2(K, hi=TILE_K_BWD), _np2(max(D, SC, A))
     dx = _empty((B, 3 * K), dev)
     _bwd_dx[(nb, triton.cdiv(3 * K, BKC))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BJ, BKC=BKC)
     _bwd_branches[(nb, 3, triton.cdiv(max(D, SC, A), BIN))](
