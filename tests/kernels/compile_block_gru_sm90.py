@@ -1,0 +1,62 @@
+"""Compile every block-GRU Triton kernel for sm_90 (H100/H200) without a GPU; print shared memory per kernel.
+
+The interpreter runs the kernels' math on CPU but never lowers them, so type and layout errors that only the
+compiler sees would first show on a GPU. This compiles each kernel at the widest tiles fused.py can choose, for
+fp32 and bf16 weights (or those named on the command line), and prints {"kernel[dtype]": shared bytes} as JSON.
+Must run with TRITON_INTERPRET unset.
+
+    python tests/kernels/compile_block_gru_sm90.py [fp32] [bf16]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WEIGHTS = ("w0", "b0", "s0", "w1", "b1", "s1", "w2", "b2", "s2", "wh_ptr", "bh_ptr", "sh_ptr", "wg_ptr", "bg_ptr")
+
+
+def main(dtypes: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python functions")
+    sys.path.insert(0, ROOT)
+    import triton
+    from fastdreamer.kernels.block_gru import fused
+    from fastdreamer.kernels.block_gru import kernels_bwd as kb
+    from fastdreamer.kernels.block_gru import kernels_fwd as kf
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    T, TK, TKB, BB = fused.TILE, fused.TILE_K, fused.TILE_K_BWD, fused.BB
+    cases = [
+        (kf._fwd_branches, {"BB": BB, "BI": T, "BKC": TK}),
+        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True}),
+        (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
+        (kb._bwd_gates, {"BB": BB, "BO": T, "BJ": T}),
+        (kb._bwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BP": 128}),
+        (kb._bwd_dx, {"BB": BB, "BJ": T, "BKC": TKB}),
+        (kb._bwd_branches, {"BB": BB, "BI": T, "BKC": TKB}),
+    ]
+    shared = {}
+    for wdtype in dtypes:
+        for fn, consts in cases:
+            sig = {}
+            for name in fn.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in WEIGHTS:
+                    sig[name] = f"*{wdtype}"
+                elif name.endswith("_ptr"):
+                    sig[name] = "*fp32"
+                else:
+                    sig[name] = "i32"
+            k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+            shared[f"{fn.__name__}[{wdtype}]"] = k.metadata.shared
+    print(json.dumps(shared))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or ["fp32", "bf16"]))
