@@ -34,8 +34,8 @@ class Head(nn.Module):
 def lambda_return(last, term, rew, boot, disc, lam):
     """The reference's lambda-return over (N, L) inputs -> (N, L - 1): returns for every step but the last,
     bootstrapped from `boot` where a sequence is cut (last) and at its end."""
-    live = (1.0 - term.float())[:, 1:] * disc
-    cont = (1.0 - last.float())[:, 1:] * lam
+    live = (1.0 - term.to(rew.dtype))[:, 1:] * disc
+    cont = (1.0 - last.to(rew.dtype))[:, 1:] * lam
     interm = rew[:, 1:] + (1.0 - cont) * live * boot[:, 1:]
     ret = boot[:, -1]
     rets = []

@@ -1,0 +1,242 @@
+"""The RSSM core, losses and agent against plain implementations written here."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdreamer import dists
+from fastdreamer.agent import Agent, lambda_return, percentiles
+from fastdreamer.config import Config
+from fastdreamer.kernels.block_gru import reference
+from fastdreamer.rssm import RSSM
+
+
+def per_block_core(deter, stoch, action, w):
+    """The block GRU written the obvious way: every block a separate matmul, gates split per block."""
+    D = deter.shape[1]
+    G = w.wh.shape[0]
+    H = D // G
+
+    def norm(x, s):
+        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-4) * s
+
+    x = torch.cat([F.silu(norm(deter @ w.w0 + w.b0, w.s0)), F.silu(norm(stoch @ w.w1 + w.b1, w.s1)),
+                   F.silu(norm(action @ w.w2 + w.b2, w.s2))], -1)
+    hidden = torch.cat([torch.cat([deter[:, g * H:(g + 1) * H], x], -1) @ w.wh[g] for g in range(G)], -1)
+    hidden = F.silu(norm(hidden + w.bh, w.sh))
+    out = []
+    for g in range(G):
+        gates = hidden[:, g * H:(g + 1) * H] @ w.wg[g] + w.bg[g * 3 * H:(g + 1) * 3 * H]
+        r, c, u = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+        r = torch.sigmoid(r)
+        c = torch.tanh(r * c)
+        u = torch.sigmoid(u - 1)
+        out.append(u * c + (1 - u) * deter[:, g * H:(g + 1) * H])
+    return torch.cat(out, -1)
+
+
+@pytest.mark.parametrize("B,D,G,K,SC,A", [(1, 8, 2, 3, 4, 1), (3, 24, 4, 5, 12, 3), (16, 64, 8, 16, 32, 6)])
+def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
+    g = torch.Generator().manual_seed(B * 100 + D)
+    shapes = dict(w0=(D, K), b0=(K,), s0=(K,), w1=(SC, K), b1=(K,), s1=(K,), w2=(A, K), b2=(K,), s2=(K,),
+                  wh=(G, D // G + 3 * K, D // G), bh=(D,), sh=(D,), wg=(G, D // G, 3 * D // G), bg=(3 * D,))
+    w32 = reference.BlockGRUWeights(**{k: torch.randn(s, generator=g).requires_grad_() for k, s in shapes.items()})
+    in32 = [torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A)]
+    out = reference.step(*in32, w32)
+    expect = per_block_core(*in32, w32)
+    # Same float32 math in a different association order: differences of a few ulps of values ~1.
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-5)
+    probe = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * probe).sum(), in32 + list(w32))
+    grads_ref = torch.autograd.grad((expect * probe).sum(), in32 + list(w32))
+    for name, a, b in zip(["deter", "stoch", "action", *reference.BlockGRUWeights._fields], grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_block_gru_rejects_bad_shapes():
+    w = reference.BlockGRUWeights(*(torch.zeros(s) for s in [(8, 3), (3,), (3,), (4, 3), (3,), (3,), (2, 3), (3,),
+                                                             (3,), (2, 13, 4), (8,), (8,), (2, 4, 12), (24,)]))
+    reference.check_shapes(torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(2, 2), w)
+    with pytest.raises(ValueError, match="mismatched batch"):
+        reference.check_shapes(torch.zeros(2, 8), torch.zeros(3, 4), torch.zeros(2, 2), w)
+    with pytest.raises(ValueError, match="w1 has shape"):
+        reference.check_shapes(torch.zeros(2, 8), torch.zeros(2, 5), torch.zeros(2, 2), w)
+
+
+def test_lambda_return_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    N, L, disc, lam = 5, 12, 0.99, 0.95
+    rew, boot = rng.normal(size=(N, L)), rng.normal(size=(N, L))
+    term, last = rng.random((N, L)) < 0.2, rng.random((N, L)) < 0.2
+    out = lambda_return(*(torch.tensor(x) for x in (last, term, rew, boot)), disc, lam).numpy()
+    # G_t = r_{t+1} + disc * (1 - term_{t+1}) * [(1 - lam') V_{t+1} + lam' G_{t+1}], lam' = lam * (1 - last_{t+1}),
+    # with G_{L-1} = V_{L-1}.
+    for n in range(N):
+        g = boot[n, L - 1]
+        for t in reversed(range(L - 1)):
+            lam_t = lam * (1 - last[n, t + 1])
+            g = rew[n, t + 1] + disc * (1 - term[n, t + 1]) * ((1 - lam_t) * boot[n, t + 1] + lam_t * g)
+            assert out[n, t] == pytest.approx(g, rel=1e-12, abs=1e-12)
+
+
+def test_percentiles_match_numpy():
+    x = torch.randn(15361, generator=torch.Generator().manual_seed(0))
+    got = percentiles(x, (5.0, 95.0, 0.0, 100.0, 50.0))
+    expect = np.percentile(x.numpy(), [5, 95, 0, 100, 50])
+    np.testing.assert_allclose(torch.stack(got).numpy(), expect, rtol=1e-6)
+
+
+def test_rssm_resets_state_and_action_on_first_step():
+    torch.manual_seed(0)
+    rssm = RSSM(token_dim=6, act_dim=2, deter=16, hidden=8, stoch=4, classes=3, blocks=4)
+    token = torch.randn(2, 6)
+    first = torch.tensor([True, True])
+    deter = torch.randn(2, 16) * 5
+    stoch = F.one_hot(torch.randint(0, 3, (2, 4)), 3).float()
+    action = torch.randn(2, 2)
+    torch.manual_seed(1)
+    a = rssm.obs_step(deter, stoch, action, token, first)
+    torch.manual_seed(1)
+    b = rssm.obs_step(torch.zeros(2, 16), torch.zeros(2, 4, 3), torch.zeros(2, 2), token, first)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    torch.manual_seed(1)
+    c = rssm.obs_step(deter, stoch, action, token, ~first)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_kl_free_bits_and_gradient_split():
+    rssm = RSSM(token_dim=6, act_dim=2, deter=16, hidden=8, stoch=4, classes=3, blocks=4, free_nats=1.0)
+    post = torch.log_softmax(torch.randn(2, 5, 4, 3) * 3, -1).requires_grad_()
+    prior = torch.log_softmax(torch.randn(2, 5, 4, 3) * 3, -1).requires_grad_()
+    dyn, rep = rssm.kl_losses(post, prior)
+    kl = dists.categorical_kl(post, prior).sum(-1)
+    assert torch.allclose(dyn, kl.clamp_min(1.0)) and torch.allclose(rep, kl.clamp_min(1.0))
+    gd = torch.autograd.grad(dyn.sum(), [post, prior], allow_unused=True)
+    gr = torch.autograd.grad(rep.sum(), [post, prior], allow_unused=True)
+    assert gd[0] is None and gd[1] is not None  # dyn trains the prior only
+    assert gr[0] is not None and gr[1] is None  # rep trains the posterior only
+
+
+def make_agent(discrete=True, image=False, **kw):
+    obs = {"vector": ((4,), torch.float32)}
+    if image:
+        obs["image"] = ((64, 64, 3), torch.uint8)
+    spec = SimpleNamespace(obs=obs, discrete=discrete, act_dim=3, env_id="test")
+    cfg = Config(size="debug", batch_size=3, batch_length=6, imag_length=4, **kw)
+    return Agent(cfg, spec), cfg, spec
+
+
+def random_batch(spec, B=3, L=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = {}
+    for k, (shape, dt) in spec.obs.items():
+        data[k] = (torch.randint(0, 256, (B, L, *shape), generator=g).to(dt) if dt == torch.uint8
+                   else torch.randn(B, L, *shape, generator=g))
+    data["reward"] = torch.randn(B, L, generator=g)
+    data["is_first"] = torch.rand(B, L, generator=g) < 0.15
+    data["is_last"] = torch.rand(B, L, generator=g) < 0.15
+    data["is_terminal"] = data["is_last"] & (torch.rand(B, L, generator=g) < 0.5)
+    if spec.discrete:
+        data["action"] = F.one_hot(torch.randint(0, 3, (B, L), generator=g), 3).float()
+    else:
+        data["action"] = torch.randn(B, L, 3, generator=g)
+    data["deter"] = torch.randn(B, L, 32, generator=g).bfloat16()
+    data["stoch"] = torch.randint(0, 4, (B, L, 4), generator=g).to(torch.uint8)
+    return data
+
+
+@pytest.mark.parametrize("discrete,image", [(True, False), (False, True)])
+def test_agent_loss_is_finite_and_trains_every_module(discrete, image):
+    torch.manual_seed(0)
+    agent, cfg, spec = make_agent(discrete, image)
+    loss, metrics, latents = agent.loss(random_batch(spec))
+    assert torch.isfinite(loss)
+    expected = {"dyn", "rep", "rew", "con", "policy", "value", "repval", "vector"} | ({"image"} if image else set())
+    assert {k[5:] for k in metrics if k.startswith("loss/") and k != "loss/total"} == expected
+    loss.backward()
+    missing = [n for n, p in agent.named_parameters() if not n.startswith("slow_critic.") and p.grad is None]
+    assert not missing, missing
+    assert all(p.grad is None for p in agent.slow_critic.parameters())
+    assert latents["deter"].shape == (3, 6, 32) and latents["stoch"].shape == (3, 6, 4)
+
+
+def test_reward_and_critic_start_at_zero():
+    """Zero-initialised output layers: predictions are exactly 0 before training (symmetric bins)."""
+    agent, cfg, spec = make_agent()
+    f = torch.randn(5, agent.rssm.feat_dim)
+    assert torch.equal(dists.twohot_pred(agent.reward(f), agent.bins), torch.zeros(5))
+    assert torch.equal(dists.twohot_pred(agent.critic(f), agent.bins), torch.zeros(5))
+
+
+def test_actor_loss_does_not_reach_the_world_model():
+    torch.manual_seed(0)
+    agent, cfg, spec = make_agent(loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0,
+                                  loss_repval=0)
+    loss, _, _ = agent.loss(random_batch(spec))
+    loss.backward()
+    wm = [p for m in (agent.encoder, agent.rssm, agent.decoder) for p in m.parameters()]
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in wm)
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in agent.actor.parameters())
+
+
+def test_repval_gradient_reaches_the_world_model():
+    """As in the reference (repval_grad: True), the replay value loss trains the representation."""
+    torch.manual_seed(0)
+    agent, cfg, spec = make_agent(loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0,
+                                  loss_policy=0)
+    with torch.no_grad():  # a non-zero critic so the repval loss depends on features
+        agent.critic.out.weight.normal_()
+    loss, _, _ = agent.loss(random_batch(spec))
+    loss.backward()
+    assert agent.encoder.mlp[0].linear.weight.grad.abs().max() > 0
+
+
+def test_replay_context_starts_from_the_stored_latent():
+    torch.manual_seed(0)
+    agent, cfg, spec = make_agent()
+    data = random_batch(spec)
+    data["is_first"][:, 1] = False
+    torch.manual_seed(1)
+    a, _, lat_a = agent.loss(data)
+    data2 = {k: v.clone() for k, v in data.items()}
+    data2["deter"][:, 0] += 1.0
+    torch.manual_seed(1)
+    b, _, lat_b = agent.loss(data2)
+    assert not torch.equal(lat_a["deter"][:, 0], lat_b["deter"][:, 0])
+    data3 = {k: v.clone() for k, v in data2.items()}
+    data3["is_first"][:, 1] = True  # a reset right after the context step discards it
+    data4 = {k: v.clone() for k, v in data.items()}
+    data4["is_first"][:, 1] = True
+    torch.manual_seed(1)
+    _, _, lat_c = agent.loss(data3)
+    torch.manual_seed(1)
+    _, _, lat_d = agent.loss(data4)
+    assert torch.equal(lat_c["deter"], lat_d["deter"])
+
+
+def test_return_normaliser_tracks_percentiles_with_a_floor():
+    agent, cfg, spec = make_agent()
+    ret = torch.linspace(0, 100, 1001)
+    for _ in range(3):
+        offset, scale = agent._update_retnorm(ret)
+    lo = 5.0 * (1 - 0.99 ** 3)
+    hi = 95.0 * (1 - 0.99 ** 3)
+    assert offset.item() == pytest.approx(lo, rel=1e-5) and scale.item() == pytest.approx(hi - lo, rel=1e-5)
+    agent2, _, _ = make_agent()
+    _, scale = agent2._update_retnorm(torch.zeros(100))
+    assert scale.item() == 1.0  # limit: small returns are not scaled up
+
+
+def test_slow_critic_is_an_ema():
+    agent, cfg, spec = make_agent()
+    with torch.no_grad():
+        for p in agent.critic.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in agent.slow_critic.parameters()]
+    agent.update_slow_critic()
+    for b, s, c in zip(before, agent.slow_critic.parameters(), agent.critic.parameters()):
+        torch.testing.assert_close(s, 0.98 * b + 0.02 * c)
