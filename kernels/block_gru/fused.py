@@ -52,7 +52,6 @@ import os
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 
 from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
@@ -215,8 +214,8 @@ def forward(
     return out, (pre, x, hpre, h, rs, gates)
 
 
-def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, needs: tuple[bool, ...]):
-    """Gradients of one step for (deter, stoch, action, *w); None where `needs` is False."""
+def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved) -> list[torch.Tensor]:
+    """Gradients of one step for (deter, stoch, action, *w), each in that tensor's dtype."""
     pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     dout = dout.float().contiguous()
@@ -295,18 +294,12 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         BI=BIN,
         BKC=BKC,
     )
-    grads: list[torch.Tensor | None] = [
-        ddeter.to(deter.dtype) if needs[0] else None,
-        dstoch.to(stoch.dtype) if needs[1] else None,
-        daction.to(action.dtype) if needs[2] else None,
-    ]
-    if not any(needs[3:]):
-        return grads + [None] * 14
     # Weight grads: sums over the batch of the per-row grads above, as plain matmuls.
     rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
     y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
-    ds_x = (dn_x.view(B, 3, K) * y_x).sum(0)  # (3, K)
-    db_x = dpre.view(B, 3, K).sum(0)
+    # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
+    ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
+    db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
     dp = dpre.view(B, 3, K)
     dw = [inp.float().t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
     dhp = dhpre.view(B, G, DG)
@@ -331,30 +324,83 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         dwg,
         dgates.sum(0),
     ]
-    return grads + [g.to(t.dtype) if need else None for g, t, need in zip(wgrads, w, needs[3:])]
+    grads = [ddeter, dstoch, daction, *wgrads]
+    return [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
 
 
-class _Step(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, deter, stoch, action, *weights):
-        w = BlockGRUWeights(*weights)
-        out, saved = forward(deter, stoch, action, w, save=True)
-        ctx.save_for_backward(deter, stoch, action, *weights, *saved)
-        return out
+# The kernels sit behind torch.library custom ops so torch.compile treats them as opaque calls (it runs the fake
+# implementations to learn shapes) instead of tracing into Triton launches, and autograd sees one op per step.
+Tensor = torch.Tensor
+SavedT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dout):
-        t = ctx.saved_tensors
-        return tuple(backward(dout, t[0], t[1], t[2], BlockGRUWeights(*t[3:17]), t[17:], ctx.needs_input_grad))
+
+@torch.library.custom_op("fastdreamer::block_gru_step", mutates_args=())
+def _step_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> Tensor:
+    return forward(deter, stoch, action, BlockGRUWeights(*ws))
+
+
+@_step_op.register_fake
+def _(deter, stoch, action, ws):
+    return deter.new_empty(deter.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastdreamer::block_gru_step_train", mutates_args=())
+def _train_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> SavedT:
+    """The step plus what backward needs: (out, pre, x, hpre, h, rs, gates)."""
+    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True)
+    return (out, *saved)
+
+
+@_train_op.register_fake
+def _(deter, stoch, action, ws):
+    B, D = deter.shape
+    K = ws[0].shape[1]
+    f32 = {"dtype": torch.float32}
+    e = deter.new_empty
+    return (
+        e(B, D, **f32),
+        e(B, 3 * K, **f32),
+        e(B, 3 * K, **f32),
+        e(B, D, **f32),
+        e(B, D, **f32),
+        e(B, **f32),
+        e(B, 3 * D, **f32),
+    )
+
+
+@torch.library.custom_op("fastdreamer::block_gru_step_bwd", mutates_args=())
+def _bwd_op(
+    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor]
+) -> list[Tensor]:
+    return backward(dout, deter, stoch, action, BlockGRUWeights(*ws), saved)
+
+
+@_bwd_op.register_fake
+def _(dout, deter, stoch, action, ws, saved):
+    return [torch.empty_like(t) for t in (deter, stoch, action, *ws)]
+
+
+def _train_setup(ctx, inputs, output):
+    deter, stoch, action, ws = inputs
+    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:])
+
+
+def _train_backward(ctx, dout, *_saved_grads):
+    t = ctx.saved_tensors
+    g = _bwd_op(dout, t[0], t[1], t[2], list(t[3:17]), list(t[17:]))
+    return g[0], g[1], g[2], list(g[3:])
+
+
+_train_op.register_autograd(_train_backward, setup_context=_train_setup)
 
 
 def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
-    """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable."""
+    """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
+    (once: the backward itself is not)."""
     validate(deter, stoch, action, w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w)):
-        return _Step.apply(deter, stoch, action, *w)
-    return forward(deter, stoch, action, w)
+        return _train_op(deter, stoch, action, list(w))[0]
+    return _step_op(deter, stoch, action, list(w))
 
 
 @torch.no_grad()

@@ -121,6 +121,45 @@ def test_step_without_grad_matches_reference():
         )
 
 
+def test_step_compiles_as_one_graph_with_its_backward():
+    """The RSSM's world-model step is compiled: the fused core must trace without graph breaks (fullgraph) and give
+    the same numbers. aot_eager runs the custom ops' fake implementations, forward and backward, like inductor."""
+    deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=10)
+    torch._dynamo.reset()
+    out, grads = grads_of(torch.compile(fused.step, backend="aot_eager", fullgraph=True), deter, stoch, action, w, dout)
+    ref, ref_grads = grads_of(reference.step, deter, stoch, action, w, dout)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg in zip(NAMES, grads, ref_grads):
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs CUDA")
+def test_step_and_its_backward_replay_in_a_cuda_graph():
+    deter, stoch, action, w, dout = make_case(16, 40, 8, 12, 100, 3, seed=11)
+    ins = [t.clone().requires_grad_() for t in (deter, stoch, action, *w)]
+
+    def run():
+        out = fused.step(ins[0], ins[1], ins[2], BlockGRUWeights(*ins[3:]))
+        return (out, *torch.autograd.grad(out, ins, dout))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = run()
+    new_deter = make_case(16, 40, 8, 12, 100, 3, seed=12)[0]
+    with torch.no_grad():
+        ins[0].copy_(new_deter)
+    graph.replay()
+    ref, ref_grads = grads_of(reference.step, new_deter, stoch, action, w, dout)
+    torch.testing.assert_close(static[0], ref, **OUT_TOL)
+    for name, g, rg in zip(NAMES, static[1:], ref_grads):
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="batch 1000 is too slow for the interpreter")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_step_matches_reference_at_batch_1000_and_12m_widths(dtype):
