@@ -415,9 +415,20 @@ def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: B
             f"{tuple(stoch.shape)}, {tuple(action.shape)}"
         )
     validate(deter, stoch[:, 0], action[:, 0], w)
+    return _rollout_op(deter, stoch, action, list(w))
+
+
+@torch.library.custom_op("fastdreamer::block_gru_rollout", mutates_args=())
+def _rollout_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> Tensor:
+    w = BlockGRUWeights(*ws)
     B, T = stoch.shape[:2]
     out = _empty((B, T, deter.shape[1]), deter.device)
     for t in range(T):
         forward(deter, stoch[:, t], action[:, t], w, out=out[:, t])
         deter = out[:, t]
     return out
+
+
+@_rollout_op.register_fake
+def _(deter, stoch, action, ws):
+    return deter.new_empty((stoch.shape[0], stoch.shape[1], deter.shape[1]), dtype=torch.float32)

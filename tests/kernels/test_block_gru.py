@@ -121,7 +121,7 @@ def test_step_without_grad_matches_reference():
         )
 
 
-def test_step_compiles_as_one_graph_with_its_backward():
+def test_step_with_its_backward_and_rollout_compile_as_one_graph():
     """The RSSM's world-model step is compiled: the fused core must trace without graph breaks (fullgraph) and give
     the same numbers. aot_eager runs the custom ops' fake implementations, forward and backward, like inductor."""
     deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=10)
@@ -131,6 +131,9 @@ def test_step_compiles_as_one_graph_with_its_backward():
     torch.testing.assert_close(out, ref, **OUT_TOL)
     for name, g, rg in zip(NAMES, grads, ref_grads):
         torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+    seq = torch.stack([stoch, 0.5 * stoch], 1), torch.stack([action, -action], 1)  # (B, 2, S*C), (B, 2, A)
+    roll = torch.compile(fused.rollout, backend="aot_eager", fullgraph=True)(deter, *seq, w)
+    torch.testing.assert_close(roll, reference.rollout(deter, *seq, w), **OUT_TOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs CUDA")
