@@ -70,6 +70,7 @@ def meta(args, torch, triton):
     return {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "cpu": cpu,
+        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -94,6 +95,10 @@ def main(argv=None):
     from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
 
     dev = torch.device(args.device)
+    if args.device == "cpu":
+        # One intra-op thread: on a shared 2-core box the OpenMP pool's spin-waits made eager steps jump from 0.24 to
+        # 48 ms between runs.
+        torch.set_num_threads(1)
     wdtype = getattr(torch, args.dtype)
     impls = {"eager": reference.step, "triton": fused.step}
     if "compile" in args.modes:
