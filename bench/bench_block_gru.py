@@ -76,7 +76,9 @@ def meta(args, torch, triton):
         "triton": triton.__version__,
         "python": platform.python_version(),
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench")),
+        "git_dirty": bool(
+            git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench", ":(exclude)bench/results")
+        ),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "date_utc": time.strftime("%Y-%m-%dT%H:%MZ"),
         "args": vars(args),
