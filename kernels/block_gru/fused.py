@@ -102,6 +102,10 @@ def validate(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: 
         raise ValueError(
             f"block_gru fused: tensors on several devices {sorted(map(str, devices))}; deter {tuple(deter.shape)}"
         )
+    B, D = deter.shape
+    biggest = max(B * 3 * max(D, w.w0.shape[1]), *(t.numel() for t in w))
+    if biggest >= 2**31:
+        raise ValueError(f"block_gru fused: offsets are int32, but deter {tuple(deter.shape)} needs {biggest} elements")
     device = devices.pop()
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
@@ -415,6 +419,8 @@ def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: B
             f"{tuple(stoch.shape)}, {tuple(action.shape)}"
         )
     validate(deter, stoch[:, 0], action[:, 0], w)
+    if max(stoch.numel(), action.numel(), stoch.shape[0] * stoch.shape[1] * deter.shape[1]) >= 2**31:
+        raise ValueError(f"block_gru fused rollout: offsets are int32; stoch {tuple(stoch.shape)} is too long")
     return _rollout_op(deter, stoch, action, list(w))
 
 

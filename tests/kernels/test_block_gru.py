@@ -244,6 +244,14 @@ def test_unsupported_inputs_raise_value_error_naming_the_shape(kind, match):
         fused.step(deter, stoch, action, w)
 
 
+def test_cpu_tensors_without_the_interpreter_raise_value_error(monkeypatch):
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=13)
+    deter, stoch, action, w = deter.cpu(), stoch.cpu(), action.cpu(), BlockGRUWeights(*(t.cpu() for t in w))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"deter \(3, 24\) is on cpu; the kernels need CUDA"):
+        fused.step(deter, stoch, action, w)
+
+
 def test_rollout_rejects_mismatched_sequences():
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=8)
     with pytest.raises(ValueError, match=r"got \(3, 2, 15\), \(3, 3, 6\)"):
