@@ -276,9 +276,25 @@ def train(cfg: Config, log=print) -> Trainer:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=trainer.env_steps, unit="step", dynamic_ncols=True, smoothing=0.1)
-    last_log, last_steps, last_updates = time.time(), trainer.env_steps, trainer.updates
+    last = {"time": time.time(), "steps": trainer.env_steps, "updates": trainer.updates}
     last_save = trainer.updates
     latest_return = float("nan")
+
+    def write_log() -> None:
+        nonlocal latest_return
+        now = time.time()
+        metrics = trainer.read_metrics()
+        dt = max(now - last["time"], 1e-9)
+        metrics["fps/env"] = (trainer.env_steps - last["steps"]) / dt
+        metrics["fps/train"] = (trainer.updates - last["updates"]) / dt
+        metrics["updates"] = trainer.updates
+        latest_return = metrics.get("episode/return", latest_return)
+        logger.log(trainer.env_steps, metrics)
+        if bar is not None:
+            bar.set_postfix({"env/s": f"{metrics['fps/env']:.0f}", "upd/s": f"{metrics['fps/train']:.1f}",
+                             "return": f"{latest_return:.1f}"}, refresh=False)
+        last.update(time=now, steps=trainer.env_steps, updates=trainer.updates)
+
     try:
         while True:
             # Checkpoint only at update boundaries, before the update: a resumed run performs the very update
@@ -291,30 +307,11 @@ def train(cfg: Config, log=print) -> Trainer:
             if trainer.env_steps >= cfg.steps:
                 break
             trainer.act()
-            now = time.time()
-            if now - last_log >= cfg.log_every or trainer.env_steps >= cfg.steps:
-                metrics = trainer.read_metrics()
-                dt = max(now - last_log, 1e-9)
-                metrics["fps/env"] = (trainer.env_steps - last_steps) / dt
-                metrics["fps/train"] = (trainer.updates - last_updates) / dt
-                metrics["updates"] = trainer.updates
-                latest_return = metrics.get("episode/return", latest_return)
-                logger.log(trainer.env_steps, metrics)
-                if bar is not None:
-                    bar.set_postfix(
-                        {
-                            "env/s": f"{metrics['fps/env']:.0f}",
-                            "upd/s": f"{metrics['fps/train']:.1f}",
-                            "return": f"{latest_return:.1f}",
-                        },
-                        refresh=False,
-                    )
-                last_log, last_steps, last_updates = now, trainer.env_steps, trainer.updates
+            if time.time() - last["time"] >= cfg.log_every:
+                write_log()
             if bar is not None:
                 bar.update(cfg.num_envs)
-        final = trainer.read_metrics()
-        if final:
-            logger.log(trainer.env_steps, final)
+        write_log()
         path = trainer.save()
         log(f"fastdreamer: done, {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint {path}")
         if cfg.eval_episodes:

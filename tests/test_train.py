@@ -1,0 +1,152 @@
+"""The train and eval commands end to end: presets, exact resume, divergence, and bad input."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdreamer import train as train_mod
+from fastdreamer.config import PRESETS, Config, preset_defaults
+from fastdreamer.train import Trainer, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--size", "debug", "--num-envs", "2", "--batch-size", "2", "--batch-length", "8", "--imag-length", "3",
+        "--replay-size", "1000", "--train-ratio", "8", "--no-progress", "--log-every", "0"]
+
+
+def run(module, *args, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=ROOT)
+
+
+def tiny_config(tmp_path, **kw) -> Config:
+    base = dict(size="debug", num_envs=2, batch_size=2, batch_length=8, imag_length=3, replay_size=1000,
+                train_ratio=8.0, progress=False, log_every=0.0, logdir=str(tmp_path / "run"))
+    return dataclasses.replace(preset_defaults("cartpole"), **{**base, **kw})
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_cli_trains_every_preset_at_debug_size(preset, tmp_path):
+    logdir = tmp_path / preset
+    proc = run("fastdreamer.train", "--env", preset, *TINY, "--steps", "40", "--logdir", str(logdir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (logdir / "checkpoint.pt").is_file()
+    config = json.loads((logdir / "config.json").read_text())
+    assert config["env"] == preset and config["size"] == "debug"
+    lines = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("step" in line for line in lines)
+    assert lines[-1]["updates"] > 0 and all(k in lines[-1] for k in ("loss/dyn", "loss/policy", "fps/env"))
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(logdir))
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = tiny_config(tmp_path, seed=3)
+    a = Trainer(cfg, log=lambda *_: None)
+    while a.updates_due < 1:
+        a.act()
+    a.update()
+    a.update() if a.updates_due >= 1 else a.act()
+    while a.updates_due < 1:
+        a.act()
+    a.read_metrics()  # metric means restart here, as they do for the resumed run
+    a.save()  # saved before an update, as the loop does
+    a.update()
+    a.act()
+    while a.updates_due < 1:
+        a.act()
+    a.update()
+    a_params = [p.detach().clone() for p in a.agent.parameters()]
+    a_metrics = a.read_metrics()
+    a.close()
+
+    b = Trainer(dataclasses.replace(cfg, resume=True), log=lambda *_: None)
+    b.load(b.logdir / "checkpoint.pt")
+    b.update()
+    b.act()
+    while b.updates_due < 1:
+        b.act()
+    b.update()
+    b_metrics = b.read_metrics()
+    b.close()
+    # Updates are exactly equal; acting after resume differs only in the env's own state (it restarts).
+    for pa, pb in zip(a_params, b.agent.parameters()):
+        assert torch.equal(pa, pb.detach())
+    assert a_metrics["loss/total"] == b_metrics["loss/total"]
+
+
+def test_resume_through_the_cli_appends(tmp_path):
+    logdir = tmp_path / "run"
+    first = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir))
+    assert first.returncode == 0, first.stderr[-2000:]
+    n = len((logdir / "metrics.jsonl").read_text().splitlines())
+    again = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    second = run("fastdreamer.train", *TINY, "--steps", "80", "--logdir", str(logdir), "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    lines = [json.loads(x) for x in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) > n and lines[-1]["step"] >= 80
+
+
+def test_nan_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, steps=40)
+    train(cfg, log=lambda *_: None)
+    ckpt = Path(cfg.logdir) / "checkpoint.pt"
+    good = ckpt.read_bytes()
+    original = train_mod.Agent.loss
+
+    def poisoned(self, data):
+        total, metrics, latents = original(self, data)
+        metrics["loss/rew"] = metrics["loss/rew"] * float("nan")
+        return total * float("nan"), metrics, latents
+
+    monkeypatch.setattr(train_mod.Agent, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss/rew"):
+        train(dataclasses.replace(cfg, resume=True, steps=80, save_every=1), log=lambda *_: None)
+    assert ckpt.read_bytes() == good
+
+
+def test_eval_prints_mean_and_std(tmp_path):
+    logdir = tmp_path / "run"
+    assert run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir)).returncode == 0
+    proc = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["episodes"] == 3 and len(result["returns"]) == 3
+    assert result["mean"] == pytest.approx(sum(result["returns"]) / 3)
+    assert all(r >= 1 for r in result["returns"])  # CartPole pays 1 per step
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "CartPol-v1"], "did you mean"),
+    (["--train-ratio", "-1"], "--train-ratio must be positive"),
+    (["--size", "13m"], "unknown size '13m'"),
+    (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
+])
+def test_bad_train_input_is_one_clear_line(args, message, tmp_path):
+    proc = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(tmp_path / "x"), *args)
+    assert proc.returncode == 2
+    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_bad_checkpoints_are_one_clear_line(tmp_path):
+    missing = run("fastdreamer.eval", "--checkpoint", str(tmp_path / "none.pt"))
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    proc = run("fastdreamer.eval", "--checkpoint", str(corrupt))
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    logdir = tmp_path / "run"
+    assert run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir)).returncode == 0
+    other = run("fastdreamer.train", *TINY, "--env", "pendulum", "--steps", "80", "--logdir", str(logdir), "--resume")
+    assert other.returncode == 2 and "env=cartpole" in other.stderr, other.stderr
+    size = run("fastdreamer.train", *TINY, "--steps", "80", "--logdir", str(logdir), "--resume", "--size", "1m")
+    assert size.returncode == 2 and "size=debug" in size.stderr, size.stderr
