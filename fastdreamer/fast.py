@@ -60,10 +60,21 @@ def compile_agent(agent) -> None:
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
     # The H-step no-grad rollout is one graph (H small, no backward); a graph break keeps it out of the loss graph.
-    agent.imagine = torch.compiler.disable(torch.compile(agent.imagine, dynamic=False))
+    agent.imagine = _graph_break(torch.compile(agent.imagine, dynamic=False))
     agent.loss = torch.compile(agent.loss, dynamic=False)
     agent.act = torch.compile(agent.act, dynamic=False)
     agent._fast_compiled = True
+
+
+def _graph_break(compiled):
+    """Call `compiled` as its own graph from inside another compiled function: the wrapper's frame is skipped
+    (a graph break in the caller) while the frames it calls still run compiled, unlike a recursive disable."""
+
+    @torch.compiler.disable(recursive=False)
+    def call(*args, **kwargs):
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 class _Graph:
@@ -157,7 +168,10 @@ def make_act(agent, mode: str):
         return act(carry, {k[4:]: v for k, v in inputs.items() if k.startswith("obs/")})
 
     def graphed(carry, obs):
-        inputs = {**{f"carry/{n}": c for n, c in zip(names, carry, strict=True)}, **{f"obs/{k}": v for k, v in obs.items()}}
+        inputs = {
+            **{f"carry/{n}": c for n, c in zip(names, carry, strict=True)},
+            **{f"obs/{k}": v for k, v in obs.items()},
+        }
         if not holder:
             rng = torch.cuda.get_rng_state(device)
             holder.append(_Graph(captured, inputs, before_capture=lambda: torch.cuda.set_rng_state(rng, device)))

@@ -1,0 +1,85 @@
+"""Builders shared by `python -m bench` and the pytest-benchmark files: an agent of a given size on a fake env spec,
+a replay-shaped random batch, and a timer that synchronises the device around each call."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from fastdreamer.agent import Agent
+from fastdreamer.config import Config
+from fastdreamer.envs import EnvSpec
+from fastdreamer.optim import LaProp
+
+OBS = {
+    # CartPole-like vector obs with 2 discrete actions; Pong-like 64x64 RGB with 6.
+    "vector": EnvSpec(obs={"vector": ((4,), torch.float32)}, discrete=True, act_dim=2, env_id="bench-vector"),
+    "image": EnvSpec(obs={"image": ((64, 64, 3), torch.uint8)}, discrete=True, act_dim=6, env_id="bench-image"),
+}
+
+
+def make_config(size: str, **overrides) -> Config:
+    return dataclasses.replace(Config(env="bench", size=size, device="cpu"), **overrides)
+
+
+def make_agent(cfg: Config, obs: str, device: torch.device | str, seed: int = 0) -> tuple[Agent, LaProp]:
+    torch.manual_seed(seed)
+    agent = Agent(cfg, OBS[obs]).to(device)
+    opt = LaProp(
+        agent.trainable(), lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, agc=cfg.agc, warmup=cfg.warmup
+    )
+    return agent, opt
+
+
+def random_batch(agent: Agent, batch: int, length: int, device: torch.device | str, seed: int = 0):
+    """A replay batch (B, length, ...) with the replay context fields (deter bf16, stoch uint8 indices)."""
+    gen = torch.Generator().manual_seed(seed)
+    spec, rssm = agent.spec, agent.rssm
+    B, L = batch, length
+    data = {}
+    for key, (shape, dtype) in spec.obs.items():
+        if dtype == torch.uint8:
+            data[key] = torch.randint(0, 256, (B, L, *shape), generator=gen, dtype=torch.uint8)
+        else:
+            data[key] = torch.randn((B, L, *shape), generator=gen)
+    act = torch.randint(0, spec.act_dim, (B, L), generator=gen)
+    data["action"] = torch.nn.functional.one_hot(act, spec.act_dim).float()
+    data["reward"] = torch.randn((B, L), generator=gen)
+    data["is_first"] = torch.rand((B, L), generator=gen) < 0.05
+    data["is_last"] = torch.rand((B, L), generator=gen) < 0.05
+    data["is_terminal"] = data["is_last"] & (torch.rand((B, L), generator=gen) < 0.5)
+    data["deter"] = torch.randn((B, L, rssm.deter), generator=gen).to(torch.bfloat16)
+    data["stoch"] = torch.randint(0, rssm.classes, (B, L, rssm.stoch), generator=gen).to(torch.uint8)
+    return {k: v.to(device) for k, v in data.items()}
+
+
+def random_obs(agent: Agent, n: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = random_batch(agent, n, 1, device, seed)
+    return {k: v[:, 0] for k, v in batch.items() if k in agent.spec.obs or k == "is_first"}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn, device: torch.device, warmup: int = 2, repeat: int = 10, min_time: float = 0.0):
+    """Median and spread (max - min over the middle half) in ms of `repeat` timed calls after `warmup` calls."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start_all < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = len(times) // 4
+    mid = times[q : len(times) - q] or times
+    return statistics.median(times), mid[-1] - mid[0]
