@@ -192,7 +192,7 @@ class Decoder(nn.Module):
             self.depth_last = c
 
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) in symlog space, 'image': (..., H, W, C) in [0, 1]}."""
+        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) symlog space, 'image': (..., H, W, C) in [0, 1]}."""
         bshape = deter.shape[:-1]
         out = {}
         if self.vec_keys:

@@ -58,7 +58,8 @@ class RSSM(nn.Module):
         return self.deter + self.stoch * self.classes
 
     def initial(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch, self.classes, device=device)
+        deter = torch.zeros(batch, self.deter, device=device)
+        return deter, torch.zeros(batch, self.stoch, self.classes, device=device)
 
     def _logp(self, logit: torch.Tensor) -> torch.Tensor:
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""

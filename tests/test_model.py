@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fastdreamer.kernels.block_gru import reference
 
 from fastdreamer import dists
 from fastdreamer.agent import Agent, lambda_return, percentiles
 from fastdreamer.config import Config
-from fastdreamer.kernels.block_gru import reference
 from fastdreamer.rssm import RSSM
 
 
