@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -72,6 +73,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_env_or_explain(cfg: Config, device: torch.device):
+    """make_env, with preset names among the suggestions when the id is unknown."""
+    try:
+        return make_env(env_id(cfg), cfg.num_envs, cfg.seed, device, image_size=cfg.image_size)
+    except ValueError as e:
+        close = difflib.get_close_matches(cfg.env.lower(), PRESETS, 3, 0.6)
+        if str(e).startswith("unknown environment") and close:
+            raise ValueError(f"{e} (presets: {', '.join(close)})") from None
+        raise
+
+
 def replay_spec(agent: Agent, env_spec) -> dict:
     """Everything stored per step: observation, reward and flags, the action taken, and the posterior latent
     state after this observation (replay context), deter in bf16 and stoch as class indices."""
@@ -110,7 +122,7 @@ class Trainer:
         self.logdir = Path(cfg.resolved_logdir())
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl)
-        self.env = make_env(env_id(cfg), cfg.num_envs, cfg.seed, self.device, image_size=cfg.image_size)
+        self.env = make_env_or_explain(cfg, self.device)
         self.agent = Agent(cfg, self.env.spec).to(self.device)
         self.opt = LaProp(
             self.agent.trainable(),

@@ -123,6 +123,13 @@ def test_eval_prints_mean_and_std(tmp_path):
     assert all(r >= 1 for r in result["returns"])  # CartPole pays 1 per step
 
 
+def main_exit(main, args, capsys):
+    """Run a command's main() in-process: (exit code, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    return exc.value.code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--env", "CartPol-v1"], "did you mean"),
     (["--train-ratio", "-1"], "--train-ratio must be positive"),
@@ -130,23 +137,25 @@ def test_eval_prints_mean_and_std(tmp_path):
     (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
 ])
-def test_bad_train_input_is_one_clear_line(args, message, tmp_path):
-    proc = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(tmp_path / "x"), *args)
-    assert proc.returncode == 2
-    lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+def test_bad_train_input_is_one_clear_line(args, message, tmp_path, capsys):
+    code, err = main_exit(train_mod.main, [*TINY, "--steps", "40", "--logdir", str(tmp_path / "x"), *args], capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
 
 
-def test_bad_checkpoints_are_one_clear_line(tmp_path):
-    missing = run("fastdreamer.eval", "--checkpoint", str(tmp_path / "none.pt"))
-    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr
+def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
+    from fastdreamer import eval as eval_mod
+
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert code == 2 and "checkpoint not found" in err
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint at all")
-    proc = run("fastdreamer.eval", "--checkpoint", str(corrupt))
-    assert proc.returncode == 2 and "corrupt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    logdir = tmp_path / "run"
-    assert run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir)).returncode == 0
-    other = run("fastdreamer.train", *TINY, "--env", "pendulum", "--steps", "80", "--logdir", str(logdir), "--resume")
-    assert other.returncode == 2 and "env=cartpole" in other.stderr, other.stderr
-    size = run("fastdreamer.train", *TINY, "--steps", "80", "--logdir", str(logdir), "--resume", "--size", "1m")
-    assert size.returncode == 2 and "size=debug" in size.stderr, size.stderr
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt)], capsys)
+    assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
+    cfg = tiny_config(tmp_path, steps=40)
+    train(cfg, log=lambda *_: None)
+    resume = [*TINY, "--steps", "80", "--logdir", cfg.logdir, "--resume"]
+    code, err = main_exit(train_mod.main, [*resume, "--env", "pendulum"], capsys)
+    assert code == 2 and "env=cartpole" in err, err
+    code, err = main_exit(train_mod.main, [*resume, "--size", "1m"], capsys)
+    assert code == 2 and "size=debug" in err, err
