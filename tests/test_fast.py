@@ -1,0 +1,262 @@
+"""The fast modes compute what eager computes: compiled updates, imagination and acting against eager from the same
+seed and state, a host-sync guard over the update and the acting step, and the mode switch's errors.
+
+CPU, size debug with a tiny batch so that a cold inductor compile stays near a minute; the GPU variants are skipped
+without CUDA. RNG parity: inductor's fallback_random makes compiled rand_like draw from the eager generator in the
+same order, so sampled latents and actions are the same values, not just the same distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+from fastdreamer import fast
+from fastdreamer.agent import Agent
+from fastdreamer.config import Config
+from fastdreamer.envs import EnvSpec
+from fastdreamer.optim import LaProp
+from fastdreamer.train import update_step
+
+SPEC = EnvSpec(obs={"vector": ((5,), torch.float32)}, discrete=True, act_dim=3, env_id="test")
+# lr 1e-3 without warmup: parameter moves (~1e-3) dwarf fp32 reassociation noise (~1e-7), so a wrong gradient in
+# the compiled backward shows in the parameters and not only in the losses.
+CFG = dataclasses.replace(
+    Config(env="test", size="debug", device="cpu"),
+    batch_size=4,
+    batch_length=8,
+    imag_length=3,
+    lr=1e-3,
+    warmup=0,
+)
+K = 3  # updates compared
+# Fused reductions sum in another order than eager: differences seen on CPU are <= 1e-6 on losses of size ~10 and
+# <= 3e-8 on parameters after 3 updates; 10-100x margin, far below the 1e-3 parameter moves.
+LOSS_TOL = dict(rtol=1e-4, atol=1e-5)
+PARAM_TOL = dict(rtol=1e-4, atol=1e-6)
+FEAT_TOL = dict(rtol=1e-5, atol=1e-5)
+# bf16 autocast matmuls on CUDA in the fast modes: ~3 significant digits per matmul.
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)
+
+
+def make(device="cpu", seed=0):
+    torch.manual_seed(seed)
+    agent = Agent(CFG, SPEC).to(device)
+    opt = LaProp(
+        agent.trainable(), lr=CFG.lr, beta1=CFG.beta1, beta2=CFG.beta2, eps=CFG.eps, agc=CFG.agc, warmup=CFG.warmup
+    )
+    return agent, opt
+
+
+def batch(step: int, device="cpu", B=CFG.batch_size, L=CFG.batch_length + CFG.replay_context):
+    gen = torch.Generator().manual_seed(100 + step)
+    data = {
+        "vector": torch.randn((B, L, 5), generator=gen),
+        "action": torch.nn.functional.one_hot(torch.randint(0, 3, (B, L), generator=gen), 3).float(),
+        "reward": torch.randn((B, L), generator=gen),
+        "is_first": torch.rand((B, L), generator=gen) < 0.2,
+        "is_last": torch.rand((B, L), generator=gen) < 0.2,
+        "deter": torch.randn((B, L, 32), generator=gen).to(torch.bfloat16),
+        "stoch": torch.randint(0, 4, (B, L, 4), generator=gen).to(torch.uint8),
+    }
+    data["is_terminal"] = data["is_last"] & (torch.rand((B, L), generator=gen) < 0.5)
+    return {k: v.to(device) for k, v in data.items()}
+
+
+def obs(n: int, step: int, device="cpu"):
+    data = batch(step, device, B=n, L=1)
+    return {"vector": data["vector"][:, 0], "is_first": data["is_first"][:, 0]}
+
+
+def run_updates(mode: str, device="cpu"):
+    agent, opt = make(device)
+    update = fast.make_update(update_step, agent, opt, mode)
+    torch.manual_seed(1)
+    history = []
+    for k in range(K):
+        metrics, latents = update(batch(k, device))
+        history.append(
+            ({n: v.detach().clone() for n, v in metrics.items()}, {n: v.clone() for n, v in latents.items()})
+        )
+    return agent, history, {n: v.clone() for n, v in agent.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fallback_random():
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def eager_run():
+    return run_updates("eager")
+
+
+@pytest.fixture(scope="module")
+def compiled_run(fallback_random):
+    return run_updates("compile")
+
+
+def assert_close(name, got, want, tol):
+    torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_resolve_mode_picks_and_refuses():
+    assert fast.resolve_mode("auto", torch.device("cpu")) == "compile"
+    assert fast.resolve_mode("eager", torch.device("cpu")) == "eager"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        fast.resolve_mode("graphs", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown --mode"):
+        fast.resolve_mode("fastest", torch.device("cpu"))
+    agent, opt = make()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        fast.make_update(update_step, agent, opt, "graphs")
+
+
+def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, compiled_run):
+    (_, eager_hist, eager), (_, comp_hist, comp) = eager_run, compiled_run
+    for k, ((m_e, l_e), (m_c, l_c)) in enumerate(zip(eager_hist, comp_hist, strict=True)):
+        assert m_e.keys() == m_c.keys()
+        for name in m_e:
+            assert_close(f"update {k} {name}", m_c[name], m_e[name], LOSS_TOL)
+        assert torch.equal(l_c["stoch"], l_e["stoch"]), f"update {k}: sampled latents differ"
+        assert_close(f"update {k} deter", l_c["deter"], l_e["deter"], FEAT_TOL)
+    init = make()[0].state_dict()
+    assert eager.keys() == comp.keys()
+    for name in eager:  # parameters, slow critic and the return-normalisation buffers
+        assert_close(f"state {name}", comp[name], eager[name], PARAM_TOL)
+    moved = max((eager[n] - init[n]).abs().max().item() for n in eager)
+    assert moved > 1e-4, f"parameters barely moved ({moved}); the comparison would not see a wrong gradient"
+
+
+def test_compiled_imagination_matches_eager_given_the_same_noise(fallback_random, compiled_run):
+    agent, _ = make()
+    comp_agent = compiled_run[0]
+    comp_agent.load_state_dict(agent.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    N = CFG.batch_size * CFG.batch_length  # the shape the update compiled the rollout for: no new graph
+    deter = torch.randn(N, 32, generator=gen)
+    stoch = torch.nn.functional.one_hot(torch.randint(0, 4, (N, 4), generator=gen), 4).float()
+    torch.manual_seed(3)
+    feats_e, acts_e = agent.imagine(deter, stoch)
+    torch.manual_seed(3)
+    feats_c, acts_c = fast.make_imagine(comp_agent, "compile")(deter, stoch)
+    assert feats_c.shape == (N, CFG.imag_length + 1, 32 + 16)
+    assert torch.equal(acts_c, acts_e), "imagined actions differ"
+    assert_close("imagined feats", feats_c, feats_e, FEAT_TOL)
+
+
+def test_compiled_acting_matches_eager(fallback_random, compiled_run):
+    agent, _ = make()
+    comp_agent = compiled_run[0]
+    comp_agent.load_state_dict(agent.state_dict())
+    act_e, act_c = fast.make_act(agent, "eager"), fast.make_act(comp_agent, "compile")
+    carry_e = carry_c = agent.initial(3, "cpu")
+    for step in range(3):
+        torch.manual_seed(10 + step)
+        a_e, carry_e = act_e(carry_e, obs(3, step))
+        torch.manual_seed(10 + step)
+        a_c, carry_c = act_c(carry_c, obs(3, step))
+        assert torch.equal(a_c, a_e), f"step {step}: actions differ"
+        for name, x_c, x_e in zip(("deter", "stoch", "prevact"), carry_c, carry_e, strict=True):
+            assert_close(f"step {step} {name}", x_c, x_e, FEAT_TOL)
+
+
+# Host syncs: every way a tensor's value reaches Python. On CPU nothing actually waits, so the guard makes each one
+# raise instead; the same code on CUDA would stall the stream there.
+SYNCS = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    saved = {name: getattr(torch.Tensor, name) for name in SYNCS + ("to",)}
+
+    def forbid(name):
+        def raiser(self, *args, **kwargs):
+            raise HostSync(f"host sync: Tensor.{name} on a {tuple(self.shape)} tensor inside a step")
+
+        return raiser
+
+    def to(self, *args, **kwargs):
+        # A device tensor copied to the host, or (caught on CPU too) a literal "cpu" target; `.to(device)` with a
+        # device object on a CPU run is a no-op and allowed.
+        target = kwargs.get("device", args[0] if args else None)
+        to_host = isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+        if to_host and (self.device.type != "cpu" or isinstance(target, str)):
+            raise HostSync(f"host sync: Tensor.to(cpu) on a {tuple(self.shape)} tensor inside a step")
+        return saved["to"](self, *args, **kwargs)
+
+    try:
+        for name in SYNCS:
+            setattr(torch.Tensor, name, forbid(name))
+        torch.Tensor.to = to
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_sync_guard_catches_a_sync():
+    x = torch.ones(3)
+    with no_host_sync(), pytest.raises(HostSync, match="Tensor.item"):
+        x.sum().item()
+    with no_host_sync(), pytest.raises(HostSync, match="__bool__"):
+        if x.sum() > 0:
+            pass
+    assert x.sum().item() == 3.0  # restored afterwards
+
+
+def test_update_and_acting_step_never_sync_with_the_host():
+    agent, opt = make()
+    data = batch(0)
+    update = fast.make_update(update_step, agent, opt, "eager")
+    act = fast.make_act(agent, "eager")
+    carry = agent.initial(3, "cpu")
+    observations = [obs(3, step) for step in range(2)]
+    with no_host_sync():
+        for step in range(2):
+            update(data)
+            action, carry = act(carry, observations[step])
+        agent.act(carry, observations[0], greedy=True)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["compile", "graphs"])
+def test_fast_updates_match_eager_on_cuda(mode, fallback_random):
+    # Eager under the same bf16 autocast as the fast modes, so the check is of compile/capture, not of precision.
+    agent, opt = make("cuda")
+    update = fast.make_update(update_step, agent, opt, "eager")
+    torch.manual_seed(1)
+    with fast.autocast(torch.device("cuda"), "compile"):
+        want = [{n: v.clone() for n, v in update(batch(k, "cuda"))[0].items()} for k in range(2)]
+    fast_agent, fast_hist, _ = run_updates(mode, "cuda")
+    for k in range(2):
+        for name in ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval"):
+            assert_close(f"{mode} update {k} {name}", fast_hist[k][0][name], want[k][name], BF16_TOL)
+    for (name, p_e), p_f in zip(agent.named_parameters(), fast_agent.parameters(), strict=True):
+        assert_close(f"{mode} parameter {name}", p_f, p_e, BF16_TOL)
+
+
+@cuda
+def test_graphed_acting_and_imagination_run_and_keep_shapes_on_cuda():
+    agent, _ = make("cuda")
+    act = fast.make_act(agent, "graphs")
+    carry = agent.initial(3, "cuda")
+    for step in range(3):
+        action, carry = act(carry, obs(3, step, "cuda"))
+        assert action.shape == (3, 3) and torch.all(action.sum(-1) == 1)
+    imagine = fast.make_imagine(agent, "graphs")
+    deter, stoch = torch.zeros(8, 32, device="cuda"), torch.full((8, 4, 4), 0.25, device="cuda")
+    feats, acts = imagine(deter, stoch)
+    assert feats.shape == (8, CFG.imag_length + 1, 48) and torch.isfinite(feats).all()
