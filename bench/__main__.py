@@ -1,0 +1,437 @@
+"""`python -m bench --device cpu|cuda --size SIZE [--obs vector|image] --json PATH`: one table of component times per
+execution mode, each fast mode checked against eager before it is timed (a failed check prints FAIL, no time).
+
+Rows: env_step (envpool batch step of the preset's N envs, host copy and upload included), replay_sample (B sequences
+on the device), wm_update / ac_update (bench/parts.py: the two halves of the loss with their backward), imagine
+(H steps from all B*T starts, no grad), full_update (loss, backward, LaProp, slow critic: train.update_step),
+act_step (one policy step for N envs), end_to_end (env steps/s at the preset's N and train ratio, derived from the
+rows: act + env step + replay add + updates per step x (sample + full update)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+import torch._inductor.config as inductor_config
+from fastdreamer.kernels import block_gru
+
+from fastdreamer import fast
+from fastdreamer.config import PRESETS
+from fastdreamer.train import update_step
+
+from . import parts
+from .common import make_agent, make_config, random_batch, random_obs, sync, timeit
+
+MODES = ("eager", "compile", "graphs", "graphs_triton")
+COMPONENTS = ("env_step", "replay_sample", "wm_update", "imagine", "ac_update", "full_update", "act_step", "end_to_end")
+PRESET = {"vector": "cartpole", "image": "pong"}  # the train ratio and N of end_to_end
+ENV_ID = {"vector": "CartPole-v1", "image": "Pong-v5"}
+FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 reassociation in fused reductions, as in tests/test_fast.py
+BF16_TOL = dict(rtol=5e-2, atol=5e-2)  # bf16 autocast matmuls (CUDA fast modes) against eager under autocast
+
+
+def available(mode: str, device: torch.device) -> bool:
+    if mode in ("eager", "compile"):
+        return True
+    if device.type != "cuda":
+        return False
+    return mode == "graphs" or block_gru.triton_available()[0]
+
+
+@contextlib.contextmanager
+def gru_impl(mode: str):
+    previous = block_gru.get_impl()
+    block_gru.set_impl("triton" if mode == "graphs_triton" else "torch")
+    try:
+        yield
+    finally:
+        block_gru.set_impl(previous)
+
+
+def fast_mode(mode: str) -> str:
+    return "graphs" if mode == "graphs_triton" else mode
+
+
+def close(got, want, tol) -> bool:
+    return all(torch.allclose(g.float(), w.float(), **tol) for g, w in zip(got, want, strict=True))
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.preset = PRESETS[PRESET[args.obs]].overrides
+        self.cfg = make_config(args.size, num_envs=self.preset["num_envs"], **args.overrides)
+        self.rows: list[dict] = []
+        self.compile_s: dict[str, float] = {}
+
+    def fresh(self, seed: int = 0):
+        return make_agent(self.cfg, self.args.obs, self.device, seed)
+
+    def data(self, agent, seed: int = 0):
+        return random_batch(
+            agent, self.cfg.batch_size, self.cfg.batch_length + self.cfg.replay_context, self.device, seed
+        )
+
+    def tol(self, mode: str):
+        return BF16_TOL if mode != "eager" and self.device.type == "cuda" else FP32_TOL
+
+    def reference_ctx(self, mode: str):
+        """Eager under the mode's precision: the reference a fast mode is checked against."""
+        return fast.autocast(self.device, fast_mode(mode))
+
+    def record(self, component: str, mode: str, fn=None, ok: bool = True, repeat: int | None = None, **extra):
+        row = {"component": component, "mode": mode, "median_ms": None, "spread_ms": None, "ok": ok, **extra}
+        if ok and fn is not None:
+            repeat = repeat or self.args.repeat
+            row["median_ms"], row["spread_ms"] = timeit(fn, self.device, warmup=2, repeat=repeat)
+        self.rows.append(row)
+        cell = "FAIL" if not ok else f"{row['median_ms']:.3f} ms"
+        print(f"  {component:13s} {mode:14s} {cell}", file=sys.stderr, flush=True)
+        return row
+
+    # Mode-independent rows.
+    def env_and_replay(self):
+        from fastdreamer.envs import make_env
+        from fastdreamer.replay import Replay
+        from fastdreamer.train import replay_spec
+
+        cfg, n = self.cfg, self.cfg.num_envs
+        env = make_env(ENV_ID[self.args.obs], n, 0, self.device)
+        try:
+            env.reset()
+            gen = torch.Generator().manual_seed(0)
+
+            def env_step():
+                env.step(torch.randint(0, env.spec.act_dim, (n,), generator=gen).to(self.device))
+
+            self.record("env_step", "eager", env_step, repeat=max(self.args.repeat, 50))
+        finally:
+            env.close()
+        agent, _ = self.fresh()
+        seq = cfg.batch_length + cfg.replay_context
+        replay = Replay(replay_spec(agent, env.spec), 1000 * n, n, seq, self.device)
+        step = {k: v[:, 0] for k, v in random_batch(agent, n, 1, self.device).items()}
+        self.replay_add_ms = timeit(lambda: replay.add(step), self.device, warmup=seq, repeat=200)[0]
+        self.record("replay_sample", "eager", lambda: replay.sample(cfg.batch_size), repeat=max(self.args.repeat, 50))
+
+    # Per-mode rows.
+    def full_update(self, mode: str):
+        agent, opt = self.fresh()
+        data = self.data(agent)
+        update = fast.make_update(update_step, agent, opt, fast_mode(mode))
+        ok = True
+        if mode != "eager":
+            ref_agent, ref_opt = self.fresh()
+            torch.manual_seed(1)
+            with self.reference_ctx(mode):
+                want, _ = update_step(ref_agent, ref_opt, data)
+            torch.manual_seed(1)
+            t0 = time.perf_counter()
+            got, _ = update(data)
+            sync(self.device)
+            self.compile_s[mode] = time.perf_counter() - t0
+            keys = [k for k in want if k.startswith("loss/")]
+            ok = close([got[k] for k in keys], [want[k] for k in keys], self.tol(mode))
+        return self.record("full_update", mode, lambda: update(data), ok)
+
+    def imagine(self, mode: str):
+        agent, _ = self.fresh()
+        B, T = self.cfg.batch_size, self.cfg.batch_length
+        rssm = agent.rssm
+        gen = torch.Generator().manual_seed(2)
+        deter = torch.randn(B * T, rssm.deter, generator=gen).to(self.device)
+        stoch = (
+            torch.nn.functional.one_hot(
+                torch.randint(0, rssm.classes, (B * T, rssm.stoch), generator=gen), rssm.classes
+            )
+            .float()
+            .to(self.device)
+        )
+        imagine = fast.make_imagine(agent, fast_mode(mode))
+        ok = True
+        if mode != "eager":
+            ref, _ = self.fresh()
+            torch.manual_seed(3)
+            with self.reference_ctx(mode):
+                want = ref.imagine(deter, stoch)
+            torch.manual_seed(3)
+            got = imagine(deter, stoch)
+            ok = close(got, want, self.tol(mode))
+        return self.record("imagine", mode, lambda: imagine(deter, stoch), ok)
+
+    def parts(self, mode: str):
+        agent, opt = self.fresh()
+        data = self.data(agent)
+        if mode == "eager":
+            parts.check_parts(agent, data)
+        wm, ac = functools.partial(parts.wm_loss, agent), functools.partial(parts.ac_loss, agent)
+        if mode != "eager":
+            fast.compile_agent(agent)
+            wm, ac = torch.compile(wm, dynamic=False), torch.compile(ac, dynamic=False)
+        with torch.no_grad():
+            _, deters, stochs = parts.wm_loss(agent, data)
+
+        def wm_step(inputs):
+            opt.zero_grad()
+            loss, _, _ = wm(inputs["data"])
+            loss.backward()
+            return loss.detach()
+
+        def ac_step(inputs):
+            opt.zero_grad()
+            loss = ac(inputs["deters"], inputs["stochs"], inputs["data"])
+            loss.backward()
+            return loss.detach()
+
+        steps = {
+            "wm_update": (wm_step, {"data": data}),
+            "ac_update": (ac_step, {"deters": deters, "stochs": stochs, "data": data}),
+        }
+        for component, (step, inputs) in steps.items():
+            run = functools.partial(self.in_mode, mode, step)
+            ok = True
+            if mode != "eager":
+                ref, ref_opt = self.fresh()
+                ref_fn = parts.wm_loss if component == "wm_update" else parts.ac_loss
+                torch.manual_seed(4)
+                with self.reference_ctx(mode):
+                    want = ref_fn(ref, data)[0] if component == "wm_update" else ref_fn(ref, deters, stochs, data)
+                torch.manual_seed(4)
+                ok = close([run(inputs)], [want.detach()], self.tol(mode))
+            self.record(component, mode, functools.partial(run, inputs), ok)
+
+    def in_mode(self, mode, step, inputs):
+        """Run step(inputs) under the mode's precision; in the graph modes, captured once (flattened inputs)."""
+        if fast_mode(mode) != "graphs":
+            with fast.autocast(self.device, fast_mode(mode)):
+                return step(inputs)
+        graphs = self.__dict__.setdefault("_graphs", {})
+        key = (mode, step.__name__)
+        flat = {k: v for k, v in inputs.items() if k != "data"} | {f"data/{k}": v for k, v in inputs["data"].items()}
+
+        def unflat(x):
+            rest = {k: v for k, v in x.items() if not k.startswith("data/")}
+            with fast.autocast(self.device, "graphs"):
+                return step({**rest, "data": {k[5:]: v for k, v in x.items() if k.startswith("data/")}})
+
+        if key not in graphs:
+            graphs[key] = fast._Graph(unflat, flat)
+        return graphs[key](flat)
+
+    def act(self, mode: str):
+        agent, _ = self.fresh()
+        n = self.cfg.num_envs
+        obs = random_obs(agent, n, self.device, seed=5)
+        carry = agent.initial(n, self.device)
+        act = fast.make_act(agent, fast_mode(mode))
+        ok = True
+        if mode != "eager":
+            ref, _ = self.fresh()
+            torch.manual_seed(6)
+            with self.reference_ctx(mode):
+                want_action, want_carry = ref.act(carry, obs)
+            torch.manual_seed(6)
+            got_action, got_carry = act(carry, obs)
+            ok = close([got_carry[0]], [want_carry[0]], self.tol(mode))
+            ok = ok and (self.device.type == "cuda" or torch.equal(got_action, want_action))
+        return self.record("act_step", mode, lambda: act(carry, obs), ok)
+
+    def end_to_end(self, mode: str):
+        t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
+        t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
+        per_step = self.cfg.num_envs * self.preset["train_ratio"] / (self.cfg.batch_size * self.cfg.batch_length)
+        ok = all(r["ok"] for r in self.rows if r["mode"] == mode and r["component"] in ("full_update", "act_step"))
+        row = {"component": "end_to_end", "mode": mode, "median_ms": None, "spread_ms": None, "ok": ok}
+        if ok:
+            ms = t["act_step"] + t["env_step"] + self.replay_add_ms + per_step * (t["replay_sample"] + t["full_update"])
+            row.update(
+                median_ms=ms,
+                env_steps_per_s=self.cfg.num_envs / ms * 1e3,
+                updates_per_env_step=per_step,
+                train_ratio=self.preset["train_ratio"],
+                num_envs=self.cfg.num_envs,
+            )
+        self.rows.append(row)
+
+    def flops(self):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        agent, opt = self.fresh()
+        data = self.data(agent)
+        with FlopCounterMode(display=False) as counter:
+            update_step(agent, opt, data)
+        return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device) -> float:
+    """Measured dense matmul rate in TFLOP/s: fp32 on CPU, bf16 on CUDA (the fast modes' matmul precision)."""
+    n, dtype = (1024, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms, _ = timeit(lambda: a @ b, device, warmup=2, repeat=10)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def meta(args, device) -> dict:
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "size": args.size,
+        "obs": args.obs,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
+        "command": " ".join(["python -m bench", *sys.argv[1:]]),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def table(rows: list[dict], modes: list[str]) -> str:
+    cells = {(r["component"], r["mode"]): r for r in rows}
+    lines = [f"{'component':14s}" + "".join(f"{m:>24s}" for m in MODES)]
+    for comp in COMPONENTS:
+        line = f"{comp:14s}"
+        base = cells.get((comp, "eager"))
+        for m in MODES:
+            r = cells.get((comp, m))
+            if r is None:
+                text = "-"
+            elif not r["ok"]:
+                text = "FAIL"
+            elif comp == "end_to_end":
+                text = f"{r['env_steps_per_s']:.0f} steps/s"
+            else:
+                text = f"{r['median_ms']:.3f} ms"
+            if r is not None and r["ok"] and base and base["ok"] and m != "eager":
+                text += f" ({base['median_ms'] / r['median_ms']:.2f}x)"
+            line += f"{text:>24s}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    p.add_argument("--size", default="12m")
+    p.add_argument("--obs", default="vector", choices=("vector", "image"))
+    p.add_argument("--json", default=None, help="write {meta, rows} here")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    p.add_argument("--repeat", type=int, default=10, help="timed calls per cell (median and middle-half spread)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-length", type=int, default=None)
+    p.add_argument("--imag-length", type=int, default=None)
+    p.add_argument("--no-env", action="store_true", help="skip env_step and replay_sample (and end_to_end)")
+    args = p.parse_args(argv)
+    args.overrides = {
+        k: v for k in ("batch_size", "batch_length", "imag_length") if (v := getattr(args, k)) is not None
+    }
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda asked for, but CUDA is not available here")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # eager stays the fp32 reference
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"bench: unknown mode(s) {bad}; choose from {MODES}")
+    info = meta(args, device)
+    bench = Bench(args)
+    cfg = bench.cfg
+    info.update(
+        batch_size=cfg.batch_size,
+        batch_length=cfg.batch_length,
+        imag_length=cfg.imag_length,
+        num_envs=cfg.num_envs,
+        train_ratio=bench.preset["train_ratio"],
+    )
+    print(
+        f"bench: {info['device']}, torch {info['torch']}, size {args.size}, obs {args.obs}, B{cfg.batch_size}x"
+        f"T{cfg.batch_length}, H{cfg.imag_length}, N{cfg.num_envs}, {torch.get_num_threads()} threads",
+        file=sys.stderr,
+    )
+    if not args.no_env:
+        bench.env_and_replay()
+    # Compiled modes draw their random numbers from the eager generator (fallback_random): the graph that is
+    # checked against eager is the graph that is timed.
+    with inductor_config.patch(fallback_random=True):
+        for mode in modes:
+            if mode != "eager" and "eager" not in modes:
+                raise SystemExit("bench: the eager baseline is needed to check and rate the other modes")
+            if not available(mode, device):
+                continue
+            with gru_impl(mode):
+                bench.parts(mode)
+                bench.imagine(mode)
+                bench.full_update(mode)
+                bench.act(mode)
+            if not args.no_env:
+                bench.end_to_end(mode)
+    flops = bench.flops()
+    peak = matmul_peak(device)
+    info.update(
+        flops_per_update=flops,
+        matmul_peak_tflops=peak,
+        compile_first_call_s=bench.compile_s,
+        replay_add_ms=getattr(bench, "replay_add_ms", None),
+    )
+    for r in bench.rows:
+        if r["component"] == "full_update" and r["ok"]:
+            r["tflops"] = flops / (r["median_ms"] * 1e-3) / 1e12
+    print(table(bench.rows, modes))
+    achieved = ", ".join(f"{r['mode']} {r['tflops']:.3g}" for r in bench.rows if "tflops" in r)
+    print(
+        f"model FLOPs per update {flops / 1e9:.2f} GFLOP (FlopCounterMode, eager fwd+bwd); achieved TFLOP/s "
+        f"{achieved}; measured matmul peak {peak:.3g} TFLOP/s"
+    )
+    if bench.compile_s:
+        print("first call incl. compile/capture: " + ", ".join(f"{m} {s:.1f} s" for m, s in bench.compile_s.items()))
+    out = {"meta": info, "rows": bench.rows}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""pytest-benchmark timings of the update, imagination and acting step per mode at a tiny size, so they run on CPU:
+`pytest bench/ --benchmark-only`. Each fast mode is checked against eager before it is timed, as in the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+
+from fastdreamer import fast
+from fastdreamer.train import update_step
+
+from .common import make_agent, make_config, random_batch, random_obs
+
+CFG = make_config("debug", batch_size=4, batch_length=8, imag_length=3, num_envs=4)
+MODES = [
+    "eager",
+    "compile",
+    pytest.param("graphs", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")),
+]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = dict(rtol=1e-4, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=5e-2, atol=5e-2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fallback_random():
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def synced(fn):
+    """pytest-benchmark reads the host clock: wait for the device inside the timed call."""
+
+    def call(*args):
+        out = fn(*args)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        return out
+
+    return call
+
+
+def fresh():
+    agent, opt = make_agent(CFG, "vector", DEVICE)
+    return agent, opt, random_batch(agent, CFG.batch_size, CFG.batch_length + CFG.replay_context, DEVICE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_full_update(benchmark, mode):
+    agent, opt, data = fresh()
+    update = fast.make_update(update_step, agent, opt, mode)
+    ref, ref_opt, _ = fresh()
+    torch.manual_seed(0)
+    with fast.autocast(DEVICE, mode):
+        want, _ = update_step(ref, ref_opt, data)
+    torch.manual_seed(0)
+    got, _ = update(data)
+    for key in (k for k in want if k.startswith("loss/")):
+        torch.testing.assert_close(got[key], want[key], **TOL)
+    benchmark.pedantic(synced(update), args=(data,), rounds=10, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_imagine(benchmark, mode):
+    agent, _, _ = fresh()
+    n = CFG.batch_size * CFG.batch_length
+    deter = torch.zeros(n, agent.rssm.deter, device=DEVICE)
+    stoch = torch.full((n, agent.rssm.stoch, agent.rssm.classes), 1.0 / agent.rssm.classes, device=DEVICE)
+    imagine = fast.make_imagine(agent, mode)
+    torch.manual_seed(0)
+    want = agent.imagine(deter, stoch) if mode == "eager" else fresh()[0].imagine(deter, stoch)
+    torch.manual_seed(0)
+    got = imagine(deter, stoch)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    benchmark.pedantic(synced(imagine), args=(deter, stoch), rounds=20, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bench_act_step(benchmark, mode):
+    agent, _, _ = fresh()
+    obs = random_obs(agent, CFG.num_envs, DEVICE)
+    carry = agent.initial(CFG.num_envs, DEVICE)
+    act = fast.make_act(agent, mode)
+    benchmark.pedantic(synced(act), args=(carry, obs), rounds=50, warmup_rounds=2)
