@@ -62,8 +62,10 @@ def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
     if stoch.shape[0] != B or action.shape[0] != B:
         raise ValueError(f"block_gru: mismatched batch: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
                          f"action {tuple(action.shape)}")
-    if w.wh.dim() != 3:
-        raise ValueError(f"block_gru: wh must be (G, D/G + 3K, D/G), got {tuple(w.wh.shape)}")
+    if w.wh.dim() != 3 or w.wh.shape[0] < 1:
+        raise ValueError(f"block_gru: wh must be (G, D/G + 3K, D/G) with G >= 1, got {tuple(w.wh.shape)}")
+    if w.w0.dim() != 2:
+        raise ValueError(f"block_gru: w0 must be (D, K), got {tuple(w.w0.shape)}")
     G = w.wh.shape[0]
     K = w.w0.shape[1]
     if D % G != 0:
