@@ -120,7 +120,9 @@ class Bench:
         agent, _ = self.fresh()
         seq = cfg.batch_length + cfg.replay_context
         replay = Replay(replay_spec(agent, env.spec), 1000 * n, n, seq, self.device)
-        step = {k: v[:, 0] for k, v in random_batch(agent, n, 1, self.device).items()}
+        step = {
+            k: torch.zeros((n, *shape), dtype=dtype, device=self.device) for k, (shape, dtype) in replay.spec.items()
+        }
         self.replay_add_ms = timeit(lambda: replay.add(step), self.device, warmup=seq, repeat=200)[0]
         self.record("replay_sample", "eager", lambda: replay.sample(cfg.batch_size), repeat=max(self.args.repeat, 50))
 
@@ -400,10 +402,31 @@ def main(argv=None) -> dict:
             if not available(mode, device):
                 continue
             with gru_impl(mode):
-                bench.parts(mode)
-                bench.imagine(mode)
-                bench.full_update(mode)
-                bench.act(mode)
+                for component, run in (
+                    ("wm_update", bench.parts),
+                    ("imagine", bench.imagine),
+                    ("full_update", bench.full_update),
+                    ("act_step", bench.act),
+                ):
+                    try:
+                        run(mode)
+                    except Exception as e:  # a mode that cannot run is a FAIL cell, not a lost table
+                        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                        print(f"bench: {component} in {mode} failed: {type(e).__name__}: {first}", file=sys.stderr)
+                        names = ("wm_update", "ac_update") if component == "wm_update" else (component,)
+                        done = {(r["component"], r["mode"]) for r in bench.rows}
+                        for name in names:
+                            if (name, mode) not in done:
+                                bench.rows.append(
+                                    {
+                                        "component": name,
+                                        "mode": mode,
+                                        "median_ms": None,
+                                        "spread_ms": None,
+                                        "ok": False,
+                                        "error": f"{type(e).__name__}: {first}",
+                                    }
+                                )
             if not args.no_env:
                 bench.end_to_end(mode)
     flops = bench.flops()

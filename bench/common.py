@@ -15,9 +15,10 @@ from fastdreamer.envs import EnvSpec
 from fastdreamer.optim import LaProp
 
 OBS = {
-    # CartPole-like vector obs with 2 discrete actions; Pong-like 64x64 RGB with 6.
+    # The layouts of the presets' envs: CartPole-v1 (4 floats, 2 actions) and envpool Pong-v5 as fastdreamer.envs
+    # makes it (64x64 grey, full action space of 18).
     "vector": EnvSpec(obs={"vector": ((4,), torch.float32)}, discrete=True, act_dim=2, env_id="bench-vector"),
-    "image": EnvSpec(obs={"image": ((64, 64, 3), torch.uint8)}, discrete=True, act_dim=6, env_id="bench-image"),
+    "image": EnvSpec(obs={"image": ((64, 64, 1), torch.uint8)}, discrete=True, act_dim=18, env_id="bench-image"),
 }
 
 
