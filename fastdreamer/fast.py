@@ -56,7 +56,7 @@ def compile_agent(agent) -> None:
         return
     rssm = agent.rssm
     # One graph per batch shape (B in observe, N in act); dynamic=False keeps the kernels specialised.
-    rssm.obs_step = torch.compile(rssm.obs_step, dynamic=False)
+    rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
     # The H-step no-grad rollout is one graph (H small, no backward); a graph break keeps it out of the loss graph.
@@ -64,6 +64,23 @@ def compile_agent(agent) -> None:
     agent.loss = torch.compile(agent.loss, dynamic=False)
     agent.act = torch.compile(agent.act, dynamic=False)
     agent._fast_compiled = True
+
+
+def _same_grad_inputs(step):
+    """The observe loop's first step gets deter and stoch without grad (replay context), the later ones with grad;
+    a compiled step guards on requires_grad, so that would be two graphs and two backward graphs to compile. Fresh
+    leaves that require grad make step 0 take the same graph; their gradients are computed and dropped, and the
+    caller's tensors, which had no grad, are unchanged."""
+
+    def call(deter, stoch, *args):
+        if torch.is_grad_enabled():
+            if not deter.requires_grad:
+                deter = deter.detach().requires_grad_()
+            if not stoch.requires_grad:
+                stoch = stoch.detach().requires_grad_()
+        return step(deter, stoch, *args)
+
+    return call
 
 
 def _graph_break(compiled):
