@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 
 import torch
 
@@ -24,11 +25,14 @@ MODES = ("eager", "compile", "graphs")
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:
-    """The mode to run: `auto` is graphs on CUDA and compile on CPU (compile measured 1.9x eager per full update at
-    debug and 1.6x at 1m on CPU, bench/results/fast_cpu_*.json); graphs on a CPU device is an error."""
+    """The mode to run. `auto` is compile (measured 1.9x eager per full update at debug and 1.4-1.6x at 1m on CPU,
+    bench/results/fast_cpu_*.json), or eager on a CPU without a C++ compiler for inductor. It is not graphs on CUDA
+    yet: graphs has not run on a GPU, and the default must be a mode that has. Graphs on a CPU device is an error."""
     device = torch.device(device)
     if mode == "auto":
-        return "graphs" if device.type == "cuda" else "compile"
+        if device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+            return "eager"
+        return "compile"
     if mode not in MODES:
         raise ValueError(f"unknown --mode {mode!r}; choose one of auto, {', '.join(MODES)}")
     if mode == "graphs" and device.type != "cuda":

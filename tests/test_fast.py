@@ -105,6 +105,12 @@ def assert_close(name, got, want, tol):
     torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
 
 
+def test_auto_is_eager_on_a_cpu_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    assert fast.resolve_mode("auto", torch.device("cpu")) == "eager"
+    assert fast.resolve_mode("auto", torch.device("cuda")) == "compile"
+
+
 def test_resolve_mode_picks_and_refuses():
     assert fast.resolve_mode("auto", torch.device("cpu")) == "compile"
     assert fast.resolve_mode("eager", torch.device("cpu")) == "eager"

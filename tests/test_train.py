@@ -16,7 +16,7 @@ from fastdreamer.train import Trainer, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--size", "debug", "--num-envs", "2", "--batch-size", "2", "--batch-length", "8", "--imag-length", "3",
-        "--replay-size", "1000", "--train-ratio", "8", "--no-progress", "--log-every", "0"]
+        "--replay-size", "1000", "--train-ratio", "8", "--no-progress", "--log-every", "0", "--mode", "eager"]
 
 
 def run(module, *args, timeout=300):
@@ -27,7 +27,7 @@ def run(module, *args, timeout=300):
 
 def tiny_config(tmp_path, **kw) -> Config:
     base = dict(size="debug", num_envs=2, batch_size=2, batch_length=8, imag_length=3, replay_size=1000,
-                train_ratio=8.0, progress=False, log_every=0.0, logdir=str(tmp_path / "run"))
+                train_ratio=8.0, progress=False, log_every=0.0, mode="eager", logdir=str(tmp_path / "run"))
     return dataclasses.replace(preset_defaults("cartpole"), **{**base, **kw})
 
 
