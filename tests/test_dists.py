@@ -1,0 +1,115 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastdreamer import dists
+from fastdreamer.nets import symexp, symlog
+
+
+def test_symlog_symexp_are_inverse():
+    x = torch.tensor([-1e6, -3.0, -1e-3, 0.0, 2e-4, 5.0, 1e7], dtype=torch.float64)
+    assert torch.allclose(symexp(symlog(x)), x, rtol=1e-12)
+    assert torch.equal(symlog(torch.zeros(1)), torch.zeros(1))
+
+
+def test_bins_are_symmetric_and_span_symexp_20():
+    for n in (255, 256, 5):
+        b = dists.twohot_bins(n).double()
+        assert b.shape == (n,)
+        assert torch.all(b[1:] >= b[:-1])
+        assert torch.equal(b, -b.flip(0))
+        assert b[-1] == pytest.approx(math.expm1(20.0), rel=1e-6)
+
+
+def test_twohot_round_trip():
+    """Encoding a target and taking the expectation over bins recovers it, within the bins' range."""
+    torch.manual_seed(0)
+    bins = dists.twohot_bins(255).double()
+    target = torch.cat([torch.randn(500).double() * 10, torch.tensor([0.0, 1.0, -1.0, 123456.0, bins[200].item()])])
+    enc = dists.twohot_encode(target, bins)
+    assert torch.allclose(enc.sum(-1), torch.ones_like(target))
+    assert ((enc > 0).sum(-1) <= 2).all()
+    # Relative to the bin spacing around the target: float64 leaves ~1e-16 of it.
+    assert torch.allclose(enc @ bins, target, rtol=1e-9, atol=1e-9)
+
+
+def test_twohot_clips_outside_range():
+    bins = dists.twohot_bins(255).double()
+    enc = dists.twohot_encode(torch.tensor([1e12, -1e12], dtype=torch.float64), bins)
+    assert enc[0, -1] == 1 and enc[1, 0] == 1
+
+
+def test_twohot_loss_matches_dense_cross_entropy():
+    torch.manual_seed(1)
+    bins = dists.twohot_bins(255)
+    logits = torch.randn(7, 9, 255, requires_grad=True)
+    target = torch.randn(7, 9) * 30
+    fast = dists.twohot_loss(logits, target, bins)
+    dense = -(dists.twohot_encode(target, bins) * torch.log_softmax(logits, -1)).sum(-1)
+    assert torch.allclose(fast, dense, atol=1e-5)  # fp32 log-softmax, values ~5
+    g1, = torch.autograd.grad(fast.sum(), logits)
+    g2, = torch.autograd.grad(dense.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_twohot_pred_is_zero_for_uniform_and_matches_expectation():
+    bins = dists.twohot_bins(255)
+    assert torch.equal(dists.twohot_pred(torch.zeros(3, 255), bins), torch.zeros(3))
+    torch.manual_seed(2)
+    logits = torch.randn(4, 255, dtype=torch.float64) * 3
+    expect = torch.softmax(logits, -1) @ bins.double()
+    assert torch.allclose(dists.twohot_pred(logits, bins.double()), expect, rtol=1e-10, atol=1e-6)
+
+
+def test_unimix_puts_a_floor_under_every_class():
+    logits = torch.tensor([[100.0, 0.0, -100.0, 0.0]])
+    p = dists.unimix_logits(logits, 0.01).exp()
+    assert torch.allclose(p.sum(-1), torch.ones(1))
+    assert p.min() >= 0.01 / 4 - 1e-7
+    assert p[0, 0] == pytest.approx(0.99 + 0.0025, abs=1e-6)
+
+
+def test_onehot_sample_frequencies_and_straight_through_gradient():
+    torch.manual_seed(3)
+    logits = torch.tensor([0.0, 1.0, 2.0]).repeat(20000, 1).requires_grad_(True)
+    logp = dists.unimix_logits(logits, 0.0)
+    s = dists.sample_onehot(logp)
+    assert torch.equal(s.detach().sum(-1), torch.ones(20000))
+    freq = s.detach().mean(0)
+    assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015)  # ~4 sigma at n=2e4
+    g, = torch.autograd.grad((s * torch.tensor([1.0, 2.0, 3.0])).sum(), logits)
+    assert g.abs().sum() > 0  # gradient reaches the logits through the probs
+
+
+def test_kl_and_entropy_match_torch_distributions():
+    torch.manual_seed(4)
+    p, q = torch.randn(5, 32, 16), torch.randn(5, 32, 16)
+    lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
+    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                            torch.distributions.Categorical(logits=q))
+    assert torch.allclose(dists.categorical_kl(lp, lq), ref, atol=1e-5)
+    assert torch.allclose(dists.categorical_entropy(lp), torch.distributions.Categorical(logits=p).entropy(),
+                          atol=1e-5)
+
+
+def test_policy_continuous_matches_torch_normal_and_bounds_std():
+    torch.manual_seed(5)
+    raw = torch.randn(6, 8) * 5
+    pol = dists.Policy(raw, discrete=False, minstd=0.1, maxstd=1.0)
+    assert (pol.std >= 0.1).all() and (pol.std <= 1.0).all() and (pol.mean.abs() <= 1).all()
+    ref = torch.distributions.Normal(pol.mean, pol.std)
+    a = pol.sample()
+    assert torch.allclose(pol.logp(a), ref.log_prob(a).sum(-1), atol=1e-5)
+    assert torch.allclose(pol.entropy(), ref.entropy().sum(-1), atol=1e-5)
+
+
+def test_policy_discrete_uses_unimix():
+    raw = torch.tensor([[50.0, 0.0, 0.0]])
+    pol = dists.Policy(raw, discrete=True, unimix=0.01)
+    probs = pol.logp_all.exp()
+    assert probs.min() == pytest.approx(0.01 / 3, rel=1e-4)
+    a = torch.tensor([[0.0, 1.0, 0.0]])
+    assert pol.logp(a).item() == pytest.approx(math.log(0.01 / 3), rel=1e-4)
+    assert np.isclose(pol.entropy().item(), -(probs * probs.log()).sum().item(), atol=1e-6)
