@@ -151,7 +151,7 @@ class Trainer:
             f"fastdreamer: env {self.env.spec.env_id} ({cfg.num_envs} envs, obs "
             f"{ {k: s for k, (s, _) in self.env.spec.obs.items()} }, "
             f"{'discrete' if self.env.spec.discrete else 'continuous'} actions of {self.env.spec.act_dim}), "
-            f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, block_gru {impl}"
+            f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, mode {self.mode}, block_gru {impl}"
         )
         log(
             f"fastdreamer: replay of {cfg.replay_size:,} steps holds {self.replay.nbytes / 2**30:.2f} GiB in "
