@@ -25,7 +25,7 @@ setup(
         *triton,
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
         "plot": ["matplotlib>=3.7"],
     },
     entry_points={

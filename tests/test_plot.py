@@ -1,0 +1,24 @@
+import json
+
+import pytest
+
+from fastdreamer import plot
+
+
+def test_plot_writes_a_png_of_the_return_curve(tmp_path):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 100 * i, "episode/return": float(i)} if i % 2 else {"step": 100 * i} for i in range(10)]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert plot.read_curve(run, "episode/return") == ([100, 300, 500, 700, 900], [1.0, 3.0, 5.0, 7.0, 9.0])
+    out = tmp_path / "curve.png"
+    plot.main([str(run), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_a_dir_without_metrics(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
+    assert exc.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
