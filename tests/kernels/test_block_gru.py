@@ -71,8 +71,9 @@ def grads_of(fn, deter, stoch, action, w, dout, upcast=False):
 
 
 # (B, D, G, K, S*C, A): D not a power of two, odd hidden sizes, batch 1 / 3 / 16; S*C = 100 > D makes the stoch
-# branch span more input tiles than the deter branch; the last needs several tiles everywhere (D/G = 132 > 64-wide tiles, K = 136 > 128, B = 17 > 16 rows per program). Batch 1000 takes ~25 s in
-# the interpreter, so it runs on GPU only (below).
+# branch span more input tiles than the deter branch; the last needs several tiles everywhere (D/G = 132 > 64-wide
+# tiles, K = 136 > 128, B = 17 > 16 rows per program). Batch 1000 takes ~25 s in the interpreter, so it runs on GPU
+# only (below).
 SHAPES = [(1, 24, 4, 20, 15, 6), (3, 40, 8, 12, 100, 3), (16, 24, 4, 16, 9, 1), (17, 264, 2, 136, 30, 5)]
 
 
