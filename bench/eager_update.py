@@ -27,8 +27,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
+    # The reference's batch (16 x 64) whatever the preset trains with, so sizes and envs compare.
     cfg = dataclasses.replace(preset_defaults(args.env), size=args.size, device=args.device, num_envs=4,
-                              replay_size=20_000, mode="eager", progress=False, logdir="/tmp/fastdreamer-bench")
+                              batch_size=16, batch_length=64, replay_size=20_000, mode="eager", progress=False,
+                              logdir="/tmp/fastdreamer-bench")
     trainer = Trainer(cfg, log=lambda *_: None)
     while not trainer.replay.ready():
         trainer.act()
