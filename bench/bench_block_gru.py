@@ -112,23 +112,7 @@ def main(argv=None):
         def r(*shape, scale=1.0, mean=0.0):
             return (mean + scale * torch.randn(*shape, generator=gen)).to(dev)
 
-        DG = D // G
-        w = BlockGRUWeights(
-            r(D, K, scale=D**-0.5),
-            r(K, scale=0.1),
-            r(K, scale=0.1, mean=1.0),
-            r(SC, K, scale=SC**-0.5),
-            r(K, scale=0.1),
-            r(K, scale=0.1, mean=1.0),
-            r(A, K, scale=A**-0.5),
-            r(K, scale=0.1),
-            r(K, scale=0.1, mean=1.0),
-            r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5),
-            r(D, scale=0.1),
-            r(D, scale=0.1, mean=1.0),
-            r(G, DG, 3 * DG, scale=DG**-0.5),
-            r(3 * D, scale=0.1),
-        )
+        w = reference.random_weights(D, G, K, SC, A, gen, dev)
         w = BlockGRUWeights(*(t.to(wdtype).requires_grad_() for t in w))
         return r(B, D).requires_grad_(), r(B, SC).requires_grad_(), r(B, A).requires_grad_(), w
 

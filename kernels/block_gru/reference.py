@@ -110,3 +110,21 @@ def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: B
         deter = step(deter, stoch[:, t], action[:, t], w)
         out.append(deter)
     return torch.stack(out, 1)
+
+
+def random_weights(D: int, G: int, K: int, SC: int, A: int, generator: torch.Generator,
+                   device: torch.device | str = "cpu") -> BlockGRUWeights:
+    """Random float32 weights at roughly unit activation scale: fan-in scaled matrices, norm scales near 1, small
+    biases. For tests and benchmarks of the implementations against each other."""
+
+    def r(*shape, scale=1.0, mean=0.0):
+        return (mean + scale * torch.randn(*shape, generator=generator)).to(device)
+
+    DG = D // G
+    return BlockGRUWeights(
+        r(D, K, scale=D**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(SC, K, scale=SC**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(A, K, scale=A**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
+        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5), r(D, scale=0.1), r(D, scale=0.1, mean=1.0),
+        r(G, DG, 3 * DG, scale=DG**-0.5), r(3 * D, scale=0.1),
+    )

@@ -39,23 +39,7 @@ def make_case(B, D, G, K, SC, A, dtype=torch.float32, seed=0):
     def r(*shape, scale=1.0, mean=0.0):
         return (mean + scale * torch.randn(*shape, generator=gen)).to(DEVICE)
 
-    DG = D // G
-    w = BlockGRUWeights(
-        r(D, K, scale=D**-0.5),
-        r(K, scale=0.1),
-        r(K, scale=0.1, mean=1.0),
-        r(SC, K, scale=SC**-0.5),
-        r(K, scale=0.1),
-        r(K, scale=0.1, mean=1.0),
-        r(A, K, scale=A**-0.5),
-        r(K, scale=0.1),
-        r(K, scale=0.1, mean=1.0),
-        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5),
-        r(D, scale=0.1),
-        r(D, scale=0.1, mean=1.0),
-        r(G, DG, 3 * DG, scale=DG**-0.5),
-        r(3 * D, scale=0.1),
-    )
+    w = reference.random_weights(D, G, K, SC, A, gen, DEVICE)
     w = BlockGRUWeights(*(t.to(dtype) for t in w))
     action = r(B, A)
     action = action / action.abs().clamp(min=1.0)
