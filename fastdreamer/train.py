@@ -209,18 +209,22 @@ class Trainer:
             out = to_host(dict(zip(self.metric_keys, (self.metric_sum / self.metric_count).unbind())))
             self.metric_sum.zero_()
             self.metric_count = 0
-            bad = [k for k, v in out.items() if k.startswith("loss/") and not math.isfinite(v)]
-            if bad:
-                raise TrainingDiverged(
-                    f"{bad[0]} became {out[bad[0]]} by update {self.updates}; training stopped, "
-                    f"the last good checkpoint is kept in {self.logdir / CHECKPOINT}"
-                )
+            self._check_finite(out)
         if self.returns:
             out["episode/return"] = float(np.mean(self.returns))
             out["episode/length"] = float(np.mean(self.lengths))
             out["episode/count"] = self.episodes
             self.returns, self.lengths = [], []
         return out
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        """Raise TrainingDiverged naming the first non-finite loss among host metrics."""
+        bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
+        if bad:
+            raise TrainingDiverged(
+                f"{bad[0]} became {metrics[bad[0]]} by update {self.updates}; training stopped, "
+                f"the last good checkpoint is kept in {self.logdir / CHECKPOINT}"
+            )
 
     def state(self) -> dict:
         cfg = self.cfg
@@ -243,13 +247,7 @@ class Trainer:
         """Atomic checkpoint; refuses to overwrite the last good one with a diverged state."""
         pending = self.metric_sum is not None and self.metric_count
         if pending:
-            vals = to_host(dict(zip(self.metric_keys, self.metric_sum.unbind())))
-            bad = [k for k, v in vals.items() if k.startswith("loss/") and not math.isfinite(v)]
-            if bad:
-                raise TrainingDiverged(
-                    f"{bad[0]} is not finite by update {self.updates}; training stopped, the "
-                    f"last good checkpoint is kept in {self.logdir / CHECKPOINT}"
-                )
+            self._check_finite(to_host(dict(zip(self.metric_keys, self.metric_sum.unbind()))))
         path = self.logdir / CHECKPOINT
         checkpoint.save(path, self.state())
         return path
