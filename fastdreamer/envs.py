@@ -100,14 +100,24 @@ def make_env(
 
 
 class _EnvpoolBackend:
+    """send() returns at once and envpool's worker threads step the envs while the caller works (measured on the
+    2-core CPU, 16 Pong envs: recv waits 3.1 ms right after send, 0.05 ms after 5 ms of other work)."""
+
     def __init__(self, pool: Any, seed: int):
         self.pool, self.obs_space, self.act_space = pool, pool.observation_space, pool.action_space
+        self.ids = np.arange(pool.config["num_envs"], dtype=np.int32)
 
     def reset(self) -> Any:
         return self.pool.reset()[0]
 
-    def step(self, action: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-        obs, reward, terminated, truncated, _ = self.pool.step(action)
+    def send(self, action: np.ndarray) -> None:
+        self.pool.send(action, self.ids)
+
+    def recv(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, info = self.pool.recv()
+        # With batch_size == num_envs envpool answers in the order of the ids sent; anything else would mix envs up.
+        if not np.array_equal(info["env_id"], self.ids):
+            raise RuntimeError(f"envpool returned envs {info['env_id'].tolist()}, expected {self.ids.tolist()}")
         return obs, reward, terminated, truncated
 
     def close(self) -> None:
@@ -123,8 +133,11 @@ class _GymBackend:
         seed, self.seed = self.seed, None  # seed once; later resets continue the seeded streams
         return self.envs.reset(seed=seed)[0]
 
-    def step(self, action: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-        obs, reward, terminated, truncated, _ = self.envs.step(action)
+    def send(self, action: np.ndarray) -> None:
+        self.action = action  # SyncVectorEnv steps in the caller's thread: recv() does the work, nothing overlaps
+
+    def recv(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+        obs, reward, terminated, truncated, _ = self.envs.step(self.action)
         return obs, reward, terminated, truncated
 
     def close(self) -> None:
@@ -241,8 +254,11 @@ class VecEnv:
         self._ep_return = np.zeros(num_envs, np.float64)
         self._ep_length = np.zeros(num_envs, np.int64)
         self._episodes: list[tuple[float, int]] = []
+        self.pending = False  # a step_async whose step_wait is still to come
 
     def reset(self) -> dict[str, torch.Tensor]:
+        if self.pending:
+            raise RuntimeError("reset called while a step_async is in flight; call step_wait first")
         obs = self.backend.reset()
         self._done[:] = False
         self._ep_return[:] = 0
@@ -257,8 +273,22 @@ class VecEnv:
 
     def step(self, action: torch.Tensor) -> dict[str, torch.Tensor]:
         """action: (N,) int64 indices (or (N, A) one-hot) when discrete, (N, A) in [-1, 1] when continuous."""
-        act = self._host_action(action)
-        obs, reward, terminated, truncated = self.backend.step(act)
+        self.step_async(action)
+        return self.step_wait()
+
+    def step_async(self, action: torch.Tensor) -> None:
+        """Start a step (the action's one device-to-host copy happens here); step_wait() returns its result. With
+        envpool the envs step on its threads in between, so the trainer runs its updates there."""
+        if self.pending:
+            raise RuntimeError("step_async called twice without step_wait")
+        self.backend.send(self._host_action(action))
+        self.pending = True
+
+    def step_wait(self) -> dict[str, torch.Tensor]:
+        if not self.pending:
+            raise RuntimeError("step_wait called without a step_async before it")
+        obs, reward, terminated, truncated = self.backend.recv()
+        self.pending = False
         first = self._done  # these envs ignored the action and returned a reset observation
         last = terminated | truncated
         out = self._staging.acquire()

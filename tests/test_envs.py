@@ -254,3 +254,37 @@ def test_dmc_auto_reset_step_has_reward_zero_although_envpool_repeats_the_last_r
     assert (out["reward"][4] == 0).all()
     env.close()
     pool.close()
+
+
+@pytest.mark.parametrize("env_id", ["Pong-v5", "fd_tiny_envs:FdTinyCount-v0"])
+def test_step_async_then_wait_equals_step_while_the_caller_works(env_id, tiny_envs):
+    # The trainer sends a step, runs its updates, then waits: the same outputs as a blocking step, in env order.
+    kwargs = {"env_kwargs": {"max_episode_steps": 20}} if env_id == "Pong-v5" else {}
+    sync, split = (make_env(env_id, 3, seed=4, device="cpu", **kwargs) for _ in range(2))
+    want, actions = _rollout(sync, 30, seed=1)
+    got = [split.reset()]
+    for act in actions:
+        split.step_async(act)
+        assert split.pending
+        torch.randn(256, 256) @ torch.randn(256, 256)  # the caller's work while the envs step
+        got.append(split.step_wait())
+        assert not split.pending
+    for key, value in want.items():
+        assert torch.equal(torch.stack([g[key] for g in got]), value), key
+    assert split.pop_episodes() == sync.pop_episodes() != []
+    sync.close()
+    split.close()
+
+
+def test_step_async_and_wait_refuse_to_run_out_of_turn():
+    env = make_env("CartPole-v1", 2, seed=0, device="cpu")
+    env.reset()
+    with pytest.raises(RuntimeError, match="without a step_async"):
+        env.step_wait()
+    env.step_async(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="twice"):
+        env.step_async(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match="in flight"):
+        env.reset()
+    env.step_wait()
+    env.close()
