@@ -48,6 +48,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    threads: int = 0
+    """CPU threads for torch's own ops (0: torch's default, one per core). On a CPU shared with other work use 1: a
+    second OpenMP thread spinning at barriers on a busy core made updates 6x slower on a 2-core machine."""
     logdir: str = "logdir/{env}-{size}-seed{seed}"
     """Run directory: config.json, metrics.jsonl, TensorBoard events, checkpoint.pt."""
     resume: bool = False
@@ -171,6 +174,8 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's default) or positive, got {cfg.threads}")
     if cfg.replay_context not in (0, 1):
         raise ValueError(f"--replay-context must be 0 or 1, got {cfg.replay_context}")
     seq = cfg.batch_length + cfg.replay_context

@@ -120,6 +120,8 @@ class Trainer:
         self.log = log
         self.device = resolve_device(cfg.device)
         self.logdir = Path(cfg.resolved_logdir())
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl)
         self.env = make_env_or_explain(cfg, self.device)
@@ -169,23 +171,30 @@ class Trainer:
         self.obs = self.env.reset()
         self.carry = self.agent.initial(cfg.num_envs, self.device)
 
-    # One environment step for all envs.
+    # One environment step for all envs: the policy on the last observation, then the env step is sent and runs
+    # (envpool's threads) while the caller does its updates; the next act() or observe() receives it.
     def act(self) -> None:
+        self.observe()
         action, self.carry = self.act_fn(self.carry, self.obs)
         deter, stoch, _ = self.carry
         self.replay.add(
             {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
         )
-        env_action = action.argmax(-1) if self.env.spec.discrete else action
-        self.obs = self.env.step(env_action)
+        self.env.step_async(action.argmax(-1) if self.env.spec.discrete else action)
         self.env_steps += self.cfg.num_envs
+        if self.replay.ready():
+            cfg = self.cfg
+            self.updates_due += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
+
+    def observe(self) -> None:
+        """Receive the env step in flight, if any: the next observation and the episodes it ended."""
+        if not self.env.pending:
+            return
+        self.obs = self.env.step_wait()
         for ret, length in self.env.pop_episodes():
             self.returns.append(ret)
             self.lengths.append(length)
             self.episodes += 1
-        if self.replay.ready():
-            cfg = self.cfg
-            self.updates_due += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
 
     # One gradient update on a replay batch, with the replay-context write-back.
     def update(self) -> None:
@@ -307,14 +316,16 @@ def train(cfg: Config, log=print) -> Trainer:
 
     try:
         while True:
-            # Checkpoint only at update boundaries, before the update: a resumed run performs the very update
-            # the uninterrupted one would have performed next.
+            # The updates run while the env step that act() sent is in flight. Checkpoint only at update
+            # boundaries, before the update: a resumed run performs the very update the uninterrupted one would
+            # have performed next (its env restarts; the in-flight step is not part of the state).
             while trainer.updates_due >= 1:
                 if trainer.updates - last_save >= cfg.save_every:
                     trainer.save()
                     last_save = trainer.updates
                 trainer.update()
             if trainer.env_steps >= cfg.steps:
+                trainer.observe()
                 break
             trainer.act()
             if time.time() - last["time"] >= cfg.log_every:

@@ -94,6 +94,31 @@ def test_resume_through_the_cli_appends(tmp_path):
     assert len(lines) > n and lines[-1]["step"] >= 80
 
 
+def test_updates_run_while_the_env_step_is_in_flight(tmp_path, monkeypatch):
+    pending, original = [], Trainer.update
+
+    def update(self):
+        pending.append(self.env.pending)
+        original(self)
+
+    monkeypatch.setattr(Trainer, "update", update)
+    trainer = train(tiny_config(tmp_path, steps=40), log=lambda *_: None)
+    assert pending and all(pending), "every update overlaps an env step sent before it"
+    assert not trainer.env.pending, "the last step is received before the run ends"
+
+
+def test_threads_option_sets_torchs_cpu_threads(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(tiny_config(tmp_path, threads=1), log=lambda *_: None).close()
+        assert torch.get_num_threads() == 1
+        Trainer(tiny_config(tmp_path / "b", threads=0), log=lambda *_: None).close()
+        assert torch.get_num_threads() == 1, "0 leaves the count as it is"
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nan_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, steps=40)
     train(cfg, log=lambda *_: None)
@@ -134,6 +159,7 @@ def main_exit(main, args, capsys):
     (["--env", "CartPol-v1"], "did you mean"),
     (["--train-ratio", "-1"], "--train-ratio must be positive"),
     (["--size", "13m"], "unknown size '13m'"),
+    (["--threads", "-1"], "--threads must be 0"),
     (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
 ])
