@@ -4,8 +4,8 @@ execution mode, each fast mode checked against eager before it is timed (a faile
 Rows: env_step (envpool batch step of the preset's N envs, host copy and upload included), replay_sample (B sequences
 on the device), wm_update / ac_update (bench/parts.py: the two halves of the loss with their backward), imagine
 (H steps from all B*T starts, no grad), full_update (loss, backward, LaProp, slow critic: train.update_step),
-act_step (one policy step for N envs), end_to_end (env steps/s at the preset's N and train ratio, derived from the
-rows: act + env step + replay add + updates per step x (sample + full update)).
+act_step (one policy step for N envs), end_to_end (env steps/s of the real training loop, fastdreamer.train.Trainer
+with envpool, at the preset's N and train ratio: bench/end_to_end.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fastdreamer import fast
 from fastdreamer.config import PRESETS
 from fastdreamer.train import update_step
 
-from . import parts
+from . import end_to_end, parts
 from .common import make_agent, make_config, random_batch, random_obs, sync, timeit
 
 MODES = ("eager", "compile", "graphs", "graphs_triton")
@@ -249,21 +249,35 @@ class Bench:
         return self.record("act_step", mode, lambda: act(carry, obs), ok)
 
     def end_to_end(self, mode: str):
-        t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
-        t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
-        per_step = self.cfg.num_envs * self.preset["train_ratio"] / (self.cfg.batch_size * self.cfg.batch_length)
+        """Measured: the real training loop (bench/end_to_end.py) at the preset's N and train ratio with this size
+        and batch. Beside it, the sum of the parts' rows (act + env step + replay add + updates per step x
+        (sample + full update)): the loop beats that sum by the env step it overlaps with the updates."""
         ok = all(r["ok"] for r in self.rows if r["mode"] == mode and r["component"] in ("full_update", "act_step"))
         row = {"component": "end_to_end", "mode": mode, "median_ms": None, "spread_ms": None, "ok": ok}
         if ok:
-            ms = t["act_step"] + t["env_step"] + self.replay_add_ms + per_step * (t["replay_sample"] + t["full_update"])
-            row.update(
-                median_ms=ms,
-                env_steps_per_s=self.cfg.num_envs / ms * 1e3,
-                updates_per_env_step=per_step,
-                train_ratio=self.preset["train_ratio"],
-                num_envs=self.cfg.num_envs,
+            t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
+            t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
+            cfg = self.cfg
+            per_step = cfg.num_envs * self.preset["train_ratio"] / (cfg.batch_size * cfg.batch_length)
+            parts_ms = t["act_step"] + t["env_step"] + self.replay_add_ms + per_step * (
+                t["replay_sample"] + t["full_update"]
             )
+            m = end_to_end.measure(
+                PRESET[self.args.obs],
+                self.args.size,
+                fast_mode(mode),
+                str(self.device),
+                gru_impl="triton" if mode == "graphs_triton" else "torch",
+                seconds=self.args.e2e_seconds,
+                batch_size=cfg.batch_size,
+                batch_length=cfg.batch_length,
+                imag_length=cfg.imag_length,
+            )
+            spread_ms = cfg.num_envs * 1e3 * m["env_steps_per_s_spread"] / m["env_steps_per_s"] ** 2
+            row.update(m, spread_ms=spread_ms, parts_ms=parts_ms, parts_env_steps_per_s=cfg.num_envs / parts_ms * 1e3)
         self.rows.append(row)
+        if ok:
+            print(f"  {'end_to_end':13s} {mode:14s} {row['env_steps_per_s']:.0f} env steps/s", file=sys.stderr)
 
     def flops(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -356,6 +370,7 @@ def parse(argv=None):
     p.add_argument("--batch-length", type=int, default=None)
     p.add_argument("--imag-length", type=int, default=None)
     p.add_argument("--no-env", action="store_true", help="skip env_step and replay_sample (and end_to_end)")
+    p.add_argument("--e2e-seconds", type=float, default=5.0, help="timed seconds of the end_to_end training loop")
     args = p.parse_args(argv)
     args.overrides = {
         k: v for k in ("batch_size", "batch_length", "imag_length") if (v := getattr(args, k)) is not None
