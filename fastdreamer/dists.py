@@ -23,9 +23,12 @@ def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
 def sample_onehot(logp: torch.Tensor) -> torch.Tensor:
     """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs."""
     probs = logp.exp()
-    # Gumbel-max instead of torch.multinomial: elementwise and argmax only, so no host sync and capturable.
-    gumbel = -torch.log(-torch.log(torch.rand_like(probs)))
-    index = (logp.detach() + gumbel).argmax(-1)
+    # Inverse CDF instead of torch.multinomial (a host sync, not capturable): class k where cdf[k-1] <= u < cdf[k],
+    # one uniform per distribution. Gumbel-max drew C uniforms and two logs per distribution: compiled on the CPU,
+    # 1024x32 latents took 1.85 ms with Gumbel-max vs 0.84 ms (4 classes) and 8.5 vs 2.5 ms (16 classes).
+    # The clamp catches u beyond a last cdf that rounds below 1; a zero-probability class is never drawn.
+    u = torch.rand((*probs.shape[:-1], 1), dtype=probs.dtype, device=probs.device)
+    index = (probs.detach().cumsum(-1) <= u).sum(-1).clamp_max(probs.shape[-1] - 1)
     onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
     return onehot + (probs - probs.detach())  # exactly one-hot in value: p - p is exactly 0
 

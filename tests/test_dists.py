@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastdreamer import dists
 from fastdreamer.nets import symexp, symlog
@@ -81,6 +82,19 @@ def test_onehot_sample_frequencies_and_straight_through_gradient():
     assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015)  # ~4 sigma at n=2e4
     g, = torch.autograd.grad((s * torch.tensor([1.0, 2.0, 3.0])).sum(), logits)
     assert g.abs().sum() > 0  # gradient reaches the logits through the probs
+
+
+def test_onehot_sample_matches_multinomial_frequencies_and_never_draws_a_zero_probability_class():
+    torch.manual_seed(5)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    n = 40000
+    logp = torch.log(probs).repeat(n, 1, 1)  # (n, 3, 5) with -inf for the empty classes
+    s = dists.sample_onehot(logp)
+    assert torch.equal(s.sum(-1), torch.ones(n, 3))
+    freq = s.mean(0)
+    assert (freq[probs == 0] == 0).all()
+    ref = F.one_hot(torch.multinomial(probs, n, replacement=True).T, 5).float().mean(0)  # torch's own sampler
+    assert torch.allclose(freq, probs, atol=0.01) and torch.allclose(ref, probs, atol=0.01)  # ~4 sigma at n=4e4
 
 
 def test_kl_and_entropy_match_torch_distributions():

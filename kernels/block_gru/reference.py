@@ -96,11 +96,13 @@ def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: Bloc
     u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
     h = F.silu(rms_norm(block_linear(u, w.wh, w.bh), w.sh))  # (B, D)
     gates = block_linear(h.reshape(B, G, D // G), w.wg, w.bg).reshape(B, G, 3, D // G)
-    reset, cand, update = (gates[:, :, i].reshape(B, D) for i in range(3))
+    # The gate math on (B, G, D/G) views, flattened only at the end: compiled on the CPU, reading the gates through
+    # (B, D) reshapes (div/mod indexing) took 2.3 ms vs 1.8 ms at B1024, D512, G8.
+    reset, cand, update = gates.unbind(2)
     reset = torch.sigmoid(reset)
     cand = torch.tanh(reset * cand)
     update = torch.sigmoid(update - 1.0)
-    return update * cand + (1.0 - update) * deter
+    return (update * cand + (1.0 - update) * deter.reshape(B, G, D // G)).reshape(B, D)
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
