@@ -20,7 +20,7 @@ TINY = ["--size", "debug", "--num-envs", "2", "--batch-size", "2", "--batch-leng
 
 
 def run(module, *args, timeout=300):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=ROOT)
 
