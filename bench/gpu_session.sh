@@ -6,9 +6,12 @@
 #   echo /.gpu/ >> .git/info/exclude; ../shared/gpu/make-env-bundle.sh .gpu 3.12     # envpool, gymnasium, ROMs
 #   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
 #
-# then, on the device, carrying .gpu:   bash bench/gpu_session.sh PHASE [PHASE...]
-#   tests   the whole pytest suite on CUDA (the GPU-only kernel, graph and sync tests included)
-#   fast    python -m bench at 12m, vector observations, all modes        -> fast_cuda_12m.json
+# then, on the device, carrying .gpu:   bash bench/gpu_session.sh PHASE [PHASE...]   (BUNDLE=dir for another folder;
+# checked here with a cp311 bundle: the bundle and wheels unpack and import, up to the CUDA device query)
+#   gputests  the kernel and fast-mode tests on CUDA (the GPU-only kernel, graph and sync tests)
+#   tests     the rest of the pytest suite on CUDA
+#   fast      python -m bench at 12m, vector observations, eager + compile -> fast_cuda_12m.json
+#   graphs    the same for eager + graphs + graphs_triton                  -> fast_cuda_12m_graphs.json
 #   image   python -m bench at 12m, 64x64 images, all modes               -> fast_cuda_12m_image.json
 #   gru     bench/bench_block_gru.py (12m and 200m, B16 and B1024)        -> block_gru_cuda.json
 #   e2e     the training loop, pong 12m, compile and graphs, with and without the env-step overlap
@@ -25,10 +28,10 @@ if [[ ${1:-} == wheels ]]; then
 fi
 
 setup() {
-  mkdir -p /tmp/envb && tar xzf .gpu/envbundle.tgz -C /tmp/envb || return 1
-  if compgen -G ".gpu/whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/envb/site .gpu/whl/*.whl \
-      || return 1
+  mkdir -p /tmp/envb && tar xzf "${BUNDLE:-.gpu}/envbundle.tgz" -C /tmp/envb || return 1
+  if compgen -G "${BUNDLE:-.gpu}/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/envb/site \
+      "${BUNDLE:-.gpu}"/whl/*.whl || return 1
   fi
   export PYTHONPATH=/tmp/envb/site:$PWD ENVPOOL_ASSETS_PATH=/tmp/envb/assets PYTHONUNBUFFERED=1
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
@@ -52,8 +55,18 @@ setup || { echo "setup failed"; exit 1; }
 rc=0
 for p in "$@"; do
   case $p in
-    tests) phase tests timeout 540 python3 -m pytest -q -x -p no:cacheprovider tests || rc=1 ;;
-    fast) phase fast timeout 560 python3 -m bench --device cuda --size 12m --json "$OUT/fast_cuda_12m.json" || rc=1 ;;
+    gputests)
+      phase gputests timeout 540 python3 -m pytest -q -p no:cacheprovider --durations=10 tests/kernels \
+        tests/test_fast.py || rc=1 ;;
+    tests)
+      phase tests timeout 540 python3 -m pytest -q -p no:cacheprovider --durations=10 tests \
+        --ignore=tests/kernels --ignore=tests/test_fast.py || rc=1 ;;
+    fast)
+      phase fast timeout 560 python3 -m bench --device cuda --size 12m --modes eager,compile \
+        --json "$OUT/fast_cuda_12m.json" || rc=1 ;;
+    graphs)
+      phase graphs timeout 560 python3 -m bench --device cuda --size 12m --modes eager,graphs,graphs_triton \
+        --json "$OUT/fast_cuda_12m_graphs.json" || rc=1 ;;
     image)
       phase image timeout 560 python3 -m bench --device cuda --size 12m --obs image \
         --json "$OUT/fast_cuda_12m_image.json" || rc=1 ;;
