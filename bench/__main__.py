@@ -255,13 +255,7 @@ class Bench:
         ok = all(r["ok"] for r in self.rows if r["mode"] == mode and r["component"] in ("full_update", "act_step"))
         row = {"component": "end_to_end", "mode": mode, "median_ms": None, "spread_ms": None, "ok": ok}
         if ok:
-            t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
-            t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
             cfg = self.cfg
-            per_step = cfg.num_envs * self.preset["train_ratio"] / (cfg.batch_size * cfg.batch_length)
-            parts_ms = t["act_step"] + t["env_step"] + self.replay_add_ms + per_step * (
-                t["replay_sample"] + t["full_update"]
-            )
             m = end_to_end.measure(
                 PRESET[self.args.obs],
                 self.args.size,
@@ -272,6 +266,11 @@ class Bench:
                 batch_size=cfg.batch_size,
                 batch_length=cfg.batch_length,
                 imag_length=cfg.imag_length,
+            )
+            t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
+            t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
+            parts_ms = t["act_step"] + t["env_step"] + self.replay_add_ms + m["updates_per_env_step"] * (
+                t["replay_sample"] + t["full_update"]
             )
             spread_ms = cfg.num_envs * 1e3 * m["env_steps_per_s_spread"] / m["env_steps_per_s"] ** 2
             row.update(m, spread_ms=spread_ms, parts_ms=parts_ms, parts_env_steps_per_s=cfg.num_envs / parts_ms * 1e3)

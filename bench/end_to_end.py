@@ -70,7 +70,7 @@ def measure(
                 iteration(trainer, overlap)
             sync(dev)
             warmup_s = time.perf_counter() - t0
-            per_step = cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
+            per_step = trainer.updates_per_step
             chunk = max(1, math.ceil(4 / per_step))
             rates, start = [], time.perf_counter()
             while len(rates) < min_chunks or (time.perf_counter() - start < seconds and len(rates) < 1000):

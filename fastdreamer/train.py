@@ -162,6 +162,8 @@ class Trainer:
         self.env_steps = 0
         self.updates = 0
         self.updates_due = 0.0
+        # Updates owed per step of all N envs: train_ratio replayed steps per env step, B*T replayed per update.
+        self.updates_per_step = cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
         self.episodes = 0
         self.metric_keys: list[str] | None = None
         self.metric_sum: torch.Tensor | None = None
@@ -183,8 +185,7 @@ class Trainer:
         self.env.step_async(action.argmax(-1) if self.env.spec.discrete else action)
         self.env_steps += self.cfg.num_envs
         if self.replay.ready():
-            cfg = self.cfg
-            self.updates_due += cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
+            self.updates_due += self.updates_per_step
 
     def observe(self) -> None:
         """Receive the env step in flight, if any: the next observation and the episodes it ended."""
