@@ -43,6 +43,7 @@ def measure(
     *,
     overlap: bool = True,
     gru_impl: str = "torch",
+    precision: str = "auto",
     seconds: float = 5.0,
     min_chunks: int = 5,
     warmup_updates: int = 3,
@@ -56,6 +57,7 @@ def measure(
             mode=mode,
             device=device,
             gru_impl=gru_impl,
+            precision=precision,
             logdir=logdir,
             progress=False,
             replay_size=50_000,  # the ring's size does not change the time of a step; 50k keeps Pong's at 0.2 GiB
@@ -108,6 +110,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="compile", choices=("eager", "compile", "graphs"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gru-impl", default="torch", choices=("torch", "triton"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=None)
@@ -126,13 +129,14 @@ def main(argv=None) -> None:
             args.device,
             overlap=overlap,
             gru_impl=args.gru_impl,
+            precision=args.precision,
             seconds=args.seconds,
             **overrides,
         )
         print(
-            f"{args.preset} {args.size} {args.mode} {args.device} overlap={overlap}: {r['env_steps_per_s']:.0f} "
-            f"env steps/s (spread {r['env_steps_per_s_spread']:.0f}, {r['chunks']} chunks, N{r['num_envs']}, "
-            f"ratio {r['train_ratio']:g}, warmup {r['warmup_s']:.1f} s)",
+            f"{args.preset} {args.size} {args.mode} ({args.precision}) {args.device} overlap={overlap}: "
+            f"{r['env_steps_per_s']:.0f} env steps/s (spread {r['env_steps_per_s_spread']:.0f}, {r['chunks']} chunks, "
+            f"N{r['num_envs']}, ratio {r['train_ratio']:g}, warmup {r['warmup_s']:.1f} s)",
             file=sys.stdout,
             flush=True,
         )

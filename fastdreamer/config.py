@@ -60,6 +60,10 @@ class Config:
     mode: str = "auto"
     """Execution mode of the update and acting step: eager (the reference), compile, graphs (CUDA), or auto (the
     fastest mode measured to work on the device: compile)."""
+    precision: str = "auto"
+    """Matmul precision of the fast modes: bf16 (autocast; weights, norms and losses stay fp32, like the reference's
+    bfloat16 compute), fp32, or auto (bf16 where the device has native bf16: CUDA, CPUs with AVX512-BF16 or AMX).
+    Eager is always fp32."""
 
     batch_size: int = 16
     batch_length: int = 64
@@ -185,5 +189,9 @@ def validate(cfg: Config) -> None:
                          f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size")
     if not 0 <= cfg.unimix < 1 or not 0 <= cfg.lam <= 1:
         raise ValueError("--unimix must be in [0, 1) and --lam in [0, 1]")
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+    if cfg.precision == "bf16" and cfg.mode == "eager":
+        raise ValueError("--precision bf16 needs a fast mode (--mode compile or graphs); eager is the fp32 reference")
     if cfg.gru_impl not in ("torch", "triton"):
         raise ValueError(f"--gru-impl must be torch or triton, got {cfg.gru_impl!r}")

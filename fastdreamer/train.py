@@ -122,6 +122,10 @@ class Trainer:
         self.logdir = Path(cfg.resolved_logdir())
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        from . import fast
+
+        if self.device.type == "cpu":
+            fast.tune_cpu_allocator()
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl)
         self.env = make_env_or_explain(cfg, self.device)
@@ -143,17 +147,17 @@ class Trainer:
             self.device,
             seed=cfg.seed,
         )
-        from . import fast
-
         self.mode = fast.resolve_mode(cfg.mode, self.device)
-        self.update_fn = fast.make_update(update_step, self.agent, self.opt, self.mode)
-        self.act_fn = fast.make_act(self.agent, self.mode)
+        self.precision = fast.resolve_precision(cfg.precision, self.mode, self.device)
+        self.update_fn = fast.make_update(update_step, self.agent, self.opt, self.mode, self.precision)
+        self.act_fn = fast.make_act(self.agent, self.mode, self.precision)
         nparams = sum(p.numel() for p in self.agent.trainable())
         log(
             f"fastdreamer: env {self.env.spec.env_id} ({cfg.num_envs} envs, obs "
             f"{ {k: s for k, (s, _) in self.env.spec.obs.items()} }, "
             f"{'discrete' if self.env.spec.discrete else 'continuous'} actions of {self.env.spec.act_dim}), "
-            f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, mode {self.mode}, block_gru {impl}"
+            f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, mode {self.mode} "
+            f"({self.precision} matmuls), block_gru {impl}"
         )
         log(
             f"fastdreamer: replay of {cfg.replay_size:,} steps holds {self.replay.nbytes / 2**30:.2f} GiB in "
