@@ -29,7 +29,7 @@ from fastdreamer.config import PRESETS
 from fastdreamer.train import update_step
 
 from . import end_to_end, parts
-from .common import make_agent, make_config, random_batch, random_obs, sync, timeit
+from .common import make_agent, make_config, random_batch, random_obs, rollout_close, sync, timeit
 
 MODES = ("eager", "compile", "graphs", "graphs_triton")
 COMPONENTS = ("env_step", "replay_sample", "wm_update", "imagine", "ac_update", "full_update", "act_step", "end_to_end")
@@ -172,7 +172,11 @@ class Bench:
                 want = ref.imagine(deter, stoch)
             torch.manual_seed(3)
             got = imagine(deter, stoch)
-            ok = close(got, want, self.tol(mode))
+            if self.precision(mode) == "fp32":
+                ok = close(got, want, self.tol(mode))
+            else:  # bf16 rounding can tip a draw: a bounded fraction of elements may differ (bench/common.py)
+                ok, outside = rollout_close(got, want, self.tol(mode))
+                return self.record("imagine", mode, lambda: imagine(deter, stoch), ok, outside_tol_frac=outside)
         return self.record("imagine", mode, lambda: imagine(deter, stoch), ok)
 
     def parts(self, mode: str):

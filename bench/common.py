@@ -84,3 +84,16 @@ def timeit(fn, device: torch.device, warmup: int = 2, repeat: int = 10, min_time
     q = len(times) // 4
     mid = times[q : len(times) - q] or times
     return statistics.median(times), mid[-1] - mid[0]
+
+
+# Sampled rollouts under bf16: a draw whose uniform falls within rounding of a class boundary can go the other way,
+# and that rollout then follows another trajectory. Measured, compiled bf16 against eager bf16 from the same noise,
+# B16xT64 starts, 15 steps: 0.047% (debug) and 0.052% (1m) of the feature elements outside BF16 tolerance, 99.98%
+# of the actions equal. A wrong graph puts most elements outside; the bound leaves a 20x margin over the tips.
+ROLLOUT_MISMATCH_FRAC = 0.01
+
+
+def rollout_close(got, want, tol) -> tuple[bool, float]:
+    """(ok, fraction of elements outside tol) for (feats, actions) from two rollouts given the same noise."""
+    outside = max(float((~torch.isclose(g.float(), w.float(), **tol)).float().mean()) for g, w in zip(got, want))
+    return outside <= ROLLOUT_MISMATCH_FRAC, outside

@@ -10,7 +10,7 @@ import torch._inductor.config as inductor_config
 from fastdreamer import fast
 from fastdreamer.train import update_step
 
-from .common import make_agent, make_config, random_batch, random_obs
+from .common import make_agent, make_config, random_batch, random_obs, rollout_close
 
 CFG = make_config("debug", batch_size=4, batch_length=8, imag_length=3, num_envs=4)
 MODES = [
@@ -84,7 +84,11 @@ def test_bench_imagine(benchmark, mode):
         want = ref.imagine(deter, stoch)
     torch.manual_seed(0)
     got = imagine(deter, stoch)
-    torch.testing.assert_close(got[0], want[0], **tol(mode))
+    if fast.resolve_precision("auto", mode, DEVICE) == "fp32":
+        torch.testing.assert_close(got[0], want[0], **tol(mode))
+    else:  # bf16 rounding can tip a sampled draw (bench/common.py)
+        ok, outside = rollout_close(got, want, tol(mode))
+        assert ok, f"{outside:.2%} of the rollout outside bf16 tolerance"
     benchmark.pedantic(synced(imagine), args=(deter, stoch), rounds=20, warmup_rounds=1)
 
 
