@@ -31,6 +31,8 @@ def test_bench_cli_writes_every_component_with_its_check_and_a_measured_end_to_e
     meta, rows = result["meta"], result["rows"]
     assert meta["device_type"] == "cpu" and meta["torch"] and meta["flops_per_update"] > 0
     assert meta["batch_size"] == 2 and meta["batch_length"] == 8
+    assert meta["precision"] == {"eager": "fp32"} and set(meta["matmul_peak_tflops"]) == {"fp32", "bf16"}
+    assert meta["cpu_allocator_tuned"] is sys.platform.startswith("linux")
     got = {r["component"] for r in rows}
     assert got == {
         "env_step",
