@@ -164,7 +164,7 @@ class Bench:
             .to(self.device)
         )
         imagine = fast.make_imagine(agent, fast_mode(mode), self.args.precision)
-        ok = True
+        ok, extra = True, {}
         if mode != "eager":
             ref, _ = self.fresh()
             torch.manual_seed(3)
@@ -175,9 +175,8 @@ class Bench:
             if self.precision(mode) == "fp32":
                 ok = close(got, want, self.tol(mode))
             else:  # bf16 rounding can tip a draw: a bounded fraction of elements may differ (bench/common.py)
-                ok, outside = rollout_close(got, want, self.tol(mode))
-                return self.record("imagine", mode, lambda: imagine(deter, stoch), ok, outside_tol_frac=outside)
-        return self.record("imagine", mode, lambda: imagine(deter, stoch), ok)
+                ok, extra["outside_tol_frac"] = rollout_close(got, want, self.tol(mode))
+        return self.record("imagine", mode, lambda: imagine(deter, stoch), ok, **extra)
 
     def parts(self, mode: str):
         agent, opt = self.fresh()

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from fastdreamer import fast
 from fastdreamer.config import preset_defaults
 from fastdreamer.train import Trainer
 
@@ -110,7 +111,7 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="compile", choices=("eager", "compile", "graphs"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gru-impl", default="torch", choices=("torch", "triton"))
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--batch-size", type=int, default=None)

@@ -7,6 +7,8 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
+from . import fast
+
 
 @dataclass(frozen=True)
 class Size:
@@ -189,9 +191,6 @@ def validate(cfg: Config) -> None:
                          f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size")
     if not 0 <= cfg.unimix < 1 or not 0 <= cfg.lam <= 1:
         raise ValueError("--unimix must be in [0, 1) and --lam in [0, 1]")
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-    if cfg.precision == "bf16" and cfg.mode == "eager":
-        raise ValueError("--precision bf16 needs a fast mode (--mode compile or graphs); eager is the fp32 reference")
+    fast.check_precision(cfg.precision, cfg.mode)
     if cfg.gru_impl not in ("torch", "triton"):
         raise ValueError(f"--gru-impl must be torch or triton, got {cfg.gru_impl!r}")

@@ -58,15 +58,18 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(precision: str, mode: str, device: torch.device) -> str:
-    """The matmul precision of `mode` on `device`: fp32 or bf16. Eager is always fp32, the reference."""
+def check_precision(precision: str, mode: str) -> None:
+    """Raise ValueError for a precision that is unknown or that `mode` cannot run (needs no device)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown --precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if mode == "eager" and precision == "bf16":
+        raise ValueError("--precision bf16 needs a fast mode (--mode compile or graphs); eager is the fp32 reference")
+
+
+def resolve_precision(precision: str, mode: str, device: torch.device) -> str:
+    """The matmul precision of `mode` on `device`: fp32 or bf16. Eager is always fp32, the reference."""
+    check_precision(precision, mode)
     if mode == "eager":
-        if precision == "bf16":
-            raise ValueError(
-                "--precision bf16 needs a fast mode (--mode compile or graphs); eager is the fp32 reference"
-            )
         return "fp32"
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
@@ -199,7 +202,7 @@ def make_update(update_step, agent, opt, mode: str, precision: str = "auto"):
     """A callable data -> (metrics, latents) running one update in `mode` at `precision` (resolve_precision)."""
     device = _device(agent)
     mode = resolve_mode(mode, device)  # before touching the agent: graphs on CPU is an error
-    resolve_precision(precision, mode, device)
+    precision = resolve_precision(precision, mode, device)  # once: the calls below pass fp32/bf16 through
     if mode == "eager":
         return functools.partial(update_step, agent, opt)
     compile_agent(agent)
@@ -225,7 +228,7 @@ def make_act(agent, mode: str, precision: str = "auto"):
     """A callable (carry, obs) -> (action, carry) running one acting step for all envs in `mode` at `precision`."""
     device = _device(agent)
     mode = resolve_mode(mode, device)  # before touching the agent: graphs on CPU is an error
-    resolve_precision(precision, mode, device)
+    precision = resolve_precision(precision, mode, device)  # once: the calls below pass fp32/bf16 through
     if mode == "eager":
         return agent.act
     compile_agent(agent)
@@ -263,7 +266,7 @@ def make_imagine(agent, mode: str, precision: str = "auto"):
     tests; inside an update the rollout runs as part of the update's graph)."""
     device = _device(agent)
     mode = resolve_mode(mode, device)  # before touching the agent: graphs on CPU is an error
-    resolve_precision(precision, mode, device)
+    precision = resolve_precision(precision, mode, device)  # once: the calls below pass fp32/bf16 through
     if mode == "eager":
         return agent.imagine
     compile_agent(agent)

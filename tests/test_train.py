@@ -160,7 +160,7 @@ def main_exit(main, args, capsys):
     (["--train-ratio", "-1"], "--train-ratio must be positive"),
     (["--size", "13m"], "unknown size '13m'"),
     (["--threads", "-1"], "--threads must be 0"),
-    (["--precision", "fp16"], "--precision must be auto, fp32 or bf16"),
+    (["--precision", "fp16"], "unknown --precision 'fp16'"),
     (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager
     (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
