@@ -73,6 +73,9 @@ class Config:
     """Steps of stored latent state that start each training sequence (0 or 1)."""
     replay_size: int = 1_000_000
     """Replay capacity in environment steps (all envs together)."""
+    replay_online: bool = True
+    """Train on each env's every fresh chunk of batch_length + replay_context steps once, ahead of the uniform
+    samples (the reference's replay.online)."""
     image_size: int = 64
     prefill: int = 0
     """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""

@@ -4,6 +4,11 @@ Every field is stored as (N, M, ...) with M = capacity // N steps per stream. ad
 at the head, a host-side int, so adding never reads a tensor. sample() draws (stream, start) pairs uniformly over
 all windows of seq_len steps that lie inside written data in temporal order, so no sequence crosses the write head.
 Sequences may cross episode boundaries; is_first marks them.
+
+With online=True (the reference's `replay.online`), every stream's fresh chunk of seq_len steps (logical steps
+[j * L, (j + 1) * L) of each stream, complete after the (j + 1) * L-th add) is queued, and sample() takes queued
+windows first, each once, and fills the rest of the batch uniformly. All streams advance together, so the queue is
+two host ints: entries produced ((count // L) * N, entry q = chunk q // N of stream q % N) and entries consumed.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Replay:
         seq_len: int,
         device: torch.device | str,
         seed: int = 0,
+        online: bool = False,
     ):
         if num_envs < 1 or seq_len < 1:
             raise ValueError(f"replay needs num_envs >= 1 and seq_len >= 1, got {num_envs} and {seq_len}")
@@ -89,6 +95,8 @@ class Replay:
         self._flat = {k: v.view(n * m, *v.shape[2:]) for k, v in self.data.items()}  # (N * M, ...) views for gathers
         self.head = 0  # next slot written in every stream
         self.count = 0  # steps added per stream, total (not capped)
+        self.online = online
+        self.consumed = 0  # online queue entries taken so far (host int)
         self.generator = torch.Generator(device=store).manual_seed(seed)
         self._offsets = torch.arange(seq_len, device=store)  # (L,)
         self._staging: dict[int, tuple[list[dict[str, torch.Tensor]], list]] = {}  # batch -> pinned slots, events
@@ -121,6 +129,10 @@ class Replay:
         """At least seq_len steps in every stream."""
         return self.count >= self.seq_len
 
+    def windows(self) -> int:
+        """Sequences of seq_len steps that sample() can draw from: the reference's len(replay)."""
+        return self.num_envs * max(0, min(self.count, self.length) - self.seq_len + 1)
+
     def sample(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Draw B sequences of L steps: data[k] (B, L, *shape) on the device, idx (B, L) int64 flat slot indices."""
         assert self.ready(), (
@@ -133,6 +145,12 @@ class Replay:
         pick = torch.randint(self.num_envs * windows, (batch,), generator=self.generator, device=store)  # (B,)
         stream = pick // windows
         start = pick - stream * windows + oldest  # logical start -> physical, before the wrap
+        if self.online:
+            first, k = self._take_online(batch)
+            if k:  # the first k rows train on the queued fresh chunks; the uniform draws above are still consumed
+                q = first + torch.arange(k, device=store)
+                stream = torch.cat([q % self.num_envs, stream[k:]])
+                start = torch.cat([(q // self.num_envs) * self.seq_len, start[k:]])  # logical; % m below
         idx = stream[:, None] * m + (start[:, None] + self._offsets) % m  # (B, L)
         if self.location != "pinned host":
             flat = idx.view(-1)
@@ -141,6 +159,18 @@ class Replay:
             }, idx
         out = self._gather_pinned(idx)
         return out, idx.to(self.device, non_blocking=True)
+
+    def _take_online(self, batch: int) -> tuple[int, int]:
+        """(first entry, how many) of the online queue for a batch of `batch`, host arithmetic only. Entries whose
+        chunk the ring has already overwritten are dropped (only when the updates fall a whole ring behind)."""
+        n, length = self.num_envs, self.seq_len
+        produced = (self.count // length) * n
+        oldest_valid_chunk = -(-(self.count - min(self.count, self.length)) // length)  # ceil
+        self.consumed = max(self.consumed, oldest_valid_chunk * n)
+        k = max(0, min(produced - self.consumed, batch))
+        first = self.consumed
+        self.consumed += k
+        return first, k
 
     def _gather_pinned(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         # Host gather into a pinned slot, then an async copy; two slots with events so a slot is refilled only after
@@ -185,6 +215,7 @@ class Replay:
             "data": self.data,
             "head": self.head,
             "count": self.count,
+            "consumed": self.consumed,
             "generator": self.generator.get_state(),
             "shape": (self.num_envs, self.length, self.seq_len),
         }
@@ -200,4 +231,6 @@ class Replay:
         for key, value in d["data"].items():
             self.data[key].copy_(value)
         self.head, self.count = int(d["head"]), int(d["count"])
+        # A checkpoint from before the online queue: treat its queue as drained.
+        self.consumed = int(d.get("consumed", (self.count // self.seq_len) * self.num_envs))
         self.generator.set_state(d["generator"])

@@ -146,6 +146,7 @@ class Trainer:
             cfg.batch_length + cfg.replay_context,
             self.device,
             seed=cfg.seed,
+            online=cfg.replay_online,
         )
         self.mode = fast.resolve_mode(cfg.mode, self.device)
         self.precision = fast.resolve_precision(cfg.precision, self.mode, self.device)
@@ -168,6 +169,11 @@ class Trainer:
         self.updates_due = 0.0
         # Updates owed per step of all N envs: train_ratio replayed steps per env step, B*T replayed per update.
         self.updates_per_step = cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
+        # Updates start once the replay holds batch_size * batch_length sequences, as in the reference's train loop
+        # (len(replay) counts sampleable windows), or all a small ring can hold.
+        self.train_after = min(
+            cfg.batch_size * cfg.batch_length, cfg.num_envs * (self.replay.length - self.replay.seq_len + 1)
+        )
         self.episodes = 0
         self.metric_keys: list[str] | None = None
         self.metric_sum: torch.Tensor | None = None
@@ -188,7 +194,7 @@ class Trainer:
         )
         self.env.step_async(action.argmax(-1) if self.env.spec.discrete else action)
         self.env_steps += self.cfg.num_envs
-        if self.replay.ready():
+        if self.replay.windows() >= self.train_after:
             self.updates_due += self.updates_per_step
 
     def observe(self) -> None:

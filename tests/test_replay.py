@@ -105,6 +105,54 @@ def test_replay_state_dict_resumes_exactly():
         other.load_state_dict(state)
 
 
+def test_online_queue_trains_every_fresh_chunk_once_before_uniform_samples():
+    n, seq = 3, 4
+    r = Replay(SPEC, capacity=n * 40, num_envs=n, seq_len=seq, device="cpu", seed=3, online=True)
+    u = Replay(SPEC, capacity=n * 40, num_envs=n, seq_len=seq, device="cpu", seed=3)  # same draws, no queue
+    _fill(r, 9)  # chunks [0, 4) and [4, 8) of each stream are complete; [8, 12) is not
+    _fill(u, 9)
+    d1, _ = r.sample(4)
+    u.sample(4)
+    # Queue order: chunk 0 of streams 0, 1, 2, then chunk 1 of stream 0; each row is the whole chunk.
+    assert d1["env"][:, 0].tolist() == [0, 1, 2, 0]
+    assert d1["t"].tolist() == [[0, 1, 2, 3]] * 3 + [[4, 5, 6, 7]]
+    d2, i2 = r.sample(5)
+    assert d2["env"][:2, 0].tolist() == [1, 2] and d2["t"][:2].tolist() == [[4, 5, 6, 7]] * 2
+    d2u, i2u = u.sample(5)
+    assert torch.equal(i2[2:], i2u[2:]), "rows past the queue are the uniform draws, the RNG stream unchanged"
+    d3, i3 = r.sample(5)
+    assert torch.equal(i3, u.sample(5)[1]), "an empty queue leaves the batch uniform"
+    r.add(_step(9, n))
+    r.add(_step(10, n))
+    r.add(_step(11, n))  # completes chunk [8, 12) of every stream
+    d4, _ = r.sample(6)
+    assert d4["env"][:3, 0].tolist() == [0, 1, 2] and d4["t"][:3].tolist() == [[8, 9, 10, 11]] * 3
+    assert (d4["t"][:, 1:] - d4["t"][:, :-1] == 1).all() and (d4["env"] == d4["env"][:, :1]).all()
+
+
+def test_online_queue_skips_chunks_the_ring_has_overwritten():
+    n, m, seq = 2, 10, 4
+    r = Replay(SPEC, capacity=n * m, num_envs=n, seq_len=seq, device="cpu", seed=0, online=True)
+    _fill(r, 25)  # steps 15..24 are in the ring: chunks [0, 4) .. [12, 16) are (partly) gone; [16, 20), [20, 24) remain
+    data, _ = r.sample(6)
+    assert data["t"][:, 0].tolist()[:4] == [16, 16, 20, 20] and data["env"][:4, 0].tolist() == [0, 1, 0, 1]
+    assert data["t"].min() >= 15, "nothing overwritten is sampled"
+
+
+def test_online_queue_position_resumes_exactly():
+    a = Replay(SPEC, capacity=60, num_envs=3, seq_len=4, device="cpu", seed=7, online=True)
+    _fill(a, 13)
+    a.sample(2)  # part of the queue taken before the checkpoint
+    b = Replay(SPEC, capacity=60, num_envs=3, seq_len=4, device="cpu", seed=1, online=True)
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert torch.equal(a.sample(4)[1], b.sample(4)[1])
+    old = {k: v for k, v in a.state_dict().items() if k != "consumed"}  # a checkpoint from before the queue
+    c = Replay(SPEC, capacity=60, num_envs=3, seq_len=4, device="cpu", seed=7, online=True)
+    c.load_state_dict(old)
+    assert c.consumed == (13 // 4) * 3, "an old checkpoint resumes with its queue drained"
+
+
 def test_replay_rejects_seq_len_longer_than_a_stream():
     with pytest.raises(
         ValueError, match=r"holds 4 steps per env, fewer than seq_len 5; raise the capacity to at least 40"

@@ -56,25 +56,23 @@ def test_resume_continues_exactly(tmp_path):
         a.act()
     a.read_metrics()  # metric means restart here, as they do for the resumed run
     a.save()  # saved before an update, as the loop does
+    # Two updates with no act() between them: an env step after the resume differs (envpool restarts its envs), and
+    # the online queue trains on the newest chunk first, so a batch drawn after an act() may hold that step.
     a.update()
-    a.act()
-    while a.updates_due < 1:
-        a.act()
     a.update()
     a_params = [p.detach().clone() for p in a.agent.parameters()]
     a_metrics = a.read_metrics()
+    a_consumed = a.replay.consumed
     a.close()
 
     b = Trainer(dataclasses.replace(cfg, resume=True), log=lambda *_: None)
     b.load(b.logdir / "checkpoint.pt")
     b.update()
-    b.act()
-    while b.updates_due < 1:
-        b.act()
     b.update()
     b_metrics = b.read_metrics()
     b.close()
-    # Updates are exactly equal; acting after resume differs only in the env's own state (it restarts).
+    assert a_consumed > 0, "the online queue took part in the updates compared"
+    assert b.replay.consumed == a_consumed
     for pa, pb in zip(a_params, b.agent.parameters()):
         assert torch.equal(pa, pb.detach())
     assert a_metrics["loss/total"] == b_metrics["loss/total"]
@@ -92,6 +90,22 @@ def test_resume_through_the_cli_appends(tmp_path):
     assert "resumed from" in second.stdout
     lines = [json.loads(x) for x in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) > n and lines[-1]["step"] >= 80
+
+
+def test_updates_start_once_the_replay_holds_a_batch_of_sequences(tmp_path):
+    cfg = tiny_config(tmp_path, batch_size=3, batch_length=8)  # 2 envs, seq 9: 2 * (n - 8) >= 24 sequences at n = 20
+    trainer = Trainer(cfg, log=lambda *_: None)
+    try:
+        assert trainer.train_after == 24
+        for n in range(1, 21):
+            trainer.act()
+            assert trainer.replay.windows() == 2 * max(0, n - 8)
+            assert (trainer.updates_due > 0) == (n >= 20), f"after {n} steps per env"
+        small = Trainer(tiny_config(tmp_path / "small", replay_size=20), log=lambda *_: None)
+        small.close()
+        assert small.train_after == 2 * (10 - 9 + 1), "a ring smaller than a batch of sequences trains when full"
+    finally:
+        trainer.close()
 
 
 def test_updates_run_while_the_env_step_is_in_flight(tmp_path, monkeypatch):
