@@ -86,7 +86,7 @@ class Agent(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("slow_critic.")]
 
     def policy(self, f: torch.Tensor) -> dists.Policy:
-        return dists.Policy(self.actor(f), self.spec.discrete, self.cfg.unimix, self.cfg.minstd, self.cfg.maxstd)
+        return dists.Policy(self.actor(f), self.spec.discrete, self.cfg.policy_unimix, self.cfg.minstd, self.cfg.maxstd)
 
     def initial(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         deter, stoch = self.rssm.initial(n, device)

@@ -81,6 +81,10 @@ class Config:
     """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""
 
     unimix: float = 0.01
+    """Uniform mix of the RSSM's prior and posterior categoricals."""
+    policy_unimix: float = 0.01
+    """Uniform mix of the discrete actor: configs.yaml's policy.unimix. Some versions of main's Head.categorical
+    drop it (danijar/dreamerv3 issue #219, open); 0 reproduces those."""
     free_nats: float = 1.0
     imglayers: int = 2
     obslayers: int = 1
@@ -192,8 +196,8 @@ def validate(cfg: Config) -> None:
     if seq > per_env:
         raise ValueError(f"sequence of {seq} steps is longer than the replay capacity per env "
                          f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size")
-    if not 0 <= cfg.unimix < 1 or not 0 <= cfg.lam <= 1:
-        raise ValueError("--unimix must be in [0, 1) and --lam in [0, 1]")
+    if not 0 <= cfg.unimix < 1 or not 0 <= cfg.policy_unimix < 1 or not 0 <= cfg.lam <= 1:
+        raise ValueError("--unimix and --policy-unimix must be in [0, 1) and --lam in [0, 1]")
     fast.check_precision(cfg.precision, cfg.mode)
     if cfg.gru_impl not in ("torch", "triton"):
         raise ValueError(f"--gru-impl must be torch or triton, got {cfg.gru_impl!r}")

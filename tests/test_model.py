@@ -240,3 +240,20 @@ def test_slow_critic_is_an_ema():
     agent.update_slow_critic()
     for b, s, c in zip(before, agent.slow_critic.parameters(), agent.critic.parameters()):
         torch.testing.assert_close(s, 0.98 * b + 0.02 * c)
+
+
+@pytest.mark.parametrize("policy_unimix", [0.0, 0.01, 0.3])
+def test_actor_unimix_is_its_own_setting_and_leaves_the_rssm_alone(policy_unimix):
+    from fastdreamer.envs import EnvSpec
+
+    spec = EnvSpec(obs={"vector": ((3,), torch.float32)}, discrete=True, act_dim=5, env_id="t")
+    torch.manual_seed(0)
+    agent = Agent(Config(size="debug", unimix=0.01, policy_unimix=policy_unimix), spec)
+    with torch.no_grad():
+        agent.actor.out.weight.normal_(0, 30.0)  # a peaked policy: some classes far below any floor
+    f = torch.randn(64, agent.rssm.feat_dim)
+    probs = agent.policy(f).logp_all.exp()
+    raw = torch.softmax(agent.actor(f).float(), -1)
+    torch.testing.assert_close(probs, (1 - policy_unimix) * raw + policy_unimix / 5, rtol=1e-5, atol=1e-7)
+    assert raw.min() < 1e-4, "the test needs classes below the floor to tell the settings apart"
+    assert agent.rssm.unimix == 0.01
