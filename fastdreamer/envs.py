@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 _ALIGN = 16  # byte alignment of each field inside the staging buffer, so any dtype can view its slice
 
-# DreamerV3 reference Atari settings (danijar/dreamerv3 configs: atari size 64, repeat 4, sticky, gray, noops 30,
-# full action space, no life-loss episodes, unclipped rewards) expressed as envpool arguments.
+# DreamerV3 reference Atari settings (danijar/dreamerv3 configs.yaml env.atari: repeat 4, sticky, gray, noops 30,
+# full action space, no life-loss episodes, unclipped rewards) as envpool arguments. The frame size is image_size: 64
+# by default, where main's env.atari says 96 (pass --image-size 96 for that).
 ATARI_DEFAULTS: dict[str, Any] = {
     "frame_skip": 4,
     "repeat_action_probability": 0.25,
