@@ -204,6 +204,14 @@ def test_pong_is_64x64_gray_hwc_with_the_reference_settings():
     pool.close()
 
 
+def test_pong_at_the_reference_mains_96x96():
+    env = make_env("Pong-v5", 2, seed=0, device="cpu", image_size=96)
+    assert env.spec.obs == {"image": ((96, 96, 1), torch.uint8)}
+    out, _ = _rollout(env, 2)
+    assert out["image"].shape == (3, 2, 96, 96, 1) and out["image"].float().std() > 0
+    env.close()
+
+
 def test_carracing_is_resized_to_64x64x3():
     env = make_env("CarRacing-v3", 2, seed=0, device="cpu")
     assert env.spec.obs == {"image": ((64, 64, 3), torch.uint8)} and not env.spec.discrete and env.spec.act_dim == 3

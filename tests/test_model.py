@@ -121,10 +121,10 @@ def test_kl_free_bits_and_gradient_split():
     assert gr[0] is not None and gr[1] is None  # rep trains the posterior only
 
 
-def make_agent(discrete=True, image=False, **kw):
+def make_agent(discrete=True, image=False, image_size=64, **kw):
     obs = {"vector": ((4,), torch.float32)}
     if image:
-        obs["image"] = ((64, 64, 3), torch.uint8)
+        obs["image"] = ((image_size, image_size, 3), torch.uint8)
     spec = SimpleNamespace(obs=obs, discrete=discrete, act_dim=3, env_id="test")
     cfg = Config(size="debug", batch_size=3, batch_length=6, imag_length=4, **kw)
     return Agent(cfg, spec), cfg, spec
@@ -149,10 +149,10 @@ def random_batch(spec, B=3, L=7, seed=0):
     return data
 
 
-@pytest.mark.parametrize("discrete,image", [(True, False), (False, True)])
-def test_agent_loss_is_finite_and_trains_every_module(discrete, image):
+@pytest.mark.parametrize("discrete,image,size", [(True, False, 64), (False, True, 64), (True, True, 96)])
+def test_agent_loss_is_finite_and_trains_every_module(discrete, image, size):
     torch.manual_seed(0)
-    agent, cfg, spec = make_agent(discrete, image)
+    agent, cfg, spec = make_agent(discrete, image, image_size=size)  # 96: the reference main's Atari frames
     loss, metrics, latents = agent.loss(random_batch(spec))
     assert torch.isfinite(loss)
     expected = {"dyn", "rep", "rew", "con", "policy", "value", "repval", "vector"} | ({"image"} if image else set())
