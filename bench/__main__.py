@@ -5,7 +5,9 @@ Rows: env_step (envpool batch step of the preset's N envs, host copy and upload 
 on the device), wm_update / ac_update (bench/parts.py: the two halves of the loss with their backward), imagine
 (H steps from all B*T starts, no grad), full_update (loss, backward, LaProp, slow critic: train.update_step),
 act_step (one policy step for N envs), end_to_end (env steps/s of the real training loop, fastdreamer.train.Trainer
-with envpool, at the preset's N and train ratio: bench/end_to_end.py).
+with envpool, at the preset's N and train ratio: bench/end_to_end.py). --components measures a subset of the rows;
+--json is rewritten after every row with "complete": false, so a run killed by `timeout` keeps its finished rows, and
+gets the FLOP count, matmul peaks and "complete": true at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import subprocess
@@ -29,10 +30,13 @@ from fastdreamer.config import PRESETS
 from fastdreamer.train import update_step
 
 from . import end_to_end, parts
+from .bench_block_gru import write_json
 from .common import make_agent, make_config, random_batch, random_obs, rollout_close, sync, timeit
 
 MODES = ("eager", "compile", "graphs", "graphs_triton")
 COMPONENTS = ("env_step", "replay_sample", "wm_update", "imagine", "ac_update", "full_update", "act_step", "end_to_end")
+ENV_ROWS = ("env_step", "replay_sample", "end_to_end")  # the rows --no-env skips: they need envpool
+E2E_NEEDS = ("env_step", "replay_sample", "full_update", "act_step")  # end_to_end's parts sum and its ok check
 PRESET = {"vector": "cartpole", "image": "pong"}  # the train ratio and N of end_to_end
 ENV_ID = {"vector": "CartPole-v1", "image": "Pong-v5"}
 FP32_TOL = dict(rtol=1e-4, atol=1e-5)  # fp32 reassociation in fused reductions, as in tests/test_fast.py
@@ -71,8 +75,19 @@ class Bench:
         self.device = torch.device(args.device)
         self.preset = PRESETS[PRESET[args.obs]].overrides
         self.cfg = make_config(args.size, num_envs=self.preset["num_envs"], **args.overrides)
+        self.components = args.components
         self.rows: list[dict] = []
         self.compile_s: dict[str, float] = {}
+        self.meta: dict = {}
+
+    def save(self, complete: bool = False) -> None:
+        if self.args.json:
+            write_json(self.args.json, {"complete": complete, "meta": self.meta, "rows": self.rows})
+
+    def add(self, row: dict) -> None:
+        """Every row goes through here: on disk as soon as it is measured."""
+        self.rows.append(row)
+        self.save()
 
     def fresh(self, seed: int = 0):
         return make_agent(self.cfg, self.args.obs, self.device, seed)
@@ -98,7 +113,7 @@ class Bench:
         if ok and fn is not None:
             repeat = repeat or self.args.repeat
             row["median_ms"], row["spread_ms"] = timeit(fn, self.device, warmup=2, repeat=repeat)
-        self.rows.append(row)
+        self.add(row)
         cell = "FAIL" if not ok else f"{row['median_ms']:.3f} ms"
         print(f"  {component:13s} {mode:14s} {cell}", file=sys.stderr, flush=True)
         return row
@@ -118,7 +133,8 @@ class Bench:
             def env_step():
                 env.step(torch.randint(0, env.spec.act_dim, (n,), generator=gen).to(self.device))
 
-            self.record("env_step", "eager", env_step, repeat=max(self.args.repeat, 50))
+            if "env_step" in self.components:
+                self.record("env_step", "eager", env_step, repeat=max(self.args.repeat, 50))
         finally:
             env.close()
         agent, _ = self.fresh()
@@ -128,7 +144,10 @@ class Bench:
             k: torch.zeros((n, *shape), dtype=dtype, device=self.device) for k, (shape, dtype) in replay.spec.items()
         }
         self.replay_add_ms = timeit(lambda: replay.add(step), self.device, warmup=seq, repeat=200)[0]
-        self.record("replay_sample", "eager", lambda: replay.sample(cfg.batch_size), repeat=max(self.args.repeat, 50))
+        if "replay_sample" in self.components:
+            self.record(
+                "replay_sample", "eager", lambda: replay.sample(cfg.batch_size), repeat=max(self.args.repeat, 50)
+            )
 
     # Per-mode rows.
     def full_update(self, mode: str):
@@ -207,6 +226,8 @@ class Bench:
             "ac_update": (ac_step, {"deters": deters, "stochs": stochs, "data": data}),
         }
         for component, (step, inputs) in steps.items():
+            if component not in self.components:
+                continue
             run = functools.partial(self.in_mode, mode, step)
             ok = True
             if mode != "eager":
@@ -279,12 +300,15 @@ class Bench:
             )
             t = {r["component"]: r["median_ms"] for r in self.rows if r["mode"] in (mode, "eager") and r["ok"]}
             t.update({r["component"]: r["median_ms"] for r in self.rows if r["mode"] == mode and r["ok"]})
-            parts_ms = t["act_step"] + t["env_step"] + self.replay_add_ms + m["updates_per_env_step"] * (
-                t["replay_sample"] + t["full_update"]
+            parts_ms = (
+                t["act_step"]
+                + t["env_step"]
+                + self.replay_add_ms
+                + m["updates_per_env_step"] * (t["replay_sample"] + t["full_update"])
             )
             spread_ms = cfg.num_envs * 1e3 * m["env_steps_per_s_spread"] / m["env_steps_per_s"] ** 2
             row.update(m, spread_ms=spread_ms, parts_ms=parts_ms, parts_env_steps_per_s=cfg.num_envs / parts_ms * 1e3)
-        self.rows.append(row)
+        self.add(row)
         if ok:
             print(f"  {'end_to_end':13s} {mode:14s} {row['env_steps_per_s']:.0f} env steps/s", file=sys.stderr)
 
@@ -379,13 +403,36 @@ def parse(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--batch-length", type=int, default=None)
     p.add_argument("--imag-length", type=int, default=None)
+    p.add_argument(
+        "--components", default=None, help="comma-separated subset of " + ",".join(COMPONENTS) + " (default: all)"
+    )
     p.add_argument("--no-env", action="store_true", help="skip env_step and replay_sample (and end_to_end)")
     p.add_argument("--e2e-seconds", type=float, default=5.0, help="timed seconds of the end_to_end training loop")
     args = p.parse_args(argv)
     args.overrides = {
         k: v for k in ("batch_size", "batch_length", "imag_length") if (v := getattr(args, k)) is not None
     }
+    args.components = select_components(args.components, args.no_env)
     return args
+
+
+def select_components(spec: str | None, no_env: bool) -> list[str]:
+    """The rows to measure, in table order. Refused before anything runs: unknown names, env rows under --no-env,
+    and end_to_end without the rows its parts sum and check read (it would run unchecked)."""
+    names = [c for c in spec.split(",") if c] if spec else list(COMPONENTS)
+    bad = [c for c in names if c not in COMPONENTS]
+    if bad:
+        raise SystemExit(f"bench: unknown component(s) {bad}; choose from {','.join(COMPONENTS)}")
+    if no_env:
+        if spec and (clash := [c for c in names if c in ENV_ROWS]):
+            raise SystemExit(f"bench: --no-env skips {','.join(ENV_ROWS)}, but --components asks for {','.join(clash)}")
+        names = [c for c in names if c not in ENV_ROWS]
+    if "end_to_end" in names and (missing := [c for c in E2E_NEEDS if c not in names]):
+        raise SystemExit(
+            f"bench: end_to_end needs the {','.join(E2E_NEEDS)} rows (its parts sum and its check); "
+            f"add {','.join(missing)} to --components"
+        )
+    return [c for c in COMPONENTS if c in names]
 
 
 def main(argv=None) -> dict:
@@ -413,13 +460,16 @@ def main(argv=None) -> dict:
         imag_length=cfg.imag_length,
         num_envs=cfg.num_envs,
         train_ratio=bench.preset["train_ratio"],
+        components=args.components,
     )
+    bench.meta = info
+    bench.save()  # the run's meta on disk before its first row
     print(
         f"bench: {info['device']}, torch {info['torch']}, size {args.size}, obs {args.obs}, B{cfg.batch_size}x"
         f"T{cfg.batch_length}, H{cfg.imag_length}, N{cfg.num_envs}, {torch.get_num_threads()} threads",
         file=sys.stderr,
     )
-    if not args.no_env:
+    if {"env_step", "replay_sample"} & set(args.components):
         bench.env_and_replay()
     # Compiled modes draw their random numbers from the eager generator (fallback_random): the graph that is
     # checked against eager is the graph that is timed.
@@ -430,22 +480,25 @@ def main(argv=None) -> dict:
             if not available(mode, device):
                 continue
             with gru_impl(mode):
-                for component, run in (
-                    ("wm_update", bench.parts),
-                    ("imagine", bench.imagine),
-                    ("full_update", bench.full_update),
-                    ("act_step", bench.act),
+                for names, run in (
+                    (("wm_update", "ac_update"), bench.parts),
+                    (("imagine",), bench.imagine),
+                    (("full_update",), bench.full_update),
+                    (("act_step",), bench.act),
                 ):
+                    names = [n for n in names if n in args.components]
+                    if not names:
+                        continue
+                    component = names[0]
                     try:
                         run(mode)
                     except Exception as e:  # a mode that cannot run is a FAIL cell, not a lost table
                         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                         print(f"bench: {component} in {mode} failed: {type(e).__name__}: {first}", file=sys.stderr)
-                        names = ("wm_update", "ac_update") if component == "wm_update" else (component,)
                         done = {(r["component"], r["mode"]) for r in bench.rows}
                         for name in names:
                             if (name, mode) not in done:
-                                bench.rows.append(
+                                bench.add(
                                     {
                                         "component": name,
                                         "mode": mode,
@@ -455,7 +508,7 @@ def main(argv=None) -> dict:
                                         "error": f"{type(e).__name__}: {first}",
                                     }
                                 )
-            if not args.no_env:
+            if "end_to_end" in args.components:
                 bench.end_to_end(mode)
     flops = bench.flops()
     peaks = {name: matmul_peak(device, dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
@@ -478,12 +531,8 @@ def main(argv=None) -> dict:
     )
     if bench.compile_s:
         print("first call incl. compile/capture: " + ", ".join(f"{m} {s:.1f} s" for m, s in bench.compile_s.items()))
-    out = {"meta": info, "rows": bench.rows}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+    bench.save(complete=True)
+    return {"complete": True, "meta": info, "rows": bench.rows}
 
 
 if __name__ == "__main__":

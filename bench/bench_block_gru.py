@@ -9,6 +9,7 @@ to remove. `fwd` is N chained steps; `fwd+bwd` is N chained steps and backpropag
 the first deter, the stoch/action inputs and all 14 weights (what the world-model update does over T).
 On CPU there are no graphs and Triton runs in its interpreter: --small proves the script end to end, the times
 mean nothing. Each mode is checked against reference eager first; a failing check records ok=false and no time.
+--json is rewritten after every row with "complete": false, and true once the last row is in.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +34,23 @@ SHAPES = {  # name: (D, G, K, S*C, A)
 # thousands of terms per output (rounding grows ~sqrt(n) * 6e-8) and BPTT over N steps compounds it; it is a guard
 # against a broken mode, not the correctness test. Errors are max |a - b| / max(|b|, 1) per tensor.
 CHECK_TOL = {"out": 1e-4, "grad": 1e-3}
+
+
+def write_json(path: str, obj) -> None:
+    """Write obj as JSON to path through a temp file in the same folder and os.replace, so a reader, or a run killed
+    by `timeout` mid-write, sees the previous whole file or the new one, never a truncated one. Stdlib only, so that
+    `python -m bench` shares it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would outlive the rename
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def parse_args(argv=None):
@@ -163,7 +182,14 @@ def main(argv=None):
             times.append(start.elapsed_time(end))
         return times
 
-    results = []
+    # Written after every row with complete=false, so a run cut short by the device's time limit keeps its rows.
+    info, results = meta(args, torch, triton), []
+
+    def save(complete: bool):
+        if args.json:
+            write_json(args.json, {"complete": complete, "meta": info, "results": results})
+
+    save(False)
     for model in args.models:
         D, G, K, SC, A = SHAPES[model]
         for B in args.batches:
@@ -194,6 +220,7 @@ def main(argv=None):
                     except Exception as e:  # noqa: BLE001 (a mode that cannot run is a result, not a crash)
                         row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
                     results.append(row)
+                    save(False)
                     t = row.get("ms_per_step_median")
                     print(
                         f"{model:>5} B{B:<5} {row['pass']:<8} {mode:<8} ok={row['ok']!s:<5} "
@@ -205,12 +232,8 @@ def main(argv=None):
                         ),
                         flush=True,
                     )
-    out = {"meta": meta(args, torch, triton), "results": results}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+    save(True)
+    return {"complete": True, "meta": info, "results": results}
 
 
 if __name__ == "__main__":

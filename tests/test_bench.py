@@ -1,34 +1,38 @@
 """`python -m bench` end to end at a tiny shape: the table's JSON holds every component with the fields the issue
-asks for, and the end_to_end row comes from the real training loop. (GPU sessions are short: a bench that broke
+asks for, and the end_to_end row comes from the real training loop. --components measures only the rows asked for,
+and the JSON on disk keeps every finished row of a run that is killed. (GPU sessions are short: a bench that broke
 unnoticed would cost one.)"""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from bench.__main__ import COMPONENTS, select_components
+from bench.bench_block_gru import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--device", "cpu", "--size", "debug", "--modes", "eager", "--threads", "1", "--repeat", "2"]
+TINY += ["--batch-size", "2", "--batch-length", "8", "--imag-length", "3"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
 
 
 def test_bench_cli_writes_every_component_with_its_check_and_a_measured_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["--device", "cpu", "--size", "debug", "--modes", "eager", "--threads", "1", "--repeat", "2"]
-    args += ["--batch-size", "2", "--batch-length", "8", "--imag-length", "3", "--e2e-seconds", "0.5"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", *args, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
+    proc = run("-m", "bench", *TINY, "--e2e-seconds", "0.5", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     meta, rows = result["meta"], result["rows"]
+    assert result["complete"] is True and meta["components"] == list(COMPONENTS)
     assert meta["device_type"] == "cpu" and meta["torch"] and meta["flops_per_update"] > 0
     assert meta["batch_size"] == 2 and meta["batch_length"] == 8
     assert meta["precision"] == {"eager": "fp32"} and set(meta["matmul_peak_tflops"]) == {"fp32", "bf16"}
@@ -52,3 +56,113 @@ def test_bench_cli_writes_every_component_with_its_check_and_a_measured_end_to_e
     assert e2e["num_envs"] == 4 and e2e["updates_per_env_step"] == 16 and e2e["chunks"] >= 5
     assert e2e["env_steps_per_s"] == pytest.approx(4 / e2e["median_ms"] * 1e3)
     assert "end_to_end" in proc.stdout and "steps/s" in proc.stdout
+
+
+def test_components_measures_only_the_rows_asked_for(tmp_path):
+    out = tmp_path / "bench.json"
+    # ac_update alone: wm_update comes from the same function (bench.parts) and must not be recorded with it.
+    proc = run("-m", "bench", *TINY, "--no-env", "--components", "act_step,ac_update", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True and result["meta"]["flops_per_update"] > 0
+    assert result["meta"]["components"] == ["ac_update", "act_step"]
+    assert [(r["component"], r["mode"], r["ok"]) for r in result["rows"]] == [
+        ("ac_update", "eager", True),
+        ("act_step", "eager", True),
+    ]
+
+
+def test_end_to_end_without_its_rows_exits_with_one_line_before_measuring(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("-m", "bench", *TINY, "--components", "end_to_end,full_update,act_step", "--json", str(out))
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "bench: end_to_end needs the env_step,replay_sample,full_update,act_step rows (its parts sum and its check); "
+        "add env_step,replay_sample to --components"
+    ]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "spec, no_env, error",
+    [
+        ("imagine,bogus", False, "unknown component(s) ['bogus']"),
+        ("full_update,replay_sample", True, "--components asks for replay_sample"),
+        ("end_to_end,env_step,replay_sample,act_step", False, "add full_update to --components"),
+    ],
+)
+def test_select_components_refuses(spec, no_env, error):
+    with pytest.raises(SystemExit, match=re.escape(error)):
+        select_components(spec, no_env)
+
+
+def test_select_components_keeps_table_order_and_no_env_drops_the_env_rows():
+    assert select_components("act_step,imagine", False) == ["imagine", "act_step"]
+    assert select_components(None, True) == ["wm_update", "imagine", "ac_update", "full_update", "act_step"]
+    assert select_components(None, False) == list(COMPONENTS)
+    e2e = "end_to_end,act_step,full_update,replay_sample,env_step"
+    assert select_components(e2e, False) == ["env_step", "replay_sample", "full_update", "act_step", "end_to_end"]
+
+
+# Kill the bench with SIGKILL (what `timeout -k` ends with) when it reaches act_step: no handler, no atexit runs.
+KILLED_AT_ACT = """
+import os, signal, sys
+from bench import __main__ as bench_main
+bench_main.Bench.act = lambda self, mode: os.kill(os.getpid(), signal.SIGKILL)
+bench_main.main(sys.argv[1:])
+"""
+
+
+def test_a_run_killed_partway_leaves_valid_json_with_its_finished_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run(
+        "-c", KILLED_AT_ACT, *TINY, "--no-env", "--components", "imagine,full_update,act_step", "--json", str(out)
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["meta"]["components"] == ["imagine", "full_update", "act_step"]
+    assert [(r["component"], r["ok"]) for r in result["rows"]] == [("imagine", True), ("full_update", True)]
+    assert all(r["median_ms"] > 0 for r in result["rows"])
+    assert os.listdir(tmp_path) == ["bench.json"]  # no temp file left behind
+
+
+def test_write_json_keeps_the_previous_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "r.json"
+    write_json(str(path), {"complete": False, "rows": [1]})
+    with pytest.raises(TypeError):
+        write_json(str(path), {"complete": True, "rows": [1, object()]})  # fails halfway through the dump
+    assert json.loads(path.read_text()) == {"complete": False, "rows": [1]}
+    assert os.listdir(tmp_path) == ["r.json"]
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+
+# The same for bench/bench_block_gru.py, killed while its second row (fwd+bwd) takes its median.
+GRU_KILLED_AT_SECOND_ROW = """
+import os, runpy, signal, statistics, sys
+median, calls = statistics.median, []
+def killing_median(xs):
+    calls.append(xs)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return median(xs)
+statistics.median = killing_median
+sys.argv = ["bench/bench_block_gru.py", *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_block_gru_bench_keeps_its_rows_when_killed_and_is_complete_at_the_end(tmp_path):
+    out = tmp_path / "gru.json"
+    args = ["--device", "cpu", "--small", "--modes", "eager", "--json", str(out)]
+    proc = run("-c", GRU_KILLED_AT_SECOND_ROW, *args)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and [(r["pass"], r["ok"]) for r in result["results"]] == [("fwd", True)]
+    proc = run("bench/bench_block_gru.py", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert [(r["pass"], r["mode"], r["ok"]) for r in result["results"]] == [
+        ("fwd", "eager", True),
+        ("fwd+bwd", "eager", True),
+    ]
