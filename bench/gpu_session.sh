@@ -1,13 +1,31 @@
 #!/usr/bin/env bash
-# The GPU measurements of a session with the lent H200, in phases that each fit one 10-minute device call and
-# write their logs and JSON under $OUT (default: bench/results/gpu). The machine has no network: build the carried
-# folders here first (once per checkout):
+# The GPU measurements of a session with a lent H100/H200, written with their logs and JSON under $OUT (default:
+# bench/results/gpu). The machine has no network: build the carried folders here first (once per checkout):
 #
 #   echo /.gpu/ >> .git/info/exclude; ../shared/gpu/make-env-bundle.sh .gpu 3.12     # envpool, gymnasium, ROMs
 #   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
 #
-# then, on the device, carrying .gpu:   bash bench/gpu_session.sh PHASE [PHASE...]   (BUNDLE=dir for another folder;
-# checked here with a cp311 bundle: the bundle and wheels unpack and import, up to the CUDA device query)
+# A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
+# so `quick` is THE command for it: one device call, carry [".gpu"], command `bash bench/gpu_session.sh quick`,
+# timeout_s 560. It runs the steps below in this order inside one budget of BUDGET s (default 500) counted from the
+# script's start, setup included: each step gets min(its cap, the seconds left) under `timeout -k 10`, a step with
+# under 30 s left is skipped with a line saying so, and a failed or timed-out step does not stop the next one (exit
+# code 1 if any failed). 500 s + 10 s kill grace stays under the 560 s call limit; with the start, ~11 of the 15
+# minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a step cut
+# by its timeout keeps its finished rows (the device returns at most 8 files: nvidia-smi.txt, quick.log, 2 JSON).
+#   1. bench/bench_block_gru.py, 12m at B16 and B1024, Triton kernel vs compiled reference in CUDA-graph replay,
+#      each checked natively against the reference first (cap 150 s)       -> block_gru_cuda_12m.json
+#   2. python -m bench, 12m, imagine/full_update/act_step in eager, compile, graphs, graphs_triton
+#      (cap 300 s)                                                          -> fast_cuda_12m_quick.json
+#   3. the training loop, pong 12m, graphs, with and without the env-step overlap, 10 s each (cap 120 s)
+#   4. the Triton kernel tests, tests/kernels, natively (cap 120 s)
+# DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
+# as if it ran to its timeout (the worst case the budget must absorb); try BUDGET=200 to see steps skipped.
+#
+# The phases below were sized for a 30-minute budget: each fits one 10-minute call, but a 15-minute session can run
+# one of them at most. On the device, carrying .gpu:   bash bench/gpu_session.sh PHASE [PHASE...]   (BUNDLE=dir for
+# another folder; checked here with a cp311 bundle: the bundle and wheels unpack and import, up to the CUDA device
+# query)
 #   gputests  the kernel and fast-mode tests on CUDA (the GPU-only kernel, graph and sync tests)
 #   tests     the rest of the pytest suite on CUDA
 #   fast      python -m bench at 12m, vector observations, eager + compile -> fast_cuda_12m.json
@@ -50,6 +68,59 @@ phase() {
   echo "== $name: rc $rc in $((SECONDS - t0)) s"
   return "$rc"
 }
+
+step() {  # step NAME CAP CMD...: CMD under timeout min(CAP, seconds left of BUDGET), or skipped under MIN_STEP_S
+  local name=$1 cap=$2
+  shift 2
+  local left=$((BUDGET - SECONDS))
+  if ((left < MIN_STEP_S)); then
+    echo "== $name: skipped, $left s of the $BUDGET s budget left (under $MIN_STEP_S s)"
+    summary+=" $name:skipped"
+    return 0
+  fi
+  local grant=$((cap < left ? cap : left))
+  echo "== $name: timeout $grant s (cap $cap s, $left s left): $*"
+  if [[ -n ${DRY:-} ]]; then
+    SECONDS=$((SECONDS + grant))
+    summary+=" $name:dry"
+    return 0
+  fi
+  local t0=$SECONDS rc
+  timeout -k 10 "$grant" "$@"
+  rc=$?
+  ((rc == 124 || rc == 137)) && summary+=" $name:timeout" || summary+=" $name:rc$rc"
+  echo "== $name: rc $rc in $((SECONDS - t0)) s"
+  return "$rc"
+}
+
+quick() {
+  local rc=0
+  summary=""
+  if [[ -n ${DRY:-} ]]; then
+    echo "== DRY: setup skipped; each step printed and counted as running to its timeout"
+  else
+    setup || { echo "setup failed"; return 1; }
+  fi
+  step block_gru 150 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 1024 --repeats 20 \
+    --json "$OUT/block_gru_cuda_12m.json" || rc=1
+  step bench 300 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+    --modes eager,compile,graphs,graphs_triton --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
+  step e2e 120 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 \
+    --no-overlap || rc=1
+  step kernel_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels || rc=1
+  rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
+  echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
+  return "$rc"
+}
+
+if [[ ${1:-} == quick ]]; then
+  (($# == 1)) || { echo "quick runs alone: it owns the call's whole budget"; exit 2; }
+  BUDGET=${BUDGET:-500} MIN_STEP_S=30
+  log=$OUT/quick.log
+  [[ -n ${DRY:-} ]] && log=/dev/null
+  quick 2>&1 | tee "$log"
+  exit "${PIPESTATUS[0]}"
+fi
 
 setup || { echo "setup failed"; exit 1; }
 rc=0
