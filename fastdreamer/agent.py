@@ -20,15 +20,21 @@ if TYPE_CHECKING:
 
 
 class Head(nn.Module):
-    """MLP -> Linear; the output layer scaled by `outscale` (0 for reward and critic: zero-initialised)."""
+    """MLP -> Linear; the output layer scaled by `outscale` (0 for reward and critic: zero-initialised). With `std`,
+    a second output layer of the same width for the continuous actor's pre-std, concatenated after the mean: the
+    reference's bounded_normal has separate mean and stddev layers, so AGC clips each by its own norm."""
 
-    def __init__(self, fin: int, units: int, layers: int, out: int, outscale: float):
+    def __init__(self, fin: int, units: int, layers: int, out: int, outscale: float, std: bool = False):
         super().__init__()
         self.mlp = MLP(fin, units, layers)
         self.out = Linear(self.mlp.out_dim, out, outscale)
+        self.std = Linear(self.mlp.out_dim, out, outscale) if std else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.mlp(x))
+        h = self.mlp(x)
+        if self.std is None:
+            return self.out(h)
+        return torch.cat([self.out(h), self.std(h)], -1)
 
 
 def lambda_return(last, term, rew, boot, disc, lam):
@@ -74,8 +80,7 @@ class Agent(nn.Module):
                                size.depth, bspace=cfg.bspace)
         self.reward = Head(fdim, size.units, cfg.head_layers, cfg.bins, 0.0)
         self.cont = Head(fdim, size.units, cfg.head_layers, 1, 1.0)
-        pol_out = spec.act_dim if spec.discrete else 2 * spec.act_dim
-        self.actor = Head(fdim, size.units, cfg.ac_layers, pol_out, 0.01)
+        self.actor = Head(fdim, size.units, cfg.ac_layers, spec.act_dim, 0.01, std=not spec.discrete)
         self.critic = Head(fdim, size.units, cfg.ac_layers, cfg.bins, 0.0)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.register_buffer("bins", dists.twohot_bins(cfg.bins))

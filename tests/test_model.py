@@ -1,5 +1,6 @@
 """The RSSM core, losses and agent against plain implementations written here."""
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -257,3 +258,33 @@ def test_actor_unimix_is_its_own_setting_and_leaves_the_rssm_alone(policy_unimix
     torch.testing.assert_close(probs, (1 - policy_unimix) * raw + policy_unimix / 5, rtol=1e-5, atol=1e-7)
     assert raw.min() < 1e-4, "the test needs classes below the floor to tell the settings apart"
     assert agent.rssm.unimix == 0.01
+
+
+def test_continuous_actor_has_separate_mean_and_std_layers_clipped_apart():
+    """The reference's bounded_normal has a mean and a stddev layer: AGC bounds each by its own norm, so a huge std
+    gradient must not shrink the mean's step."""
+    from fastdreamer.optim import LaProp
+
+    torch.manual_seed(0)
+    agent, cfg, spec = make_agent(discrete=False)
+    actor = agent.actor
+    assert actor.out.weight.shape == actor.std.weight.shape == (3, actor.mlp.out_dim)
+    f = torch.randn(5, agent.rssm.feat_dim)
+    h = actor.mlp(f)
+    pol = agent.policy(f)
+    torch.testing.assert_close(pol.mean, torch.tanh(actor.out(h)))
+    torch.testing.assert_close(pol.std, (cfg.maxstd - cfg.minstd) * torch.sigmoid(actor.std(h) + 2.0) + cfg.minstd)
+
+    def mean_step(std_grad_scale):
+        """The mean weight's change after LaProp steps over the agent's real parameter list, where only the actor's
+        output layers have gradients."""
+        a = copy.deepcopy(agent)
+        opt = LaProp(a.trainable(), lr=1.0, warmup=0, agc=cfg.agc)
+        for _ in range(2):  # step 0 has lr 0
+            a.actor.out.weight.grad = torch.full_like(a.actor.out.weight, 1e-6)  # far under the clip
+            a.actor.std.weight.grad = torch.full_like(a.actor.std.weight, std_grad_scale)
+            opt.step()
+        return a.actor.out.weight.detach() - actor.out.weight.detach()
+
+    torch.testing.assert_close(mean_step(1e3), mean_step(0.0), rtol=0, atol=0)
+    assert mean_step(0.0).abs().max() > 0
