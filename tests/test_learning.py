@@ -5,8 +5,9 @@ a 100-update warmup (the reference's 4e-5 / 1000 is tuned for long runs and bare
 2-core CPU this run takes about 4 minutes.
 
 What is asserted is the training curve: the mean return of 20 consecutive training episodes must reach 75 (random
-play: ~22). Over seeds 0-3 the best such mean was 101, 110, 125 and 95, and a run that does not learn stays near
-22, so the check separates the two with a wide margin. The final policy is not asserted: at 8,000 steps its
+play: ~22). Over seeds 0-3 the best such mean was 98, 95, 167 and 86 (with the reference's online replay queue and
+its later start of training; 101, 110, 125 and 95 before them), and a run that does not learn stays near 22, so the
+check separates the two with a margin. The final policy is not asserted: at 8,000 steps its
 evaluation varies from seed to seed far more than the curve does (seeds 0-3 evaluated 72, 10, 148 and 263 over 8
 episodes; the earlier Gumbel-max sampler gave 143, 23 and 164 for seeds 0-2): in seed 1, under either sampler,
 the policy collapsed after its best stretch. That late collapse is an open problem of the CPU recipe (README).
@@ -47,7 +48,7 @@ def test_cartpole_learns_on_cpu(tmp_path, monkeypatch):
         trainer = train(cfg, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
-    assert trainer.updates >= 1900
+    assert trainer.updates >= 1900  # 1,905: one per 4-env step from the 96th on (a batch's 256 sequences stored)
     assert len(returns) >= 2 * WINDOW, f"only {len(returns)} episodes ended"
     first = sum(returns[:WINDOW]) / WINDOW
     best = max(sum(returns[i : i + WINDOW]) / WINDOW for i in range(len(returns) - WINDOW + 1))
