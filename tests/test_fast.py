@@ -260,6 +260,22 @@ def test_update_and_acting_step_never_sync_with_the_host():
         agent.act(carry, observations[0], greedy=True)
 
 
+def test_replay_sample_and_write_never_sync_with_the_host():
+    """The rest of the loop's device work: sampling (online queue entries and uniform windows) and the latent
+    write-back. The queue's position is host ints, so taking from it reads nothing back."""
+    from fastdreamer.replay import Replay
+
+    spec = {"x": ((2,), torch.float32), "deter": ((4,), torch.bfloat16)}
+    r = Replay(spec, capacity=3 * 40, num_envs=3, seq_len=5, device="cpu", online=True)
+    for t in range(23):
+        r.add({"x": torch.full((3, 2), float(t)), "deter": torch.zeros(3, 4, dtype=torch.bfloat16)})
+    with no_host_sync():
+        for _ in range(4):  # 12 queued chunks, so the first three batches take from the queue
+            data, idx = r.sample(4)
+            r.write(idx[:, 1:], {"deter": torch.ones(4, 4, 4)})
+    assert r.consumed == (23 // 5) * 3 and (data["x"][:, 1:] - data["x"][:, :-1] == 1).all()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
