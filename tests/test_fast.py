@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+from fastdreamer.kernels import block_gru
 
 from fastdreamer import fast
 from fastdreamer.agent import Agent
@@ -311,6 +312,50 @@ def test_bf16_fast_updates_match_eager_under_the_same_autocast(device, mode, fal
     assert not torch.equal(fp32["loss/vector"], fast_hist[0][0]["loss/vector"]), "bf16 autocast did not apply"
 
 
+@pytest.mark.parametrize(
+    "device,mode,precision",
+    [("cpu", "eager", "fp32"), ("cpu", "eager", "bf16"), pytest.param("cuda", "graphs", "bf16", marks=cuda)],
+)
+def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precision, fallback_random):
+    """The update with `--gru-impl triton` (Triton's interpreter on CPU) against the torch core, K updates from one
+    seed. fp32: the same math in another summation order, so the fp32 bounds of the compile test, and every gradient
+    within 1e-4 relative (measured 1.7e-6). bf16 (autocast; the fused core then computes in bf16 too): two bf16
+    computations that round in different places (autocast also rounds each matmul's output), so the bf16 bounds of
+    the test above, except for the actor's gradients: at this config and these first updates the returns are ~1e-5
+    and the advantages ~1e-4, the size of bf16 rounding, so the actor's gradient (|g| ~ 5e-7; entropy adds none at
+    a uniform policy) is mostly rounding noise. Measured, relative in norm: torch core bf16 vs fp32 up to 8%, fused
+    bf16 vs torch bf16 up to 40%, in the same imagined trajectories (no action differs). The fp32 case checks the
+    actor's gradient through the fused core."""
+    bf16 = precision == "bf16"
+    ctx = (lambda: fast.autocast(torch.device(device), "compile", "bf16")) if bf16 else contextlib.nullcontext
+
+    def updates(agent, opt, update_mode):
+        # eager runs under the autocast set here; a fast mode sets its own from `precision`.
+        update = fast.make_update(update_step, agent, opt, update_mode, "auto" if update_mode == "eager" else precision)
+        torch.manual_seed(1)
+        with ctx():
+            return [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
+
+    agent, opt = make(device)
+    want = updates(agent, opt, "eager")
+    assert block_gru.set_impl("triton") == "triton"
+    try:
+        fused_agent, fused_opt = make(device)
+        got = updates(fused_agent, fused_opt, mode)
+    finally:
+        block_gru.set_impl("torch")
+    loss_tol, param_tol = (BF16_TOL, BF16_TOL) if bf16 else (LOSS_TOL, PARAM_TOL)
+    grad_tol = GRAD_REL_TOL if bf16 else 1e-4
+    for k in range(K):
+        for name in ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval", "loss/policy"):
+            assert_close(f"triton core, update {k} {name}", got[k][name], want[k][name], loss_tol)
+    for (name, p_e), p_f in zip(agent.named_parameters(), fused_agent.parameters(), strict=True):
+        assert_close(f"triton core, parameter {name}", p_f, p_e, param_tol)
+        if p_e.grad is not None and not (bf16 and name.startswith("actor.")):
+            err = (p_f.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12)
+            assert err < grad_tol, f"triton core, gradient of {name}: relative error {err:.3g}"
+
+
 @cuda
 def test_graphed_acting_and_imagination_run_and_keep_shapes_on_cuda():
     agent, _ = make("cuda")
@@ -328,6 +373,7 @@ def test_graphed_acting_and_imagination_run_and_keep_shapes_on_cuda():
 ALLOC_PROBE = """
 import ctypes, ctypes.util, torch
 from fastdreamer import fast
+from fastdreamer.kernels import block_gru
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",

@@ -2,6 +2,10 @@
 
 The RSSM calls only `step` and `rollout` from here. `set_impl` is called once at start; it returns the
 implementation actually in use and logs one line when it has to fall back to the reference.
+
+Precision follows torch.autocast: under bf16 autocast the reference's matmuls run in bf16 (autocast's own casts),
+and the fused kernels run reference.step's bf16 compute (every matmul's operands rounded to bf16, products summed
+in float32: tensor-core dots on a GPU). Outside autocast both are float32.
 """
 
 from __future__ import annotations
@@ -51,12 +55,16 @@ def get_impl() -> str:
     return _impl
 
 
+def _bf16_autocast(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+
+
 def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D)."""
     if _impl == "triton":
         from . import fused
 
-        return fused.step(deter, stoch, action, w)
+        return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device))
     return reference.step(deter, stoch, action, w)
 
 
@@ -65,5 +73,5 @@ def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: B
     if _impl == "triton":
         from . import fused
 
-        return fused.rollout(deter, stoch, action, w)
+        return fused.rollout(deter, stoch, action, w, bf16=_bf16_autocast(deter.device))
     return reference.rollout(deter, stoch, action, w)

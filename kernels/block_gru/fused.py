@@ -27,7 +27,9 @@ well and which keeps the kernels small. Every loop is chunked (no full-width row
 work; tiles are 16 rows by 16-128 columns, masked at the edges.
 
 Weights may be float32, bfloat16 or float16 (all the same dtype); they are upcast on load and every dot
-accumulates in float32 with input_precision="ieee" (no TF32), because the spec computes in float32.
+accumulates in float32 with input_precision="ieee" (no TF32), because the spec computes in float32. With bf16=True
+(reference.step's bf16 compute, chosen by the switch under bf16 autocast) every dot's operands are rounded to
+bfloat16 first; on a GPU the forward's dots then run on the tensor cores (kernels_fwd.py).
 Inputs may be any of those dtypes; the output is float32, gradients come back in each input's dtype.
 
 Tolerances (tests/kernels/test_block_gru.py uses these numbers; never loosen them to make a test pass):
@@ -44,6 +46,12 @@ Tolerances (tests/kernels/test_block_gru.py uses these numbers; never loosen the
                                 float32: the kernel upcasts them on load, so the math is identical. Weight grads
                                 come back in bf16 (the weights' dtype), which adds one bf16 rounding (at most 2^-8
                                 = 3.9e-3 relative): rtol 8e-3, twice that, on those only.
+    bf16 compute                the rows above, unchanged, against reference.step(bf16=True), which rounds the same
+                                operands: products of bf16 values are exact in float32 (tensor cores included), so
+                                only the summation order differs. One catch: an activation (x, h) that the two sides
+                                compute a few float32 ulps apart can round to neighbouring bf16 values (a few times
+                                per case at the larger test shapes), which moves its whole row by ~1e-4. The tests
+                                pin the spec's x and h to the kernel's saved values (reference._pin) to remove that.
 """
 
 from __future__ import annotations
@@ -68,10 +76,33 @@ TILE_K = 128  # widest tile over K in the forward
 # The branch backward holds a (K-tile, TILE) fp32 weight tile per pipeline stage: at 128 it needed 194 KiB of shared
 # memory for sm_90 (more than an A100 has), at 64 it needs 97 KiB (tests/kernels compile it for sm_90 and check).
 TILE_K_BWD = 64
+# Software-pipeline stages of _bwd_gates by bf16 compute: rounding its three fp32 weight tiles in registers took
+# 164 KiB of shared memory for sm_90 at Triton's default 3 stages, 96 KiB at 2 (148 KiB in fp32 compute at 3).
+BWD_GATES_STAGES = {False: 3, True: 2}
 
 
 def _np2(n: int, lo: int = 16, hi: int = TILE) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+# Output-column tiles. At batch 16 a kernel has one row tile, so its grid is (1, 3 or G, columns / tile): with the
+# widest tiles, 6 programs stream the 2 MB of w0 (12m) and 32 the 8 MB of wh, on a GPU with 132 SMs. "parallel"
+# (default) narrows a kernel's output tile, down to 16, until its grid has MIN_PROGRAMS programs, so more SMs share the
+# weight reads (each weight is still read once per row tile); "wide" keeps the widest tiles (the first version).
+# At batch 1024 (64 row tiles) both give the same tiles. FASTDREAMER_GRU_TILES picks one at import (benchmarks).
+TILES = os.environ.get("FASTDREAMER_GRU_TILES", "parallel")
+if TILES not in ("parallel", "wide"):
+    raise ValueError(f"FASTDREAMER_GRU_TILES={TILES!r}: expected parallel or wide")
+MIN_PROGRAMS = 132  # the SM count of an H100 / H200
+
+
+def _col_tile(n: int, programs_per_column_tile: int, hi: int = TILE) -> int:
+    """The tile over n output columns: the widest (up to hi), narrowed by halves under the "parallel" policy while the
+    grid would have fewer than MIN_PROGRAMS programs."""
+    t = _np2(n, hi=hi)
+    while TILES == "parallel" and t > 16 and programs_per_column_tile * triton.cdiv(n, t) < MIN_PROGRAMS:
+        t //= 2
+    return t
 
 
 def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -125,18 +156,22 @@ def forward(
     w: BlockGRUWeights,
     save: bool = False,
     out: torch.Tensor | None = None,
+    bf16: bool = False,
 ):
     """One core step. Returns the new deter (B, D) float32 and, with save=True, the activations backward needs.
 
-    `out` may be any (B, D) float32 view with unit column stride (rollout writes into its (B, T, D) result)."""
+    `out` may be any (B, D) float32 view with unit column stride (rollout writes into its (B, T, D) result).
+    bf16=True rounds every dot's operands to bfloat16 (reference.step's bf16 compute)."""
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
     dev = deter.device
-    BJ, BI, BK = _np2(DG), _np2(DG), _np2(K, hi=TILE_K)
-    NJ = triton.cdiv(DG, BJ)
     nb = triton.cdiv(B, BB)
+    BJ, BI, BK = _col_tile(DG, nb * G), _np2(DG), _np2(K, hi=TILE_K)
+    BKB = _col_tile(K, nb * 3, hi=TILE_K)  # the branches' output tile
+    NJ = triton.cdiv(DG, BJ)
+    prec = {"BF16": bf16, "DOT_BF16": bf16 and dev.type == "cuda"}  # the interpreter emulates the bf16 dots
     pre = _empty((B, 3 * K), dev)
     hpre = _empty((B, D), dev)
     part = _empty((B, G * NJ), dev)
@@ -146,7 +181,7 @@ def forward(
         x, h, rs, gates = _empty((B, 3 * K), dev), _empty((B, D), dev), _empty((B,), dev), _empty((B, 3 * D), dev)
     else:
         x = h = rs = gates = pre  # never written: SAVE is off
-    _fwd_branches[(nb, 3, triton.cdiv(K, BK))](
+    _fwd_branches[(nb, 3, triton.cdiv(K, BKB))](
         deter,
         deter.stride(0),
         stoch,
@@ -167,7 +202,8 @@ def forward(
         K,
         BB=BB,
         BI=_np2(max(D, SC, A)),
-        BKC=BK,
+        BKC=BKB,
+        **prec,
     )
     _fwd_hidden[(nb, G, NJ)](
         deter,
@@ -190,6 +226,7 @@ def forward(
         BJ=BJ,
         BK=BK,
         SAVE=save,
+        **prec,
     )
     _fwd_gates[(nb, G, NJ)](
         deter,
@@ -212,14 +249,18 @@ def forward(
         BJ=BJ,
         BP=triton.next_power_of_2(G * NJ),
         SAVE=save,
+        **prec,
     )
     if not save:
         return out
     return out, (pre, x, hpre, h, rs, gates)
 
 
-def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved) -> list[torch.Tensor]:
-    """Gradients of one step for (deter, stoch, action, *w), each in that tensor's dtype."""
+def backward(
+    dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False
+) -> list[torch.Tensor]:
+    """Gradients of one step for (deter, stoch, action, *w), each in that tensor's dtype. bf16: the forward's
+    precision; the gradient passes straight through its roundings, so the dots use the rounded operands."""
     pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     dout = dout.float().contiguous()
@@ -227,9 +268,9 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
     dev = deter.device
-    BJ, BI = _np2(DG), _np2(DG)
-    NJ = triton.cdiv(DG, BJ)
     nb = triton.cdiv(B, BB)
+    BJ, BI = _col_tile(DG, nb * G), _np2(DG)  # output tile of _bwd_gates and _bwd_hidden, and the loops' tile
+    NJ = triton.cdiv(DG, BJ)
     dgates, ddeter = _empty((B, 3 * D), dev), _empty((B, D), dev)
     dn_h, dy_h, dhpre, part = _empty((B, D), dev), _empty((B, D), dev), _empty((B, D), dev), _empty((B, G * NJ), dev)
     dn_x, dpre = _empty((B, 3 * K), dev), _empty((B, 3 * K), dev)
@@ -254,8 +295,10 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         BB=BB,
         BO=BI,
         BJ=BJ,
+        BF16=bf16,
+        num_stages=BWD_GATES_STAGES[bf16],
     )
-    _bwd_hidden[(nb, G, triton.cdiv(DG, BI))](
+    _bwd_hidden[(nb, G, triton.cdiv(DG, BJ))](
         dy_h,
         hpre,
         rs,
@@ -268,13 +311,15 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         K,
         G * NJ,
         BB=BB,
-        BI=BI,
-        BJ=BJ,
+        BI=BJ,
+        BJ=BI,
         BP=triton.next_power_of_2(G * NJ),
+        BF16=bf16,
     )
     BKC, BIN = _np2(K, hi=TILE_K_BWD), _np2(max(D, SC, A))
     dx = _empty((B, 3 * K), dev)
-    _bwd_dx[(nb, triton.cdiv(3 * K, BKC))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BJ, BKC=BKC)
+    BKX = _col_tile(3 * K, nb, hi=TILE_K_BWD)
+    _bwd_dx[(nb, triton.cdiv(3 * K, BKX))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BI, BKC=BKX, BF16=bf16)
     _bwd_branches[(nb, 3, triton.cdiv(max(D, SC, A), BIN))](
         dx,
         pre,
@@ -297,21 +342,27 @@ def backward(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved
         BB=BB,
         BI=BIN,
         BKC=BKC,
+        BF16=bf16,
     )
-    # Weight grads: sums over the batch of the per-row grads above, as plain matmuls.
+
+    # Weight grads: sums over the batch of the per-row grads above, as plain matmuls; with bf16, of the rounded
+    # operands the forward's dots saw.
+    def op(t: torch.Tensor) -> torch.Tensor:
+        return t.bfloat16().float() if bf16 else t.float()
+
     rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
     y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
     # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
     ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
     db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
     dp = dpre.view(B, 3, K)
-    dw = [inp.float().t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
+    dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
     dhp = dhpre.view(B, G, DG)
     dwh = torch.cat(
-        [torch.einsum("bgi,bgo->gio", deter.float().view(B, G, DG), dhp), torch.einsum("bk,bgo->gko", x, dhp)], 1
+        [torch.einsum("bgi,bgo->gio", op(deter).view(B, G, DG), dhp), torch.einsum("bk,bgo->gko", op(x), dhp)], 1
     )
     dsh = (dn_h * hpre * rs[:, None]).sum(0)
-    dwg = torch.einsum("bgi,bgo->gio", h.view(B, G, DG), dgates.view(B, G, 3 * DG))
+    dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
     wgrads = [
         dw[0],
         db_x[0],
@@ -339,24 +390,24 @@ SavedT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step", mutates_args=())
-def _step_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> Tensor:
-    return forward(deter, stoch, action, BlockGRUWeights(*ws))
+def _step_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool) -> Tensor:
+    return forward(deter, stoch, action, BlockGRUWeights(*ws), bf16=bf16)
 
 
 @_step_op.register_fake
-def _(deter, stoch, action, ws):
+def _(deter, stoch, action, ws, bf16):
     return deter.new_empty(deter.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step_train", mutates_args=())
-def _train_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> SavedT:
+def _train_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool) -> SavedT:
     """The step plus what backward needs: (out, pre, x, hpre, h, rs, gates)."""
-    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True)
+    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16)
     return (out, *saved)
 
 
 @_train_op.register_fake
-def _(deter, stoch, action, ws):
+def _(deter, stoch, action, ws, bf16):
     B, D = deter.shape
     K = ws[0].shape[1]
     f32 = {"dtype": torch.float32}
@@ -374,41 +425,46 @@ def _(deter, stoch, action, ws):
 
 @torch.library.custom_op("fastdreamer::block_gru_step_bwd", mutates_args=())
 def _bwd_op(
-    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor]
+    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor], bf16: bool
 ) -> list[Tensor]:
-    return backward(dout, deter, stoch, action, BlockGRUWeights(*ws), saved)
+    return backward(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16)
 
 
 @_bwd_op.register_fake
-def _(dout, deter, stoch, action, ws, saved):
+def _(dout, deter, stoch, action, ws, saved, bf16):
     return [torch.empty_like(t) for t in (deter, stoch, action, *ws)]
 
 
 def _train_setup(ctx, inputs, output):
-    deter, stoch, action, ws = inputs
+    deter, stoch, action, ws, bf16 = inputs
+    ctx.bf16 = bf16
     ctx.save_for_backward(deter, stoch, action, *ws, *output[1:])
 
 
 def _train_backward(ctx, dout, *_saved_grads):
     t = ctx.saved_tensors
-    g = _bwd_op(dout, t[0], t[1], t[2], list(t[3:17]), list(t[17:]))
-    return g[0], g[1], g[2], list(g[3:])
+    g = _bwd_op(dout, t[0], t[1], t[2], list(t[3:17]), list(t[17:]), ctx.bf16)
+    return g[0], g[1], g[2], list(g[3:]), None
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup)
 
 
-def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+def step(
+    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
+) -> torch.Tensor:
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
-    (once: the backward itself is not)."""
+    (once: the backward itself is not). bf16: reference.step's bf16 compute."""
     validate(deter, stoch, action, w)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w)):
-        return _train_op(deter, stoch, action, list(w))[0]
-    return _step_op(deter, stoch, action, list(w))
+        return _train_op(deter, stoch, action, list(w), bf16)[0]
+    return _step_op(deter, stoch, action, list(w), bf16)
 
 
 @torch.no_grad()
-def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+def rollout(
+    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
+) -> torch.Tensor:
     """T steps with given inputs, no grad: deter (B, D), stoch (B, T, S*C), action (B, T, A) -> (B, T, D) float32.
 
     One step = three launches, T steps loop on the host; each step writes straight into the result and reads the
@@ -421,20 +477,20 @@ def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: B
     validate(deter, stoch[:, 0], action[:, 0], w)
     if max(stoch.numel(), action.numel(), stoch.shape[0] * stoch.shape[1] * deter.shape[1]) >= 2**31:
         raise ValueError(f"block_gru fused rollout: offsets are int32; stoch {tuple(stoch.shape)} is too long")
-    return _rollout_op(deter, stoch, action, list(w))
+    return _rollout_op(deter, stoch, action, list(w), bf16)
 
 
 @torch.library.custom_op("fastdreamer::block_gru_rollout", mutates_args=())
-def _rollout_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor]) -> Tensor:
+def _rollout_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool) -> Tensor:
     w = BlockGRUWeights(*ws)
     B, T = stoch.shape[:2]
     out = _empty((B, T, deter.shape[1]), deter.device)
     for t in range(T):
-        forward(deter, stoch[:, t], action[:, t], w, out=out[:, t])
+        forward(deter, stoch[:, t], action[:, t], w, out=out[:, t], bf16=bf16)
         deter = out[:, t]
     return out
 
 
 @_rollout_op.register_fake
-def _(deter, stoch, action, ws):
+def _(deter, stoch, action, ws, bf16):
     return deter.new_empty((stoch.shape[0], stoch.shape[1], deter.shape[1]), dtype=torch.float32)

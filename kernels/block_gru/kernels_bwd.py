@@ -1,9 +1,14 @@
-"""Backward Triton kernels of the block-GRU step: every per-row gradient (fused.py turns them into weight grads)."""
+"""Backward Triton kernels of the block-GRU step: every per-row gradient (fused.py turns them into weight grads).
+
+In bf16 compute (BF16) the forward rounded each dot's operands to bfloat16 and the gradient goes straight through
+that rounding (reference.py): so the backward dots use the rounded weights, and the incoming gradients stay float32.
+Every dot here is float32 without TF32.
+"""
 
 import triton
 import triton.language as tl
 
-from .kernels_fwd import _sigmoid, _silu_grad, _tanh
+from .kernels_fwd import _operand, _sigmoid, _silu_grad, _tanh
 
 
 @triton.jit
@@ -27,6 +32,7 @@ def _bwd_gates(
     BB: tl.constexpr,
     BO: tl.constexpr,
     BJ: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """dgates (elementwise), dh_g = dgates_g @ wg[g]^T for a chunk of h, then the first half of the norm's
     backward: dn = dh * silu'(n), dy = dn * sh and partial sums of dy * y for the row reduction."""
@@ -66,9 +72,9 @@ def _bwd_gates(
             tl.store(ddeter_ptr + rows[:, None] * D + g * DG + oo[None, :], do * (1.0 - z), mask=m)
         wm = omask[:, None] & jmask[None, :]
         wp = wg_blk + js[None, :] * (3 * DG) + oo[:, None]  # wg[g, js, oo] read as (BO, BJ)
-        dh = tl.dot(dgr, tl.load(wp, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
-        dh = tl.dot(dgc, tl.load(wp + DG, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
-        dh = tl.dot(dgz, tl.load(wp + 2 * DG, mask=wm, other=0.0).to(tl.float32), dh, input_precision="ieee")
+        dh = tl.dot(dgr, _operand(tl.load(wp, mask=wm, other=0.0), BF16, False), dh, input_precision="ieee")
+        dh = tl.dot(dgc, _operand(tl.load(wp + DG, mask=wm, other=0.0), BF16, False), dh, input_precision="ieee")
+        dh = tl.dot(dgz, _operand(tl.load(wp + 2 * DG, mask=wm, other=0.0), BF16, False), dh, input_precision="ieee")
     m = rmask[:, None] & jmask[None, :]
     hp = tl.load(hpre_ptr + rows[:, None] * D + g * DG + js[None, :], mask=m, other=0.0)
     rs = tl.load(rs_ptr + rows, mask=rmask, other=0.0)
@@ -98,6 +104,7 @@ def _bwd_hidden(
     BI: tl.constexpr,
     BJ: tl.constexpr,
     BP: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """Finish the norm's backward (dhpre = rs * (dy - y * mean(dy * y))) and add dhpre_g @ wh[g, :DG]^T to
     d deter for a chunk of the block's deter inputs."""
@@ -125,14 +132,16 @@ def _bwd_hidden(
         if pi == 0:
             tl.store(dhpre_ptr + rows[:, None] * D + g * DG + jj[None, :], dhp, mask=m)
         w = tl.load(wh_blk + ii[None, :] * DG + jj[:, None], mask=jmask[:, None] & imask[None, :], other=0.0)
-        acc = tl.dot(dhp, w.to(tl.float32), acc, input_precision="ieee")
+        acc = tl.dot(dhp, _operand(w, BF16, False), acc, input_precision="ieee")
     m = rmask[:, None] & imask[None, :]
     dp = ddeter_ptr + rows[:, None] * D + g * DG + ii[None, :]
     tl.store(dp, tl.load(dp, mask=m, other=0.0) + acc, mask=m)
 
 
 @triton.jit
-def _bwd_dx(dhpre_ptr, wh_ptr, dx_ptr, B, DG, G, K, BB: tl.constexpr, BJ: tl.constexpr, BKC: tl.constexpr):
+def _bwd_dx(
+    dhpre_ptr, wh_ptr, dx_ptr, B, DG, G, K, BB: tl.constexpr, BJ: tl.constexpr, BKC: tl.constexpr, BF16: tl.constexpr
+):
     """dx = dhpre @ Wx^T for a chunk of the 3K branch outputs, Wx (3K, D) being every block's wh[g, DG:, :] side
     by side: x feeds every block, so its gradient sums over all of them."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
@@ -152,7 +161,7 @@ def _bwd_dx(dhpre_ptr, wh_ptr, dx_ptr, B, DG, G, K, BB: tl.constexpr, BJ: tl.con
             w = tl.load(
                 wh_blk + (DG + ks[None, :]) * DG + jj[:, None], mask=jmask[:, None] & kmask[None, :], other=0.0
             )  # wh[g, DG + ks, jj] read as (BJ, BKC)
-            dx = tl.dot(dhp, w.to(tl.float32), dx, input_precision="ieee")
+            dx = tl.dot(dhp, _operand(w, BF16, False), dx, input_precision="ieee")
     tl.store(dx_ptr + rows[:, None] * (3 * K) + ks[None, :], dx, mask=rmask[:, None] & kmask[None, :])
 
 
@@ -175,6 +184,7 @@ def _branch_bwd(
     BI: tl.constexpr,
     BKC: tl.constexpr,
     ACCUM: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """The branch norm's backward for these rows (three chunked passes: rms, mean(dy * y), dpre) and
     d input[:, chunk pi] = dpre @ w[chunk]^T. Every input chunk recomputes the row scalars, which costs two reads
@@ -214,7 +224,7 @@ def _branch_bwd(
             tl.store(dn_ptr + base + ks[None, :], dn, mask=m)
             tl.store(dpre_ptr + base + ks[None, :], dpre, mask=m)
         w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
-        di = tl.dot(dpre, w.to(tl.float32), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
+        di = tl.dot(dpre, _operand(w, BF16, False), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
     om = rmask[:, None] & imask[None, :]
     op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
     if ACCUM:
@@ -245,6 +255,7 @@ def _bwd_branches(
     BB: tl.constexpr,
     BI: tl.constexpr,
     BKC: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     """Grid (B/BB, 3, max(D, S*C, A)/BI): branch norm backward and d input_i = dpre_i @ w_i^T, added to d deter for
     branch 0. Programs past a branch's input width have nothing to do, except chunk 0 which always writes dpre."""
@@ -253,11 +264,15 @@ def _bwd_branches(
     pi = tl.program_id(2)
     if br == 0:
         if pi * BI < D:
-            _branch_bwd(dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True)
+            _branch_bwd(
+                dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True, BF16
+            )
     elif br == 1:
         if pi * BI < SC:
             _branch_bwd(
-                dx_ptr, pre_ptr, s1, w1, dn_ptr, dpre_ptr, dstoch_ptr, 1, B, SC, K, row0, pi, BB, BI, BKC, False
+                dx_ptr, pre_ptr, s1, w1, dn_ptr, dpre_ptr, dstoch_ptr, 1, B, SC, K, row0, pi, BB, BI, BKC, False, BF16
             )
     elif pi * BI < A:
-        _branch_bwd(dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False)
+        _branch_bwd(
+            dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False, BF16
+        )

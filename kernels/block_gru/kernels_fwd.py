@@ -1,7 +1,13 @@
 """Forward Triton kernels of the block-GRU step (launched from fused.py, which documents the plan and tolerances).
 
-Every dot upcasts its weight tile to float32 and accumulates in float32 with input_precision="ieee" (no TF32): the
-spec computes in float32. 1e-4 inside the kernels is reference.EPS, the RMSNorm epsilon.
+Two precisions, as reference.step's `bf16` flag (a compile-time BF16 here):
+- fp32 (the spec's default): every dot upcasts its tiles to float32 and accumulates in float32 with
+  input_precision="ieee" (no TF32).
+- bf16: both operands of every dot are first rounded to bfloat16 (to nearest, ties to even), products accumulate in
+  float32. On a GPU (DOT_BF16) the rounded tiles go to the tensor cores as bfloat16, whose products of bf16 values
+  are exact, so only the summation order differs from the float32 emulation that the interpreter runs (its bf16 dot
+  is not usable: it returns garbage, and its float32 -> bfloat16 cast truncates instead of rounding).
+1e-4 inside the kernels is reference.EPS, the RMSNorm epsilon.
 """
 
 import triton
@@ -17,6 +23,34 @@ def _sigmoid(x):
 def _tanh(x):
     # 2 * sigmoid(2x) - 1: absolute error ~1e-7, which is what the tolerance table asks of it.
     return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 x rounded to the nearest bfloat16 (ties to even), kept as float32; on the bits, so the interpreter and
+    the GPU agree with torch's .bfloat16(). Finite inputs only (the kernels never see inf or NaN operands)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, BF16: tl.constexpr, DOT_BF16: tl.constexpr):
+    """A dot operand: float32, or rounded to bfloat16 in bf16 compute (as bfloat16 for the tensor cores)."""
+    x = x.to(tl.float32)
+    if BF16:
+        x = _round_bf16(x)
+        if DOT_BF16:
+            x = x.to(tl.bfloat16)  # exact: x is already a bfloat16 value
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_BF16: tl.constexpr):
+    """acc + a @ b in float32: bf16 tensor-core dots, or float32 without TF32."""
+    if DOT_BF16:
+        return tl.dot(a, b, acc)
+    return tl.dot(a, b, acc, input_precision="ieee")
 
 
 @triton.jit
@@ -41,6 +75,8 @@ def _branch_pre(
     BB: tl.constexpr,
     BI: tl.constexpr,
     BKC: tl.constexpr,
+    BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     rows = row0 + tl.arange(0, BB)
     ks = k0 + tl.arange(0, BKC)
@@ -50,11 +86,9 @@ def _branch_pre(
     for i0 in range(0, N_IN, BI):
         ii = i0 + tl.arange(0, BI)
         imask = ii < N_IN
-        a = tl.load(
-            inp_ptr + rows[:, None] * inp_stride + ii[None, :], mask=rmask[:, None] & imask[None, :], other=0.0
-        ).to(tl.float32)
+        a = tl.load(inp_ptr + rows[:, None] * inp_stride + ii[None, :], mask=rmask[:, None] & imask[None, :], other=0.0)
         w = tl.load(w_ptr + ii[:, None] * K + ks[None, :], mask=imask[:, None] & kmask[None, :], other=0.0)
-        acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(_operand(a, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     acc += tl.load(b_ptr + ks, mask=kmask, other=0.0).to(tl.float32)[None, :]
     tl.store(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], acc, mask=rmask[:, None] & kmask[None, :])
 
@@ -82,16 +116,18 @@ def _fwd_branches(
     BB: tl.constexpr,
     BI: tl.constexpr,
     BKC: tl.constexpr,
+    BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BB
     br = tl.program_id(1)
     k0 = tl.program_id(2) * BKC
     if br == 0:
-        _branch_pre(deter_ptr, deter_stride, w0, b0, pre_ptr, 0, B, D, K, row0, k0, BB, BI, BKC)
+        _branch_pre(deter_ptr, deter_stride, w0, b0, pre_ptr, 0, B, D, K, row0, k0, BB, BI, BKC, BF16, DOT_BF16)
     elif br == 1:
-        _branch_pre(stoch_ptr, stoch_stride, w1, b1, pre_ptr, 1, B, SC, K, row0, k0, BB, BI, BKC)
+        _branch_pre(stoch_ptr, stoch_stride, w1, b1, pre_ptr, 1, B, SC, K, row0, k0, BB, BI, BKC, BF16, DOT_BF16)
     else:
-        _branch_pre(action_ptr, action_stride, w2, b2, pre_ptr, 2, B, A, K, row0, k0, BB, BI, BKC)
+        _branch_pre(action_ptr, action_stride, w2, b2, pre_ptr, 2, B, A, K, row0, k0, BB, BI, BKC, BF16, DOT_BF16)
 
 
 @triton.jit
@@ -112,6 +148,8 @@ def _x_part(
     BB: tl.constexpr,
     BK: tl.constexpr,
     SAVE: tl.constexpr,
+    BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     """acc += silu(rms(pre_br) * s) @ wh[g, DG + br*K : DG + (br+1)*K, js] for one block's output chunk."""
     ss = tl.zeros((BB,), tl.float32)
@@ -136,7 +174,7 @@ def _x_part(
         w = tl.load(
             wh_blk + (DG + br * K + ks[:, None]) * DG + js[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0
         )
-        acc = tl.dot(x, w.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(_operand(x, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     return acc
 
 
@@ -162,6 +200,8 @@ def _fwd_hidden(
     BJ: tl.constexpr,
     BK: tl.constexpr,
     SAVE: tl.constexpr,
+    BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BB
     g = tl.program_id(1)
@@ -180,13 +220,19 @@ def _fwd_hidden(
             deter_ptr + rows[:, None] * deter_stride + g * DG + ii[None, :],
             mask=rmask[:, None] & imask[None, :],
             other=0.0,
-        ).to(tl.float32)
+        )
         w = tl.load(wh_blk + ii[:, None] * DG + js[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
-        acc = tl.dot(a, w.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(_operand(a, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     write_x = (g == 0) & (pj == 0)
-    acc = _x_part(acc, pre_ptr, s0, wh_blk, x_ptr, write_x, 0, rows, rmask, js, jmask, K, DG, BB, BK, SAVE)
-    acc = _x_part(acc, pre_ptr, s1, wh_blk, x_ptr, write_x, 1, rows, rmask, js, jmask, K, DG, BB, BK, SAVE)
-    acc = _x_part(acc, pre_ptr, s2, wh_blk, x_ptr, write_x, 2, rows, rmask, js, jmask, K, DG, BB, BK, SAVE)
+    acc = _x_part(
+        acc, pre_ptr, s0, wh_blk, x_ptr, write_x, 0, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+    )
+    acc = _x_part(
+        acc, pre_ptr, s1, wh_blk, x_ptr, write_x, 1, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+    )
+    acc = _x_part(
+        acc, pre_ptr, s2, wh_blk, x_ptr, write_x, 2, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+    )
     m = rmask[:, None] & jmask[None, :]
     hpre = tl.where(m, acc + tl.load(bh_ptr + g * DG + js, mask=jmask, other=0.0).to(tl.float32)[None, :], 0.0)
     tl.store(hpre_ptr + rows[:, None] * D + g * DG + js[None, :], hpre, mask=m)
@@ -215,6 +261,8 @@ def _fwd_gates(
     BJ: tl.constexpr,
     BP: tl.constexpr,
     SAVE: tl.constexpr,
+    BF16: tl.constexpr,
+    DOT_BF16: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BB
     g = tl.program_id(1)
@@ -248,9 +296,10 @@ def _fwd_gates(
                 tl.store(h_ptr + rows[:, None] * D + g * DG + ii[None, :], h, mask=m)
         wm = imask[:, None] & jmask[None, :]
         wp = wg_blk + ii[:, None] * (3 * DG) + js[None, :]
-        acc_r = tl.dot(h, tl.load(wp, mask=wm, other=0.0).to(tl.float32), acc_r, input_precision="ieee")
-        acc_c = tl.dot(h, tl.load(wp + DG, mask=wm, other=0.0).to(tl.float32), acc_c, input_precision="ieee")
-        acc_z = tl.dot(h, tl.load(wp + 2 * DG, mask=wm, other=0.0).to(tl.float32), acc_z, input_precision="ieee")
+        hd = _operand(h, BF16, DOT_BF16)
+        acc_r = _dot(hd, _operand(tl.load(wp, mask=wm, other=0.0), BF16, DOT_BF16), acc_r, DOT_BF16)
+        acc_c = _dot(hd, _operand(tl.load(wp + DG, mask=wm, other=0.0), BF16, DOT_BF16), acc_c, DOT_BF16)
+        acc_z = _dot(hd, _operand(tl.load(wp + 2 * DG, mask=wm, other=0.0), BF16, DOT_BF16), acc_z, DOT_BF16)
     bp = bg_ptr + g * 3 * DG + js
     gr = acc_r + tl.load(bp, mask=jmask, other=0.0).to(tl.float32)[None, :]
     gc = acc_c + tl.load(bp + DG, mask=jmask, other=0.0).to(tl.float32)[None, :]

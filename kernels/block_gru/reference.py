@@ -11,6 +11,11 @@ One core step (danijar/dreamerv3 rssm.py `_core`, BlockLinear in embodied/jax/ne
     deter' = sigmoid(z - 1) * tanh(sigmoid(r) * c) + (1 - sigmoid(z - 1)) * deter
 
 rms(x) = x * rsqrt(mean(x^2) + 1e-4). Computed in float32 whatever the weight dtype.
+
+bf16=True is the bf16 compute the fast modes use (bf16 matmuls, as the reference's bfloat16 compute): both operands of
+each of the five matmuls are rounded to bfloat16 (nearest, ties to even) and their products summed in float32;
+everything else stays float32, and the gradient passes straight through the roundings (as autocast's casts do).
+Unlike torch.autocast, the matmul's float32 result is not rounded again: this is the fused kernel's spec.
 """
 
 from __future__ import annotations
@@ -42,14 +47,37 @@ class BlockGRUWeights(NamedTuple):
     bg: torch.Tensor  # (3D,)
 
 
+class _RoundBF16(torch.autograd.Function):
+    """Forward: round to the nearest bfloat16, kept as float32. Backward: the gradient unchanged (straight through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.bfloat16().float()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def _operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
+    return _RoundBF16.apply(t.float()) if bf16 else t.float()
+
+
+def _pin(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The activations that bf16 compute rounds (x, h) pass through here. Identity; the kernel tests replace it to
+    pin them to the kernel's own values, because two float32 computations of one value can round to neighbouring
+    bf16 values and that difference would otherwise propagate into everything downstream."""
+    return t
+
+
 def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x = x.float()
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS) * scale.float()
 
 
-def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """x (B, G, I) with w (G, I, O) -> (B, G*O) plus bias (G*O,)."""
-    y = torch.einsum("bgi,gio->bgo", x, w.float())
+    y = torch.einsum("bgi,gio->bgo", _operand(x, bf16), _operand(w, bf16))
     return y.reshape(x.shape[0], -1) + b.float()
 
 
@@ -84,18 +112,25 @@ def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
                              f"{G} blocks, hidden {K}")
 
 
-def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
-    """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32."""
+def step(
+    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
+) -> torch.Tensor:
+    """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
+    compute of the module docstring."""
     B, D = deter.shape
     G = w.wh.shape[0]
     deter = deter.float()
-    x0 = F.silu(rms_norm(deter @ w.w0.float() + w.b0.float(), w.s0))
-    x1 = F.silu(rms_norm(stoch.float() @ w.w1.float() + w.b1.float(), w.s1))
-    x2 = F.silu(rms_norm(action.float() @ w.w2.float() + w.b2.float(), w.s2))
-    x = torch.cat([x0, x1, x2], -1)  # (B, 3K)
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _operand(a, bf16) @ _operand(b, bf16)
+
+    x0 = F.silu(rms_norm(mm(deter, w.w0) + w.b0.float(), w.s0))
+    x1 = F.silu(rms_norm(mm(stoch, w.w1) + w.b1.float(), w.s1))
+    x2 = F.silu(rms_norm(mm(action, w.w2) + w.b2.float(), w.s2))
+    x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
     u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
-    h = F.silu(rms_norm(block_linear(u, w.wh, w.bh), w.sh))  # (B, D)
-    gates = block_linear(h.reshape(B, G, D // G), w.wg, w.bg).reshape(B, G, 3, D // G)
+    h = _pin("h", F.silu(rms_norm(block_linear(u, w.wh, w.bh, bf16), w.sh)))  # (B, D)
+    gates = block_linear(h.reshape(B, G, D // G), w.wg, w.bg, bf16).reshape(B, G, 3, D // G)
     # The gate math on (B, G, D/G) views, flattened only at the end: compiled on the CPU, reading the gates through
     # (B, D) reshapes (div/mod indexing) took 2.3 ms vs 1.8 ms at B1024, D512, G8.
     reset, cand, update = gates.unbind(2)
@@ -105,11 +140,13 @@ def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: Bloc
     return (update * cand + (1.0 - update) * deter.reshape(B, G, D // G)).reshape(B, D)
 
 
-def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
+def rollout(
+    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
+) -> torch.Tensor:
     """Several core steps with given inputs: stoch (B, T, S*C), action (B, T, A) -> deters (B, T, D)."""
     out = []
     for t in range(stoch.shape[1]):
-        deter = step(deter, stoch[:, t], action[:, t], w)
+        deter = step(deter, stoch[:, t], action[:, t], w, bf16)
         out.append(deter)
     return torch.stack(out, 1)
 

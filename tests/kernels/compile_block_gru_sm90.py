@@ -2,8 +2,9 @@
 
 The interpreter runs the kernels' math on CPU but never lowers them, so type and layout errors that only the
 compiler sees would first show on a GPU. This compiles each kernel at the widest tiles fused.py can choose, for
-fp32 and bf16 weights (or those named on the command line), and prints {"kernel[dtype]": shared bytes} as JSON.
-Must run with TRITON_INTERPRET unset.
+fp32 and bf16 weights (or those named on the command line), each in fp32 and in bf16 compute (the forward's
+bf16 tensor-core dots are the GPU-only path: the interpreter emulates them in fp32), and prints
+{"kernel[weight dtype,compute]": shared bytes} as JSON. Must run with TRITON_INTERPRET unset.
 
     python tests/kernels/compile_block_gru_sm90.py [fp32] [bf16]
 """
@@ -41,7 +42,10 @@ def main(dtypes: list[str]) -> int:
     ]
     shared = {}
     for wdtype in dtypes:
-        for fn, consts in cases:
+        for (fn, consts), compute in ((c, m) for m in ("fp32", "bf16") for c in cases):
+            consts = dict(consts, BF16=compute == "bf16")
+            if "DOT_BF16" in fn.arg_names:
+                consts["DOT_BF16"] = compute == "bf16"
             sig = {}
             for name in fn.arg_names:
                 if name in consts:
@@ -52,8 +56,9 @@ def main(dtypes: list[str]) -> int:
                     sig[name] = "*fp32"
                 else:
                     sig[name] = "i32"
-            k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-            shared[f"{fn.__name__}[{wdtype}]"] = k.metadata.shared
+            opts = {"num_stages": fused.BWD_GATES_STAGES[compute == "bf16"]} if fn is kb._bwd_gates else {}
+            k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
+            shared[f"{fn.__name__}[{wdtype},{compute}]"] = k.metadata.shared
     print(json.dumps(shared))
     return 0
 

@@ -61,9 +61,13 @@ def grads_of(fn, deter, stoch, action, w, dout, upcast=False):
 SHAPES = [(1, 24, 4, 20, 15, 6), (3, 40, 8, 12, 100, 3), (16, 24, 4, 16, 9, 1), (17, 264, 2, 136, 30, 5)]
 
 
+@pytest.mark.parametrize("tiles", ["parallel", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_D{}_G{}_K{}_SC{}_A{}".format(*s))
-def test_step_matches_reference_output_and_every_gradient(shape, dtype):
+def test_step_matches_reference_output_and_every_gradient(shape, dtype, tiles, monkeypatch):
+    """Both tile policies of fused.py: at these shapes "parallel" narrows most output tiles to 16 columns (as at
+    batch 16 on a GPU), "wide" keeps them up to 64 / 128 (as at batch 1024)."""
+    monkeypatch.setattr(fused, "TILES", tiles)
     deter, stoch, action, w, dout = make_case(*shape, dtype=dtype, seed=sum(shape))
     out, grads = grads_of(fused.step, deter, stoch, action, w, dout)
     # bf16 weights: the reference on the same weights upcast to fp32 is the same math the kernel does.
@@ -74,6 +78,79 @@ def test_step_matches_reference_output_and_every_gradient(shape, dtype):
         assert g.dtype == t.dtype and g.shape == t.shape, name
         tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else GRAD_TOL
         torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch):
+    """reference.step(bf16=True) with its two rounded activations (x, h) pinned to the fused kernel's values.
+
+    Products of bf16 values are exact in float32, so kernel and spec differ by summation order only, as in fp32,
+    except where an activation the two compute a few float32 ulps apart rounds to neighbouring bf16 values (a few
+    per case here; each then moves its whole row). Pinning x and h to the kernel's own (saved) values, with the
+    gradient passing straight through, removes that, so the fp32 tolerances apply to bf16 compute unchanged.
+    Returns the spec as a function of (deter, stoch, action, w) like reference.step."""
+    _, saved = fused.forward(deter, stoch, action, w, save=True, bf16=True)
+    kernel = {"x": saved[1], "h": saved[3]}
+    monkeypatch.setattr(reference, "_pin", lambda name, t: t + (kernel[name] - t).detach())
+    return lambda *a: reference.step(*a, bf16=True)
+
+
+def check_bf16_compute(deter, stoch, action, w, dout, monkeypatch, weight_grad_tol):
+    out, grads = grads_of(lambda *a: fused.step(*a, bf16=True), deter, stoch, action, w, dout)
+    spec = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
+    ref, ref_grads = grads_of(spec, deter, stoch, action, w, dout, upcast=True)
+    fp32 = reference.step(deter, stoch, action, BlockGRUWeights(*(t.float() for t in w)))
+    # The test can tell the precisions apart: bf16 rounding moves the output far more than the tolerance.
+    assert (fp32 - ref).abs().max() > 10 * OUT_TOL["atol"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg, t in zip(NAMES, grads, ref_grads, (deter, stoch, action, *w)):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else GRAD_TOL if name in NAMES[:3] else weight_grad_tol
+        torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32w", "bf16w"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_D{}_G{}_K{}_SC{}_A{}".format(*s))
+def test_bf16_compute_matches_the_reference_bf16_spec(shape, dtype, monkeypatch):
+    """What the switch runs under bf16 autocast: every dot's operands rounded to bf16, fp32 sums, straight-through
+    gradients. On CPU the interpreter emulates the bf16 dots in fp32; on a GPU they run on the tensor cores."""
+    deter, stoch, action, w, dout = make_case(*shape, dtype=dtype, seed=sum(shape) + 1)
+    check_bf16_compute(deter, stoch, action, w, dout, monkeypatch, GRAD_TOL)
+
+
+def test_bf16_rollout_and_the_switch_under_bf16_autocast():
+    """rollout in bf16 compute is the step repeated (the same launches: bitwise equal); the switch picks bf16 compute
+    from torch.autocast. The torch reference under autocast also rounds each matmul's result, so it lands near the
+    fused result, not on it."""
+    B, T, D, G, K, SC, A = 3, 4, 24, 4, 20, 15, 6
+    deter, _, _, w, _ = make_case(B, D, G, K, SC, A, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    stoch = torch.randn(B, T, SC, generator=gen).to(DEVICE)
+    action = torch.randn(B, T, A, generator=gen).to(DEVICE)
+    out = fused.rollout(deter, stoch, action, w, bf16=True)
+    d = deter
+    for t in range(T):
+        d = fused.step(d, stoch[:, t], action[:, t], w, bf16=True)
+        torch.testing.assert_close(out[:, t], d, atol=0, rtol=0)
+    assert (out - fused.rollout(deter, stoch, action, w)).abs().max() > 1e-3  # not the fp32 kernels
+    block_gru.set_impl("triton")
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        via_switch = block_gru.rollout(deter, stoch, action, w)
+        one_step = block_gru.step(deter, stoch[:, 0], action[:, 0], w)
+    torch.testing.assert_close(via_switch, out, atol=0, rtol=0)
+    torch.testing.assert_close(one_step, out[:, 0], atol=0, rtol=0)
+    # Compiled (as the RSSM is), the switch reads the autocast state at trace time and guards on it.
+    torch._dynamo.reset()
+    compiled = torch.compile(block_gru.step, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        torch.testing.assert_close(compiled(deter, stoch[:, 0], action[:, 0], w), out[:, 0], atol=0, rtol=0)
+    with torch.no_grad():
+        fp32_step = fused.step(deter, stoch[:, 0], action[:, 0], w)
+        torch.testing.assert_close(compiled(deter, stoch[:, 0], action[:, 0], w), fp32_step, atol=0, rtol=0)
+    block_gru.set_impl("torch")
+    with torch.no_grad(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        autocast_ref = block_gru.rollout(deter, stoch, action, w)
+    assert (autocast_ref - out).abs().max() < 0.05  # both bf16; autocast also rounds every matmul's result
 
 
 def test_gradients_flow_when_only_the_state_requires_grad():
@@ -146,6 +223,14 @@ def test_step_and_its_backward_replay_in_a_cuda_graph():
     torch.testing.assert_close(static[0], ref, **OUT_TOL)
     for name, g, rg in zip(NAMES, static[1:], ref_grads):
         torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="batch 1000 is too slow for the interpreter")
+def test_bf16_compute_on_tensor_cores_at_batch_1000_and_12m_widths(monkeypatch):
+    """The imagination's shape in bf16 compute: the forward's dots on the tensor cores (GPU only). Weight grads sum
+    1000 rows, hence the B = 1000 tolerance of the fp32 test."""
+    deter, stoch, action, w, dout = make_case(1000, 2048, 8, 256, 512, 6, seed=15)
+    check_bf16_compute(deter, stoch, action, w, dout, monkeypatch, {"atol": 3e-3, "rtol": 1e-4})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="batch 1000 is too slow for the interpreter")
@@ -257,4 +342,4 @@ def test_kernels_compile_for_sm90_and_fit_in_a100_shared_memory():
         pytest.skip("Triton's bundled ptxas is missing here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 7 and all(v <= 163 * 1024 for v in shared.values()), shared
+    assert len(shared) == 14 and all(v <= 163 * 1024 for v in shared.values()), shared
