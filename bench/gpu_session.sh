@@ -13,8 +13,9 @@
 # code 1 if any failed). 500 s + 10 s kill grace stays under the 560 s call limit; with the start, ~11 of the 15
 # minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a step cut
 # by its timeout keeps its finished rows (the device returns at most 8 files: nvidia-smi.txt, quick.log, 2 JSON).
-#   1. bench/bench_block_gru.py, 12m at B16 and B1024, Triton kernel vs compiled reference in CUDA-graph replay,
-#      each checked natively against the reference first (cap 150 s)       -> block_gru_cuda_12m.json
+#   1. bench/bench_block_gru.py, 12m at B16 and B1024 in bf16 compute (the trainer's GPU precision), Triton kernels
+#      (both tile policies) vs the reference eager and compiled under autocast, in CUDA-graph replay, each checked
+#      natively against the reference first (cap 150 s)                    -> block_gru_cuda_12m.json
 #   2. python -m bench, 12m, imagine/full_update/act_step in eager, graphs, graphs_triton, compile (graphs first:
 #      it is the mode the GPU goals are about, and compile then reuses its inductor cache)
 #      (cap 300 s)                                                          -> fast_cuda_12m_quick.json
@@ -32,7 +33,7 @@
 #   fast      python -m bench at 12m, vector observations, eager + compile -> fast_cuda_12m.json
 #   graphs    the same for eager + graphs + graphs_triton                  -> fast_cuda_12m_graphs.json
 #   image   python -m bench at 12m, 64x64 images, all modes               -> fast_cuda_12m_image.json
-#   gru     bench/bench_block_gru.py (12m and 200m, B16 and B1024)        -> block_gru_cuda.json
+#   gru     bench/bench_block_gru.py (12m and 200m, B16 and B1024, bf16 and fp32 compute) -> block_gru_cuda.json
 #   e2e     the training loop, pong 12m, compile and graphs, with and without the env-step overlap
 #   big     python -m bench at 200m, vector observations                  -> fast_cuda_200m.json
 set -uo pipefail
@@ -102,8 +103,8 @@ quick() {
   else
     setup || { echo "setup failed"; return 1; }
   fi
-  step block_gru 150 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 1024 --repeats 20 \
-    --json "$OUT/block_gru_cuda_12m.json" || rc=1
+  step block_gru 150 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 1024 --repeats 20 --compute bf16 \
+    --modes eager compile triton triton_wide --json "$OUT/block_gru_cuda_12m.json" || rc=1
   step bench 300 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs,graphs_triton,compile --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
   step e2e 120 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 \
@@ -143,7 +144,8 @@ for p in "$@"; do
       phase image timeout 560 python3 -m bench --device cuda --size 12m --obs image \
         --json "$OUT/fast_cuda_12m_image.json" || rc=1 ;;
     gru)
-      phase gru timeout 560 python3 bench/bench_block_gru.py --device cuda --json "$OUT/block_gru_cuda.json" || rc=1 ;;
+      phase gru timeout 560 python3 bench/bench_block_gru.py --device cuda --compute bf16 fp32 \
+        --json "$OUT/block_gru_cuda.json" || rc=1 ;;
     e2e)
       for mode in compile graphs; do
         phase "e2e_$mode" timeout 270 python3 -m bench.end_to_end --preset pong --size 12m --mode "$mode" \
