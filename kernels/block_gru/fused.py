@@ -24,7 +24,7 @@ intermediate dgates, dhpre, dx, dpre):
 
 Weight gradients are then plain torch matmul/einsum/sum over the batch of those per-row grads, which cuBLAS does
 well and which keeps the kernels small. Every loop is chunked (no full-width row in registers), so any K and D/G
-work; tiles are 16 rows by 16-128 columns, masked at the edges.
+work; tiles are 16-64 rows (16 in the backward) by 16-128 columns, masked at the edges (fwd_tiles, _col_tile).
 
 Weights may be float32, bfloat16 or float16 (all the same dtype); they are upcast on load and every dot
 accumulates in float32 with input_precision="ieee" (no TF32), because the spec computes in float32. With bf16=True
@@ -88,8 +88,9 @@ def _np2(n: int, lo: int = 16, hi: int = TILE) -> int:
 # Output-column tiles. At batch 16 a kernel has one row tile, so its grid is (1, 3 or G, columns / tile): with the
 # widest tiles, 6 programs stream the 2 MB of w0 (12m) and 32 the 8 MB of wh, on a GPU with 132 SMs. "parallel"
 # (default) narrows a kernel's output tile, down to 16, until its grid has MIN_PROGRAMS programs, so more SMs share the
-# weight reads (each weight is still read once per row tile); "wide" keeps the widest tiles (the first version).
-# At batch 1024 (64 row tiles) both give the same tiles. FASTDREAMER_GRU_TILES picks one at import (benchmarks).
+# weight reads (each weight is still read once per row tile), and picks the forward's row tile (fwd_tiles, below);
+# "wide" keeps the widest column tiles and 16-row tiles (the first version). At batch 1024 the column tiles of both
+# are mostly the widest. FASTDREAMER_GRU_TILES picks one at import (benchmarks).
 TILES = os.environ.get("FASTDREAMER_GRU_TILES", "parallel")
 if TILES not in ("parallel", "wide"):
     raise ValueError(f"FASTDREAMER_GRU_TILES={TILES!r}: expected parallel or wide")
@@ -103,6 +104,31 @@ def _col_tile(n: int, programs_per_column_tile: int, hi: int = TILE) -> int:
     while TILES == "parallel" and t > 16 and programs_per_column_tile * triton.cdiv(n, t) < MIN_PROGRAMS:
         t //= 2
     return t
+
+
+# Forward row tiles. 16 rows per program (BB) is what tl.dot needs at least, and at batch 16 all there is. At batch
+# 1024 (imagination) 16-row tiles make every weight be read from L2 once per 16 rows, 64 times per step (~1 GB at
+# 12m), and on sm_90 a 16-row bf16 dot lowers to mma.sync; 64-row tiles read the weights 16 times and lower to
+# wgmma (checked in the PTX for sm_90). So "parallel" takes the widest row tile (64, 32 or 16) whose grid still has
+# MIN_PROGRAMS programs at the widest column tiles. The backward stays at 16 rows: training runs it at batch 16.
+ROW_TILES = (64, 32)
+
+
+def fwd_tiles(B: int, DG: int, G: int, K: int) -> dict[str, int]:
+    """The forward's tiles for batch B: rows BB, column tiles BJ (hidden and gate outputs) and BKB (branch outputs),
+    loop tiles BI (over D/G) and BK (over K)."""
+    bb = BB
+    if TILES == "parallel":
+        per_row_tile = G * triton.cdiv(DG, _np2(DG))
+        bb = next((t for t in ROW_TILES if triton.cdiv(B, t) * per_row_tile >= MIN_PROGRAMS), BB)
+    nb = triton.cdiv(B, bb)
+    return {
+        "BB": bb,
+        "BJ": _col_tile(DG, nb * G),
+        "BKB": _col_tile(K, nb * 3, hi=TILE_K),
+        "BI": _np2(DG),
+        "BK": _np2(K, hi=TILE_K),
+    }
 
 
 def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -167,9 +193,9 @@ def forward(
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
     dev = deter.device
-    nb = triton.cdiv(B, BB)
-    BJ, BI, BK = _col_tile(DG, nb * G), _np2(DG), _np2(K, hi=TILE_K)
-    BKB = _col_tile(K, nb * 3, hi=TILE_K)  # the branches' output tile
+    tiles = fwd_tiles(B, DG, G, K)
+    RB, BJ, BKB, BI, BK = (tiles[k] for k in ("BB", "BJ", "BKB", "BI", "BK"))
+    nb = triton.cdiv(B, RB)
     NJ = triton.cdiv(DG, BJ)
     prec = {"BF16": bf16, "DOT_BF16": bf16 and dev.type == "cuda"}  # the interpreter emulates the bf16 dots
     pre = _empty((B, 3 * K), dev)
@@ -200,7 +226,7 @@ def forward(
         SC,
         A,
         K,
-        BB=BB,
+        BB=RB,
         BI=_np2(max(D, SC, A)),
         BKC=BKB,
         **prec,
@@ -221,7 +247,7 @@ def forward(
         DG,
         K,
         NJ,
-        BB=BB,
+        BB=RB,
         BI=BI,
         BJ=BJ,
         BK=BK,
@@ -244,7 +270,7 @@ def forward(
         B,
         DG,
         G * NJ,
-        BB=BB,
+        BB=RB,
         BI=BI,
         BJ=BJ,
         BP=triton.next_power_of_2(G * NJ),

@@ -30,8 +30,11 @@ def main(dtypes: list[str]) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    T, TK, TKB, BB = fused.TILE, fused.TILE_K, fused.TILE_K_BWD, fused.BB
+    T, TK, TKB, BB, RB = fused.TILE, fused.TILE_K, fused.TILE_K_BWD, fused.BB, max(fused.ROW_TILES)
     cases = [
+        (kf._fwd_branches, {"BB": RB, "BI": T, "BKC": TK}),  # the forward's widest row tile (large batches)
+        (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True}),
+        (kf._fwd_gates, {"BB": RB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
         (kf._fwd_branches, {"BB": BB, "BI": T, "BKC": TK}),
         (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True}),
         (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
@@ -58,7 +61,8 @@ def main(dtypes: list[str]) -> int:
                     sig[name] = "i32"
             opts = {"num_stages": fused.BWD_GATES_STAGES[compute == "bf16"]} if fn is kb._bwd_gates else {}
             k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
-            shared[f"{fn.__name__}[{wdtype},{compute}]"] = k.metadata.shared
+            rows = "" if consts["BB"] == BB else f"/BB{consts['BB']}"
+            shared[f"{fn.__name__}{rows}[{wdtype},{compute}]"] = k.metadata.shared
     print(json.dumps(shared))
     return 0
 

@@ -153,6 +153,28 @@ def test_bf16_rollout_and_the_switch_under_bf16_autocast():
     assert (autocast_ref - out).abs().max() < 0.05  # both bf16; autocast also rounds every matmul's result
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16compute"])
+@pytest.mark.parametrize("B,min_programs,rows", [(70, 4, 64), (40, 6, 32), (40, 12, 16)])
+def test_forward_row_tiles_of_32_and_64(B, min_programs, rows, bf16, monkeypatch):
+    """Large batches run the forward with 64- or 32-row tiles (fused.fwd_tiles). Batch 1024 is too slow for the
+    interpreter, so MIN_PROGRAMS is lowered to pick those tiles at small batches; B = 70 and 40 leave a partial tile.
+    The backward (16-row tiles) reads what this forward saved."""
+    monkeypatch.setattr(fused, "MIN_PROGRAMS", min_programs)
+    shape = (B, 24, 4, 20, 15, 6)
+    assert fused.fwd_tiles(B, 24 // 4, 4, 20)["BB"] == rows
+    deter, stoch, action, w, dout = make_case(*shape, seed=B + min_programs)
+    out, grads = grads_of(lambda *a: fused.step(*a, bf16=bf16), deter, stoch, action, w, dout)
+    if bf16:
+        spec = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
+    else:
+        spec = reference.step
+    ref, ref_grads = grads_of(spec, deter, stoch, action, w, dout)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg in zip(NAMES, grads, ref_grads):
+        # Weight grads sum up to 70 rows here (the table's row: 17): measured max error 3.8e-6, bound 1e-4.
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def test_gradients_flow_when_only_the_state_requires_grad():
     deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=1)
     d = deter.clone().requires_grad_()
@@ -342,4 +364,4 @@ def test_kernels_compile_for_sm90_and_fit_in_a100_shared_memory():
         pytest.skip("Triton's bundled ptxas is missing here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 14 and all(v <= 163 * 1024 for v in shared.values()), shared
+    assert len(shared) == 20 and all(v <= 163 * 1024 for v in shared.values()), shared
