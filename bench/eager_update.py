@@ -28,9 +28,18 @@ def main() -> None:
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
     # The reference's batch (16 x 64) whatever the preset trains with, so sizes and envs compare.
-    cfg = dataclasses.replace(preset_defaults(args.env), size=args.size, device=args.device, num_envs=4,
-                              batch_size=16, batch_length=64, replay_size=20_000, mode="eager", progress=False,
-                              logdir="/tmp/fastdreamer-bench")
+    cfg = dataclasses.replace(
+        preset_defaults(args.env),
+        size=args.size,
+        device=args.device,
+        num_envs=4,
+        batch_size=16,
+        batch_length=64,
+        replay_size=20_000,
+        mode="eager",
+        progress=False,
+        logdir="/tmp/fastdreamer-bench",
+    )
     trainer = Trainer(cfg, log=lambda *_: None)
     while not trainer.replay.ready():
         trainer.act()
@@ -45,12 +54,24 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     trainer.close()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    row = {"env": args.env, "size": args.size, "device": str(trainer.device), "batch": f"{cfg.batch_size}x"
-           f"{cfg.batch_length}", "median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3,
-           "max_ms": max(times) * 1e3, "repeats": args.repeats, "threads": torch.get_num_threads(),
-           "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "commit": commit}
-    print(f"{args.env} {args.size} eager update ({row['batch']}, {row['device']}, {row['threads']} threads): "
-          f"median {row['median_ms']:.0f} ms (min {row['min_ms']:.0f}, max {row['max_ms']:.0f}, n={args.repeats})")
+    row = {
+        "env": args.env,
+        "size": args.size,
+        "device": str(trainer.device),
+        "batch": f"{cfg.batch_size}x{cfg.batch_length}",
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "commit": commit,
+    }
+    print(
+        f"{args.env} {args.size} eager update ({row['batch']}, {row['device']}, {row['threads']} threads): "
+        f"median {row['median_ms']:.0f} ms (min {row['min_ms']:.0f}, max {row['max_ms']:.0f}, n={args.repeats})"
+    )
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")

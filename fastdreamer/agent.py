@@ -73,11 +73,23 @@ class Agent(nn.Module):
         size = SIZES[cfg.size]
         self.act_dim = spec.act_dim
         self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth)
-        self.rssm = RSSM(self.encoder.out_dim, spec.act_dim, size.deter, size.hidden, size.stoch, size.classes,
-                         size.blocks, cfg.unimix, cfg.obslayers, cfg.imglayers, cfg.free_nats)
+        self.rssm = RSSM(
+            self.encoder.out_dim,
+            spec.act_dim,
+            size.deter,
+            size.hidden,
+            size.stoch,
+            size.classes,
+            size.blocks,
+            cfg.unimix,
+            cfg.obslayers,
+            cfg.imglayers,
+            cfg.free_nats,
+        )
         fdim = self.rssm.feat_dim
-        self.decoder = Decoder(spec.obs, size.deter, size.stoch * size.classes, size.units, cfg.dec_layers,
-                               size.depth, bspace=cfg.bspace)
+        self.decoder = Decoder(
+            spec.obs, size.deter, size.stoch * size.classes, size.units, cfg.dec_layers, size.depth, bspace=cfg.bspace
+        )
         self.reward = Head(fdim, size.units, cfg.head_layers, cfg.bins, 0.0)
         self.cont = Head(fdim, size.units, cfg.head_layers, 1, 1.0)
         self.actor = Head(fdim, size.units, cfg.ac_layers, spec.act_dim, 0.01, std=not spec.discrete)
@@ -190,7 +202,8 @@ class Agent(nn.Module):
         val_logp = torch.log_softmax(val_logits.float(), -1)[:, :-1]  # a view: no copy of (N, H, bins)
         losses["value"] = weight[:, :-1] * (
             dists.twohot_nll(val_logp, ret, self.bins)
-            + cfg.slowreg * dists.twohot_nll(val_logp, slowval[:, :-1], self.bins))
+            + cfg.slowreg * dists.twohot_nll(val_logp, slowval[:, :-1], self.bins)
+        )
 
         # Critic on replayed trajectories, bootstrapped from the imagined returns (repval loss).
         rep_logits = self.critic(repfeat)
@@ -201,28 +214,38 @@ class Agent(nn.Module):
         rep_logp = torch.log_softmax(rep_logits.float(), -1)[:, :-1]
         losses["repval"] = (~is_last[:, :-1]).float() * (
             dists.twohot_nll(rep_logp, rep_ret, self.bins)
-            + cfg.slowreg * dists.twohot_nll(rep_logp, rep_slow[:, :-1], self.bins))
+            + cfg.slowreg * dists.twohot_nll(rep_logp, rep_slow[:, :-1], self.bins)
+        )
 
-        scales = {"dyn": cfg.loss_dyn, "rep": cfg.loss_rep, "rew": cfg.loss_rew, "con": cfg.loss_con,
-                  "policy": cfg.loss_policy, "value": cfg.loss_value, "repval": cfg.loss_repval}
+        scales = {
+            "dyn": cfg.loss_dyn,
+            "rep": cfg.loss_rep,
+            "rew": cfg.loss_rew,
+            "con": cfg.loss_con,
+            "policy": cfg.loss_policy,
+            "value": cfg.loss_value,
+            "repval": cfg.loss_repval,
+        }
         means = {k: v.mean() for k, v in losses.items()}
         total = sum(means[k] * scales.get(k, cfg.loss_rec) for k in means)
         metrics = {f"loss/{k}": v.detach() for k, v in means.items()}
         with torch.no_grad():
-            metrics.update({
-                "loss/total": total.detach(),
-                "wm/dyn_ent": dists.categorical_entropy(prior).sum(-1).mean(),
-                "wm/rep_ent": dists.categorical_entropy(post).sum(-1).mean(),
-                "ac/ret": ret.mean(),
-                "ac/adv": adv.mean(),
-                "ac/adv_std": adv.std(),
-                "ac/entropy": ent.mean(),
-                "ac/value": val.mean(),
-                "ac/retnorm_scale": rscale,
-                "ac/retnorm_offset": roffset,
-                "ac/imag_reward": rew.mean(),
-                "ac/imag_cont": con.mean(),
-            })
+            metrics.update(
+                {
+                    "loss/total": total.detach(),
+                    "wm/dyn_ent": dists.categorical_entropy(prior).sum(-1).mean(),
+                    "wm/rep_ent": dists.categorical_entropy(post).sum(-1).mean(),
+                    "ac/ret": ret.mean(),
+                    "ac/adv": adv.mean(),
+                    "ac/adv_std": adv.std(),
+                    "ac/entropy": ent.mean(),
+                    "ac/value": val.mean(),
+                    "ac/retnorm_scale": rscale,
+                    "ac/retnorm_offset": roffset,
+                    "ac/imag_reward": rew.mean(),
+                    "ac/imag_cont": con.mean(),
+                }
+            )
         latents = {"deter": deters.detach(), "stoch": stochs.detach().argmax(-1)}
         return total, metrics, latents
 

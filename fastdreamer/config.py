@@ -149,19 +149,21 @@ class Preset:
 # 100-update warmup. The image and DMC presets keep the reference's batch and optimizer settings. pong and carracing
 # run 12m at 64x64, the size this project's speed targets are set at; the reference's atari config runs its default
 # 200m at 96x96 (--size 200m --image-size 96).
-CPU_RECIPE = dict(size="1m", batch_size=8, batch_length=32, train_ratio=64.0, lr=3e-4, warmup=100, num_envs=4,
-                  replay_size=200_000)
+CPU_RECIPE = dict(
+    size="1m", batch_size=8, batch_length=32, train_ratio=64.0, lr=3e-4, warmup=100, num_envs=4, replay_size=200_000
+)
 
 PRESETS: dict[str, Preset] = {
     "cartpole": Preset("CartPole-v1", dict(CPU_RECIPE, steps=20_000)),
     "pendulum": Preset("Pendulum-v1", dict(CPU_RECIPE, steps=40_000)),
-    "pong": Preset("Pong-v5", dict(size="12m", train_ratio=32.0, num_envs=16, steps=5_000_000,
-                                   replay_size=2_000_000)),
-    "carracing": Preset("CarRacing-v3", dict(size="12m", train_ratio=64.0, num_envs=16, steps=2_000_000,
-                                             replay_size=1_000_000)),
+    "pong": Preset("Pong-v5", dict(size="12m", train_ratio=32.0, num_envs=16, steps=5_000_000, replay_size=2_000_000)),
+    "carracing": Preset(
+        "CarRacing-v3", dict(size="12m", train_ratio=64.0, num_envs=16, steps=2_000_000, replay_size=1_000_000)
+    ),
     # The reference's dmc_proprio: size 1m, train ratio 1024, its default 16 envs, 1.1M steps.
-    "walker": Preset("WalkerWalk-v1", dict(size="1m", train_ratio=1024.0, num_envs=16, steps=1_100_000,
-                                           replay_size=1_100_000)),
+    "walker": Preset(
+        "WalkerWalk-v1", dict(size="1m", train_ratio=1024.0, num_envs=16, steps=1_100_000, replay_size=1_100_000)
+    ),
 }
 
 
@@ -184,9 +186,17 @@ def validate(cfg: Config) -> None:
         close = difflib.get_close_matches(cfg.size, SIZES, 3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; choose one of {', '.join(SIZES)}"
         raise ValueError(f"unknown size {cfg.size!r}{hint}")
-    positive = dict(train_ratio=cfg.train_ratio, num_envs=cfg.num_envs, steps=cfg.steps, batch_size=cfg.batch_size,
-                    batch_length=cfg.batch_length, replay_size=cfg.replay_size, imag_length=cfg.imag_length,
-                    horizon=cfg.horizon, lr=cfg.lr)
+    positive = dict(
+        train_ratio=cfg.train_ratio,
+        num_envs=cfg.num_envs,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        batch_length=cfg.batch_length,
+        replay_size=cfg.replay_size,
+        imag_length=cfg.imag_length,
+        horizon=cfg.horizon,
+        lr=cfg.lr,
+    )
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -197,8 +207,10 @@ def validate(cfg: Config) -> None:
     seq = cfg.batch_length + cfg.replay_context
     per_env = cfg.replay_size // cfg.num_envs
     if seq > per_env:
-        raise ValueError(f"sequence of {seq} steps is longer than the replay capacity per env "
-                         f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size")
+        raise ValueError(
+            f"sequence of {seq} steps is longer than the replay capacity per env "
+            f"({cfg.replay_size} // {cfg.num_envs} = {per_env}); raise --replay-size"
+        )
     if not 0 <= cfg.unimix < 1 or not 0 <= cfg.policy_unimix < 1 or not 0 <= cfg.lam <= 1:
         raise ValueError("--unimix and --policy-unimix must be in [0, 1) and --lam in [0, 1]")
     fast.check_precision(cfg.precision, cfg.mode)

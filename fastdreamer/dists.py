@@ -76,7 +76,7 @@ def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
     to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
     total = to_below + to_above
-    return (F.one_hot(below, n) * (to_above / total)[..., None] + F.one_hot(above, n) * (to_below / total)[..., None])
+    return F.one_hot(below, n) * (to_above / total)[..., None] + F.one_hot(above, n) * (to_below / total)[..., None]
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,9 @@ class Policy:
     """The actor's output: categorical with unimix (discrete) or bounded normal (continuous).
     `raw` is the head output: logits (..., A) or mean and pre-std stacked as (..., 2A)."""
 
-    def __init__(self, raw: torch.Tensor, discrete: bool, unimix: float = 0.01, minstd: float = 0.1,
-                 maxstd: float = 1.0):
+    def __init__(
+        self, raw: torch.Tensor, discrete: bool, unimix: float = 0.01, minstd: float = 0.1, maxstd: float = 1.0
+    ):
         self.discrete = discrete
         if discrete:
             self.logp_all = unimix_logits(raw, unimix)  # (..., A)

@@ -18,8 +18,16 @@ from .envs import make_env
 
 
 @torch.no_grad()
-def evaluate(agent: Agent, env_name: str, cfg: Config, episodes: int, device: torch.device, seed: int = 12345,
-             greedy: bool = False, max_steps: int = 100_000) -> dict:
+def evaluate(
+    agent: Agent,
+    env_name: str,
+    cfg: Config,
+    episodes: int,
+    device: torch.device,
+    seed: int = 12345,
+    greedy: bool = False,
+    max_steps: int = 100_000,
+) -> dict:
     """Return {'mean', 'std', 'returns', 'lengths'} over the first episode of each of `episodes` envs."""
     env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size)
     try:
@@ -41,8 +49,13 @@ def evaluate(agent: Agent, env_name: str, cfg: Config, episodes: int, device: to
                 break
     finally:
         env.close()
-    return {"mean": float(returns.mean()), "std": float(returns.std()), "episodes": episodes,
-            "returns": returns.tolist(), "lengths": lengths.tolist()}
+    return {
+        "mean": float(returns.mean()),
+        "std": float(returns.std()),
+        "episodes": episodes,
+        "returns": returns.tolist(),
+        "lengths": lengths.tolist(),
+    }
 
 
 def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:

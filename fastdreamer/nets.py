@@ -157,8 +157,18 @@ class Decoder(nn.Module):
     reference's block-space projection of deter plus an MLP of stoch, then [upsample -> conv5 -> norm -> silu]
     and a sigmoid output."""
 
-    def __init__(self, obs_spec: dict, deter: int, stoch_flat: int, units: int, layers: int, depth: int,
-                 mults=(2, 3, 4, 4), kernel: int = 5, bspace: int = 8):
+    def __init__(
+        self,
+        obs_spec: dict,
+        deter: int,
+        stoch_flat: int,
+        units: int,
+        layers: int,
+        depth: int,
+        mults=(2, 3, 4, 4),
+        kernel: int = 5,
+        bspace: int = 8,
+    ):
         super().__init__()
         self.vec_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)

@@ -42,8 +42,20 @@ class BlockGRUCore(nn.Module):
 
 
 class RSSM(nn.Module):
-    def __init__(self, token_dim: int, act_dim: int, deter: int, hidden: int, stoch: int, classes: int,
-                 blocks: int, unimix: float = 0.01, obslayers: int = 1, imglayers: int = 2, free_nats: float = 1.0):
+    def __init__(
+        self,
+        token_dim: int,
+        act_dim: int,
+        deter: int,
+        hidden: int,
+        stoch: int,
+        classes: int,
+        blocks: int,
+        unimix: float = 0.01,
+        obslayers: int = 1,
+        imglayers: int = 2,
+        free_nats: float = 1.0,
+    ):
         super().__init__()
         self.deter, self.stoch, self.classes = deter, stoch, classes
         self.unimix, self.free_nats = unimix, free_nats

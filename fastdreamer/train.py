@@ -321,8 +321,14 @@ def train(cfg: Config, log=print) -> Trainer:
         latest_return = metrics.get("episode/return", latest_return)
         logger.log(trainer.env_steps, metrics)
         if bar is not None:
-            bar.set_postfix({"env/s": f"{metrics['fps/env']:.0f}", "upd/s": f"{metrics['fps/train']:.1f}",
-                             "return": f"{latest_return:.1f}"}, refresh=False)
+            bar.set_postfix(
+                {
+                    "env/s": f"{metrics['fps/env']:.0f}",
+                    "upd/s": f"{metrics['fps/train']:.1f}",
+                    "return": f"{latest_return:.1f}",
+                },
+                refresh=False,
+            )
         last.update(time=now, steps=trainer.env_steps, updates=trainer.updates)
 
     try:

@@ -50,8 +50,8 @@ def test_twohot_loss_matches_dense_cross_entropy():
     fast = dists.twohot_loss(logits, target, bins)
     dense = -(dists.twohot_encode(target, bins) * torch.log_softmax(logits, -1)).sum(-1)
     assert torch.allclose(fast, dense, atol=1e-5)  # fp32 log-softmax, values ~5
-    g1, = torch.autograd.grad(fast.sum(), logits)
-    g2, = torch.autograd.grad(dense.sum(), logits)
+    (g1,) = torch.autograd.grad(fast.sum(), logits)
+    (g2,) = torch.autograd.grad(dense.sum(), logits)
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
@@ -80,7 +80,7 @@ def test_onehot_sample_frequencies_and_straight_through_gradient():
     assert torch.equal(s.detach().sum(-1), torch.ones(20000))
     freq = s.detach().mean(0)
     assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015)  # ~4 sigma at n=2e4
-    g, = torch.autograd.grad((s * torch.tensor([1.0, 2.0, 3.0])).sum(), logits)
+    (g,) = torch.autograd.grad((s * torch.tensor([1.0, 2.0, 3.0])).sum(), logits)
     assert g.abs().sum() > 0  # gradient reaches the logits through the probs
 
 
@@ -101,11 +101,11 @@ def test_kl_and_entropy_match_torch_distributions():
     torch.manual_seed(4)
     p, q = torch.randn(5, 32, 16), torch.randn(5, 32, 16)
     lp, lq = torch.log_softmax(p, -1), torch.log_softmax(q, -1)
-    ref = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
-                                            torch.distributions.Categorical(logits=q))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=p), torch.distributions.Categorical(logits=q)
+    )
     assert torch.allclose(dists.categorical_kl(lp, lq), ref, atol=1e-5)
-    assert torch.allclose(dists.categorical_entropy(lp), torch.distributions.Categorical(logits=p).entropy(),
-                          atol=1e-5)
+    assert torch.allclose(dists.categorical_entropy(lp), torch.distributions.Categorical(logits=p).entropy(), atol=1e-5)
 
 
 def test_policy_continuous_matches_torch_normal_and_bounds_std():

@@ -42,9 +42,22 @@ def test_cartpole_learns_on_cpu(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     try:
         cfg = dataclasses.replace(
-            preset_defaults("cartpole"), size="debug", batch_size=8, batch_length=32, train_ratio=64.0, lr=3e-4,
-            warmup=100, steps=8000, num_envs=4, replay_size=100_000, mode="eager", progress=False, log_every=30.0,
-            seed=0, logdir=str(tmp_path / "cartpole"))
+            preset_defaults("cartpole"),
+            size="debug",
+            batch_size=8,
+            batch_length=32,
+            train_ratio=64.0,
+            lr=3e-4,
+            warmup=100,
+            steps=8000,
+            num_envs=4,
+            replay_size=100_000,
+            mode="eager",
+            progress=False,
+            log_every=30.0,
+            seed=0,
+            logdir=str(tmp_path / "cartpole"),
+        )
         trainer = train(cfg, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)

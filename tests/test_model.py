@@ -24,26 +24,46 @@ def per_block_core(deter, stoch, action, w):
     def norm(x, s):
         return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-4) * s
 
-    x = torch.cat([F.silu(norm(deter @ w.w0 + w.b0, w.s0)), F.silu(norm(stoch @ w.w1 + w.b1, w.s1)),
-                   F.silu(norm(action @ w.w2 + w.b2, w.s2))], -1)
-    hidden = torch.cat([torch.cat([deter[:, g * H:(g + 1) * H], x], -1) @ w.wh[g] for g in range(G)], -1)
+    x = torch.cat(
+        [
+            F.silu(norm(deter @ w.w0 + w.b0, w.s0)),
+            F.silu(norm(stoch @ w.w1 + w.b1, w.s1)),
+            F.silu(norm(action @ w.w2 + w.b2, w.s2)),
+        ],
+        -1,
+    )
+    hidden = torch.cat([torch.cat([deter[:, g * H : (g + 1) * H], x], -1) @ w.wh[g] for g in range(G)], -1)
     hidden = F.silu(norm(hidden + w.bh, w.sh))
     out = []
     for g in range(G):
-        gates = hidden[:, g * H:(g + 1) * H] @ w.wg[g] + w.bg[g * 3 * H:(g + 1) * 3 * H]
-        r, c, u = gates[:, :H], gates[:, H:2 * H], gates[:, 2 * H:]
+        gates = hidden[:, g * H : (g + 1) * H] @ w.wg[g] + w.bg[g * 3 * H : (g + 1) * 3 * H]
+        r, c, u = gates[:, :H], gates[:, H : 2 * H], gates[:, 2 * H :]
         r = torch.sigmoid(r)
         c = torch.tanh(r * c)
         u = torch.sigmoid(u - 1)
-        out.append(u * c + (1 - u) * deter[:, g * H:(g + 1) * H])
+        out.append(u * c + (1 - u) * deter[:, g * H : (g + 1) * H])
     return torch.cat(out, -1)
 
 
 @pytest.mark.parametrize("B,D,G,K,SC,A", [(1, 8, 2, 3, 4, 1), (3, 24, 4, 5, 12, 3), (16, 64, 8, 16, 32, 6)])
 def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
     g = torch.Generator().manual_seed(B * 100 + D)
-    shapes = dict(w0=(D, K), b0=(K,), s0=(K,), w1=(SC, K), b1=(K,), s1=(K,), w2=(A, K), b2=(K,), s2=(K,),
-                  wh=(G, D // G + 3 * K, D // G), bh=(D,), sh=(D,), wg=(G, D // G, 3 * D // G), bg=(3 * D,))
+    shapes = dict(
+        w0=(D, K),
+        b0=(K,),
+        s0=(K,),
+        w1=(SC, K),
+        b1=(K,),
+        s1=(K,),
+        w2=(A, K),
+        b2=(K,),
+        s2=(K,),
+        wh=(G, D // G + 3 * K, D // G),
+        bh=(D,),
+        sh=(D,),
+        wg=(G, D // G, 3 * D // G),
+        bg=(3 * D,),
+    )
     w32 = reference.BlockGRUWeights(**{k: torch.randn(s, generator=g).requires_grad_() for k, s in shapes.items()})
     in32 = [torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A)]
     out = reference.step(*in32, w32)
@@ -58,8 +78,27 @@ def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
 
 
 def test_block_gru_rejects_bad_shapes():
-    w = reference.BlockGRUWeights(*(torch.zeros(s) for s in [(8, 3), (3,), (3,), (4, 3), (3,), (3,), (2, 3), (3,),
-                                                             (3,), (2, 13, 4), (8,), (8,), (2, 4, 12), (24,)]))
+    w = reference.BlockGRUWeights(
+        *(
+            torch.zeros(s)
+            for s in [
+                (8, 3),
+                (3,),
+                (3,),
+                (4, 3),
+                (3,),
+                (3,),
+                (2, 3),
+                (3,),
+                (3,),
+                (2, 13, 4),
+                (8,),
+                (8,),
+                (2, 4, 12),
+                (24,),
+            ]
+        )
+    )
     reference.check_shapes(torch.zeros(2, 8), torch.zeros(2, 4), torch.zeros(2, 2), w)
     with pytest.raises(ValueError, match="mismatched batch"):
         reference.check_shapes(torch.zeros(2, 8), torch.zeros(3, 4), torch.zeros(2, 2), w)
@@ -135,8 +174,11 @@ def random_batch(spec, B=3, L=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     data = {}
     for k, (shape, dt) in spec.obs.items():
-        data[k] = (torch.randint(0, 256, (B, L, *shape), generator=g).to(dt) if dt == torch.uint8
-                   else torch.randn(B, L, *shape, generator=g))
+        data[k] = (
+            torch.randint(0, 256, (B, L, *shape), generator=g).to(dt)
+            if dt == torch.uint8
+            else torch.randn(B, L, *shape, generator=g)
+        )
     data["reward"] = torch.randn(B, L, generator=g)
     data["is_first"] = torch.rand(B, L, generator=g) < 0.15
     data["is_last"] = torch.rand(B, L, generator=g) < 0.15
@@ -175,8 +217,9 @@ def test_reward_and_critic_start_at_zero():
 
 def test_actor_loss_does_not_reach_the_world_model():
     torch.manual_seed(0)
-    agent, cfg, spec = make_agent(loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0,
-                                  loss_repval=0)
+    agent, cfg, spec = make_agent(
+        loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0, loss_repval=0
+    )
     loss, _, _ = agent.loss(random_batch(spec))
     loss.backward()
     wm = [p for m in (agent.encoder, agent.rssm, agent.decoder) for p in m.parameters()]
@@ -187,8 +230,9 @@ def test_actor_loss_does_not_reach_the_world_model():
 def test_repval_gradient_reaches_the_world_model():
     """As in the reference (repval_grad: True), the replay value loss trains the representation."""
     torch.manual_seed(0)
-    agent, cfg, spec = make_agent(loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0,
-                                  loss_policy=0)
+    agent, cfg, spec = make_agent(
+        loss_rec=0, loss_rew=0, loss_con=0, loss_dyn=0, loss_rep=0, loss_value=0, loss_policy=0
+    )
     with torch.no_grad():  # a non-zero critic so the repval loss depends on features
         agent.critic.out.weight.normal_()
     loss, _, _ = agent.loss(random_batch(spec))
@@ -224,8 +268,8 @@ def test_return_normaliser_tracks_percentiles_with_a_floor():
     ret = torch.linspace(0, 100, 1001)
     for _ in range(3):
         offset, scale = agent._update_retnorm(ret)
-    lo = 5.0 * (1 - 0.99 ** 3)
-    hi = 95.0 * (1 - 0.99 ** 3)
+    lo = 5.0 * (1 - 0.99**3)
+    hi = 95.0 * (1 - 0.99**3)
     assert offset.item() == pytest.approx(lo, rel=1e-5) and scale.item() == pytest.approx(hi - lo, rel=1e-5)
     agent2, _, _ = make_agent()
     _, scale = agent2._update_retnorm(torch.zeros(100))

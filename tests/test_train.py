@@ -15,19 +15,50 @@ from fastdreamer.config import PRESETS, Config, preset_defaults
 from fastdreamer.train import Trainer, TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--size", "debug", "--num-envs", "2", "--batch-size", "2", "--batch-length", "8", "--imag-length", "3",
-        "--replay-size", "1000", "--train-ratio", "8", "--no-progress", "--log-every", "0", "--mode", "eager"]
+TINY = [
+    "--size",
+    "debug",
+    "--num-envs",
+    "2",
+    "--batch-size",
+    "2",
+    "--batch-length",
+    "8",
+    "--imag-length",
+    "3",
+    "--replay-size",
+    "1000",
+    "--train-ratio",
+    "8",
+    "--no-progress",
+    "--log-every",
+    "0",
+    "--mode",
+    "eager",
+]
 
 
 def run(module, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
 
 
 def tiny_config(tmp_path, **kw) -> Config:
-    base = dict(size="debug", num_envs=2, batch_size=2, batch_length=8, imag_length=3, replay_size=1000,
-                train_ratio=8.0, progress=False, log_every=0.0, mode="eager", logdir=str(tmp_path / "run"))
+    base = dict(
+        size="debug",
+        num_envs=2,
+        batch_size=2,
+        batch_length=8,
+        imag_length=3,
+        replay_size=1000,
+        train_ratio=8.0,
+        progress=False,
+        log_every=0.0,
+        mode="eager",
+        logdir=str(tmp_path / "run"),
+    )
     return dataclasses.replace(preset_defaults("cartpole"), **{**base, **kw})
 
 
@@ -169,16 +200,19 @@ def main_exit(main, args, capsys):
     return exc.value.code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--env", "CartPol-v1"], "did you mean"),
-    (["--train-ratio", "-1"], "--train-ratio must be positive"),
-    (["--size", "13m"], "unknown size '13m'"),
-    (["--threads", "-1"], "--threads must be 0"),
-    (["--precision", "fp16"], "unknown --precision 'fp16'"),
-    (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager
-    (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
-    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env", "CartPol-v1"], "did you mean"),
+        (["--train-ratio", "-1"], "--train-ratio must be positive"),
+        (["--size", "13m"], "unknown size '13m'"),
+        (["--threads", "-1"], "--threads must be 0"),
+        (["--precision", "fp16"], "unknown --precision 'fp16'"),
+        (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager
+        (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
+    ],
+)
 def test_bad_train_input_is_one_clear_line(args, message, tmp_path, capsys):
     code, err = main_exit(train_mod.main, [*TINY, "--steps", "40", "--logdir", str(tmp_path / "x"), *args], capsys)
     lines = [x for x in err.strip().splitlines() if x.strip()]

@@ -84,12 +84,16 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool =
 def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
     """Raise ValueError naming the shape when inputs and weights disagree."""
     if deter.dim() != 2 or stoch.dim() != 2 or action.dim() != 2:
-        raise ValueError(f"block_gru: expected 2-d deter, stoch, action; got {tuple(deter.shape)}, "
-                         f"{tuple(stoch.shape)}, {tuple(action.shape)}")
+        raise ValueError(
+            f"block_gru: expected 2-d deter, stoch, action; got {tuple(deter.shape)}, "
+            f"{tuple(stoch.shape)}, {tuple(action.shape)}"
+        )
     B, D = deter.shape
     if stoch.shape[0] != B or action.shape[0] != B:
-        raise ValueError(f"block_gru: mismatched batch: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
-                         f"action {tuple(action.shape)}")
+        raise ValueError(
+            f"block_gru: mismatched batch: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
+            f"action {tuple(action.shape)}"
+        )
     if w.wh.dim() != 3 or w.wh.shape[0] < 1:
         raise ValueError(f"block_gru: wh must be (G, D/G + 3K, D/G) with G >= 1, got {tuple(w.wh.shape)}")
     if w.w0.dim() != 2:
@@ -99,17 +103,27 @@ def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
     if D % G != 0:
         raise ValueError(f"block_gru: deter {D} is not divisible by {G} blocks")
     expect = {
-        "w0": (D, K), "b0": (K,), "s0": (K,),
-        "w1": (stoch.shape[1], K), "b1": (K,), "s1": (K,),
-        "w2": (action.shape[1], K), "b2": (K,), "s2": (K,),
-        "wh": (G, D // G + 3 * K, D // G), "bh": (D,), "sh": (D,),
-        "wg": (G, D // G, 3 * D // G), "bg": (3 * D,),
+        "w0": (D, K),
+        "b0": (K,),
+        "s0": (K,),
+        "w1": (stoch.shape[1], K),
+        "b1": (K,),
+        "s1": (K,),
+        "w2": (action.shape[1], K),
+        "b2": (K,),
+        "s2": (K,),
+        "wh": (G, D // G + 3 * K, D // G),
+        "bh": (D,),
+        "sh": (D,),
+        "wg": (G, D // G, 3 * D // G),
+        "bg": (3 * D,),
     }
     for name, shape in expect.items():
         got = tuple(getattr(w, name).shape)
         if got != shape:
-            raise ValueError(f"block_gru: weight {name} has shape {got}, expected {shape} for deter {D}, "
-                             f"{G} blocks, hidden {K}")
+            raise ValueError(
+                f"block_gru: weight {name} has shape {got}, expected {shape} for deter {D}, {G} blocks, hidden {K}"
+            )
 
 
 def step(
@@ -151,8 +165,9 @@ def rollout(
     return torch.stack(out, 1)
 
 
-def random_weights(D: int, G: int, K: int, SC: int, A: int, generator: torch.Generator,
-                   device: torch.device | str = "cpu") -> BlockGRUWeights:
+def random_weights(
+    D: int, G: int, K: int, SC: int, A: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> BlockGRUWeights:
     """Random float32 weights at roughly unit activation scale: fan-in scaled matrices, norm scales near 1, small
     biases. For tests and benchmarks of the implementations against each other."""
 
@@ -161,9 +176,18 @@ def random_weights(D: int, G: int, K: int, SC: int, A: int, generator: torch.Gen
 
     DG = D // G
     return BlockGRUWeights(
-        r(D, K, scale=D**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(SC, K, scale=SC**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(A, K, scale=A**-0.5), r(K, scale=0.1), r(K, scale=0.1, mean=1.0),
-        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5), r(D, scale=0.1), r(D, scale=0.1, mean=1.0),
-        r(G, DG, 3 * DG, scale=DG**-0.5), r(3 * D, scale=0.1),
+        r(D, K, scale=D**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(SC, K, scale=SC**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(A, K, scale=A**-0.5),
+        r(K, scale=0.1),
+        r(K, scale=0.1, mean=1.0),
+        r(G, DG + 3 * K, DG, scale=(DG + 3 * K) ** -0.5),
+        r(D, scale=0.1),
+        r(D, scale=0.1, mean=1.0),
+        r(G, DG, 3 * DG, scale=DG**-0.5),
+        r(3 * D, scale=0.1),
     )
