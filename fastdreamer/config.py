@@ -58,7 +58,8 @@ class Config:
     resume: bool = False
     """Continue the run in --logdir from its checkpoint, exactly."""
     gru_impl: str = "torch"
-    """Recurrent core implementation: torch (reference) or triton (fused kernel)."""
+    """Recurrent core implementation: torch (reference) or triton (fused kernels; in bf16 under the fast modes' bf16
+    autocast). torch is the default until GPU timings show triton faster (kernels/block_gru/README.md)."""
     mode: str = "auto"
     """Execution mode of the update and acting step: eager (the reference), compile, graphs (CUDA), or auto (the
     fastest mode measured to work on the device: compile)."""
