@@ -18,6 +18,7 @@ reference.step(bf16=True).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -151,20 +152,21 @@ def main(argv=None):
 
         return f
 
-    def wide_tiles(fn):
-        def f(*a):
-            policy, fused.TILES = fused.TILES, "wide"
-            try:
-                return fn(*a)
-            finally:
-                fused.TILES = policy
-
-        return f
+    @contextlib.contextmanager
+    def tiles(mode):
+        """fused.py's tile policy for a mode, held over the forward and the backward (autograd runs the backward
+        after the step returns, so a wrapper around the step alone would leave it at the default)."""
+        policy = fused.TILES
+        fused.TILES = "wide" if mode == "triton_wide" else policy
+        try:
+            yield
+        finally:
+            fused.TILES = policy
 
     triton_bf16 = functools.partial(fused.step, bf16=True)
     impls = {
-        "fp32": {"eager": reference.step, "triton": fused.step, "triton_wide": wide_tiles(fused.step)},
-        "bf16": {"eager": autocast(reference.step), "triton": triton_bf16, "triton_wide": wide_tiles(triton_bf16)},
+        "fp32": {"eager": reference.step, "triton": fused.step, "triton_wide": fused.step},
+        "bf16": {"eager": autocast(reference.step), "triton": triton_bf16, "triton_wide": triton_bf16},
     }
     spec = {"fp32": reference.step, "bf16": lambda *a: reference.step(*a, bf16=True)}
     if "compile" in args.modes:
@@ -257,10 +259,12 @@ def main(argv=None):
             }
             fn = impls[compute][mode]
             try:
-                ok, err, gerr = check(run(fn, *inputs, backward), refs, tol)
+                with tiles(mode):
+                    ok, err, gerr = check(run(fn, *inputs, backward), refs, tol)
                 row.update(ok=ok, check_err=max(err, gerr), check_err_out=err, check_err_grad=gerr)
                 if ok:
-                    per_step = sorted(t / args.steps for t in time_it(fn, inputs, backward))
+                    with tiles(mode):  # the CUDA graph captures the launches with this policy's tiles
+                        per_step = sorted(t / args.steps for t in time_it(fn, inputs, backward))
                     n = len(per_step)
                     row.update(
                         ms_per_step_median=statistics.median(per_step),

@@ -5,7 +5,8 @@ implementation actually in use and logs one line when it has to fall back to the
 
 Precision follows torch.autocast: under bf16 autocast the reference's matmuls run in bf16 (autocast's own casts),
 and the fused kernels run reference.step's bf16 compute (every matmul's operands rounded to bf16, products summed
-in float32: tensor-core dots on a GPU). Outside autocast both are float32.
+in float32: tensor-core dots on a GPU). Outside autocast both are float32. Under fp16 autocast (which fastdreamer
+never uses) the reference runs fp16 matmuls and the fused kernels stay float32.
 """
 
 from __future__ import annotations

@@ -371,41 +371,45 @@ def backward(
         BF16=bf16,
     )
 
-    # Weight grads: sums over the batch of the per-row grads above, as plain matmuls; with bf16, of the rounded
-    # operands the forward's dots saw.
-    def op(t: torch.Tensor) -> torch.Tensor:
-        return t.bfloat16().float() if bf16 else t.float()
+    # Weight grads: sums over the batch of the per-row grads above, as plain float32 matmuls; with bf16, of the
+    # rounded operands the forward's dots saw. Autocast off: the trainer runs backward() inside its bf16 autocast, and
+    # the engine carries that into this op, which would round the per-row grads and the sums to bf16 (measured 1.2e-2
+    # on wh at a test shape) where the spec sums in float32.
+    with torch.autocast(dev.type, enabled=False):
 
-    rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
-    y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
-    # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
-    ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
-    db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
-    dp = dpre.view(B, 3, K)
-    dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
-    dhp = dhpre.view(B, G, DG)
-    # u_g = [deter_g, x] is (B, G, D/G + 3K), small; concatenating it, not the (G, D/G + 3K, D/G) products, saves
-    # a copy of all of dwh per step (8 MB at 12m in fp32).
-    u = torch.cat([op(deter).view(B, G, DG), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-    dwh = torch.einsum("bgi,bgo->gio", u, dhp)
-    dsh = (dn_h * hpre * rs[:, None]).sum(0)
-    dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
-    wgrads = [
-        dw[0],
-        db_x[0],
-        ds_x[0],
-        dw[1],
-        db_x[1],
-        ds_x[1],
-        dw[2],
-        db_x[2],
-        ds_x[2],
-        dwh,
-        dhpre.sum(0),
-        dsh,
-        dwg,
-        dgates.sum(0),
-    ]
+        def op(t: torch.Tensor) -> torch.Tensor:
+            return t.bfloat16().float() if bf16 else t.float()
+
+        rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
+        y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
+        # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
+        ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
+        db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
+        dp = dpre.view(B, 3, K)
+        dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
+        dhp = dhpre.view(B, G, DG)
+        # u_g = [deter_g, x] is (B, G, D/G + 3K), small; concatenating it, not the (G, D/G + 3K, D/G) products, saves
+        # a copy of all of dwh per step (8 MB at 12m in fp32).
+        u = torch.cat([op(deter).view(B, G, DG), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+        dwh = torch.einsum("bgi,bgo->gio", u, dhp)
+        dsh = (dn_h * hpre * rs[:, None]).sum(0)
+        dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
+        wgrads = [
+            dw[0],
+            db_x[0],
+            ds_x[0],
+            dw[1],
+            db_x[1],
+            ds_x[1],
+            dw[2],
+            db_x[2],
+            ds_x[2],
+            dwh,
+            dhpre.sum(0),
+            dsh,
+            dwg,
+            dgates.sum(0),
+        ]
     grads = [ddeter, dstoch, daction, *wgrads]
     return [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
 

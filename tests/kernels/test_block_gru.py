@@ -87,17 +87,28 @@ def bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch):
     except where an activation the two compute a few float32 ulps apart rounds to neighbouring bf16 values (a few
     per case here; each then moves its whole row). Pinning x and h to the kernel's own (saved) values, with the
     gradient passing straight through, removes that, so the fp32 tolerances apply to bf16 compute unchanged.
-    Returns the spec as a function of (deter, stoch, action, w) like reference.step."""
+    Returns the spec as a function of (deter, stoch, action, w) like reference.step, and a dict that each call fills
+    with the spec's own x and h (before pinning) next to the kernel's, to check the stages before the pins."""
     _, saved = fused.forward(deter, stoch, action, w, save=True, bf16=True)
     kernel = {"x": saved[1], "h": saved[3]}
-    monkeypatch.setattr(reference, "_pin", lambda name, t: t + (kernel[name] - t).detach())
-    return lambda *a: reference.step(*a, bf16=True)
+    seen = {}
+
+    def pin(name, t):
+        seen[name] = (kernel[name], t.detach().clone())
+        return t + (kernel[name] - t).detach()
+
+    monkeypatch.setattr(reference, "_pin", pin)
+    return (lambda *a: reference.step(*a, bf16=True)), seen
 
 
 def check_bf16_compute(deter, stoch, action, w, dout, monkeypatch, weight_grad_tol):
     out, grads = grads_of(lambda *a: fused.step(*a, bf16=True), deter, stoch, action, w, dout)
-    spec = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
+    spec, seen = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
     ref, ref_grads = grads_of(spec, deter, stoch, action, w, dout, upcast=True)
+    # The pinned values themselves: x checks the branch stage (bf16 inputs and w_i), h the hidden stage (given the
+    # pinned x); the output then checks the gate stage (given the pinned h).
+    for name, (got, want) in seen.items():
+        torch.testing.assert_close(got, want, **OUT_TOL, msg=lambda m, name=name: f"activation {name}: {m}")
     fp32 = reference.step(deter, stoch, action, BlockGRUWeights(*(t.float() for t in w)))
     # The test can tell the precisions apart: bf16 rounding moves the output far more than the tolerance.
     assert (fp32 - ref).abs().max() > 10 * OUT_TOL["atol"]
@@ -116,6 +127,22 @@ def test_bf16_compute_matches_the_reference_bf16_spec(shape, dtype, monkeypatch)
     gradients. On CPU the interpreter emulates the bf16 dots in fp32; on a GPU they run on the tensor cores."""
     deter, stoch, action, w, dout = make_case(*shape, dtype=dtype, seed=sum(shape) + 1)
     check_bf16_compute(deter, stoch, action, w, dout, monkeypatch, GRAD_TOL)
+
+
+def test_bf16_backward_under_autocast_sums_in_fp32():
+    """The trainer calls backward() inside its bf16 autocast, and autograd runs the op's backward under it. The
+    weight gradients must still be the spec's float32 sums: the same numbers as without autocast."""
+    deter, stoch, action, w, dout = make_case(16, 24, 4, 20, 15, 6, seed=16)
+
+    def step(*a):
+        return fused.step(*a, bf16=True)
+
+    out, grads = grads_of(step, deter, stoch, action, w, dout)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        out_ac, grads_ac = grads_of(step, deter, stoch, action, w, dout)
+    torch.testing.assert_close(out_ac, out, atol=0, rtol=0)
+    for name, g, g_ac in zip(NAMES, grads, grads_ac):
+        torch.testing.assert_close(g_ac, g, atol=0, rtol=0, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 def test_bf16_rollout_and_the_switch_under_bf16_autocast():
@@ -165,7 +192,7 @@ def test_forward_row_tiles_of_32_and_64(B, min_programs, rows, bf16, monkeypatch
     deter, stoch, action, w, dout = make_case(*shape, seed=B + min_programs)
     out, grads = grads_of(lambda *a: fused.step(*a, bf16=bf16), deter, stoch, action, w, dout)
     if bf16:
-        spec = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
+        spec, _ = bf16_spec_pinned_to(deter, stoch, action, w, monkeypatch)
     else:
         spec = reference.step
     ref, ref_grads = grads_of(spec, deter, stoch, action, w, dout)
