@@ -158,16 +158,21 @@ def _graph_break(compiled):
 
 class _Graph:
     """A function of a dict of tensors captured in one CUDA graph: static input buffers are filled by copy_, the
-    graph replayed, its static outputs returned. Warmup runs (which compile) happen on a side stream first."""
+    graph replayed, its static outputs returned. Warmup runs (which compile) happen on a side stream first. The CUDA
+    generator is rewound to where it was before the warmups, so the first replay draws the random numbers a plain
+    first call would have (a replay reads the generator's offset at replay time)."""
 
     def __init__(self, fn, example: dict[str, torch.Tensor], warmup: int = 3, before_capture=None):
         self.static = {k: v.clone() for k, v in example.items()}
+        device = next(iter(example.values())).device
+        rng = torch.cuda.get_rng_state(device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn(self.static)
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.set_rng_state(rng, device)
         if before_capture is not None:
             before_capture()
         self.graph = torch.cuda.CUDAGraph()
@@ -182,10 +187,10 @@ class _Graph:
 
 
 def _snapshot(agent, opt):
-    """Copies of everything an update writes, so that the warmup updates before a capture leave no trace."""
+    """Copies of everything an update writes, so that the warmup updates before a capture leave no trace (the CUDA
+    generator is rewound by _Graph itself)."""
     state = [t.detach().clone() for t in agent.state_dict().values()]
     moments = [t.clone() for t in opt.nu + opt.mu] + [opt.step_count.clone()]
-    rng = torch.cuda.get_rng_state(_device(agent))
 
     def restore():
         with torch.no_grad():
@@ -193,7 +198,6 @@ def _snapshot(agent, opt):
                 dst.copy_(src)
             for dst, src in zip(opt.nu + opt.mu + [opt.step_count], moments, strict=True):
                 dst.copy_(src)
-        torch.cuda.set_rng_state(rng, _device(agent))
 
     return restore
 
@@ -252,8 +256,7 @@ def make_act(agent, mode: str, precision: str = "auto"):
             **{f"obs/{k}": v for k, v in obs.items()},
         }
         if not holder:
-            rng = torch.cuda.get_rng_state(device)
-            holder.append(_Graph(captured, inputs, before_capture=lambda: torch.cuda.set_rng_state(rng, device)))
+            holder.append(_Graph(captured, inputs))
         action, carry = holder[0](inputs)
         # Clones: the carry comes back as the next call's input, and callers may keep the action.
         return action.clone(), tuple(c.clone() for c in carry)

@@ -233,4 +233,4 @@ class Replay:
         self.head, self.count = int(d["head"]), int(d["count"])
         # A checkpoint from before the online queue: treat its queue as drained.
         self.consumed = int(d.get("consumed", (self.count // self.seq_len) * self.num_envs))
-        self.generator.set_state(d["generator"])
+        self.generator.set_state(d["generator"].cpu())  # set_state takes a CPU byte tensor, even for a CUDA generator

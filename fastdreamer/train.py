@@ -274,7 +274,9 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         cfg = self.cfg
-        state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location=self.device)
+        # Loaded to host memory, then copied into the live tensors: loading straight to the GPU would hold a second
+        # copy of the replay there while it is copied in.
+        state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu")
         try:
             self.agent.load_state_dict(state["agent"])
             self.opt.load_state_dict(state["opt"])
