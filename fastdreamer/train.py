@@ -127,7 +127,7 @@ class Trainer:
         if self.device.type == "cpu":
             fast.tune_cpu_allocator()
         seed_everything(cfg.seed)
-        impl = block_gru.set_impl(cfg.gru_impl)
+        impl = block_gru.set_impl(cfg.gru_impl, self.device)
         self.env = make_env_or_explain(cfg, self.device)
         self.agent = Agent(cfg, self.env.spec).to(self.device)
         self.opt = LaProp(

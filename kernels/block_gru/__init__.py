@@ -25,26 +25,31 @@ _impl = "torch"
 log = logging.getLogger("fastdreamer")
 
 
-def triton_available() -> tuple[bool, str]:
-    """Whether the fused kernels can run here, and why not."""
+def triton_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether the fused kernels can run here (on `device`, where given), and why not."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False, "triton is not installed"
     import os
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    if not torch.cuda.is_available():
         return False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    if device is not None and torch.device(device).type != "cuda":
+        return False, f"the run is on {torch.device(device)}, and the kernels need CUDA (or TRITON_INTERPRET=1)"
     return True, ""
 
 
-def set_impl(impl: str) -> str:
-    """Select the core implementation for the whole process; returns the one in use."""
+def set_impl(impl: str, device: torch.device | str | None = None) -> str:
+    """Select the core implementation for the whole process (for a run on `device`, where given); returns the one
+    in use."""
     global _impl
     if impl not in IMPLS:
         raise ValueError(f"block_gru: unknown implementation {impl!r}; choose one of {IMPLS}")
     if impl == "triton":
-        ok, why = triton_available()
+        ok, why = triton_available(device)
         if not ok:
             log.warning("block_gru: triton requested but %s; using the torch reference", why)
             impl = "torch"

@@ -326,6 +326,17 @@ def test_set_impl_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
     assert len(caplog.records) == 1 and "using the torch reference" in caplog.records[0].getMessage()
 
 
+def test_set_impl_falls_back_for_a_cpu_run_on_a_cuda_machine(monkeypatch, caplog):
+    """`--device cpu --gru-impl triton` on a machine with a GPU: the kernels cannot take CPU tensors (without the
+    interpreter), so the switch falls back at start instead of failing at the first step."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with caplog.at_level(logging.WARNING, logger="fastdreamer"):
+        assert block_gru.set_impl("triton", "cpu") == "torch"
+    assert len(caplog.records) == 1 and "the run is on cpu" in caplog.records[0].getMessage()
+    assert block_gru.set_impl("triton", "cuda") == "triton"
+
+
 def _bad(kind):
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=7)
     if kind == "batch":
