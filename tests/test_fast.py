@@ -112,6 +112,22 @@ def assert_close(name, got, want, tol):
     torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
 
 
+LOSSES = ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval", "loss/policy")
+
+
+def assert_updates_close(label, got, want, agent, ref_agent, loss_tol, param_tol, grad_rel_tol, skip=()):
+    """K updates' metrics `got` against `want` (LOSSES), `agent`'s parameters against `ref_agent`'s, and the last
+    update's gradients per tensor, relative in norm, except those of parameters whose names start with `skip`."""
+    for k in range(K):
+        for name in LOSSES:
+            assert_close(f"{label} update {k} {name}", got[k][name], want[k][name], loss_tol)
+    for (name, p_e), p_f in zip(ref_agent.named_parameters(), agent.parameters(), strict=True):
+        assert_close(f"{label} parameter {name}", p_f, p_e, param_tol)
+        if p_e.grad is not None and not name.startswith(skip):
+            err = (p_f.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12)
+            assert err < grad_rel_tol, f"{label} gradient of {name}: relative error {err:.3g}"
+
+
 def test_auto_is_eager_on_a_cpu_without_a_compiler(monkeypatch):
     monkeypatch.setattr(fast.shutil, "which", lambda name: None)
     assert fast.resolve_mode("auto", torch.device("cpu")) == "eager"
@@ -296,20 +312,14 @@ def test_bf16_fast_updates_match_eager_under_the_same_autocast(device, mode, fal
     with fast.autocast(torch.device(device), mode, "bf16"):
         want = [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
     fast_agent, fast_hist, _ = run_updates(mode, device, "bf16")
-    for k in range(K):
-        for name in ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval"):
-            assert_close(f"{mode} update {k} {name}", fast_hist[k][0][name], want[k][name], BF16_TOL)
-    for (name, p_e), p_f in zip(agent.named_parameters(), fast_agent.parameters(), strict=True):
-        assert_close(f"{mode} parameter {name}", p_f, p_e, BF16_TOL)
-        # The last update's gradients, per tensor, relative in norm. Parameter moves (~lr) hide under BF16_TOL, so
-        # this is the check that sees a wrong backward. bf16 against fp32 eager differs by <= 2.3% (median 0.7%)
-        # at this config on the CPU, and compiled bf16 against eager bf16 likewise; a dropped or flipped term is
-        # O(1). Not the actor's: in these first updates its gradient is mostly bf16 rounding noise (see the Triton
-        # core test below: up to 8-40% between two bf16 computations), so where a backend rounds elsewhere (CUDA)
-        # it can differ by more than the bound with nothing wrong; the fp32 compile test checks the actor.
-        if p_e.grad is not None and not name.startswith("actor."):
-            err = (p_f.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12)
-            assert err < GRAD_REL_TOL, f"{mode} gradient of {name}: relative error {err:.3g}"
+    # Gradients: parameter moves (~lr) hide under BF16_TOL, so the gradient check is the one that sees a wrong
+    # backward. bf16 against fp32 eager differs by <= 2.3% (median 0.7%) at this config on the CPU, and compiled bf16
+    # against eager bf16 likewise; a dropped or flipped term is O(1). Not the actor's: in these first updates its
+    # gradient is mostly bf16 rounding noise (see the Triton core test below: up to 8-40% between two bf16
+    # computations), so where a backend rounds elsewhere (CUDA) it can differ by more than the bound with nothing
+    # wrong; the fp32 compile test checks the actor.
+    history = [h[0] for h in fast_hist]
+    assert_updates_close(mode, history, want, fast_agent, agent, BF16_TOL, BF16_TOL, GRAD_REL_TOL, skip=("actor.",))
     # bf16 really ran: the same update in fp32 eager gives other losses (bf16 keeps ~3 digits per matmul).
     agent32, opt32 = make(device)
     torch.manual_seed(1)
@@ -353,16 +363,8 @@ def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precisio
         got = updates(fused_agent, fused_opt, mode)
     finally:
         block_gru.set_impl("torch")
-    loss_tol, param_tol = (BF16_TOL, BF16_TOL) if bf16 else (LOSS_TOL, PARAM_TOL)
-    grad_tol = GRAD_REL_TOL if bf16 else 1e-4
-    for k in range(K):
-        for name in ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval", "loss/policy"):
-            assert_close(f"triton core, update {k} {name}", got[k][name], want[k][name], loss_tol)
-    for (name, p_e), p_f in zip(agent.named_parameters(), fused_agent.parameters(), strict=True):
-        assert_close(f"triton core, parameter {name}", p_f, p_e, param_tol)
-        if p_e.grad is not None and not (bf16 and name.startswith("actor.")):
-            err = (p_f.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12)
-            assert err < grad_tol, f"triton core, gradient of {name}: relative error {err:.3g}"
+    tols = (BF16_TOL, BF16_TOL, GRAD_REL_TOL, ("actor.",)) if bf16 else (LOSS_TOL, PARAM_TOL, 1e-4, ())
+    assert_updates_close("triton core", got, want, fused_agent, agent, *tols)
 
 
 @cuda
