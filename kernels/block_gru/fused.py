@@ -295,8 +295,9 @@ def backward(
     SC, A = stoch.shape[1], action.shape[1]
     dev = deter.device
     nb = triton.cdiv(B, BB)
-    BJ, BI = _col_tile(DG, nb * G), _np2(DG)  # output tile of _bwd_gates and _bwd_hidden, and the loops' tile
-    NJ = triton.cdiv(DG, BJ)
+    BC = _col_tile(DG, nb * G)  # output-column tile over D/G of _bwd_gates and _bwd_hidden
+    BL = _np2(DG)  # the tile their loops (and _bwd_dx's) step over D/G with
+    NJ = triton.cdiv(DG, BC)
     dgates, ddeter = _empty((B, 3 * D), dev), _empty((B, D), dev)
     dn_h, dy_h, dhpre, part = _empty((B, D), dev), _empty((B, D), dev), _empty((B, D), dev), _empty((B, G * NJ), dev)
     dn_x, dpre = _empty((B, 3 * K), dev), _empty((B, 3 * K), dev)
@@ -319,12 +320,12 @@ def backward(
         DG,
         NJ,
         BB=BB,
-        BO=BI,
-        BJ=BJ,
+        BO=BL,
+        BJ=BC,
         BF16=bf16,
         num_stages=BWD_GATES_STAGES[bf16],
     )
-    _bwd_hidden[(nb, G, triton.cdiv(DG, BJ))](
+    _bwd_hidden[(nb, G, triton.cdiv(DG, BC))](
         dy_h,
         hpre,
         rs,
@@ -337,15 +338,15 @@ def backward(
         K,
         G * NJ,
         BB=BB,
-        BI=BJ,
-        BJ=BI,
+        BI=BC,
+        BJ=BL,
         BP=triton.next_power_of_2(G * NJ),
         BF16=bf16,
     )
     BKC, BIN = _np2(K, hi=TILE_K_BWD), _np2(max(D, SC, A))
     dx = _empty((B, 3 * K), dev)
     BKX = _col_tile(3 * K, nb, hi=TILE_K_BWD)
-    _bwd_dx[(nb, triton.cdiv(3 * K, BKX))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BI, BKC=BKX, BF16=bf16)
+    _bwd_dx[(nb, triton.cdiv(3 * K, BKX))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BL, BKC=BKX, BF16=bf16)
     _bwd_branches[(nb, 3, triton.cdiv(max(D, SC, A), BIN))](
         dx,
         pre,
