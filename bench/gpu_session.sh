@@ -115,12 +115,25 @@ quick() {
   return "$rc"
 }
 
-if [[ ${1:-} == quick ]]; then
-  (($# == 1)) || { echo "quick runs alone: it owns the call's whole budget"; exit 2; }
+diag() {  # after a first quick run: why imagine FAILed in every fast mode, and where a 12m update's time goes
+  local rc=0
+  summary=""
+  [[ -n ${DRY:-} ]] || setup || { echo "setup failed"; return 1; }
+  step agreement 110 python3 -m bench.imagine_agreement --device cuda --size 12m --precisions fp32 bf16 \
+    --modes compile --json "$OUT/imagine_agreement_12m.json" || rc=1
+  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
+    --out "$OUT/profile_update_12m.txt" || rc=1
+  step cuda_tests 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k cuda || rc=1
+  echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
+  return "$rc"
+}
+
+if [[ ${1:-} == quick || ${1:-} == diag ]]; then
+  (($# == 1)) || { echo "$1 runs alone: it owns the call's whole budget"; exit 2; }
   BUDGET=${BUDGET:-500} MIN_STEP_S=30
-  log=$OUT/quick.log
+  log=$OUT/$1.log
   [[ -n ${DRY:-} ]] && log=/dev/null
-  quick 2>&1 | tee "$log"
+  "$1" 2>&1 | tee "$log"
   exit "${PIPESTATUS[0]}"
 fi
 
