@@ -109,29 +109,51 @@ class Agent(nn.Module):
         deter, stoch = self.rssm.initial(n, device)
         return deter, stoch, torch.zeros(n, self.act_dim, device=device)
 
+    def noise(self, n: int, latent_steps: int, action_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """All random numbers of an acting step or a rollout, drawn up front: uniforms (latent_steps, n, S, 1) for
+        the latent draws and the actions' noise (action_steps, n, ...) (dists.Policy.noise). A compiled graph may
+        order its random ops otherwise than the code does (seen on CUDA: eager and compiled rollouts from one seed
+        drew other latents from the second draw on); drawn here, eagerly in every mode (fast.compile_agent keeps
+        this method out of the graphs), each sample uses the same numbers in every mode."""
+        lat = torch.rand((latent_steps, n, self.rssm.stoch, 1), device=device)
+        act = dists.Policy.noise((action_steps, n), self.act_dim, self.spec.discrete, device)
+        return lat, act
+
     @torch.no_grad()
     def act(self, carry, obs: dict[str, torch.Tensor], greedy: bool = False):
         """One acting step for N envs: carry (deter, stoch, prevact), obs (N, ...) -> action (N, A), carry.
         The action is one-hot for discrete envs and unclipped for continuous ones."""
+        lat, act = self.noise(carry[0].shape[0], 1, 1, carry[0].device)
+        return self.policy_step(carry, obs, lat[0], act[0], greedy)
+
+    @torch.no_grad()
+    def policy_step(self, carry, obs, lat_u: torch.Tensor, act_noise: torch.Tensor, greedy: bool = False):
+        """act() given its random numbers (noise(n, 1, 1)[i][0])."""
         deter, stoch, prevact = carry
         token = self.encoder(obs, bdims=1)
-        deter, stoch, _ = self.rssm.obs_step(deter, stoch, prevact, token, obs["is_first"])
+        deter, stoch, _ = self.rssm.obs_step(deter, stoch, prevact, token, obs["is_first"], lat_u)
         pol = self.policy(feat(deter, stoch))
-        action = pol.mode() if greedy else pol.sample()
+        action = pol.mode() if greedy else pol.sample(act_noise)
         return action, (deter, stoch, action)
 
     def imagine(self, deter: torch.Tensor, stoch: torch.Tensor):
         """H prior steps from every start (N, D), (N, S, C) under the actor. No gradient: the reference stops
         gradients at imagined features and trains the actor by REINFORCE. Returns feats (N, H+1, F) and
         actions (N, H+1, A), the action at index h being the one taken in state h."""
+        H = self.cfg.imag_length
+        lat, act = self.noise(deter.shape[0], H, H + 1, deter.device)
+        return self.rollout(deter, stoch, lat, act)
+
+    def rollout(self, deter, stoch, lat_u: torch.Tensor, act_noise: torch.Tensor):
+        """imagine() given its random numbers (noise(N, H, H + 1))."""
         with torch.no_grad():
             feats, acts = [feat(deter, stoch)], []
-            for _ in range(self.cfg.imag_length):
-                action = self.policy(feats[-1]).sample()
+            for h in range(lat_u.shape[0]):
+                action = self.policy(feats[-1]).sample(act_noise[h])
                 acts.append(action)
-                deter, stoch, _ = self.rssm.img_step(deter, stoch, action)
+                deter, stoch, _ = self.rssm.img_step(deter, stoch, action, lat_u[h])
                 feats.append(feat(deter, stoch))
-            acts.append(self.policy(feats[-1]).sample())
+            acts.append(self.policy(feats[-1]).sample(act_noise[-1]))
             return torch.stack(feats, 1), torch.stack(acts, 1)
 
     def _update_retnorm(self, ret: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

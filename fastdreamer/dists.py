@@ -20,14 +20,16 @@ def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return torch.log(probs)
 
 
-def sample_onehot(logp: torch.Tensor) -> torch.Tensor:
-    """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs."""
+def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs. `u` (..., 1):
+    the uniforms to use, drawn here when None (a rollout passes the ones it drew up front)."""
     probs = logp.exp()
     # Inverse CDF instead of torch.multinomial (a host sync, not capturable): class k where cdf[k-1] <= u < cdf[k],
     # one uniform per distribution. Gumbel-max drew C uniforms and two logs per distribution: compiled on the CPU,
     # 1024x32 latents took 1.85 ms with Gumbel-max vs 0.84 ms (4 classes) and 8.5 vs 2.5 ms (16 classes).
     # The clamp catches u beyond a last cdf that rounds below 1; a zero-probability class is never drawn.
-    u = torch.rand((*probs.shape[:-1], 1), dtype=probs.dtype, device=probs.device)
+    if u is None:
+        u = torch.rand((*probs.shape[:-1], 1), dtype=probs.dtype, device=probs.device)
     index = (probs.detach().cumsum(-1) <= u).sum(-1).clamp_max(probs.shape[-1] - 1)
     onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
     return onehot + (probs - probs.detach())  # exactly one-hot in value: p - p is exactly 0
@@ -121,12 +123,23 @@ class Policy:
             self.mean = torch.tanh(mean)
             self.std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
 
-    def sample(self) -> torch.Tensor:
-        """One-hot (..., A) for discrete actions, (..., A) unclipped for continuous. No gradient."""
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One-hot (..., A) for discrete actions, (..., A) unclipped for continuous. No gradient. `noise`: drawn
+        here when None, else the draw to use, of noise_shape(): uniforms (discrete) or standard normals."""
         with torch.no_grad():
             if self.discrete:
-                return sample_onehot(self.logp_all).detach()
-            return self.mean + self.std * torch.randn_like(self.mean)
+                return sample_onehot(self.logp_all, noise).detach()
+            if noise is None:
+                noise = torch.randn_like(self.mean)
+            return self.mean + self.std * noise
+
+    @staticmethod
+    def noise(shape: tuple[int, ...], act_dim: int, discrete: bool, device) -> torch.Tensor:
+        """The random numbers sample() takes for a batch of `shape` policies: (*shape, 1) uniforms for discrete
+        actions, (*shape, act_dim) standard normals for continuous ones."""
+        if discrete:
+            return torch.rand((*shape, 1), device=device)
+        return torch.randn((*shape, act_dim), device=device)
 
     def mode(self) -> torch.Tensor:
         if self.discrete:

@@ -121,10 +121,14 @@ def compile_agent(agent) -> None:
     rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
-    # The H-step no-grad rollout is one graph (H small, no backward); a graph break keeps it out of the loss graph.
-    agent.imagine = _graph_break(torch.compile(agent.imagine, dynamic=False))
+    # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
+    agent.noise = torch.compiler.disable(agent.noise)
+    # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out
+    # of the loss graph.
+    agent.rollout = _graph_break(torch.compile(agent.rollout, dynamic=False))
+    agent.imagine = _graph_break(agent.imagine)
     agent.loss = torch.compile(agent.loss, dynamic=False)
-    agent.act = torch.compile(agent.act, dynamic=False)
+    agent.policy_step = torch.compile(agent.policy_step, dynamic=False)
     agent._fast_compiled = True
 
 

@@ -77,21 +77,23 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(self, deter, stoch, action, token, is_first):
+    def obs_step(self, deter, stoch, action, token, is_first, u=None):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
-        is_first (N,). Returns deter, stoch sample (N, S, C), posterior log-probs (N, S, C)."""
+        is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here. Returns deter, stoch
+        sample (N, S, C), posterior log-probs (N, S, C)."""
         keep = (~is_first).to(deter.dtype)[:, None]
         deter, action = deter * keep, action * keep
         stoch = stoch * keep[:, :, None]
         deter = self.core(deter, stoch.flatten(1), action)
         logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
-        return deter, dists.sample_onehot(logp), logp
+        return deter, dists.sample_onehot(logp, u), logp
 
-    def img_step(self, deter, stoch, action):
-        """Prior step from (deter, stoch) under action: deter (N, D), stoch (N, S, C), prior log-probs."""
+    def img_step(self, deter, stoch, action, u=None):
+        """Prior step from (deter, stoch) under action: deter (N, D), stoch (N, S, C), prior log-probs. u as in
+        obs_step."""
         deter = self.core(deter, stoch.flatten(1), action)
         logp = self.prior(deter)
-        return deter, dists.sample_onehot(logp), logp
+        return deter, dists.sample_onehot(logp, u), logp
 
     def prior(self, deter: torch.Tensor) -> torch.Tensor:
         return self._logp(self.img_logit(self.img_net(deter)))

@@ -49,6 +49,10 @@ FEAT_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=5e-2, atol=5e-2)
 GRAD_REL_TOL = 0.1  # per-tensor gradient, relative in norm, bf16 fast mode against bf16 eager (see the test)
 
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The fused kernels on CPU tensors need Triton's interpreter, which tests/conftest.py turns on only without CUDA.
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
 
 def make(device="cpu", seed=0):
     torch.manual_seed(seed)
@@ -103,9 +107,20 @@ def eager_run():
     return run_updates("eager")
 
 
+NOISE_IN_GRAPH: list[bool] = []  # torch.compiler.is_compiling() at each Agent.noise call of the compiled run
+
+
 @pytest.fixture(scope="module")
 def compiled_run(fallback_random):
-    return run_updates("compile")
+    original = Agent.noise
+
+    def recording(self, *args, **kwargs):
+        NOISE_IN_GRAPH.append(torch.compiler.is_compiling())
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Agent, "noise", recording)
+        return run_updates("compile")
 
 
 def assert_close(name, got, want, tol):
@@ -183,6 +198,13 @@ def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, c
     assert moved > 1e-4, f"parameters barely moved ({moved}); the comparison would not see a wrong gradient"
 
 
+def test_the_compiled_update_draws_the_imagination_noise_outside_its_graphs(compiled_run):
+    # Inside agent.loss's graph the rollout's noise draw would be traced, and inductor would order its random ops
+    # as it likes (see the test below); fast.compile_agent keeps Agent.noise eager.
+    assert NOISE_IN_GRAPH, "the compiled updates never drew imagination noise"
+    assert not any(NOISE_IN_GRAPH), f"Agent.noise ran inside a compiled graph ({sum(NOISE_IN_GRAPH)} calls)"
+
+
 def test_compiled_imagination_matches_eager_given_the_same_noise(fallback_random, compiled_run):
     agent, _ = make()
     comp_agent = compiled_run[0]
@@ -198,6 +220,56 @@ def test_compiled_imagination_matches_eager_given_the_same_noise(fallback_random
     assert feats_c.shape == (N, CFG.imag_length + 1, 32 + 16)
     assert torch.equal(acts_c, acts_e), "imagined actions differ"
     assert_close("imagined feats", feats_c, feats_e, FEAT_TOL)
+
+
+def rng_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize(
+    "device,mode",
+    [("cpu", "compile"), pytest.param("cuda", "compile", marks=cuda), pytest.param("cuda", "graphs", marks=cuda)],
+)
+def test_fast_rollout_and_acting_use_exactly_the_noise_drawn_up_front(device, mode):
+    """Without fallback_random (as in training): the fast imagination and acting step take all their random numbers
+    from Agent.noise, drawn eagerly, and none inside a graph. On the H200 the compiled rollout drew other latents
+    than eager from its second draw on (fp32: every start's latent differed at step 1, its deter agreed to 1e-7),
+    so a rollout's random ops inside a graph do not keep their order. Here: the numbers one eager noise() call
+    draws, passed to the eager rollout, give the fast path's output (fp32, actions exactly), and the generator
+    stands after the fast call where that one noise() call left it (compile: no draw inside the graph)."""
+    agent, _ = make(device)
+    fast_agent, _ = make(device)
+    gen = torch.Generator().manual_seed(7)
+    N, H = 24, CFG.imag_length
+    deter = torch.randn(N, 32, generator=gen).to(device)
+    stoch = torch.nn.functional.one_hot(torch.randint(0, 4, (N, 4), generator=gen), 4).float().to(device)
+    torch.manual_seed(3)
+    lat, act = agent.noise(N, H, H + 1, device)
+    after = rng_state(device)
+    feats_e, acts_e = agent.rollout(deter, stoch, lat, act)
+    imagine = fast.make_imagine(fast_agent, mode, "fp32")
+    torch.manual_seed(3)
+    feats_f, acts_f = imagine(deter, stoch)
+    if mode == "compile":
+        assert torch.equal(rng_state(device), after), "the compiled rollout drew random numbers of its own"
+    assert torch.equal(acts_f, acts_e), "imagined actions differ from the eager rollout given the same noise"
+    assert_close("imagined feats", feats_f, feats_e, FEAT_TOL)
+
+    carry = agent.initial(3, device)
+    step = fast.make_act(fast_agent, mode, "fp32")
+    for k in range(3):
+        o = obs(3, k, device)
+        torch.manual_seed(10 + k)
+        lat, act = agent.noise(3, 1, 1, device)
+        after = rng_state(device)
+        a_e, c_e = agent.policy_step(carry, o, lat[0], act[0])
+        torch.manual_seed(10 + k)
+        a_f, c_f = step(carry, o)
+        if mode == "compile":
+            assert torch.equal(rng_state(device), after), "the compiled acting step drew random numbers of its own"
+        assert torch.equal(a_f, a_e), f"step {k}: actions differ"
+        assert torch.equal(c_f[1], c_e[1]), f"step {k}: sampled latents differ"
+        carry = c_e
 
 
 def test_compiled_acting_matches_eager(fallback_random, compiled_run):
@@ -292,11 +364,6 @@ def test_replay_sample_and_write_never_sync_with_the_host():
             data, idx = r.sample(4)
             r.write(idx[:, 1:], {"deter": torch.ones(4, 4, 4)})
     assert r.consumed == (23 // 5) * 3 and (data["x"][:, 1:] - data["x"][:, :-1] == 1).all()
-
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-# The fused kernels on CPU tensors need Triton's interpreter, which tests/conftest.py turns on only without CUDA.
-interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
 @pytest.mark.parametrize(
