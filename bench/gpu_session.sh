@@ -7,21 +7,15 @@
 #
 # A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
 # so `quick` is THE command for it: one device call, carry [".gpu"], command `bash bench/gpu_session.sh quick`,
-# timeout_s 560. It runs the steps below in this order inside one budget of BUDGET s (default 500) counted from the
-# script's start, setup included: each step gets min(its cap, the seconds left) under `timeout -k 10`, a step with
-# under 30 s left is skipped with a line saying so, and a failed or timed-out step does not stop the next one (exit
-# code 1 if any failed). 500 s + 10 s kill grace stays under the 560 s call limit; with the start, ~11 of the 15
-# minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a step cut
-# by its timeout keeps its finished rows (the device returns at most 8 files: nvidia-smi.txt, quick.log, 2 JSON).
-#   1. bench/bench_block_gru.py, 12m at B16 and B1024 in bf16 compute (the trainer's GPU precision), Triton kernels
-#      (both tile policies) vs the reference eager and compiled under autocast, in CUDA-graph replay, each checked
-#      natively against the reference first (cap 150 s)                    -> block_gru_cuda_12m.json
-#   2. python -m bench, 12m, imagine/full_update/act_step in eager, graphs, graphs_triton, compile (graphs first:
-#      it is the mode the GPU goals are about, and compile then reuses its inductor cache)
-#      (cap 300 s)                                                          -> fast_cuda_12m_quick.json
-#   3. the training loop, pong 12m, graphs, 10 s after its compile and capture (cap 120 s; the run without the
-#      env-step overlap is left to the e2e phase: a second trainer would compile and capture again)
-#   4. the Triton kernel tests, tests/kernels, natively (cap 120 s)
+# timeout_s 560. It runs the steps of quick() below in order inside one budget of BUDGET s (default 500) counted
+# from the script's start, setup included: each step gets min(its cap, the seconds left) under `timeout -k 10`, a
+# step with under 30 s left is skipped with a line saying so, and a failed or timed-out step does not stop the next
+# one (exit code 1 if any failed). 500 s + 10 s kill grace stays under the 560 s call limit; with the start, ~10 of
+# the 15 minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a
+# step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
+# each GPU session from the last one's results: the first session's (block-GRU, all fast modes, pong, kernel tests)
+# are in bench/results/h200_2026-11-26 and bench/LOG.md; `diag` was its follow-up call (update profile, rollout
+# agreement, CUDA tests of test_fast.py).
 # DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
 # as if it ran to its timeout (the worst case the budget must absorb); try BUDGET=200 to see steps skipped.
 #
@@ -104,12 +98,17 @@ quick() {
   else
     setup || { echo "setup failed"; return 1; }
   fi
-  step block_gru 150 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 1024 --repeats 20 --compute bf16 \
-    --modes eager compile triton triton_wide --json "$OUT/block_gru_cuda_12m.json" || rc=1
-  step bench 300 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
-    --modes eager,graphs,graphs_triton,compile --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  step e2e 120 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
-  step kernel_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/kernels || rc=1
+  # The second H200 session's plan (the first one's results: bench/results/h200_2026-11-26, bench/LOG.md): the
+  # imagine rows after the up-front noise fix and the full update with fan_out (graphs first: its inductor cache
+  # serves compile), then the same update without fan_out for the A/B on this machine, the bf16 rollout agreement
+  # at 12m, and the pong loop.
+  step bench 240 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+    --modes eager,graphs,compile --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
+  step fanout_off 110 env FASTDREAMER_FAN_OUT=0 python3 -m bench --device cuda --size 12m --components full_update \
+    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_fanout_off.json" || rc=1
+  step agreement 80 python3 -m bench.imagine_agreement --device cuda --size 12m --precisions bf16 fp32 \
+    --modes compile --json "$OUT/imagine_agreement_12m.json" || rc=1
+  step e2e 90 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

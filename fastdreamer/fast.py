@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import shutil
 
 import torch
@@ -110,6 +111,11 @@ def _device(agent) -> torch.device:
     return next(agent.parameters()).device
 
 
+FAN_OUT = {"1": True, "0": False}.get(os.environ.get("FASTDREAMER_FAN_OUT", "1"))
+if FAN_OUT is None:
+    raise ValueError(f"FASTDREAMER_FAN_OUT={os.environ['FASTDREAMER_FAN_OUT']!r}: expected 1 or 0")
+
+
 def compile_agent(agent) -> None:
     """Route the agent's reused units through torch.compile, in place (idempotent). Instance attributes shadow the
     methods, so agent.loss, RSSM.observe and agent.act call the compiled units without any change to their code.
@@ -121,6 +127,9 @@ def compile_agent(agent) -> None:
     rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
+    # One weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py). FASTDREAMER_FAN_OUT=0
+    # turns it off, for benchmarks that measure it.
+    rssm.fan_out = FAN_OUT
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out
@@ -138,13 +147,13 @@ def _same_grad_inputs(step):
     leaves that require grad make step 0 take the same graph; their gradients are computed and dropped, and the
     caller's tensors, which had no grad, are unchanged."""
 
-    def call(deter, stoch, *args):
+    def call(deter, stoch, *args, **kwargs):
         if torch.is_grad_enabled():
             if not deter.requires_grad:
                 deter = deter.detach().requires_grad_()
             if not stoch.requires_grad:
                 stoch = stoch.detach().requires_grad_()
-        return step(deter, stoch, *args)
+        return step(deter, stoch, *args, **kwargs)
 
     return call
 

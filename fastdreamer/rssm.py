@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dists
+from . import dists, fanout
 from .kernels import block_gru
 from .nets import MLP, Linear, trunc_normal_
 
@@ -64,6 +64,9 @@ class RSSM(nn.Module):
         self.obs_logit = Linear(self.obs_net.out_dim, stoch * classes)
         self.img_net = MLP(deter, hidden, imglayers)
         self.img_logit = Linear(self.img_net.out_dim, stoch * classes)
+        # observe() hands each step views of one copy of its parameters (fastdreamer/fanout.py): one cast and one
+        # gradient sum per update instead of one per step. Off in eager (the reference); the fast modes set it.
+        self.fan_out = False
 
     @property
     def feat_dim(self) -> int:
@@ -77,10 +80,18 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(self, deter, stoch, action, token, is_first, u=None):
+    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
-        is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here. Returns deter, stoch
-        sample (N, S, C), posterior log-probs (N, S, C)."""
+        is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
+        of some parameters ({name: tensor}, names relative to this module) to use in their place. Returns deter,
+        stoch sample (N, S, C), posterior log-probs (N, S, C)."""
+        if params is None:
+            return self(deter, stoch, action, token, is_first, u)
+        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u))
+
+    def forward(self, deter, stoch, action, token, is_first, u=None):
+        """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
+        per-step parameter views (observe with fan_out)."""
         keep = (~is_first).to(deter.dtype)[:, None]
         deter, action = deter * keep, action * keep
         stoch = stoch * keep[:, :, None]
@@ -101,13 +112,36 @@ class RSSM(nn.Module):
     def observe(self, deter, stoch, tokens, actions, is_first):
         """Posterior over a sequence: tokens (B, T, E), actions (B, T, A) (the action before each step),
         is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
+        T = tokens.shape[1]
+        per_step = [None] * T
+        if self.fan_out and torch.is_grad_enabled():
+            per_step = fanout.fan_out(self.step_params(), T, self.step_dtypes(deter.device))
         deters, stochs, logps = [], [], []
-        for t in range(tokens.shape[1]):
-            deter, stoch, logp = self.obs_step(deter, stoch, actions[:, t], tokens[:, t], is_first[:, t])
+        for t in range(T):
+            deter, stoch, logp = self.obs_step(
+                deter, stoch, actions[:, t], tokens[:, t], is_first[:, t], params=per_step[t]
+            )
             deters.append(deter)
             stochs.append(stoch)
             logps.append(logp)
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
+
+    def step_params(self) -> dict[str, torch.Tensor]:
+        """The parameters each observe step uses: the core's and the posterior's."""
+        return {n: p for n, p in self.named_parameters() if n.split(".")[0] in ("core", "obs_net", "obs_logit")}
+
+    def step_dtypes(self, device: torch.device) -> dict[str, torch.dtype]:
+        """Under bf16 autocast, the parameters autocast would cast to bf16 at every step (the matmul operands:
+        F.linear's weight and bias, the torch core's five matmul weights), so fan_out casts them once; the rest
+        (norm scales, biases added in fp32) stay fp32. The Triton core rounds its weights itself and returns
+        float32 weight gradients, so its weights stay fp32."""
+        if not (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16):
+            return {}
+        names = [n for n, m in self.named_modules() if isinstance(m, nn.Linear)]
+        out = {f"{n}.{k}": torch.bfloat16 for n in names for k in ("weight", "bias")}
+        if block_gru.get_impl() == "torch":
+            out.update({f"core.{k}": torch.bfloat16 for k in ("w0", "w1", "w2", "wh", "wg")})
+        return out
 
     def kl_losses(self, post_logp: torch.Tensor, prior_logp: torch.Tensor):
         """Dynamics and representation losses with free bits, (B, T) each, and the two entropies."""

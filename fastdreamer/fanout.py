@@ -1,0 +1,37 @@
+"""One parameter handed to the T steps of a recurrent loop as T views of one copy, with one gradient sum.
+
+When a parameter is used in each of the 64 observe steps, autograd adds each step's weight gradient into a running
+sum (one kernel per step and parameter) and, under bf16 autocast, casts the weight to bf16 at every step and each
+step's gradient back (two more). On an H200 at 12m that was 2,553 of the update's 7,975 kernels (1,230 casts,
+1,323 fp32 adds; bench/LOG.md, 2026-11-26). fan_out() makes the cast once and, in the backward, sums the T step
+gradients in float32 in two kernels (stack, sum). The values are those of the per-step path: each step sees the
+same (cast) weight, and each step's gradient is summed in float32, in another order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _FanOut(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, n: int, dtype: torch.dtype, w: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.w_dtype = w.dtype
+        c = w.detach().to(dtype)
+        return tuple(c.view_as(c) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        used = [g for g in grads if g is not None]
+        if not used:
+            return None, None, None
+        total = torch.stack(used).sum(0, dtype=torch.float32)
+        return None, None, total.to(ctx.w_dtype)
+
+
+def fan_out(params: dict[str, torch.Tensor], n: int, dtypes: dict[str, torch.dtype]) -> list[dict[str, torch.Tensor]]:
+    """n dicts {name: tensor}: for each of n steps, every parameter as a view of one copy in dtypes.get(name, its
+    own dtype). The gradient reaching each parameter is the float32 sum of its n views' gradients."""
+    views = {name: _FanOut.apply(n, dtypes.get(name, w.dtype), w) for name, w in params.items()}
+    return [{name: v[t] for name, v in views.items()} for t in range(n)]
