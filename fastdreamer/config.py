@@ -62,7 +62,7 @@ class Config:
     autocast). torch is the default until GPU timings show triton faster (kernels/block_gru/README.md)."""
     mode: str = "auto"
     """Execution mode of the update and acting step: eager (the reference), compile, graphs (CUDA), or auto (the
-    fastest mode measured to work on the device: compile)."""
+    fastest mode measured to work on the device: graphs on CUDA, compile on a CPU)."""
     precision: str = "auto"
     """Matmul precision of the fast modes: bf16 (autocast; weights, norms and losses stay fp32, like the reference's
     bfloat16 compute), fp32, or auto (bf16 where the device has native bf16: CUDA, CPUs with AVX512-BF16 or AMX).

@@ -146,7 +146,7 @@ def assert_updates_close(label, got, want, agent, ref_agent, loss_tol, param_tol
 def test_auto_is_eager_on_a_cpu_without_a_compiler(monkeypatch):
     monkeypatch.setattr(fast.shutil, "which", lambda name: None)
     assert fast.resolve_mode("auto", torch.device("cpu")) == "eager"
-    assert fast.resolve_mode("auto", torch.device("cuda")) == "compile"
+    assert fast.resolve_mode("auto", torch.device("cuda")) == "graphs"
 
 
 def test_precision_is_bf16_where_the_device_has_it_and_eager_stays_fp32(monkeypatch):
@@ -172,6 +172,7 @@ def test_precision_is_bf16_where_the_device_has_it_and_eager_stays_fp32(monkeypa
 
 def test_resolve_mode_picks_and_refuses():
     assert fast.resolve_mode("auto", torch.device("cpu")) == "compile"
+    assert fast.resolve_mode("auto", torch.device("cuda")) == "graphs"  # no GPU needed to resolve
     assert fast.resolve_mode("eager", torch.device("cpu")) == "eager"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         fast.resolve_mode("graphs", torch.device("cpu"))
