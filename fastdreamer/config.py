@@ -132,7 +132,8 @@ class Config:
     save_every: int = 5000
     """Updates between checkpoints (and one at the end)."""
     eval_episodes: int = 0
-    """Episodes of greedy evaluation at the end of training (0: none)."""
+    """Episodes of evaluation at the end of training (0: none), sampling the policy as in training
+    (`python -m fastdreamer.eval --greedy` takes its mode instead)."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -130,8 +130,8 @@ def compile_agent(agent) -> None:
     rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
-    # One weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py). FASTDREAMER_FAN_OUT=0
-    # turns it off, for benchmarks that measure it.
+    # Under bf16 autocast, one weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py).
+    # FASTDREAMER_FAN_OUT=0 turns it off, for benchmarks that measure it.
     rssm.fan_out = FAN_OUT
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)

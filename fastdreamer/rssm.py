@@ -64,8 +64,9 @@ class RSSM(nn.Module):
         self.obs_logit = Linear(self.obs_net.out_dim, stoch * classes)
         self.img_net = MLP(deter, hidden, imglayers)
         self.img_logit = Linear(self.img_net.out_dim, stoch * classes)
-        # observe() hands each step views of one copy of its parameters (fastdreamer/fanout.py): one cast and one
-        # gradient sum per update instead of one per step. Off in eager (the reference); the fast modes set it.
+        # Under bf16 autocast, observe() hands each step views of one copy of its parameters (fastdreamer/fanout.py):
+        # one cast and one gradient sum per update instead of one per step. Off in eager (the reference); the fast
+        # modes set it.
         self.fan_out = False
 
     @property
@@ -114,8 +115,9 @@ class RSSM(nn.Module):
         is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
         T = tokens.shape[1]
         per_step = [None] * T
-        if self.fan_out and torch.is_grad_enabled():
-            per_step = fanout.fan_out(self.step_params(), T, self.step_dtypes(deter.device))
+        dtypes = self.step_dtypes(deter.device)
+        if self.fan_out and dtypes and torch.is_grad_enabled():  # bf16 autocast only: fanout.py says why
+            per_step = fanout.fan_out(self.step_params(), T, dtypes)
         deters, stochs, logps = [], [], []
         for t in range(T):
             deter, stoch, logp = self.obs_step(

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from fastdreamer.kernels import block_gru
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdreamer.fanout import fan_out
 from fastdreamer.rssm import RSSM
@@ -53,19 +54,12 @@ def test_fan_out_casts_once_and_sums_the_step_gradients_in_float32():
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
-@pytest.mark.parametrize(
-    "impl,precision",
-    [
-        ("torch", "fp32"),
-        ("torch", "bf16"),
-        pytest.param("triton", "fp32", marks=interpreter),
-        pytest.param("triton", "bf16", marks=interpreter),
-    ],
-)
-def test_observe_with_fan_out_matches_the_per_step_observe(impl, precision):
-    """The world model's observe loop, as the fast modes run it (fan_out on; under bf16 autocast the matmul
-    weights cast once) against eager's per-step path: deters, latents and log-probs bitwise, every parameter's
-    gradient within GRAD_REL."""
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=interpreter)])
+def test_observe_with_fan_out_matches_the_per_step_observe(impl):
+    """The world model's observe loop under bf16 autocast as the fast modes run it (fan_out on: the matmul weights
+    cast once) against eager's per-step path: deters, latents and log-probs bitwise, every parameter's gradient
+    within GRAD_REL."""
+    precision = "bf16"
     B, T, E, A = 3, 6, 10, 2
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(B, T, E, generator=gen)
@@ -98,3 +92,52 @@ def test_observe_with_fan_out_matches_the_per_step_observe(impl, precision):
     for name, g in got_grads.items():
         assert g.dtype == torch.float32, name
         assert rel(g, want_grads[name]) < GRAD_REL, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
+
+
+class CastCount(TorchDispatchMode):
+    """Counts dtype casts (aten._to_copy) of the given tensors, by storage: {(name, from, to): calls}; and, in
+    `upcasts`, bf16 -> fp32 casts of any tensor shaped like one of them (a copy of a weight cast back)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.names = {t.data_ptr(): n for n, t in tensors.items()}
+        self.shapes = {t.shape for t in tensors.values() if t.dim() > 1}
+        self.calls, self.upcasts = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            x, dtype = args[0], kwargs.get("dtype")
+            if x.data_ptr() in self.names:
+                key = (self.names[x.data_ptr()], x.dtype, dtype)
+                self.calls[key] = self.calls.get(key, 0) + 1
+            self.upcasts += x.dtype == torch.bfloat16 and dtype == torch.float32 and x.shape in self.shapes
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fan", [True, False])
+def test_fan_out_casts_each_matmul_weight_once_per_observe(fan):
+    """What fan_out is for, counted at the dispatcher: under bf16 autocast the observe loop's matmul weights are
+    cast to bf16 once, not once per step, and never cast back (the torch core's float32 upcast of its operands is
+    skipped for bf16 weights under autocast); without fan_out, once per step. In fp32 fan_out is not used at all
+    (no cast to save; the held step gradients would cost memory for nothing)."""
+    B, T, E, A = 3, 5, 10, 2
+    torch.manual_seed(0)
+    rssm = RSSM(E, A, deter=24, hidden=8, stoch=3, classes=4, blocks=4)
+    rssm.fan_out = fan
+    # The matmul operands: the core's five weights, and F.linear's weight and bias (autocast casts both) for
+    # obs_net's linear layer and obs_logit.
+    matmul = [n for n in rssm.step_params() if n.endswith(("weight", "bias", "w0", "w1", "w2", "wh", "wg"))]
+    assert len(matmul) == 9
+    args = (torch.randn(B, 24), torch.zeros(B, 3, 4), torch.randn(B, T, E), torch.randn(B, T, A))
+    first = torch.zeros(B, T, dtype=torch.bool)
+    bf16 = CastCount(rssm.step_params())
+    with torch.autocast("cpu", torch.bfloat16, cache_enabled=False), bf16:
+        rssm.observe(*args, first)
+    want = {(n, torch.float32, torch.bfloat16): 1 if fan else T for n in matmul}
+    assert bf16.calls == want
+    assert bf16.upcasts == 0, "a bf16 weight copy was cast back to float32"
+    fp32 = CastCount(rssm.step_params())
+    with fp32:
+        rssm.observe(*args, first)
+    assert fp32.calls == {} and fp32.upcasts == 0

@@ -60,7 +60,13 @@ class _RoundBF16(torch.autograd.Function):
 
 
 def _operand(t: torch.Tensor, bf16: bool) -> torch.Tensor:
-    return _RoundBF16.apply(t.float()) if bf16 else t.float()
+    if bf16:
+        return _RoundBF16.apply(t.float())
+    if t.dtype == torch.bfloat16 and torch.is_autocast_enabled(t.device.type):
+        # Autocast multiplies it in bf16 as it is; .float() would only be cast back, one copy per step (the bf16
+        # weights the fast modes' observe loop passes in, fastdreamer/fanout.py). Same values either way.
+        return t
+    return t.float()
 
 
 def _pin(name: str, t: torch.Tensor) -> torch.Tensor:
