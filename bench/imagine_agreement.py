@@ -14,7 +14,6 @@ random numbers show as agreement at step 0 that decays; other random numbers as 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -22,6 +21,7 @@ import torch._inductor.config as inductor_config
 
 from fastdreamer import fast
 
+from .bench_block_gru import write_json
 from .common import make_agent, make_config
 
 
@@ -76,9 +76,10 @@ def main(argv=None) -> None:
                 for key in ("action_differs", "stoch_differs", "deter_maxrel"):
                     cells = " ".join(f"{v:.3g}" for v in row[key])
                     print(f"{precision} {mode:8s} {key:15s} {cells}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"size": args.size, "device": str(device), "starts": args.starts, "rows": results}, f, indent=1)
+                if args.json:  # after every row: a run cut by a timeout keeps what it finished
+                    write_json(
+                        args.json, {"size": args.size, "device": str(device), "starts": args.starts, "rows": results}
+                    )
 
 
 if __name__ == "__main__":

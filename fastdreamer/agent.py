@@ -111,10 +111,11 @@ class Agent(nn.Module):
 
     def noise(self, n: int, latent_steps: int, action_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """All random numbers of an acting step or a rollout, drawn up front: uniforms (latent_steps, n, S, 1) for
-        the latent draws and the actions' noise (action_steps, n, ...) (dists.Policy.noise). A compiled graph may
-        order its random ops otherwise than the code does (seen on CUDA: eager and compiled rollouts from one seed
-        drew other latents from the second draw on); drawn here, eagerly in every mode (fast.compile_agent keeps
-        this method out of the graphs), each sample uses the same numbers in every mode."""
+        the latent draws and the actions' noise (action_steps, n, ...) (dists.Policy.noise). A compiled graph need
+        not draw its random numbers as eager does (seen on CUDA: from one seed, eager and compiled rollouts drew the
+        same first numbers and other ones from the second draw on, most likely in another order); drawn here,
+        eagerly in every mode (fast.compile_agent keeps this method out of the graphs), each sample uses the same
+        numbers in every mode."""
         lat = torch.rand((latent_steps, n, self.rssm.stoch, 1), device=device)
         act = dists.Policy.noise((action_steps, n), self.act_dim, self.spec.discrete, device)
         return lat, act

@@ -2,10 +2,11 @@
 
 When a parameter is used in each of the 64 observe steps, autograd adds each step's weight gradient into a running
 sum (one kernel per step and parameter) and, under bf16 autocast, casts the weight to bf16 at every step and each
-step's gradient back (two more). On an H200 at 12m that was 2,553 of the update's 7,975 kernels (1,230 casts,
-1,323 fp32 adds; bench/LOG.md, 2026-11-26). fan_out() makes the cast once and, in the backward, sums the T step
-gradients in float32 in two kernels (stack, sum). The values are those of the per-step path: each step sees the
-same (cast) weight, and each step's gradient is summed in float32, in another order.
+step's gradient back (two more). On an H200 at 12m the update's 7,975 kernels held 1,323 fp32 adds (19 x 63 of them
+these) and 1,230 launches of cast kernels (most of them these; bench/LOG.md, 2026-11-26). fan_out() makes the cast
+once and, in the backward, sums the T step gradients in float32 in a few kernels (stacks of CHUNK, their sums). The
+values are those of the per-step path: each step sees the same (cast) weight, and each step's gradient is summed in
+float32, in another order.
 
 Memory: the T step gradients are held until the sum (the per-step path adds them as they come), T x the step's
 parameters in bf16, 648 MB at 12m and ~10 GiB at 200m with T 64. Worth it only where it also saves the casts, so

@@ -234,8 +234,8 @@ def rng_state(device: str) -> torch.Tensor:
 def test_fast_rollout_and_acting_use_exactly_the_noise_drawn_up_front(device, mode):
     """Without fallback_random (as in training): the fast imagination and acting step take all their random numbers
     from Agent.noise, drawn eagerly, and none inside a graph. On the H200 the compiled rollout drew other latents
-    than eager from its second draw on (fp32: every start's latent differed at step 1, its deter agreed to 1e-7),
-    so a rollout's random ops inside a graph do not keep their order. Here: the numbers one eager noise() call
+    than eager from its second draw on (fp32: every start's latent differed at step 1, its deter agreed to 1e-7):
+    random ops inside a graph need not draw what eager draws. Here: the numbers one eager noise() call
     draws, passed to the eager rollout, give the fast path's output (fp32, actions exactly), and the generator
     stands after the fast call where that one noise() call left it (compile: no draw inside the graph)."""
     agent, _ = make(device)
