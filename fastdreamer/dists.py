@@ -125,7 +125,8 @@ class Policy:
 
     def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One-hot (..., A) for discrete actions, (..., A) unclipped for continuous. No gradient. `noise`: drawn
-        here when None, else the draw to use, of noise_shape(): uniforms (discrete) or standard normals."""
+        here when None, else the draw to use, shaped as Policy.noise makes it: uniforms (discrete) or standard
+        normals."""
         with torch.no_grad():
             if self.discrete:
                 return sample_onehot(self.logp_all, noise).detach()

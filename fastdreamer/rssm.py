@@ -115,8 +115,8 @@ class RSSM(nn.Module):
         is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
         T = tokens.shape[1]
         per_step = [None] * T
-        dtypes = self.step_dtypes(deter.device)
-        if self.fan_out and dtypes and torch.is_grad_enabled():  # bf16 autocast only: fanout.py says why
+        dtypes = self.step_dtypes(deter.device) if self.fan_out and torch.is_grad_enabled() else {}
+        if dtypes:  # bf16 autocast only: fanout.py says why
             per_step = fanout.fan_out(self.step_params(), T, dtypes)
         deters, stochs, logps = [], [], []
         for t in range(T):
