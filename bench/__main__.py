@@ -31,7 +31,16 @@ from fastdreamer.train import update_step
 
 from . import end_to_end, parts
 from .bench_block_gru import write_json
-from .common import make_agent, make_config, random_batch, random_obs, rollout_close, sync, timeit
+from .common import (
+    make_agent,
+    make_config,
+    random_batch,
+    random_obs,
+    rollout_close,
+    rollout_starts,
+    sync,
+    timeit,
+)
 
 MODES = ("eager", "compile", "graphs", "graphs_triton")
 COMPONENTS = ("env_step", "replay_sample", "wm_update", "imagine", "ac_update", "full_update", "act_step", "end_to_end")
@@ -171,17 +180,7 @@ class Bench:
 
     def imagine(self, mode: str):
         agent, _ = self.fresh()
-        B, T = self.cfg.batch_size, self.cfg.batch_length
-        rssm = agent.rssm
-        gen = torch.Generator().manual_seed(2)
-        deter = torch.randn(B * T, rssm.deter, generator=gen).to(self.device)
-        stoch = (
-            torch.nn.functional.one_hot(
-                torch.randint(0, rssm.classes, (B * T, rssm.stoch), generator=gen), rssm.classes
-            )
-            .float()
-            .to(self.device)
-        )
+        deter, stoch = rollout_starts(agent, self.cfg.batch_size * self.cfg.batch_length, self.device)
         imagine = fast.make_imagine(agent, fast_mode(mode), self.args.precision)
         ok, extra = True, {}
         if mode != "eager":

@@ -62,6 +62,15 @@ def random_obs(agent: Agent, n: int, device, seed: int = 0) -> dict[str, torch.T
     return {k: v[:, 0] for k, v in batch.items() if k in agent.spec.obs or k == "is_first"}
 
 
+def rollout_starts(agent: Agent, n: int, device, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """n imagination starts: random deter (n, D), random one-hot latents (n, S, C)."""
+    rssm = agent.rssm
+    gen = torch.Generator().manual_seed(seed)
+    deter = torch.randn(n, rssm.deter, generator=gen).to(device)
+    index = torch.randint(0, rssm.classes, (n, rssm.stoch), generator=gen)
+    return deter, torch.nn.functional.one_hot(index, rssm.classes).float().to(device)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -90,14 +90,18 @@ step() {  # step NAME CAP CMD...: CMD under timeout min(CAP, seconds left of BUD
   return "$rc"
 }
 
-quick() {
-  local rc=0
-  summary=""
+begin() {  # a plan's start: the setup, or under DRY=1 a line saying it is skipped
   if [[ -n ${DRY:-} ]]; then
     echo "== DRY: setup skipped; each step printed and counted as running to its timeout"
   else
     setup || { echo "setup failed"; return 1; }
   fi
+}
+
+quick() {
+  local rc=0
+  summary=""
+  begin || return 1
   # The second H200 session's plan (the first one's results: bench/results/h200_2026-11-26, bench/LOG.md): the
   # imagine rows after the up-front noise fix and the full update with fan_out (graphs first: its inductor cache
   # serves compile), then the same update without fan_out for the A/B on this machine, the pong loop, and the bf16
@@ -119,11 +123,7 @@ quick() {
 diag() {  # the follow-up call after quick: where a 12m update's time goes now, and the CUDA-only fast-mode tests
   local rc=0
   summary=""
-  if [[ -n ${DRY:-} ]]; then
-    echo "== DRY: setup skipped; each step printed and counted as running to its timeout"
-  else
-    setup || { echo "setup failed"; return 1; }
-  fi
+  begin || return 1
   step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
     --out "$OUT/profile_update_12m.txt" || rc=1
   step cuda_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k "cuda or graphed" || rc=1

@@ -22,16 +22,7 @@ import torch._inductor.config as inductor_config
 from fastdreamer import fast
 
 from .bench_block_gru import write_json
-from .common import make_agent, make_config
-
-
-def starts(agent, n: int, device, seed: int = 2):
-    """The starts of Bench.imagine: random deter, random one-hot latents."""
-    rssm = agent.rssm
-    gen = torch.Generator().manual_seed(seed)
-    deter = torch.randn(n, rssm.deter, generator=gen).to(device)
-    index = torch.randint(0, rssm.classes, (n, rssm.stoch), generator=gen)
-    return deter, torch.nn.functional.one_hot(index, rssm.classes).float().to(device)
+from .common import make_agent, make_config, rollout_starts
 
 
 def agreement(got, want, deter: int) -> dict[str, list[float]]:
@@ -64,7 +55,7 @@ def main(argv=None) -> None:
             for mode in args.modes:
                 agent, _ = make_agent(cfg, "vector", device)
                 ref, _ = make_agent(cfg, "vector", device)
-                deter, stoch = starts(agent, args.starts, device)
+                deter, stoch = rollout_starts(agent, args.starts, device)
                 imagine = fast.make_imagine(agent, mode, precision)
                 torch.manual_seed(3)
                 with fast.autocast(device, mode, precision):
