@@ -114,9 +114,15 @@ def _device(agent) -> torch.device:
     return next(agent.parameters()).device
 
 
-FAN_OUT = {"1": True, "0": False}.get(os.environ.get("FASTDREAMER_FAN_OUT", "1"))
-if FAN_OUT is None:
-    raise ValueError(f"FASTDREAMER_FAN_OUT={os.environ['FASTDREAMER_FAN_OUT']!r}: expected 1 or 0")
+def _switch(name: str) -> bool:
+    value = {"1": True, "0": False}.get(os.environ.get(name, "1"))
+    if value is None:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0")
+    return value
+
+
+FAN_OUT = _switch("FASTDREAMER_FAN_OUT")
+DEFER = _switch("FASTDREAMER_DEFER")
 
 
 def compile_agent(agent) -> None:
@@ -133,6 +139,9 @@ def compile_agent(agent) -> None:
     # Under bf16 autocast, one weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py).
     # FASTDREAMER_FAN_OUT=0 turns it off, for benchmarks that measure it.
     rssm.fan_out = FAN_OUT
+    # The observe steps' weight gradients as one reduction per parameter over all B*T rows, after the loop's
+    # backward (fastdreamer/defer.py; the torch core only). FASTDREAMER_DEFER=0 turns it off, for benchmarks.
+    rssm.defer = DEFER
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out

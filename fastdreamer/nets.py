@@ -39,6 +39,12 @@ class Linear(nn.Linear):
         nn.init.zeros_(self.bias)
 
 
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + 1e-4) over the last dim, in float32 (RMSNorm before its scale)."""
+    x = x.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + NORM_EPS)
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + 1e-4) * scale over the last dim, in float32."""
 
@@ -47,10 +53,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + NORM_EPS) * self.scale
-        return x.to(dtype)
+        return (rms_normalize(x) * self.scale).to(x.dtype)
 
 
 class Dense(nn.Module):
@@ -61,8 +64,17 @@ class Dense(nn.Module):
         self.linear = Linear(fin, fout)
         self.norm = RMSNorm(fout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(self.norm(self.linear(x)))
+    def forward(self, x: torch.Tensor, taps=None, seen=None, site: str = "") -> torch.Tensor:
+        """taps: deferred weight gradients (fastdreamer/defer.py): zeros at sites `{site}x` (the linear's output,
+        a "linear" site) and `{site}n` (the scaled norm, a "scale" site); their other factors go into `seen`."""
+        y = self.linear(x)
+        if taps is None:
+            return F.silu(self.norm(y))
+        seen[site + "x"] = x
+        y = y + taps[site + "x"].to(y.dtype)
+        n = rms_normalize(y)
+        seen[site + "n"] = n
+        return F.silu((n * self.norm.scale + taps[site + "n"]).to(y.dtype))
 
 
 class MLP(nn.Sequential):

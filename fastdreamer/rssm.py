@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dists, fanout
+from . import defer, dists, fanout
 from .kernels import block_gru
 from .nets import MLP, Linear, trunc_normal_
 
@@ -35,10 +35,10 @@ class BlockGRUCore(nn.Module):
     def weights(self) -> block_gru.BlockGRUWeights:
         return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
 
-    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D)."""
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, taps=None):
+        """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen)."""
         action = action / action.abs().clamp_min(1.0).detach()
-        return block_gru.step(deter, stoch, action, self.weights())
+        return block_gru.step(deter, stoch, action, self.weights(), taps=taps)
 
 
 class RSSM(nn.Module):
@@ -68,6 +68,10 @@ class RSSM(nn.Module):
         # one cast and one gradient sum per update instead of one per step. Off in eager (the reference); the fast
         # modes set it.
         self.fan_out = False
+        # Deferred weight gradients (fastdreamer/defer.py): the observe steps run on parameters without gradient and
+        # every parameter's gradient is one reduction over all B*T rows after the loop's backward. Off in eager;
+        # the fast modes set it. Where it runs (the torch core) fan_out has nothing left to do.
+        self.defer = False
 
     @property
     def feat_dim(self) -> int:
@@ -81,24 +85,57 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None):
+    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, taps=None):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
-        of some parameters ({name: tensor}, names relative to this module) to use in their place. Returns deter,
-        stoch sample (N, S, C), posterior log-probs (N, S, C)."""
+        of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: zeros at
+        every site of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch sample
+        (N, S, C), posterior log-probs (N, S, C), and with taps {site: its other factor}."""
         if params is None:
-            return self(deter, stoch, action, token, is_first, u)
-        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u))
+            return self(deter, stoch, action, token, is_first, u, taps)
+        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u, taps))
 
-    def forward(self, deter, stoch, action, token, is_first, u=None):
+    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
-        per-step parameter views (observe with fan_out)."""
+        per-step parameter views (observe with fan_out or defer)."""
         keep = (~is_first).to(deter.dtype)[:, None]
         deter, action = deter * keep, action * keep
         stoch = stoch * keep[:, :, None]
-        deter = self.core(deter, stoch.flatten(1), action)
-        logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
-        return deter, dists.sample_onehot(logp, u), logp
+        if taps is None:
+            deter = self.core(deter, stoch.flatten(1), action)
+            logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
+            return deter, dists.sample_onehot(logp, u), logp
+        deter, core_seen = self.core(deter, stoch.flatten(1), action, {s: taps[f"core.{s}"] for s in self._core_sites})
+        seen = {f"core.{s}": x for s, x in core_seen.items()}
+        x = torch.cat([deter, token], -1)
+        for i, layer in enumerate(self.obs_net):
+            x = layer(x, taps, seen, f"obs_net.{i}.")
+        seen["obs_logit.x"] = x
+        logit = self.obs_logit(x)
+        logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
+        return deter, dists.sample_onehot(logp, u), logp, seen
+
+    _core_sites = tuple(block_gru.reference.TAP_SITES)
+
+    def tap_sites(self) -> dict[str, defer.Site]:
+        """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params()."""
+        core = self.core.weights()
+        widths = block_gru.reference.tap_widths(core)
+        sites = {
+            f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s])
+            for s, (kind, *ps) in block_gru.reference.TAP_SITES.items()
+        }
+        for i, layer in enumerate(self.obs_net):
+            out = layer.linear.out_features
+            sites[f"obs_net.{i}.x"] = defer.Site(
+                "linear", (f"obs_net.{i}.linear.weight", f"obs_net.{i}.linear.bias"), out
+            )
+            sites[f"obs_net.{i}.n"] = defer.Site("scale", (f"obs_net.{i}.norm.scale",), out)
+        sites["obs_logit.x"] = defer.Site("linear", ("obs_logit.weight", "obs_logit.bias"), self.obs_logit.out_features)
+        covered = sorted(p for s in sites.values() for p in s.params)
+        if covered != sorted(self.step_params()):
+            raise RuntimeError(f"RSSM.tap_sites covers {covered}, the observe step uses {sorted(self.step_params())}")
+        return sites
 
     def img_step(self, deter, stoch, action, u=None):
         """Prior step from (deter, stoch) under action: deter (N, D), stoch (N, S, C), prior log-probs. u as in
@@ -114,15 +151,25 @@ class RSSM(nn.Module):
         """Posterior over a sequence: tokens (B, T, E), actions (B, T, A) (the action before each step),
         is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
         T = tokens.shape[1]
-        per_step = [None] * T
-        dtypes = self.step_dtypes(deter.device) if self.fan_out and torch.is_grad_enabled() else {}
-        if dtypes:  # bf16 autocast only: fanout.py says why
+        per_step, taps, record = [None] * T, [None] * T, None
+        grad = torch.is_grad_enabled()
+        if self.defer and grad and block_gru.supports_taps():
+            dtypes = self.step_dtypes(deter.device)
+            params = self.step_params()
+            record = []
+            taps = defer.taps(self.tap_sites(), params, T, deter.shape[0], record, bf16=bool(dtypes))
+            # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
+            per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
+        elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
             per_step = fanout.fan_out(self.step_params(), T, dtypes)
         deters, stochs, logps = [], [], []
         for t in range(T):
-            deter, stoch, logp = self.obs_step(
-                deter, stoch, actions[:, t], tokens[:, t], is_first[:, t], params=per_step[t]
+            out = self.obs_step(
+                deter, stoch, actions[:, t], tokens[:, t], is_first[:, t], params=per_step[t], taps=taps[t]
             )
+            if record is not None:
+                record.append(out[3])
+            deter, stoch, logp = out[:3]
             deters.append(deter)
             stochs.append(stoch)
             logps.append(logp)

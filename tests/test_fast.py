@@ -21,7 +21,7 @@ import torch
 import torch._inductor.config as inductor_config
 from fastdreamer.kernels import block_gru
 
-from fastdreamer import fast
+from fastdreamer import defer, fast
 from fastdreamer.agent import Agent
 from fastdreamer.config import Config
 from fastdreamer.envs import EnvSpec
@@ -108,18 +108,24 @@ def eager_run():
 
 
 NOISE_IN_GRAPH: list[bool] = []  # torch.compiler.is_compiling() at each Agent.noise call of the compiled run
+DEFERRED: list[int] = []  # the number of steps of each deferred observe loop (defer.taps) in the compiled run
 
 
 @pytest.fixture(scope="module")
 def compiled_run(fallback_random):
-    original = Agent.noise
+    original, original_taps = Agent.noise, defer.taps
 
     def recording(self, *args, **kwargs):
         NOISE_IN_GRAPH.append(torch.compiler.is_compiling())
         return original(self, *args, **kwargs)
 
+    def recording_taps(sites, params, steps, *args, **kwargs):
+        DEFERRED.append(steps)
+        return original_taps(sites, params, steps, *args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Agent, "noise", recording)
+        mp.setattr(defer, "taps", recording_taps)
         return run_updates("compile")
 
 
@@ -197,6 +203,11 @@ def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, c
         assert_close(f"state {name}", comp[name], eager[name], PARAM_TOL)
     moved = max((eager[n] - init[n]).abs().max().item() for n in eager)
     assert moved > 1e-4, f"parameters barely moved ({moved}); the comparison would not see a wrong gradient"
+
+
+def test_the_compiled_updates_defer_the_observe_weight_gradients(compiled_run):
+    # So the comparison with eager above covers fastdreamer/defer.py inside a compiled update.
+    assert DEFERRED == [CFG.batch_length] * K, DEFERRED
 
 
 def test_the_compiled_update_draws_the_imagination_noise_outside_its_graphs(compiled_run):
@@ -470,7 +481,7 @@ def test_graphed_acting_and_imagination_run_and_keep_shapes_on_cuda():
 
 ALLOC_PROBE = """
 import ctypes, ctypes.util, torch
-from fastdreamer import fast
+from fastdreamer import defer, fast
 from fastdreamer.kernels import block_gru
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 class Info(ctypes.Structure):

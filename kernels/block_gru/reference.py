@@ -76,9 +76,14 @@ def _pin(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32: rms_norm before its scale."""
     x = x.float()
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS) * scale.float()
+    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return rms_normalize(x) * scale.float()
 
 
 def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> torch.Tensor:
@@ -132,32 +137,74 @@ def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
             )
 
 
+# Where step() takes taps (deferred weight gradients, fastdreamer/defer.py): site -> (kind, parameters). A tap is a
+# zero tensor added to the site's value; its gradient is that value's gradient, from which, with the factor step()
+# returns for the site, the parameters' gradients follow: "mm" y = x @ w + b, "block" y = blocklinear(x, w) + b,
+# "scale" y = x * s (x the normalised pre-activation). Every parameter of the core is at exactly one site.
+TAP_SITES = {
+    "x0": ("mm", "w0", "b0"),
+    "n0": ("scale", "s0"),
+    "x1": ("mm", "w1", "b1"),
+    "n1": ("scale", "s1"),
+    "x2": ("mm", "w2", "b2"),
+    "n2": ("scale", "s2"),
+    "h": ("block", "wh", "bh"),
+    "nh": ("scale", "sh"),
+    "g": ("block", "wg", "bg"),
+}
+
+
+def tap_widths(w: BlockGRUWeights) -> dict[str, int]:
+    """The width of each tap site's value (its shape is (B, width))."""
+    D, K = w.bh.shape[0], w.w0.shape[1]
+    return {"x0": K, "n0": K, "x1": K, "n1": K, "x2": K, "n2": K, "h": D, "nh": D, "g": 3 * D}
+
+
 def step(
-    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
-) -> torch.Tensor:
+    deter: torch.Tensor,
+    stoch: torch.Tensor,
+    action: torch.Tensor,
+    w: BlockGRUWeights,
+    bf16: bool = False,
+    taps: dict[str, torch.Tensor] | None = None,
+):
     """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
-    compute of the module docstring."""
+    compute of the module docstring. taps: {site: (B, width) zeros} for every site of TAP_SITES; then the return is
+    (deter, seen), seen[site] the other factor of the site's parameter gradients (the matmul's input, before any
+    bf16 rounding, or the normalised value a scale multiplies). Without taps the computation is the same, tap-free."""
     B, D = deter.shape
     G = w.wh.shape[0]
     deter = deter.float()
+    seen = {}
 
-    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _operand(a, bf16) @ _operand(b, bf16)
+    def tap(site: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if taps is None:
+            return y
+        seen[site] = x
+        return y + taps[site].to(y.dtype)
 
-    x0 = F.silu(rms_norm(mm(deter, w.w0) + w.b0.float(), w.s0))
-    x1 = F.silu(rms_norm(mm(stoch, w.w1) + w.b1.float(), w.s1))
-    x2 = F.silu(rms_norm(mm(action, w.w2) + w.b2.float(), w.s2))
+    def branch(i: int, inp: torch.Tensor, wt: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        pre = tap(f"x{i}", _operand(inp, bf16) @ _operand(wt, bf16) + b.float(), inp)
+        n = rms_normalize(pre)
+        return F.silu(tap(f"n{i}", n * s.float(), n))
+
+    x0 = branch(0, deter, w.w0, w.b0, w.s0)
+    x1 = branch(1, stoch, w.w1, w.b1, w.s1)
+    x2 = branch(2, action, w.w2, w.b2, w.s2)
     x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
     u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
-    h = _pin("h", F.silu(rms_norm(block_linear(u, w.wh, w.bh, bf16), w.sh)))  # (B, D)
-    gates = block_linear(h.reshape(B, G, D // G), w.wg, w.bg, bf16).reshape(B, G, 3, D // G)
+    nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
+    h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
+    hb = h.reshape(B, G, D // G)
+    gates = tap("g", block_linear(hb, w.wg, w.bg, bf16), hb).reshape(B, G, 3, D // G)
     # The gate math on (B, G, D/G) views, flattened only at the end: compiled on the CPU, reading the gates through
     # (B, D) reshapes (div/mod indexing) took 2.3 ms vs 1.8 ms at B1024, D512, G8.
     reset, cand, update = gates.unbind(2)
     reset = torch.sigmoid(reset)
     cand = torch.tanh(reset * cand)
     update = torch.sigmoid(update - 1.0)
-    return (update * cand + (1.0 - update) * deter.reshape(B, G, D // G)).reshape(B, D)
+    out = (update * cand + (1.0 - update) * deter.reshape(B, G, D // G)).reshape(B, D)
+    return out if taps is None else (out, seen)
 
 
 def rollout(

@@ -1,0 +1,110 @@
+"""Deferred weight gradients for the observe loop: one matmul per weight over all B*T rows instead of one per step.
+
+A weight used by each of T recurrent steps gets, per step, a gradient matmul over the step's B rows (16 in
+training) and a running sum of those T gradients. On an H200 at 12m that is a few hundred skinny kernels per update
+(bench/LOG.md, 2026-11-26), and the weight gradient does not need them: for y_t = x_t @ w + b it is
+sum_t x_t^T g_t = X^T G, with X and G the T steps' inputs and output gradients stacked.
+
+So the steps get the weights without gradient, and a zero "tap" tensor added at every site where a parameter enters
+(a matmul's output, a norm's scaled value): the tap's gradient is that site's output gradient g_t, and the steps
+return the site's other factor x_t. After the loop's backward, each parameter's gradient is one reduction over all
+rows (Sites lists them):
+
+    mm      y = x @ w (+ b)                   dw = X^T G              (w (in, out))
+    linear  y = F.linear(x, w, b)             dw = G^T X              (w (out, in))
+    block   y = blocklinear(x, w) (+ b)       dw_g = X_g^T G_g        (w (blocks, in, out), x (N, blocks, in))
+    scale   y = x * s                         ds = sum over rows of G * X
+    and a bias b of mm, linear or block:      db = sum over rows of G
+
+The forward is the per-step path's, value for value (adding a zero changes nothing). The gradients are the same sums
+in another order. Under bf16 autocast the per-step path multiplies bf16 operands and rounds each step's weight
+gradient to bf16 before summing in float32; here the same bf16-rounded operands are multiplied in float32 over all
+rows at once, so the result is the per-step one without its T roundings (tests/test_defer.py bounds the difference).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+KINDS = ("mm", "linear", "block", "scale")
+
+
+class Site(NamedTuple):
+    kind: str  # one of KINDS
+    params: tuple[str, ...]  # the weight (or scale), then the bias if any
+    width: int  # the site's value is (B, width)
+
+
+def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    if kind == "mm":
+        return x.t() @ g
+    if kind == "linear":
+        return g.t() @ x
+    if kind == "block":
+        return torch.einsum("ngi,ngo->gio", x, g.view(g.shape[0], w.shape[0], w.shape[2]))
+    return (g * x).sum(0)
+
+
+class _Taps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: list, bf16: bool, *params):
+        ctx.set_materialize_grads(False)
+        ctx.sites, ctx.record, ctx.bf16 = sites, record, bf16
+        ctx.save_for_backward(*params)
+        zeros = params[0].new_zeros((batch, sum(s.width for s in sites.values())), dtype=torch.float32)
+        bounds, at = [], 0
+        for s in sites.values():
+            bounds.append((at, at + s.width))
+            at += s.width
+        # A fresh view per step and site: one zero buffer, T * len(sites) outputs.
+        return tuple(zeros[:, a:b] for _ in range(steps) for a, b in bounds)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.saved_tensors
+        sites, record = ctx.sites, ctx.record
+        n = len(sites)
+        steps = len(grads) // n
+        if len(record) != steps:
+            raise RuntimeError(f"defer: {len(record)} steps recorded their inputs, {steps} were tapped")
+        out: list[torch.Tensor | None] = [None] * len(params)
+        names = [p for s in sites.values() for p in s.params]
+        with torch.autocast(params[0].device.type, enabled=False):
+            for i, (name, site) in enumerate(sites.items()):
+                gs = [grads[t * n + i] for t in range(steps)]
+                if all(g is None for g in gs):
+                    continue
+                ref = next(g for g in gs if g is not None)
+                g = torch.stack([torch.zeros_like(ref) if g is None else g for g in gs]).flatten(0, 1).float()
+                x = torch.stack([step[name] for step in record]).flatten(0, 1).float()
+                w_at = names.index(site.params[0])
+                if ctx.bf16 and site.kind != "scale":
+                    # The per-step path's matmuls multiplied these operands rounded to bf16 (autocast).
+                    wg = _weight_grad(site.kind, params[w_at], x.bfloat16().float(), g.bfloat16().float())
+                else:
+                    wg = _weight_grad(site.kind, params[w_at], x, g)
+                out[w_at] = wg.to(params[w_at].dtype)
+                if len(site.params) > 1:
+                    b_at = names.index(site.params[1])
+                    out[b_at] = g.sum(0).to(params[b_at].dtype)
+        return (None, None, None, None, None, *out)
+
+
+def taps(
+    sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: list, bf16: bool
+) -> list[dict[str, torch.Tensor]]:
+    """For each of `steps` steps, {site: a (batch, width) float32 zero tensor} to add at that site. The caller runs
+    the steps on the parameters without gradient and appends, per step, {site: its other factor} to `record`; in the
+    backward the gradient of every parameter named in `sites` (taken from `params`) is then computed from the
+    stacked tap gradients and `record`. bf16: the steps' matmuls ran under bf16 autocast."""
+    names = [p for s in sites.values() for p in s.params]
+    if len(set(names)) != len(names):
+        raise ValueError(f"defer: a parameter is at more than one site: {names}")
+    for name, s in sites.items():
+        if s.kind not in KINDS or not 1 <= len(s.params) <= (1 if s.kind == "scale" else 2):
+            raise ValueError(f"defer: site {name!r} has kind {s.kind!r} with parameters {s.params}")
+    flat = _Taps.apply(sites, steps, batch, record, bf16, *(params[p] for p in names))
+    n = len(sites)
+    return [dict(zip(sites, flat[t * n : (t + 1) * n], strict=True)) for t in range(steps)]

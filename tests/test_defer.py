@@ -1,0 +1,191 @@
+"""Deferred weight gradients (fastdreamer/defer.py) against the per-step autograd path they replace: the same forward,
+bitwise, and the same gradients up to summation order (float32) or the per-step path's bf16 roundings (bf16)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdreamer import defer
+from fastdreamer.rssm import RSSM
+
+# float32: both paths sum the same B*T products, autograd per step then across steps, defer in one matmul: they
+# differ by reassociation only, ~T * 2^-24 relative at worst; seen <= 1.5e-7 on these shapes.
+GRAD_REL = 1e-5
+# bf16 autocast, weights of bf16 matmuls (and the posterior's F.linear biases, whose gradient autocast also sums in
+# bf16): the per-step path rounds each step's weight gradient to bf16 (2^-9 relative per element) before summing the
+# steps in float32; defer multiplies the same bf16 operands and sums all rows in float32, without those roundings.
+# So they differ by about one bf16 rounding: seen <= 1.8e-3 on these shapes; bound 2^-8.
+BF16_REL = 2**-8
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_taps_give_every_kind_its_gradient():
+    """A toy recurrent loop with one site of each kind, float32: the parameters' gradients from the taps equal
+    autograd's per-step ones; a site whose value a step does not use (no gradient there) counts as zero."""
+    B, T, NI, NO, G = 5, 6, 4, 8, 2
+    gen = torch.Generator().manual_seed(0)
+    p = {
+        "w": torch.randn(NI, NO, generator=gen),
+        "b": torch.randn(NO, generator=gen),
+        "lw": torch.randn(NO, NO, generator=gen),
+        "lb": torch.randn(NO, generator=gen),
+        "bw": torch.randn(G, NO // G, NI // G, generator=gen),
+        "s": torch.randn(NI, generator=gen),
+    }
+    p = {k: v.requires_grad_() for k, v in p.items()}
+    xs = torch.randn(T, B, NI, generator=gen)
+    sites = {
+        "mm": defer.Site("mm", ("w", "b"), NO),
+        "lin": defer.Site("linear", ("lw", "lb"), NO),
+        "blk": defer.Site("block", ("bw",), NI),
+        "sc": defer.Site("scale", ("s",), NI),
+    }
+
+    def loop(w, taps=None, record=None):
+        h = torch.zeros(B, NI)
+        total = 0.0
+        for t in range(T):
+            tap = taps[t] if taps else dict.fromkeys(sites, 0.0)
+            seen = {}
+            a = xs[t] + h
+            seen["mm"] = a
+            y = a @ w["w"] + w["b"] + tap["mm"]
+            seen["lin"] = y
+            z = torch.tanh(F.linear(y, w["lw"], w["lb"]) + tap["lin"])
+            zb = z.view(B, G, NO // G)
+            seen["blk"] = zb
+            k = torch.einsum("bgi,gio->bgo", zb, w["bw"]).reshape(B, NI) + tap["blk"]
+            seen["sc"] = k
+            h = torch.sin(k * w["s"] + tap["sc"]) if t % 3 else torch.sin(k)  # s unused at t = 0, 3
+            total = total + (h * (t + 1)).square().sum()
+            if record is not None:
+                record.append(seen)
+        return total
+
+    loop(p).backward()
+    want = {k: v.grad.clone() for k, v in p.items()}
+    for v in p.values():
+        v.grad = None
+    record = []
+    taps = defer.taps(sites, p, T, B, record, bf16=False)
+    loop({k: v.detach() for k, v in p.items()}, taps, record).backward()
+    for k, v in p.items():
+        assert v.grad is not None, f"no gradient for {k}"
+        assert rel(v.grad, want[k]) < GRAD_REL, f"{k}: relative error {rel(v.grad, want[k])}"
+
+
+def test_taps_refuse_a_parameter_at_two_sites_and_unknown_kinds():
+    w = torch.zeros(3, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="more than one site"):
+        defer.taps({"a": defer.Site("mm", ("w",), 3), "b": defer.Site("mm", ("w",), 3)}, {"w": w}, 2, 1, [], False)
+    with pytest.raises(ValueError, match="kind 'conv'"):
+        defer.taps({"a": defer.Site("conv", ("w",), 3)}, {"w": w}, 2, 1, [], False)
+    with pytest.raises(ValueError, match="kind 'scale'"):
+        defer.taps({"a": defer.Site("scale", ("w", "w2"), 3)}, {"w": w, "w2": w}, 2, 1, [], False)
+
+
+def observe_inputs(B=3, T=6, E=10, A=2, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, 24, generator=gen),
+        F.one_hot(torch.randint(0, 4, (B, 3), generator=gen), 4).float(),
+        torch.randn(B, T, E, generator=gen),
+        torch.randn(B, T, A, generator=gen),
+        torch.rand(B, T, generator=gen) < 0.2,
+    ), torch.randn(B, T, 3, 4, generator=gen)
+
+
+def make_rssm(obslayers=2):
+    torch.manual_seed(0)
+    return RSSM(10, 2, deter=24, hidden=8, stoch=3, classes=4, blocks=4, obslayers=obslayers)
+
+
+def run_observe(rssm, inputs, weights, precision):
+    for q in rssm.parameters():
+        q.grad = None
+    ctx = torch.autocast("cpu", torch.bfloat16, cache_enabled=False) if precision == "bf16" else None
+    torch.manual_seed(2)
+    with ctx or contextlib.nullcontext():
+        deters, stochs, logps = rssm.observe(*inputs)
+        loss = deters.float().square().mean() + (logps * weights).sum() + (stochs * weights).sum()
+    loss.backward()
+    return (deters, stochs, logps), {n: q.grad.clone() for n, q in rssm.named_parameters() if q.grad is not None}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_observe_with_defer_matches_the_per_step_observe(precision):
+    """The world model's observe loop as the fast modes run it (defer on) against eager's per-step path (defer and
+    fan_out off): deters, latents and log-probs bitwise; every parameter gets a gradient, float32, within GRAD_REL in
+    float32; under bf16 autocast the bf16 matmuls' weights within BF16_REL and everything else within GRAD_REL."""
+    inputs, weights = observe_inputs()
+    rssm = make_rssm()
+    rssm.defer = True
+    got, got_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.defer = False
+    want, want_grads = run_observe(rssm, inputs, weights, precision)
+    for name, g, w in zip(("deters", "stochs", "logps"), got, want, strict=True):
+        assert torch.equal(g, w), f"{name} differ"
+    assert sorted(got_grads) == sorted(want_grads)
+    assert set(rssm.step_params()) <= set(got_grads)
+    bf16_matmul = set()
+    if precision == "bf16":
+        with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+            bf16_matmul = set(rssm.step_dtypes(torch.device("cpu"))) & set(rssm.step_params())
+        assert len(bf16_matmul) == 11  # the core's five weights, three F.linear weights and biases
+    for name, g in got_grads.items():
+        assert g.dtype == torch.float32, name
+        tol = BF16_REL if name in bf16_matmul else GRAD_REL
+        assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
+
+
+class MatmulCount(TorchDispatchMode):
+    """Counts matmul calls (mm, bmm, addmm) at the dispatcher."""
+
+    OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.OPS
+        return func(*args, **(kwargs or {}))
+
+
+def test_defer_makes_one_weight_gradient_matmul_per_weight_not_one_per_step():
+    """What defer is for, counted at the dispatcher over an observe forward and backward of T steps: the per-step path
+    makes one weight-gradient matmul per step for each of the step's 7 matmul weights (the core's five, obs_net's
+    and obs_logit's linears); defer makes 7 in all, after the loop. So per step it makes 7 matmuls fewer, and 7 more
+    once."""
+    inputs, weights = observe_inputs()
+
+    def count(on: bool, T: int) -> int:
+        rssm = make_rssm(obslayers=1)
+        rssm.defer = on
+        args = [*inputs[:2], inputs[2][:, :T], inputs[3][:, :T], inputs[4][:, :T]]
+        with MatmulCount() as c:
+            run_observe(rssm, args, weights[:, :T], "fp32")
+        return c.calls
+
+    per_step = {T: count(False, T) for T in (3, 5)}
+    deferred = {T: count(True, T) for T in (3, 5)}
+    slope = {k: (v[5] - v[3]) / 2 for k, v in (("per_step", per_step), ("defer", deferred))}
+    assert slope["per_step"] - slope["defer"] == 7, (per_step, deferred)
+    assert deferred[3] - 3 * slope["defer"] - (per_step[3] - 3 * slope["per_step"]) == 7, (per_step, deferred)
+
+
+def test_tap_sites_must_cover_every_step_parameter(monkeypatch):
+    """A step parameter without a site would get no gradient at all under defer; tap_sites refuses that."""
+    rssm = make_rssm()
+    extra = dict(rssm.step_params(), **{"img_logit.bias": rssm.img_logit.bias})
+    monkeypatch.setattr(RSSM, "step_params", lambda self: extra)
+    with pytest.raises(RuntimeError, match="tap_sites covers"):
+        rssm.tap_sites()
