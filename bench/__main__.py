@@ -363,7 +363,7 @@ def meta(args, device) -> dict:
         "load_avg_at_start": os.getloadavg(),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
         "fan_out": fast.FAN_OUT,  # FASTDREAMER_FAN_OUT: the fast modes' observe loop (fastdreamer/fanout.py)
-        "defer": fast.DEFER,  # FASTDREAMER_DEFER: the fast modes' observe loop (fastdreamer/defer.py)
+        "defer": fast.defer_on(device),  # FASTDREAMER_DEFER, resolved for the device (fastdreamer/defer.py)
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

@@ -35,6 +35,10 @@ class Site(NamedTuple):
     kind: str  # one of KINDS
     params: tuple[str, ...]  # the weight (or scale), then the bias if any
     width: int  # the site's value is (B, width)
+    # The per-step path multiplied this site's input and output gradient in bf16 (a matmul under bf16 autocast), so
+    # the weight gradient multiplies them rounded to bf16. A fused core that rounds its operands itself hands over
+    # the rounded input and takes the output gradient as it is (False).
+    bf16: bool = False
 
 
 def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -49,9 +53,9 @@ def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -
 
 class _Taps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: list, bf16: bool, *params):
+    def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: list, *params):
         ctx.set_materialize_grads(False)
-        ctx.sites, ctx.record, ctx.bf16 = sites, record, bf16
+        ctx.sites, ctx.record = sites, record
         ctx.save_for_backward(*params)
         zeros = params[0].new_zeros((batch, sum(s.width for s in sites.values())), dtype=torch.float32)
         bounds, at = [], 0
@@ -80,8 +84,7 @@ class _Taps(torch.autograd.Function):
                 g = torch.stack([torch.zeros_like(ref) if g is None else g for g in gs]).flatten(0, 1).float()
                 x = torch.stack([step[name] for step in record]).flatten(0, 1).float()
                 w_at = names.index(site.params[0])
-                if ctx.bf16 and site.kind != "scale":
-                    # The per-step path's matmuls multiplied these operands rounded to bf16 (autocast).
+                if site.bf16 and site.kind != "scale":
                     wg = _weight_grad(site.kind, params[w_at], x.bfloat16().float(), g.bfloat16().float())
                 else:
                     wg = _weight_grad(site.kind, params[w_at], x, g)
@@ -89,22 +92,22 @@ class _Taps(torch.autograd.Function):
                 if len(site.params) > 1:
                     b_at = names.index(site.params[1])
                     out[b_at] = g.sum(0).to(params[b_at].dtype)
-        return (None, None, None, None, None, *out)
+        return (None, None, None, None, *out)
 
 
 def taps(
-    sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: list, bf16: bool
+    sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: list
 ) -> list[dict[str, torch.Tensor]]:
     """For each of `steps` steps, {site: a (batch, width) float32 zero tensor} to add at that site. The caller runs
     the steps on the parameters without gradient and appends, per step, {site: its other factor} to `record`; in the
     backward the gradient of every parameter named in `sites` (taken from `params`) is then computed from the
-    stacked tap gradients and `record`. bf16: the steps' matmuls ran under bf16 autocast."""
+    stacked tap gradients and `record`."""
     names = [p for s in sites.values() for p in s.params]
     if len(set(names)) != len(names):
         raise ValueError(f"defer: a parameter is at more than one site: {names}")
     for name, s in sites.items():
         if s.kind not in KINDS or not 1 <= len(s.params) <= (1 if s.kind == "scale" else 2):
             raise ValueError(f"defer: site {name!r} has kind {s.kind!r} with parameters {s.params}")
-    flat = _Taps.apply(sites, steps, batch, record, bf16, *(params[p] for p in names))
+    flat = _Taps.apply(sites, steps, batch, record, *(params[p] for p in names))
     n = len(sites)
     return [dict(zip(sites, flat[t * n : (t + 1) * n], strict=True)) for t in range(steps)]

@@ -114,15 +114,23 @@ def _device(agent) -> torch.device:
     return next(agent.parameters()).device
 
 
-def _switch(name: str) -> bool:
-    value = {"1": True, "0": False}.get(os.environ.get(name, "1"))
+def _switch(name: str, default: str = "1", auto: bool = False) -> bool | str:
+    value = {"1": True, "0": False, **({"auto": "auto"} if auto else {})}.get(os.environ.get(name, default))
     if value is None:
-        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0")
+        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0{' or auto' if auto else ''}")
     return value
 
 
 FAN_OUT = _switch("FASTDREAMER_FAN_OUT")
-DEFER = _switch("FASTDREAMER_DEFER")
+# auto: on CUDA only. On the 2-core CPU (compile, bf16, one thread, alternated in one process) defer made the full
+# update slower, 0.96x at debug and 0.94x at 1m (bench/LOG.md, 2026-11-26): launches cost nothing there and defer
+# adds its stacking copies. On a GPU it removes ~10 launches per observe step (predicted; bench.observe_ab measures).
+DEFER = _switch("FASTDREAMER_DEFER", "auto", auto=True)
+
+
+def defer_on(device: torch.device) -> bool:
+    """Whether the fast modes defer the observe steps' weight gradients on `device` (FASTDREAMER_DEFER)."""
+    return torch.device(device).type == "cuda" if DEFER == "auto" else bool(DEFER)
 
 
 def compile_agent(agent) -> None:
@@ -140,8 +148,8 @@ def compile_agent(agent) -> None:
     # FASTDREAMER_FAN_OUT=0 turns it off, for benchmarks that measure it.
     rssm.fan_out = FAN_OUT
     # The observe steps' weight gradients as one reduction per parameter over all B*T rows, after the loop's
-    # backward (fastdreamer/defer.py; the torch core only). FASTDREAMER_DEFER=0 turns it off, for benchmarks.
-    rssm.defer = DEFER
+    # backward (fastdreamer/defer.py). FASTDREAMER_DEFER=1|0|auto (default auto: CUDA only, defer_on).
+    rssm.defer = defer_on(_device(agent))
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out

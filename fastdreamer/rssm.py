@@ -117,21 +117,24 @@ class RSSM(nn.Module):
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
 
-    def tap_sites(self) -> dict[str, defer.Site]:
-        """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params()."""
+    def tap_sites(self, bf16: bool = False) -> dict[str, defer.Site]:
+        """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params().
+        bf16: the step runs under bf16 autocast (its F.linear and torch-core matmuls multiply bf16 operands; the
+        Triton core rounds its own and hands over the rounded inputs, block_gru.step)."""
         core = self.core.weights()
         widths = block_gru.reference.tap_widths(core)
+        core_bf16 = bf16 and block_gru.get_impl() == "torch"
         sites = {
-            f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s])
+            f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s], core_bf16)
             for s, (kind, *ps) in block_gru.reference.TAP_SITES.items()
         }
         for i, layer in enumerate(self.obs_net):
             out = layer.linear.out_features
-            sites[f"obs_net.{i}.x"] = defer.Site(
-                "linear", (f"obs_net.{i}.linear.weight", f"obs_net.{i}.linear.bias"), out
-            )
+            params = (f"obs_net.{i}.linear.weight", f"obs_net.{i}.linear.bias")
+            sites[f"obs_net.{i}.x"] = defer.Site("linear", params, out, bf16)
             sites[f"obs_net.{i}.n"] = defer.Site("scale", (f"obs_net.{i}.norm.scale",), out)
-        sites["obs_logit.x"] = defer.Site("linear", ("obs_logit.weight", "obs_logit.bias"), self.obs_logit.out_features)
+        params = ("obs_logit.weight", "obs_logit.bias")
+        sites["obs_logit.x"] = defer.Site("linear", params, self.obs_logit.out_features, bf16)
         covered = sorted(p for s in sites.values() for p in s.params)
         if covered != sorted(self.step_params()):
             raise RuntimeError(f"RSSM.tap_sites covers {covered}, the observe step uses {sorted(self.step_params())}")
@@ -153,11 +156,11 @@ class RSSM(nn.Module):
         T = tokens.shape[1]
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
-        if self.defer and grad and block_gru.supports_taps():
+        if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params()
             record = []
-            taps = defer.taps(self.tap_sites(), params, T, deter.shape[0], record, bf16=bool(dtypes))
+            taps = defer.taps(self.tap_sites(bool(dtypes)), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py

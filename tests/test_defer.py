@@ -4,10 +4,12 @@ bitwise, and the same gradients up to summation order (float32) or the per-step 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fastdreamer.kernels import block_gru
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdreamer import defer
@@ -75,7 +77,7 @@ def test_taps_give_every_kind_its_gradient():
     for v in p.values():
         v.grad = None
     record = []
-    taps = defer.taps(sites, p, T, B, record, bf16=False)
+    taps = defer.taps(sites, p, T, B, record)
     loop({k: v.detach() for k, v in p.items()}, taps, record).backward()
     for k, v in p.items():
         assert v.grad is not None, f"no gradient for {k}"
@@ -85,11 +87,11 @@ def test_taps_give_every_kind_its_gradient():
 def test_taps_refuse_a_parameter_at_two_sites_and_unknown_kinds():
     w = torch.zeros(3, 3, requires_grad=True)
     with pytest.raises(ValueError, match="more than one site"):
-        defer.taps({"a": defer.Site("mm", ("w",), 3), "b": defer.Site("mm", ("w",), 3)}, {"w": w}, 2, 1, [], False)
+        defer.taps({"a": defer.Site("mm", ("w",), 3), "b": defer.Site("mm", ("w",), 3)}, {"w": w}, 2, 1, [])
     with pytest.raises(ValueError, match="kind 'conv'"):
-        defer.taps({"a": defer.Site("conv", ("w",), 3)}, {"w": w}, 2, 1, [], False)
+        defer.taps({"a": defer.Site("conv", ("w",), 3)}, {"w": w}, 2, 1, [])
     with pytest.raises(ValueError, match="kind 'scale'"):
-        defer.taps({"a": defer.Site("scale", ("w", "w2"), 3)}, {"w": w, "w2": w}, 2, 1, [], False)
+        defer.taps({"a": defer.Site("scale", ("w", "w2"), 3)}, {"w": w, "w2": w}, 2, 1, [])
 
 
 def observe_inputs(B=3, T=6, E=10, A=2, seed=1):
@@ -120,26 +122,41 @@ def run_observe(rssm, inputs, weights, precision):
     return (deters, stochs, logps), {n: q.grad.clone() for n, q in rssm.named_parameters() if q.grad is not None}
 
 
+interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=interpreter)])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_observe_with_defer_matches_the_per_step_observe(precision):
+def test_observe_with_defer_matches_the_per_step_observe(precision, impl):
     """The world model's observe loop as the fast modes run it (defer on) against eager's per-step path (defer and
-    fan_out off): deters, latents and log-probs bitwise; every parameter gets a gradient, float32, within GRAD_REL in
-    float32; under bf16 autocast the bf16 matmuls' weights within BF16_REL and everything else within GRAD_REL."""
+    fan_out off), with either core: deters, latents and log-probs bitwise; every parameter gets a gradient, float32,
+    within GRAD_REL in float32; under bf16 autocast the weights (and F.linear biases) of autocast's bf16 matmuls
+    within BF16_REL, everything else within GRAD_REL (the Triton core multiplies bf16 operands in float32 in both
+    paths, so its weights are held to GRAD_REL too)."""
     inputs, weights = observe_inputs()
     rssm = make_rssm()
-    rssm.defer = True
-    got, got_grads = run_observe(rssm, inputs, weights, precision)
-    rssm.defer = False
-    want, want_grads = run_observe(rssm, inputs, weights, precision)
+    assert block_gru.set_impl(impl) == impl
+    try:
+        rssm.defer = True
+        got, got_grads = run_observe(rssm, inputs, weights, precision)
+        rssm.defer = False
+        want, want_grads = run_observe(rssm, inputs, weights, precision)
+    finally:
+        block_gru.set_impl("torch")
     for name, g, w in zip(("deters", "stochs", "logps"), got, want, strict=True):
         assert torch.equal(g, w), f"{name} differ"
     assert sorted(got_grads) == sorted(want_grads)
     assert set(rssm.step_params()) <= set(got_grads)
     bf16_matmul = set()
     if precision == "bf16":
-        with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
-            bf16_matmul = set(rssm.step_dtypes(torch.device("cpu"))) & set(rssm.step_params())
-        assert len(bf16_matmul) == 11  # the core's five weights, three F.linear weights and biases
+        assert block_gru.set_impl(impl) == impl
+        try:
+            with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+                bf16_matmul = set(rssm.step_dtypes(torch.device("cpu"))) & set(rssm.step_params())
+        finally:
+            block_gru.set_impl("torch")
+        # Three F.linear weights and biases, and with the torch core its five matmul weights.
+        assert len(bf16_matmul) == (11 if impl == "torch" else 6)
     for name, g in got_grads.items():
         assert g.dtype == torch.float32, name
         tol = BF16_REL if name in bf16_matmul else GRAD_REL

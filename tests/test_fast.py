@@ -126,6 +126,7 @@ def compiled_run(fallback_random):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Agent, "noise", recording)
         mp.setattr(defer, "taps", recording_taps)
+        mp.setattr(fast, "DEFER", True)  # the GPU default (fast.defer_on), so that this CPU run covers it too
         return run_updates("compile")
 
 

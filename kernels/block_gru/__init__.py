@@ -18,7 +18,7 @@ import torch
 from . import reference
 from .reference import BlockGRUWeights, check_shapes
 
-__all__ = ["BlockGRUWeights", "check_shapes", "set_impl", "get_impl", "step", "rollout", "supports_taps", "IMPLS"]
+__all__ = ["BlockGRUWeights", "check_shapes", "set_impl", "get_impl", "step", "rollout", "IMPLS"]
 
 IMPLS = ("torch", "triton")
 _impl = "torch"
@@ -67,19 +67,12 @@ def _bf16_autocast(device: torch.device) -> bool:
 
 def step(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, taps=None):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
-    reference.step): the torch implementation only (supports_taps); with them the return is (deter, seen)."""
+    reference.step); with them the return is (deter, seen)."""
     if _impl == "triton":
-        if taps is not None:
-            raise ValueError("block_gru: the triton implementation takes no taps (supports_taps() is False)")
         from . import fused
 
-        return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device))
+        return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device), taps=taps)
     return reference.step(deter, stoch, action, w, taps=taps)
-
-
-def supports_taps() -> bool:
-    """Whether step() can defer its weight gradients (take taps): the torch implementation can."""
-    return _impl == "torch"
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:

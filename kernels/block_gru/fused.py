@@ -63,7 +63,7 @@ import triton
 
 from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
-from .reference import EPS, BlockGRUWeights, check_shapes
+from .reference import EPS, TAP_SITES, BlockGRUWeights, check_shapes
 
 __all__ = ["DEBUG_POISON", "DTYPES", "backward", "forward", "rollout", "step", "validate"]
 
@@ -289,6 +289,60 @@ def backward(
     precision; the gradient passes straight through its roundings, so the dots use the rounded operands."""
     pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
+    B, D = deter.shape
+    G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = row_grads(dout, deter, stoch, action, w, saved, bf16)
+
+    # Weight grads: sums over the batch of the per-row grads above, as plain float32 matmuls; with bf16, of the
+    # rounded operands the forward's dots saw. Autocast off: the trainer runs backward() inside its bf16 autocast, and
+    # the engine carries that into this op, which would round the per-row grads and the sums to bf16 (measured 1.2e-2
+    # on wh at a test shape) where the spec sums in float32.
+    with torch.autocast(deter.device.type, enabled=False):
+
+        def op(t: torch.Tensor) -> torch.Tensor:
+            return t.bfloat16().float() if bf16 else t.float()
+
+        rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
+        y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
+        # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
+        ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
+        db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
+        dp = dpre.view(B, 3, K)
+        dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
+        dhp = dhpre.view(B, G, DG)
+        # u_g = [deter_g, x] is (B, G, D/G + 3K), small; concatenating it, not the (G, D/G + 3K, D/G) products, saves
+        # a copy of all of dwh per step (8 MB at 12m in fp32).
+        u = torch.cat([op(deter).view(B, G, DG), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+        dwh = torch.einsum("bgi,bgo->gio", u, dhp)
+        dsh = (dn_h * hpre * rs[:, None]).sum(0)
+        dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
+        wgrads = [
+            dw[0],
+            db_x[0],
+            ds_x[0],
+            dw[1],
+            db_x[1],
+            ds_x[1],
+            dw[2],
+            db_x[2],
+            ds_x[2],
+            dwh,
+            dhpre.sum(0),
+            dsh,
+            dwg,
+            dgates.sum(0),
+        ]
+    grads = [ddeter, dstoch, daction, *wgrads]
+    return [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
+
+
+def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False):
+    """The per-row gradients of one step, float32: d deter, d stoch, d action, and the intermediate ones every
+    weight gradient is a sum over rows of: dpre (B, 3K) of the branches' pre-activations, dn_x (B, 3K) of their
+    scaled norms, dhpre (B, D) of the hidden layer's pre-activation, dn_h (B, D) of its scaled norm, dgates (B, 3D).
+    Four kernel launches."""
+    pre, x, hpre, h, rs, gates = saved
+    deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     dout = dout.float().contiguous()
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
@@ -371,48 +425,7 @@ def backward(
         BKC=BKC,
         BF16=bf16,
     )
-
-    # Weight grads: sums over the batch of the per-row grads above, as plain float32 matmuls; with bf16, of the
-    # rounded operands the forward's dots saw. Autocast off: the trainer runs backward() inside its bf16 autocast, and
-    # the engine carries that into this op, which would round the per-row grads and the sums to bf16 (measured 1.2e-2
-    # on wh at a test shape) where the spec sums in float32.
-    with torch.autocast(dev.type, enabled=False):
-
-        def op(t: torch.Tensor) -> torch.Tensor:
-            return t.bfloat16().float() if bf16 else t.float()
-
-        rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
-        y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
-        # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
-        ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
-        db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
-        dp = dpre.view(B, 3, K)
-        dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
-        dhp = dhpre.view(B, G, DG)
-        # u_g = [deter_g, x] is (B, G, D/G + 3K), small; concatenating it, not the (G, D/G + 3K, D/G) products, saves
-        # a copy of all of dwh per step (8 MB at 12m in fp32).
-        u = torch.cat([op(deter).view(B, G, DG), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-        dwh = torch.einsum("bgi,bgo->gio", u, dhp)
-        dsh = (dn_h * hpre * rs[:, None]).sum(0)
-        dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
-        wgrads = [
-            dw[0],
-            db_x[0],
-            ds_x[0],
-            dw[1],
-            db_x[1],
-            ds_x[1],
-            dw[2],
-            db_x[2],
-            ds_x[2],
-            dwh,
-            dhpre.sum(0),
-            dsh,
-            dwg,
-            dgates.sum(0),
-        ]
-    grads = [ddeter, dstoch, daction, *wgrads]
-    return [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
+    return ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates
 
 
 # The kernels sit behind torch.library custom ops so torch.compile treats them as opaque calls (it runs the fake
@@ -439,7 +452,7 @@ def _train_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf
 
 
 @_train_op.register_fake
-def _(deter, stoch, action, ws, bf16):
+def _train_op_fake(deter, stoch, action, ws, bf16):
     B, D = deter.shape
     K = ws[0].shape[1]
     f32 = {"dtype": torch.float32}
@@ -482,12 +495,91 @@ def _train_backward(ctx, dout, *_saved_grads):
 _train_op.register_autograd(_train_backward, setup_context=_train_setup)
 
 
+# Deferred weight gradients (reference.step's taps, fastdreamer/defer.py): the same forward, and a backward that is
+# only the four row-gradient kernels. It hands each tap its site's per-row gradient (the quantities the weight
+# gradients above sum over rows) and computes no weight gradient; the step returns each site's other factor.
+@torch.library.custom_op("fastdreamer::block_gru_step_tapped", mutates_args=())
+def _tapped_op(
+    deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], taps: list[Tensor], bf16: bool
+) -> SavedT:
+    """_train_op with taps (zeros, in reference.TAP_SITES order), which it does not read."""
+    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16)
+    return (out, *saved)
+
+
+@_tapped_op.register_fake
+def _(deter, stoch, action, ws, taps, bf16):
+    return _train_op_fake(deter, stoch, action, ws, bf16)
+
+
+@torch.library.custom_op("fastdreamer::block_gru_step_rows", mutates_args=())
+def _rows_op(
+    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor], bf16: bool
+) -> list[Tensor]:
+    return list(row_grads(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16))
+
+
+@_rows_op.register_fake
+def _(dout, deter, stoch, action, ws, saved, bf16):
+    B, D = deter.shape
+    K = ws[0].shape[1]
+    widths = (D, stoch.shape[1], action.shape[1], 3 * K, 3 * K, D, D, 3 * D)
+    return [deter.new_empty((B, n), dtype=torch.float32) for n in widths]
+
+
+def _tapped_setup(ctx, inputs, output):
+    deter, stoch, action, ws, taps, bf16 = inputs
+    ctx.bf16, ctx.n_ws, ctx.n_taps = bf16, len(ws), len(taps)
+    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:])
+
+
+def _tapped_backward(ctx, dout, *_saved_grads):
+    t = ctx.saved_tensors
+    deter, stoch, action = t[:3]
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = _rows_op(
+        dout, deter, stoch, action, list(t[3:17]), list(t[17:]), ctx.bf16
+    )
+    K = dpre.shape[1] // 3
+    taps = [dpre[:, :K], dn_x[:, :K], dpre[:, K : 2 * K], dn_x[:, K : 2 * K], dpre[:, 2 * K :], dn_x[:, 2 * K :]]
+    taps += [dhpre, dn_h, dgates]
+    grads = [g.to(x.dtype) for g, x in zip((ddeter, dstoch, daction), (deter, stoch, action), strict=True)]
+    return *grads, [None] * ctx.n_ws, taps, None
+
+
+_tapped_op.register_autograd(_tapped_backward, setup_context=_tapped_setup)
+
+
+def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool) -> dict[str, Tensor]:
+    """Each tap site's other factor (reference.step's `seen`) from the forward's saved activations: the dots' inputs
+    as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply."""
+    pre, x, hpre, h, rs, _ = saved
+    B, D = deter.shape
+    K = pre.shape[1] // 3
+
+    def op(t: Tensor) -> Tensor:
+        return t.bfloat16().float() if bf16 else t.float()
+
+    n = pre.view(B, 3, K) * torch.rsqrt(pre.view(B, 3, K).square().mean(-1, keepdim=True) + EPS)
+    u = torch.cat([op(deter).view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+    seen = {"x0": op(deter), "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
+    return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
+
+
 def step(
-    deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False
-) -> torch.Tensor:
+    deter: torch.Tensor,
+    stoch: torch.Tensor,
+    action: torch.Tensor,
+    w: BlockGRUWeights,
+    bf16: bool = False,
+    taps: dict[str, torch.Tensor] | None = None,
+):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
-    (once: the backward itself is not). bf16: reference.step's bf16 compute."""
+    (once: the backward itself is not). bf16: reference.step's bf16 compute. taps: as reference.step's (zeros at
+    every site of TAP_SITES; the weights get no gradient here); then the return is (deter, seen)."""
     validate(deter, stoch, action, w)
+    if taps is not None:
+        outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in TAP_SITES], bf16)
+        return outs[0], _seen(deter, stoch, action, outs[1:], w.wh.shape[0], bf16)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w)):
         return _train_op(deter, stoch, action, list(w), bf16)[0]
     return _step_op(deter, stoch, action, list(w), bf16)

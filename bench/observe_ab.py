@@ -1,0 +1,144 @@
+"""A/B of the observe loop's gradient paths, full updates in one process, alternated in rounds.
+
+The fast modes' observe loop can take its parameters' gradients three ways (fastdreamer/rssm.py RSSM.observe):
+
+  per_step  autograd's own: each step casts its weights (bf16 autocast) and adds its weight gradients into the sum
+  fan_out   one cast copy of the weights for all steps, the T step gradients summed once (fastdreamer/fanout.py)
+  defer     the steps run without parameter gradients; each parameter's gradient is one reduction over all B*T rows
+            after the loop's backward (fastdreamer/defer.py; the default with the torch core)
+
+These machines are noisy, so the three are timed in one process, alternated round by round, and reported as ratios
+to per_step. Before timing, each variant makes one update from the same state and its gradients are compared with
+per_step's, parameter by parameter; a failed check prints FAIL and is not timed.
+
+  python -m bench.observe_ab --device cuda --size 12m --mode graphs --json bench/results/observe_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from fastdreamer.kernels import block_gru
+
+from fastdreamer import fast
+from fastdreamer.train import update_step
+
+from .__main__ import meta
+from .bench_block_gru import write_json
+from .common import make_agent, make_config, random_batch, timeit
+
+VARIANTS = {"per_step": (False, False), "fan_out": (True, False), "defer": (False, True)}  # (fan_out, defer)
+# One update from the same state, every variant against per_step: the largest relative difference (in norm) of one
+# parameter's gradient. The variants compute the same sums in another order (and, in bf16, without or with the
+# per-step path's bf16 roundings of each step's weight gradient: tests/test_defer.py bounds those by 2^-8); the
+# compiled graphs of the variants may round the forward differently in the last bit. A wrong or missing gradient is
+# off by O(1). (The parameters' changes are no check: LaProp's first step is about lr * sign(g), which flips for
+# near-zero gradient elements under any rounding.)
+CHECK_REL = 0.02
+
+
+def flags(agent, variant: str) -> None:
+    agent.rssm.fan_out, agent.rssm.defer = VARIANTS[variant]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="debug")
+    p.add_argument("--obs", default="vector", choices=["vector", "image"])
+    p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
+    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5, help="timed updates per variant and round")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f"observe_ab: unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+    if "per_step" not in variants:
+        variants.insert(0, "per_step")  # the reference of the check and of the ratios
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("observe_ab: --device cuda asked for, but CUDA is not available here")
+    try:
+        mode = fast.resolve_mode(args.mode, device)
+        precision = fast.resolve_precision(args.precision, mode, device)
+    except ValueError as e:
+        raise SystemExit(f"observe_ab: {e}") from None
+    if device.type == "cpu":
+        fast.tune_cpu_allocator()
+    cfg = make_config(args.size)
+    agent, opt = make_agent(cfg, args.obs, device)
+    data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, device)
+    info = meta(args, device)
+    info.update(
+        command=" ".join(["python -m bench.observe_ab", *sys.argv[1:]]),
+        mode=mode,
+        precision=precision,
+        block_gru=block_gru.get_impl(),
+        batch_size=cfg.batch_size,
+        batch_length=cfg.batch_length,
+        variants=variants,
+        rounds=args.rounds,
+        repeat=args.repeat,
+    )
+    out = {"meta": info, "rows": []}
+    print(f"observe_ab: {info['device']}, torch {info['torch']}, size {args.size}, {mode} {precision}")
+
+    # One update callable per variant (graphs: one capture each, made with that variant's flags).
+    fast.compile_agent(agent)
+    restore = fast._snapshot(agent, opt)
+    names = [n for n, q in agent.named_parameters() if q.requires_grad]
+    updates, grads = {}, {}
+    for v in variants:
+        flags(agent, v)
+        updates[v] = fast.make_update(update_step, agent, opt, mode, precision)
+        restore()
+        torch.manual_seed(1)  # the same draws (the observe loop's latent samples, the rollout's noise) for each
+        updates[v](data)  # graphs: capture, then one replay, whose gradients p.grad now holds
+        params = dict(agent.named_parameters())
+        grads[v] = {n: params[n].grad.detach().clone() for n in names if params[n].grad is not None}
+        restore()
+    ok = {}
+    for v in variants:
+        want, got = grads["per_step"], grads[v]
+        errs = {n: float((got[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in want.items() if n in got}
+        worst = max(errs, key=errs.get) if errs else None
+        ok[v] = bool(want) and got.keys() == want.keys() and errs[worst] < CHECK_REL
+        note = "" if got.keys() == want.keys() else f", gradients of {sorted(want.keys() ^ got.keys())} missing"
+        print(
+            f"  check {v:9s} gradients vs per_step: worst {errs.get(worst, 0):.2e} ({worst}){note} "
+            f"{'ok' if ok[v] else 'FAIL'}"
+        )
+        out["rows"].append({"variant": v, "check_worst_rel": errs.get(worst), "check_worst_param": worst, "ok": ok[v]})
+    timed = [v for v in variants if ok[v]]
+    medians: dict[str, list[float]] = {v: [] for v in timed}
+    for r in range(args.rounds):
+        for v in timed if r % 2 == 0 else timed[::-1]:
+            flags(agent, v)
+            ms, _ = timeit(lambda v=v: updates[v](data), device, warmup=1, repeat=args.repeat)
+            medians[v].append(ms)
+        print(f"  round {r}: " + ", ".join(f"{v} {medians[v][-1]:.2f} ms" for v in timed))
+    base = statistics.median(medians["per_step"]) if "per_step" in medians else None
+    for row in out["rows"]:
+        v = row["variant"]
+        if v not in medians:
+            continue
+        med = statistics.median(medians[v])
+        row.update(median_ms=med, round_medians_ms=medians[v], vs_per_step=base / med if base else None)
+        print(f"  {v:9s} {med:9.2f} ms  (rounds {min(medians[v]):.2f}-{max(medians[v]):.2f})  x{base / med:.2f}")
+    restore()
+    if args.json:
+        write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
