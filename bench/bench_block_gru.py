@@ -7,6 +7,10 @@ On CUDA every mode runs inside CUDA-graph replay (N dependent steps captured onc
 events), because that is how the trainer calls the core and because launch cost is what the fused kernel is meant
 to remove. `fwd` is N chained steps; `fwd+bwd` is N chained steps and backpropagation through all of them into
 the first deter, the stoch/action inputs and all 14 weights (what the world-model update does over T).
+compile_defer and triton_defer (fwd+bwd only) are compile and triton with deferred weight gradients, as the fast
+modes' observe loop runs them on a GPU (fastdreamer/defer.py): the N steps run on the weights without gradient,
+each step's backward computes only the per-row gradients, and each weight's gradient is one reduction over all
+N*B rows after the loop; their ms/step include that reduction, 1/N of it per step.
 On CPU there are no graphs and Triton runs in its interpreter: --small proves the script end to end, the times
 mean nothing. Each mode is checked against reference eager first; a failing check records ok=false and no time.
 --compute bf16 is the trainer's precision on a GPU (bf16 autocast): eager and compile run the reference under
@@ -72,9 +76,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--modes",
         nargs="+",
-        default=["eager", "compile", "triton", "triton_wide"],
-        choices=("eager", "compile", "triton", "triton_wide"),
-        help="triton_wide: the kernels with fused.py's 'wide' tile policy (triton uses the default, 'parallel')",
+        default=["eager", "compile", "triton", "triton_wide", "compile_defer", "triton_defer"],
+        choices=("eager", "compile", "triton", "triton_wide", "compile_defer", "triton_defer"),
+        help="triton_wide: the kernels with fused.py's 'wide' tile policy (triton uses the default, 'parallel'); "
+        "*_defer: deferred weight gradients (fwd+bwd rows only; see above)",
     )
     p.add_argument("--steps", type=int, default=16, help="dependent steps per timed graph")
     p.add_argument("--repeats", type=int, default=30, help="timed replays; median and p10/p90 reported")
@@ -136,7 +141,9 @@ def main(argv=None):
     import torch
     import triton
     from fastdreamer.kernels.block_gru import fused, reference
-    from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
+    from fastdreamer.kernels.block_gru.reference import TAP_SITES, BlockGRUWeights
+
+    from fastdreamer import defer
 
     dev = torch.device(args.device)
     if args.device == "cpu":
@@ -144,13 +151,6 @@ def main(argv=None):
         # 48 ms between runs.
         torch.set_num_threads(1)
     wdtype = getattr(torch, args.dtype)
-
-    def autocast(fn):
-        def f(*a):
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                return fn(*a)
-
-        return f
 
     @contextlib.contextmanager
     def tiles(mode):
@@ -163,15 +163,28 @@ def main(argv=None):
         finally:
             fused.TILES = policy
 
+    def autocast(fn):
+        def f(*a, **k):
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                return fn(*a, **k)
+
+        return f
+
     triton_bf16 = functools.partial(fused.step, bf16=True)
     impls = {
         "fp32": {"eager": reference.step, "triton": fused.step, "triton_wide": fused.step},
         "bf16": {"eager": autocast(reference.step), "triton": triton_bf16, "triton_wide": triton_bf16},
     }
+    for compute in impls:
+        impls[compute]["triton_defer"] = impls[compute]["triton"]
     spec = {"fp32": reference.step, "bf16": lambda *a: reference.step(*a, bf16=True)}
-    if "compile" in args.modes:
+    if {"compile", "compile_defer"} & set(args.modes):
         impls["fp32"]["compile"] = torch.compile(reference.step, dynamic=False)
         impls["bf16"]["compile"] = torch.compile(autocast(reference.step), dynamic=False)
+        impls["fp32"]["compile_defer"], impls["bf16"]["compile_defer"] = (
+            impls["fp32"]["compile"],
+            impls["bf16"]["compile"],
+        )
 
     def make(B, D, G, K, SC, A):
         gen = torch.Generator().manual_seed(0)
@@ -183,12 +196,26 @@ def main(argv=None):
         w = BlockGRUWeights(*(t.to(wdtype).requires_grad_() for t in w))
         return r(B, D).requires_grad_(), r(B, SC).requires_grad_(), r(B, A).requires_grad_(), w
 
-    def run(fn, deter, stoch, action, w, backward):
-        """N chained steps; with backward, gradients of sum(last deter) for every input."""
+    def run(fn, deter, stoch, action, w, backward, deferred=None):
+        """N chained steps; with backward, gradients of sum(last deter) for every input. deferred: the compute
+        ("fp32" or "bf16") of a *_defer mode, whose steps take taps (reference.step) and run without weight grads."""
         with torch.set_grad_enabled(backward):
             d = deter
-            for _ in range(args.steps):
-                d = fn(d, stoch, action, w)
+            if deferred:
+                # Autocast rounded both operands of the torch core's matmuls; the Triton core hands over its rounded
+                # inputs and keeps the output gradients in float32 (defer.Site.bf16).
+                bf16 = deferred == "bf16" and fn is not impls["bf16"]["triton_defer"]
+                widths = reference.tap_widths(w)
+                sites = {s: defer.Site(kind, tuple(ps), widths[s], bf16) for s, (kind, *ps) in TAP_SITES.items()}
+                record = []
+                taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
+                wd = BlockGRUWeights(*(t.detach() for t in w))
+                for t in range(args.steps):
+                    d, seen = fn(d, stoch, action, wd, taps=taps[t])
+                    record.append(seen)
+            else:
+                for _ in range(args.steps):
+                    d = fn(d, stoch, action, w)
             if not backward:
                 return (d,)
             return (d, *torch.autograd.grad(d.sum(), (deter, stoch, action, *w)))
@@ -201,23 +228,23 @@ def main(argv=None):
         ok = errs[0] <= tol["out"] and all(e <= tol["grad"] for e in errs[1:])
         return ok, errs[0], max(errs[1:], default=0.0)
 
-    def time_it(fn, inputs, backward):
+    def time_it(fn, inputs, backward, deferred=None):
         if args.device == "cpu":
             times = []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
-                run(fn, *inputs, backward)
+                run(fn, *inputs, backward, deferred)
                 times.append((time.perf_counter() - t0) * 1e3)
             return times
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):  # warm up (compile, autotune, allocator) outside the capture
-                run(fn, *inputs, backward)
+                run(fn, *inputs, backward, deferred)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            run(fn, *inputs, backward)
+            run(fn, *inputs, backward, deferred)
         graph.replay()
         torch.cuda.synchronize()
         times = []
@@ -247,6 +274,9 @@ def main(argv=None):
         refs = [t.detach() for t in run(spec[compute], *inputs, backward)]
         tol = CHECK_TOL_BF16 if compute == "bf16" else CHECK_TOL
         for mode in args.modes:
+            if mode.endswith("_defer") and not backward:
+                continue  # the forward is the mode's without _defer
+            deferred = compute if mode.endswith("_defer") else None
             row = {
                 "model": model,
                 "batch": B,
@@ -260,11 +290,11 @@ def main(argv=None):
             fn = impls[compute][mode]
             try:
                 with tiles(mode):
-                    ok, err, gerr = check(run(fn, *inputs, backward), refs, tol)
+                    ok, err, gerr = check(run(fn, *inputs, backward, deferred), refs, tol)
                 row.update(ok=ok, check_err=max(err, gerr), check_err_out=err, check_err_grad=gerr)
                 if ok:
                     with tiles(mode):  # the CUDA graph captures the launches with this policy's tiles
-                        per_step = sorted(t / args.steps for t in time_it(fn, inputs, backward))
+                        per_step = sorted(t / args.steps for t in time_it(fn, inputs, backward, deferred))
                     n = len(per_step)
                     row.update(
                         ms_per_step_median=statistics.median(per_step),

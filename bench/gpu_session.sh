@@ -15,7 +15,8 @@
 # step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
 # each GPU session from the last one's results: the first session's (block-GRU, all fast modes, pong, kernel tests)
 # are in bench/results/h200_2026-11-26 and bench/LOG.md. `diag` (BUDGET=295, timeout_s 320) is the follow-up call
-# where the device time left allows one: the update's kernel profile and the CUDA-only tests of test_fast.py.
+# where the device time left allows one: the block-GRU's deferred-gradient rows, the update's kernel profile and
+# the CUDA-only tests of test_fast.py.
 # DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
 # as if it ran to its timeout (the worst case the budget must absorb); try BUDGET=200 to see steps skipped.
 #
@@ -102,29 +103,32 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # The second H200 session's plan (the first one's results: bench/results/h200_2026-11-26, bench/LOG.md): the
-  # imagine rows after the up-front noise fix and the full update with fan_out (graphs first: its inductor cache
-  # serves compile), then the same update without fan_out for the A/B on this machine, the pong loop, and the bf16
-  # rollout agreement at 12m with what is left.
-  step bench 200 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+  # The next GPU session's plan (the first one's results: bench/results/h200_2026-11-26, bench/LOG.md): the
+  # imagine rows after the up-front noise fix and the full update as it is now (fan_out + defer; graphs first: its
+  # inductor cache serves compile), then the observe loop's per_step / fan_out / defer A/B on this machine in graphs
+  # mode, the pong loop, and the bf16 rollout agreement at 12m with what is left.
+  step bench 190 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs,compile --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  step fanout_off 100 env FASTDREAMER_FAN_OUT=0 python3 -m bench --device cuda --size 12m --components full_update \
-    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_fanout_off.json" || rc=1
+  step observe_ab 130 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
+    --json "$OUT/observe_ab_cuda_12m.json" || rc=1
   # The first session's pong run took 119 s (94 s warm-up: the image model's compile and capture).
   step e2e 130 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
   # bf16 only: its rollout graph is in the inductor cache from the bench step; fp32 would compile cold.
-  step agreement 60 python3 -m bench.imagine_agreement --device cuda --size 12m --precisions bf16 \
+  step agreement 50 python3 -m bench.imagine_agreement --device cuda --size 12m --precisions bf16 \
     --modes compile --json "$OUT/imagine_agreement_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
 }
 
-diag() {  # the follow-up call after quick: where a 12m update's time goes now, and the CUDA-only fast-mode tests
+diag() {  # the follow-up call after quick: the block-GRU with deferred weight gradients, where a 12m update's time
+  # goes now, and the CUDA-only fast-mode tests
   local rc=0
   summary=""
   begin || return 1
-  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
+  step gru_defer 80 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
+    --modes compile compile_defer triton triton_defer --json "$OUT/block_gru_defer_12m.json" || rc=1
+  step profile 130 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
     --out "$OUT/profile_update_12m.txt" || rc=1
   step cuda_tests 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k "cuda or graphed" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"

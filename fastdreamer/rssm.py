@@ -70,7 +70,7 @@ class RSSM(nn.Module):
         self.fan_out = False
         # Deferred weight gradients (fastdreamer/defer.py): the observe steps run on parameters without gradient and
         # every parameter's gradient is one reduction over all B*T rows after the loop's backward. Off in eager;
-        # the fast modes set it. Where it runs (the torch core) fan_out has nothing left to do.
+        # the fast modes set it (on CUDA). Where it runs, fan_out is not used.
         self.defer = False
 
     @property
