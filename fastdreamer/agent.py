@@ -7,7 +7,6 @@ import copy
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import dists
@@ -177,7 +176,7 @@ class Agent(nn.Module):
         S, C = self.rssm.stoch, self.rssm.classes
         if ctx:
             deter0 = data["deter"][:, 0].float()
-            stoch0 = F.one_hot(data["stoch"][:, 0].long(), C).float()
+            stoch0 = dists.one_hot(data["stoch"][:, 0].long(), C)
             prevact = data["action"][:, :-1].float()
         else:
             deter0, stoch0, act0 = self.initial(B, device)

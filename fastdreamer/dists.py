@@ -20,6 +20,13 @@ def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:
     return torch.log(probs)
 
 
+def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """F.one_hot(index, n).to(dtype) for indices in [0, n), which every caller here guarantees by construction: a
+    comparison, so the compiler fuses it into its neighbours, where F.one_hot checks the indices on the device (a
+    min/max reduction and an assert kernel per call, compiled too)."""
+    return (index[..., None] == torch.arange(n, device=index.device)).to(dtype)
+
+
 def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs. `u` (..., 1):
     the uniforms to use, drawn here when None (a rollout passes the ones it drew up front)."""
@@ -31,7 +38,7 @@ def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Te
     if u is None:
         u = torch.rand((*probs.shape[:-1], 1), dtype=probs.dtype, device=probs.device)
     index = (probs.detach().cumsum(-1) <= u).sum(-1).clamp_max(probs.shape[-1] - 1)
-    onehot = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    onehot = one_hot(index, probs.shape[-1], probs.dtype)
     return onehot + (probs - probs.detach())  # exactly one-hot in value: p - p is exactly 0
 
 
@@ -78,7 +85,8 @@ def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
     to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
     total = to_below + to_above
-    return F.one_hot(below, n) * (to_above / total)[..., None] + F.one_hot(above, n) * (to_below / total)[..., None]
+    weights = (to_above / total)[..., None], (to_below / total)[..., None]
+    return one_hot(below, n, bins.dtype) * weights[0] + one_hot(above, n, bins.dtype) * weights[1]
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -144,7 +152,7 @@ class Policy:
 
     def mode(self) -> torch.Tensor:
         if self.discrete:
-            return F.one_hot(self.logp_all.argmax(-1), self.logp_all.shape[-1]).float()
+            return one_hot(self.logp_all.argmax(-1), self.logp_all.shape[-1])
         return self.mean
 
     def logp(self, action: torch.Tensor) -> torch.Tensor:

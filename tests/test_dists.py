@@ -127,3 +127,12 @@ def test_policy_discrete_uses_unimix():
     a = torch.tensor([[0.0, 1.0, 0.0]])
     assert pol.logp(a).item() == pytest.approx(math.log(0.01 / 3), rel=1e-4)
     assert np.isclose(pol.entropy().item(), -(probs * probs.log()).sum().item(), atol=1e-6)
+
+
+def test_one_hot_equals_torch_one_hot_for_indices_in_range():
+    gen = torch.Generator().manual_seed(0)
+    for shape, n in (((5,), 3), ((4, 7), 255), ((2, 3, 32), 16)):
+        index = torch.randint(0, n, shape, generator=gen)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = dists.one_hot(index, n, dtype)
+            assert got.dtype == dtype and torch.equal(got, F.one_hot(index, n).to(dtype))
