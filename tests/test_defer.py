@@ -206,3 +206,13 @@ def test_tap_sites_must_cover_every_step_parameter(monkeypatch):
     monkeypatch.setattr(RSSM, "step_params", lambda self: extra)
     with pytest.raises(RuntimeError, match="tap_sites covers"):
         rssm.tap_sites()
+
+
+def test_the_compiled_step_backward_has_no_weight_gradient_matmuls_under_defer():
+    """bench.step_kernels on the compiled observe step (inductor's generated code, CPU): defer's backward graph has
+    the per-step path's matmuls less the 7 weight-gradient ones; the forward is unchanged."""
+    from bench.step_kernels import count
+
+    per_step, deferred = (count(v, "debug", "cpu", "fp32") for v in ("per_step", "defer"))
+    assert deferred[0] == per_step[0], (deferred, per_step)
+    assert per_step[1]["extern"] - deferred[1]["extern"] == 7, (deferred, per_step)
