@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 KINDS = ("mm", "linear", "block", "scale")
 
@@ -51,6 +52,15 @@ def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -
     return (g * x).sum(0)
 
 
+class Record(list):
+    """The steps' other factors, one {site: tensor} per step. append() detaches them: the record lives on the taps'
+    autograd node, so a recorded tensor that carried the graph would keep that node, and itself, alive for good (a
+    reference cycle through autograd's C++ nodes, which gc cannot see)."""
+
+    def append(self, seen: dict[str, torch.Tensor]) -> None:
+        super().append({k: v.detach() for k, v in seen.items()})
+
+
 class _Taps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: list, *params):
@@ -66,6 +76,7 @@ class _Taps(torch.autograd.Function):
         return tuple(zeros[:, a:b] for _ in range(steps) for a, b in bounds)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         params = ctx.saved_tensors
         sites, record = ctx.sites, ctx.record
@@ -96,12 +107,15 @@ class _Taps(torch.autograd.Function):
 
 
 def taps(
-    sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: list
+    sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: Record
 ) -> list[dict[str, torch.Tensor]]:
     """For each of `steps` steps, {site: a (batch, width) float32 zero tensor} to add at that site. The caller runs
-    the steps on the parameters without gradient and appends, per step, {site: its other factor} to `record`; in the
-    backward the gradient of every parameter named in `sites` (taken from `params`) is then computed from the
-    stacked tap gradients and `record`."""
+    the steps on the parameters without gradient and appends, per step, {site: its other factor} to `record` (a
+    Record, which detaches them). In the backward the gradient of every parameter named in `sites` (taken from
+    `params`) is then computed from the stacked tap gradients and `record`. Once differentiable (no double
+    backward)."""
+    if not isinstance(record, Record):
+        raise TypeError(f"defer: record must be a defer.Record (it detaches what the steps append), got {type(record)}")
     names = [p for s in sites.values() for p in s.params]
     if len(set(names)) != len(names):
         raise ValueError(f"defer: a parameter is at more than one site: {names}")

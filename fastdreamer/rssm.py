@@ -125,7 +125,7 @@ class RSSM(nn.Module):
         widths = block_gru.reference.tap_widths(core)
         core_bf16 = bf16 and block_gru.get_impl() == "torch"
         sites = {
-            f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s], core_bf16)
+            f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s], core_bf16 and kind != "scale")
             for s, (kind, *ps) in block_gru.reference.TAP_SITES.items()
         }
         for i, layer in enumerate(self.obs_net):
@@ -159,7 +159,7 @@ class RSSM(nn.Module):
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params()
-            record = []
+            record = defer.Record()
             taps = defer.taps(self.tap_sites(bool(dtypes)), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
@@ -171,7 +171,7 @@ class RSSM(nn.Module):
                 deter, stoch, actions[:, t], tokens[:, t], is_first[:, t], params=per_step[t], taps=taps[t]
             )
             if record is not None:
-                record.append(out[3])
+                record.append(out[3])  # a defer.Record: detaches
             deter, stoch, logp = out[:3]
             deters.append(deter)
             stochs.append(stoch)

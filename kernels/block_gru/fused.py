@@ -560,8 +560,9 @@ def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: boo
         return t.bfloat16().float() if bf16 else t.float()
 
     n = pre.view(B, 3, K) * torch.rsqrt(pre.view(B, 3, K).square().mean(-1, keepdim=True) + EPS)
-    u = torch.cat([op(deter).view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-    seen = {"x0": op(deter), "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
+    d = op(deter)
+    u = torch.cat([d.view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+    seen = {"x0": d, "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
     return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
 
 
