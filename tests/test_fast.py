@@ -380,12 +380,20 @@ def test_replay_sample_and_write_never_sync_with_the_host():
 
 
 @pytest.mark.parametrize(
-    "device,mode",
-    [("cpu", "compile"), pytest.param("cuda", "compile", marks=cuda), pytest.param("cuda", "graphs", marks=cuda)],
+    "device,mode,defer_on",
+    [
+        ("cpu", "compile", True),
+        ("cpu", "compile", False),
+        pytest.param("cuda", "compile", None, marks=cuda),
+        pytest.param("cuda", "graphs", None, marks=cuda),
+    ],
 )
-def test_bf16_fast_updates_match_eager_under_the_same_autocast(device, mode, fallback_random):
+def test_bf16_fast_updates_match_eager_under_the_same_autocast(device, mode, defer_on, fallback_random, monkeypatch):
     # Eager under the same bf16 autocast as the fast mode, so the check is of compile/capture, not of precision.
-    # On a CPU without native bf16 oneDNN emulates it: slower, same check.
+    # On a CPU without native bf16 oneDNN emulates it: slower, same check. On the CPU both observe-loop gradient paths
+    # (fastdreamer/defer.py and fan_out), on CUDA the default (defer).
+    if defer_on is not None:
+        monkeypatch.setattr(fast, "DEFER", defer_on)
     agent, opt = make(device)
     update = fast.make_update(update_step, agent, opt, "eager")
     torch.manual_seed(1)
