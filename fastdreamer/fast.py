@@ -122,9 +122,10 @@ def _switch(name: str, default: str = "1", auto: bool = False) -> bool | str:
 
 
 FAN_OUT = _switch("FASTDREAMER_FAN_OUT")
-# auto: on CUDA only. On the 2-core CPU (compile, bf16, one thread, alternated in one process) defer made the full
-# update slower, 0.96x at debug and 0.94x at 1m (bench/LOG.md, 2026-11-26): launches cost nothing there and defer
-# adds its stacking copies. On a GPU it removes ~10 launches per observe step (predicted; bench.observe_ab measures).
+# auto: on CUDA only. On the 2-core CPU (compile, one thread, alternated in one process; bench/LOG.md, 2026-11-26)
+# defer was even in bf16 within the noise (1.13x debug, 1.01x 1m) and 0.94x in fp32: a CPU launches kernels for free,
+# and each step carries more inputs and outputs. On a GPU it removes 7 matmuls and up to 12 reductions per observe
+# step from the backward (predicted; bench.observe_ab measures it).
 DEFER = _switch("FASTDREAMER_DEFER", "auto", auto=True)
 
 
