@@ -215,8 +215,8 @@ def main(argv=None):
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
                 wd = BlockGRUWeights(*(t.detach() for t in w))
                 for t in range(args.steps):
-                    d, seen = fn(d, stoch, action, wd, taps=taps[t])
-                    record.append(seen)
+                    d, seen = fn(d, stoch, action, wd, taps=defer.split(taps[t], sites))
+                    record.append(defer.pack(seen, sites))
             else:
                 for _ in range(args.steps):
                     d = fn(d, stoch, action, w)

@@ -52,13 +52,39 @@ def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -
     return (g * x).sum(0)
 
 
-class Record(list):
-    """The steps' other factors, one {site: tensor} per step. append() detaches them: the record lives on the taps'
-    autograd node, so a recorded tensor that carried the graph would keep that node, and itself, alive for good (a
-    reference cycle through autograd's C++ nodes, which gc cannot see)."""
+def x_width(kind: str, w: torch.Tensor) -> int:
+    """The width of a site's other factor, flattened to (B, width), from its weight."""
+    if kind == "mm":
+        return w.shape[0]
+    if kind == "linear":
+        return w.shape[1]
+    if kind == "block":
+        return w.shape[0] * w.shape[1]
+    return w.shape[0]
 
-    def append(self, seen: dict[str, torch.Tensor]) -> None:
-        super().append({k: v.detach() for k, v in seen.items()})
+
+def split(tap: torch.Tensor, sites: dict[str, Site]) -> dict[str, torch.Tensor]:
+    """One step's tap (B, sum of widths) as {site: (B, width) view}, in the order of `sites`."""
+    out, at = {}, 0
+    for name, s in sites.items():
+        out[name] = tap[:, at : at + s.width]
+        at += s.width
+    return out
+
+
+def pack(seen: dict[str, torch.Tensor], sites: dict[str, Site]) -> torch.Tensor:
+    """One step's other factors as one (B, sum of x widths) tensor, in the order of `sites` (what Record takes): one
+    output of a compiled step instead of one per site."""
+    return torch.cat([seen[name].flatten(1) for name in sites], 1)
+
+
+class Record(list):
+    """The steps' other factors, one packed (B, sum of x widths) tensor per step. append() detaches it: the record
+    lives on the taps' autograd node, so a recorded tensor that carried the graph would keep that node, and itself,
+    alive for good (a reference cycle through autograd's C++ nodes, which gc cannot see)."""
+
+    def append(self, packed: torch.Tensor) -> None:
+        super().append(packed.detach())
 
 
 class _Taps(torch.autograd.Function):
@@ -68,52 +94,55 @@ class _Taps(torch.autograd.Function):
         ctx.sites, ctx.record = sites, record
         ctx.save_for_backward(*params)
         zeros = params[0].new_zeros((batch, sum(s.width for s in sites.values())), dtype=torch.float32)
-        bounds, at = [], 0
-        for s in sites.values():
-            bounds.append((at, at + s.width))
-            at += s.width
-        # A fresh view per step and site: one zero buffer, T * len(sites) outputs.
-        return tuple(zeros[:, a:b] for _ in range(steps) for a, b in bounds)
+        # One view of one zero buffer per step: T outputs.
+        return tuple(zeros.view_as(zeros) for _ in range(steps))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         params = ctx.saved_tensors
         sites, record = ctx.sites, ctx.record
-        n = len(sites)
-        steps = len(grads) // n
+        steps = len(grads)
         if len(record) != steps:
             raise RuntimeError(f"defer: {len(record)} steps recorded their inputs, {steps} were tapped")
         out: list[torch.Tensor | None] = [None] * len(params)
+        if all(g is None for g in grads):
+            return (None, None, None, None, *out)
         names = [p for s in sites.values() for p in s.params]
         with torch.autocast(params[0].device.type, enabled=False):
-            for i, (name, site) in enumerate(sites.items()):
-                gs = [grads[t * n + i] for t in range(steps)]
-                if all(g is None for g in gs):
-                    continue
-                ref = next(g for g in gs if g is not None)
-                g = torch.stack([torch.zeros_like(ref) if g is None else g for g in gs]).flatten(0, 1).float()
-                x = torch.stack([step[name] for step in record]).flatten(0, 1).float()
+            ref = next(g for g in grads if g is not None)
+            g_all = torch.stack([torch.zeros_like(ref) if g is None else g for g in grads]).flatten(0, 1).float()
+            x_all = torch.stack(list(record)).flatten(0, 1).float()
+            ga = xa = 0
+            for site in sites.values():
                 w_at = names.index(site.params[0])
+                w = params[w_at]
+                xw = x_width(site.kind, w)
+                g, x = g_all[:, ga : ga + site.width], x_all[:, xa : xa + xw]
+                ga, xa = ga + site.width, xa + xw
+                if site.kind == "block":
+                    x = x.unflatten(1, (w.shape[0], w.shape[1]))
                 if site.bf16 and site.kind != "scale":
-                    wg = _weight_grad(site.kind, params[w_at], x.bfloat16().float(), g.bfloat16().float())
+                    wg = _weight_grad(site.kind, w, x.bfloat16().float(), g.bfloat16().float())
                 else:
-                    wg = _weight_grad(site.kind, params[w_at], x, g)
-                out[w_at] = wg.to(params[w_at].dtype)
+                    wg = _weight_grad(site.kind, w, x, g)
+                out[w_at] = wg.to(w.dtype)
                 if len(site.params) > 1:
                     b_at = names.index(site.params[1])
                     out[b_at] = g.sum(0).to(params[b_at].dtype)
+            if xa != x_all.shape[1] or ga != g_all.shape[1]:
+                raise RuntimeError(f"defer: the record holds {x_all.shape[1]} columns, the sites take {xa}")
         return (None, None, None, None, *out)
 
 
 def taps(
     sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: Record
-) -> list[dict[str, torch.Tensor]]:
-    """For each of `steps` steps, {site: a (batch, width) float32 zero tensor} to add at that site. The caller runs
-    the steps on the parameters without gradient and appends, per step, {site: its other factor} to `record` (a
-    Record, which detaches them). In the backward the gradient of every parameter named in `sites` (taken from
-    `params`) is then computed from the stacked tap gradients and `record`. Once differentiable (no double
-    backward)."""
+) -> list[torch.Tensor]:
+    """For each of `steps` steps, a (batch, sum of widths) float32 zero tensor; split() gives each site its view, to
+    add at that site. The caller runs the steps on the parameters without gradient and appends, per step, pack() of
+    {site: its other factor} to `record` (a Record, which detaches it). In the backward the gradient of every
+    parameter named in `sites` (taken from `params`) is then computed from the stacked tap gradients and `record`.
+    Once differentiable (no double backward)."""
     if not isinstance(record, Record):
         raise TypeError(f"defer: record must be a defer.Record (it detaches what the steps append), got {type(record)}")
     names = [p for s in sites.values() for p in s.params]
@@ -122,6 +151,4 @@ def taps(
     for name, s in sites.items():
         if s.kind not in KINDS or not 1 <= len(s.params) <= (1 if s.kind == "scale" else 2):
             raise ValueError(f"defer: site {name!r} has kind {s.kind!r} with parameters {s.params}")
-    flat = _Taps.apply(sites, steps, batch, record, *(params[p] for p in names))
-    n = len(sites)
-    return [dict(zip(sites, flat[t * n : (t + 1) * n], strict=True)) for t in range(steps)]
+    return list(_Taps.apply(sites, steps, batch, record, *(params[p] for p in names)))

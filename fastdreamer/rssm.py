@@ -88,9 +88,9 @@ class RSSM(nn.Module):
     def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, taps=None):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
-        of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: zeros at
-        every site of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch sample
-        (N, S, C), posterior log-probs (N, S, C), and with taps {site: its other factor}."""
+        of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: one step's
+        zeros for all sites of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch
+        sample (N, S, C), posterior log-probs (N, S, C), and with taps the sites' other factors, packed."""
         if params is None:
             return self(deter, stoch, action, token, is_first, u, taps)
         return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u, taps))
@@ -105,6 +105,8 @@ class RSSM(nn.Module):
             deter = self.core(deter, stoch.flatten(1), action)
             logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
             return deter, dists.sample_onehot(logp, u), logp
+        sites = self.tap_sites(check=False)  # the layout only: widths and order
+        taps = defer.split(taps, sites)
         deter, core_seen = self.core(deter, stoch.flatten(1), action, {s: taps[f"core.{s}"] for s in self._core_sites})
         seen = {f"core.{s}": x for s, x in core_seen.items()}
         x = torch.cat([deter, token], -1)
@@ -113,11 +115,11 @@ class RSSM(nn.Module):
         seen["obs_logit.x"] = x
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
-        return deter, dists.sample_onehot(logp, u), logp, seen
+        return deter, dists.sample_onehot(logp, u), logp, defer.pack(seen, sites)
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
 
-    def tap_sites(self, bf16: bool = False) -> dict[str, defer.Site]:
+    def tap_sites(self, bf16: bool = False, check: bool = True) -> dict[str, defer.Site]:
         """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params().
         bf16: the step runs under bf16 autocast (its F.linear and torch-core matmuls multiply bf16 operands; the
         Triton core rounds its own and hands over the rounded inputs, block_gru.step)."""
@@ -136,7 +138,7 @@ class RSSM(nn.Module):
         params = ("obs_logit.weight", "obs_logit.bias")
         sites["obs_logit.x"] = defer.Site("linear", params, self.obs_logit.out_features, bf16)
         covered = sorted(p for s in sites.values() for p in s.params)
-        if covered != sorted(self.step_params()):
+        if check and covered != sorted(self.step_params()):
             raise RuntimeError(f"RSSM.tap_sites covers {covered}, the observe step uses {sorted(self.step_params())}")
         return sites
 
