@@ -7,8 +7,9 @@ sum_t x_t^T g_t = X^T G, with X and G the T steps' inputs and output gradients s
 
 So the steps get the weights without gradient, and a zero "tap" tensor added at every site where a parameter enters
 (a matmul's output, a norm's scaled value): the tap's gradient is that site's output gradient g_t, and the steps
-return the site's other factor x_t. After the loop's backward, each parameter's gradient is one reduction over all
-rows (Sites lists them):
+return the site's other factor x_t. Per step, all sites' taps are views of one tensor (split) and all factors are
+packed into one (pack), so a compiled step takes one more input and gives one more output. After the loop's
+backward, each parameter's gradient is one reduction over all rows (Sites lists them):
 
     mm      y = x @ w (+ b)                   dw = X^T G              (w (in, out))
     linear  y = F.linear(x, w, b)             dw = G^T X              (w (out, in))
