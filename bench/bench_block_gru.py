@@ -10,8 +10,8 @@ the first deter, the stoch/action inputs and all 14 weights (what the world-mode
 compile_defer and triton_defer (fwd+bwd only) are compile and triton with deferred weight gradients, as the fast
 modes' observe loop runs them on a GPU (fastdreamer/defer.py): the N steps run on the weights without gradient,
 each step's backward computes only the per-row gradients, and each weight's gradient is one reduction over all
-N*B rows after the loop; their ms/step include that reduction, 1/N of it per step. triton_defer runs the step
-under torch.compile, as the trainer's observe step does (the kernels stay opaque; the ops around them fuse).
+N*B rows after the loop; their ms/step include that reduction, 1/N of it per step. Both compile the tapped step as
+the trainer's observe step is compiled (the Triton kernels stay opaque; the ops around them fuse).
 On CPU there are no graphs and Triton runs in its interpreter: --small proves the script end to end, the times
 mean nothing. Each mode is checked against reference eager first; a failing check records ok=false and no time.
 --compute bf16 is the trainer's precision on a GPU (bf16 autocast): eager and compile run the reference under
@@ -176,19 +176,25 @@ def main(argv=None):
         "fp32": {"eager": reference.step, "triton": fused.step, "triton_wide": fused.step},
         "bf16": {"eager": autocast(reference.step), "triton": triton_bf16, "triton_wide": triton_bf16},
     }
-    if "triton_defer" in args.modes:
-        # Compiled as the trainer's observe step is: the kernels stay opaque custom ops, and the torch ops that build
-        # the sites' factors (fused._seen) fuse; run eagerly they would be ~20 small launches per step.
-        for compute in impls:
-            impls[compute]["triton_defer"] = torch.compile(impls[compute]["triton"], dynamic=False)
     spec = {"fp32": reference.step, "bf16": lambda *a: reference.step(*a, bf16=True)}
     if {"compile", "compile_defer"} & set(args.modes):
         impls["fp32"]["compile"] = torch.compile(reference.step, dynamic=False)
         impls["bf16"]["compile"] = torch.compile(autocast(reference.step), dynamic=False)
-        impls["fp32"]["compile_defer"], impls["bf16"]["compile_defer"] = (
-            impls["fp32"]["compile"],
-            impls["bf16"]["compile"],
-        )
+
+    def tapped(step, d, stoch, action, w, tap, sites):
+        """One deferred step as the trainer's compiled observe step runs it: the tap split into the sites' views
+        and the factors packed inside the compiled function (outside, each view's backward and each factor's zero
+        gradient would be launches of their own)."""
+        d, seen = step(d, stoch, action, w, taps=defer.split(tap, sites))
+        return d, defer.pack(seen, sites)
+
+    # The *_defer modes compile the whole tapped step; the Triton kernels stay opaque custom ops and the torch ops
+    # around them (fused._seen, split, pack) fuse.
+    for compute, steps in (("fp32", (reference.step, fused.step)), ("bf16", (autocast(reference.step), triton_bf16))):
+        for mode, step in zip(("compile_defer", "triton_defer"), steps, strict=True):
+            if mode in args.modes:
+                impls[compute][mode] = torch.compile(functools.partial(tapped, step), dynamic=False)
+    triton_defer = {id(impls[c].get("triton_defer")) for c in impls} - {id(None)}
 
     def make(B, D, G, K, SC, A):
         gen = torch.Generator().manual_seed(0)
@@ -208,15 +214,15 @@ def main(argv=None):
             if deferred:
                 # Autocast rounded both operands of the torch core's matmuls; the Triton core hands over its rounded
                 # inputs and keeps the output gradients in float32 (defer.Site.bf16).
-                bf16 = deferred == "bf16" and fn is not impls["bf16"].get("triton_defer")
+                bf16 = deferred == "bf16" and id(fn) not in triton_defer
                 widths = reference.tap_widths(w)
                 sites = {s: defer.Site(kind, tuple(ps), widths[s], bf16) for s, (kind, *ps) in TAP_SITES.items()}
                 record = defer.Record()
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
                 wd = BlockGRUWeights(*(t.detach() for t in w))
                 for t in range(args.steps):
-                    d, seen = fn(d, stoch, action, wd, taps=defer.split(taps[t], sites))
-                    record.append(defer.pack(seen, sites))
+                    d, packed = fn(d, stoch, action, wd, taps[t], sites)
+                    record.append(packed)
             else:
                 for _ in range(args.steps):
                     d = fn(d, stoch, action, w)

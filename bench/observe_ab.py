@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 from fastdreamer.kernels import block_gru
@@ -145,6 +146,7 @@ def main(argv=None) -> dict:
         print(f"  {v:9s} {med:9.2f} ms  (rounds {min(medians[v]):.2f}-{max(medians[v]):.2f})  x{base / med:.2f}")
     restore()
     out["complete"] = True
+    out["meta"]["end_time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     return out
 

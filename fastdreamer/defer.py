@@ -75,8 +75,9 @@ def split(tap: torch.Tensor, sites: dict[str, Site]) -> dict[str, torch.Tensor]:
 
 def pack(seen: dict[str, torch.Tensor], sites: dict[str, Site]) -> torch.Tensor:
     """One step's other factors as one (B, sum of x widths) tensor, in the order of `sites` (what Record takes): one
-    output of a compiled step instead of one per site."""
-    return torch.cat([seen[name].flatten(1) for name in sites], 1)
+    output of a compiled step instead of one per site. Detached: no gradient flows through the factors, and a
+    compiled step whose output required grad would get (and read) a zero-filled gradient for it every step."""
+    return torch.cat([seen[name].flatten(1) for name in sites], 1).detach()
 
 
 class Record(list):
@@ -90,7 +91,7 @@ class Record(list):
 
 class _Taps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: list, *params):
+    def forward(ctx, sites: dict[str, Site], steps: int, batch: int, record: Record, *params):
         ctx.set_materialize_grads(False)
         ctx.sites, ctx.record = sites, record
         ctx.save_for_backward(*params)
@@ -114,6 +115,12 @@ class _Taps(torch.autograd.Function):
             ref = next(g for g in grads if g is not None)
             g_all = torch.stack([torch.zeros_like(ref) if g is None else g for g in grads]).flatten(0, 1).float()
             x_all = torch.stack(list(record)).flatten(0, 1).float()
+            widths = [x_width(s.kind, params[names.index(s.params[0])]) for s in sites.values()]
+            if x_all.shape[1] != sum(widths):
+                raise RuntimeError(
+                    f"defer: the record holds {x_all.shape[1]} columns of factors per row, the sites take "
+                    f"{sum(widths)} ({dict(zip(sites, widths, strict=True))})"
+                )
             ga = xa = 0
             for site in sites.values():
                 w_at = names.index(site.params[0])
@@ -131,8 +138,6 @@ class _Taps(torch.autograd.Function):
                 if len(site.params) > 1:
                     b_at = names.index(site.params[1])
                     out[b_at] = g.sum(0).to(params[b_at].dtype)
-            if xa != x_all.shape[1] or ga != g_all.shape[1]:
-                raise RuntimeError(f"defer: the record holds {x_all.shape[1]} columns, the sites take {xa}")
         return (None, None, None, None, *out)
 
 

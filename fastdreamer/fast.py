@@ -123,9 +123,9 @@ def _switch(name: str, default: str = "1", auto: bool = False) -> bool | str:
 
 FAN_OUT = _switch("FASTDREAMER_FAN_OUT")
 # auto: on CUDA only. On the 2-core CPU (compile, one thread, alternated in one process; bench/LOG.md, 2026-11-26)
-# defer was even in bf16 within the noise (1.13x debug, 1.01x 1m) and 0.94x in fp32: a CPU launches kernels for free,
-# and each step carries more inputs and outputs. On a GPU it removes 7 matmuls and up to 12 reductions per observe
-# step from the backward (predicted; bench.observe_ab measures it).
+# per_step, fan_out and defer were within the machine's noise of each other per full update (a CPU launches kernels
+# for free). On a GPU defer removes 7 matmuls and up to 12 reductions per observe step from the backward
+# (predicted; bench.observe_ab measures it).
 DEFER = _switch("FASTDREAMER_DEFER", "auto", auto=True)
 
 

@@ -30,23 +30,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_taps_give_every_kind_its_gradient():
-    """A toy recurrent loop with one site of each kind, float32: the parameters' gradients from the taps equal
-    autograd's per-step ones; a site whose value a step does not use (no gradient there) counts as zero."""
-    B, T, NI, NO, G = 5, 6, 4, 8, 2
+    """A toy recurrent loop with one site of each kind (no weight square, so a transposed layout shows), float32:
+    the parameters' gradients from the taps equal autograd's per-step ones; a site whose value a step does not use
+    counts as zero there, and so does a whole step that nothing depends on (the last one)."""
+    B, T, NI, NO, NL, G = 5, 6, 4, 8, 10, 2
     gen = torch.Generator().manual_seed(0)
     p = {
         "w": torch.randn(NI, NO, generator=gen),
         "b": torch.randn(NO, generator=gen),
-        "lw": torch.randn(NO, NO, generator=gen),
-        "lb": torch.randn(NO, generator=gen),
-        "bw": torch.randn(G, NO // G, NI // G, generator=gen),
+        "lw": torch.randn(NL, NO, generator=gen),
+        "lb": torch.randn(NL, generator=gen),
+        "bw": torch.randn(G, NL // G, NI // G, generator=gen),
         "s": torch.randn(NI, generator=gen),
     }
     p = {k: v.requires_grad_() for k, v in p.items()}
     xs = torch.randn(T, B, NI, generator=gen)
     sites = {
         "mm": defer.Site("mm", ("w", "b"), NO),
-        "lin": defer.Site("linear", ("lw", "lb"), NO),
+        "lin": defer.Site("linear", ("lw", "lb"), NL),
         "blk": defer.Site("block", ("bw",), NI),
         "sc": defer.Site("scale", ("s",), NI),
     }
@@ -62,12 +63,13 @@ def test_taps_give_every_kind_its_gradient():
             y = a @ w["w"] + w["b"] + tap["mm"]
             seen["lin"] = y
             z = torch.tanh(F.linear(y, w["lw"], w["lb"]) + tap["lin"])
-            zb = z.view(B, G, NO // G)
+            zb = z.view(B, G, NL // G)
             seen["blk"] = zb
             k = torch.einsum("bgi,gio->bgo", zb, w["bw"]).reshape(B, NI) + tap["blk"]
             seen["sc"] = k
             h = torch.sin(k * w["s"] + tap["sc"]) if t % 3 else torch.sin(k)  # s unused at t = 0, 3
-            total = total + (h * (t + 1)).square().sum()
+            if t < T - 1:  # the last step feeds nothing: its taps get no gradient at all
+                total = total + (h * (t + 1)).square().sum()
             if record is not None:
                 record.append(defer.pack(seen, sites))
         return total
