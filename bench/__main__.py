@@ -362,7 +362,7 @@ def meta(args, device) -> dict:
         "cpu_count": os.cpu_count(),
         "load_avg_at_start": os.getloadavg(),
         "command": " ".join(["python -m bench", *sys.argv[1:]]),
-        "fan_out": fast.FAN_OUT,  # FASTDREAMER_FAN_OUT: the fast modes' observe loop (fastdreamer/fanout.py)
+        "fan_out": fast.fan_out_on(),  # FASTDREAMER_FAN_OUT: the fast modes' observe loop (fastdreamer/fanout.py)
         "defer": fast.defer_on(device),  # FASTDREAMER_DEFER, resolved for the device (fastdreamer/defer.py)
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

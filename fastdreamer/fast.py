@@ -114,24 +114,35 @@ def _device(agent) -> torch.device:
     return next(agent.parameters()).device
 
 
-def _switch(name: str, default: str = "1", auto: bool = False) -> bool | str:
-    value = {"1": True, "0": False, **({"auto": "auto"} if auto else {})}.get(os.environ.get(name, default))
-    if value is None:
-        raise ValueError(f"{name}={os.environ[name]!r}: expected 1 or 0{' or auto' if auto else ''}")
-    return value
+# The observe loop's gradient paths, from the environment: read at import, parsed where used (compile_agent), so a
+# bad value is one clear error of the command that uses it, not a traceback at import. Tests set these directly
+# (a bool, or "auto" for DEFER).
+FAN_OUT: bool | str = os.environ.get("FASTDREAMER_FAN_OUT", "1")
+DEFER: bool | str = os.environ.get("FASTDREAMER_DEFER", "auto")
 
 
-FAN_OUT = _switch("FASTDREAMER_FAN_OUT")
-# auto: on CUDA only. On the 2-core CPU (compile, one thread, alternated in one process; bench/LOG.md, 2026-11-26)
-# per_step, fan_out and defer were within the machine's noise of each other per full update (a CPU launches kernels
-# for free). On a GPU defer removes 7 matmuls and up to 12 reductions per observe step from the backward
-# (predicted; bench.observe_ab measures it).
-DEFER = _switch("FASTDREAMER_DEFER", "auto", auto=True)
+def _switch(name: str, value: bool | str, auto: bool = False) -> bool | str:
+    if isinstance(value, bool):
+        return value
+    table = {"1": True, "0": False, **({"auto": "auto"} if auto else {})}
+    if value not in table:
+        raise ValueError(f"{name}={value!r}: expected {' or '.join(table)}")
+    return table[value]
+
+
+def fan_out_on() -> bool:
+    """Whether the fast modes hand the observe steps one cast copy of their weights (FASTDREAMER_FAN_OUT=1|0)."""
+    return bool(_switch("FASTDREAMER_FAN_OUT", FAN_OUT))
 
 
 def defer_on(device: torch.device) -> bool:
-    """Whether the fast modes defer the observe steps' weight gradients on `device` (FASTDREAMER_DEFER)."""
-    return torch.device(device).type == "cuda" if DEFER == "auto" else bool(DEFER)
+    """Whether the fast modes defer the observe steps' weight gradients on `device` (FASTDREAMER_DEFER=auto|1|0).
+    auto: on CUDA only. On the 2-core CPU (compile, one thread, alternated in one process; bench/LOG.md,
+    2026-11-26) per_step, fan_out and defer were within the machine's noise of each other per full update (a CPU
+    launches kernels for free). On a GPU defer removes 7 matmuls and up to 12 reductions per observe step from the
+    backward (predicted; bench.observe_ab measures it)."""
+    value = _switch("FASTDREAMER_DEFER", DEFER, auto=True)
+    return torch.device(device).type == "cuda" if value == "auto" else bool(value)
 
 
 def compile_agent(agent) -> None:
@@ -141,16 +152,17 @@ def compile_agent(agent) -> None:
     if getattr(agent, "_fast_compiled", False):
         return
     rssm = agent.rssm
+    fan_out, defer = fan_out_on(), defer_on(_device(agent))  # first: a bad setting fails before any compile
     # One graph per batch shape (B in observe, N in act); dynamic=False keeps the kernels specialised.
     rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
     # Under bf16 autocast, one weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py).
     # FASTDREAMER_FAN_OUT=0 turns it off, for benchmarks that measure it.
-    rssm.fan_out = FAN_OUT
+    rssm.fan_out = fan_out
     # The observe steps' weight gradients as one reduction per parameter over all B*T rows, after the loop's
     # backward (fastdreamer/defer.py). FASTDREAMER_DEFER=1|0|auto (default auto: CUDA only, defer_on).
-    rssm.defer = defer_on(_device(agent))
+    rssm.defer = defer
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out

@@ -232,6 +232,17 @@ def test_bad_train_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and message in lines[0], err
 
 
+@pytest.mark.parametrize("name", ["FAN_OUT", "DEFER"])
+def test_a_bad_observe_loop_switch_is_one_clear_line(name, tmp_path, monkeypatch, capsys):
+    from fastdreamer import fast
+
+    monkeypatch.setattr(fast, name, "yes")  # as read from FASTDREAMER_<name>=yes
+    args = [*TINY, "--steps", "40", "--logdir", str(tmp_path / "x"), "--mode", "compile"]
+    code, err = main_exit(train_mod.main, args, capsys)
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and f"FASTDREAMER_{name}='yes'" in lines[0], err
+
+
 def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     from fastdreamer import eval as eval_mod
 
