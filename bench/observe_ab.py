@@ -58,6 +58,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeat", type=int, default=5, help="timed updates per variant and round")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-length", type=int, default=None)
+    p.add_argument("--imag-length", type=int, default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -77,7 +80,8 @@ def main(argv=None) -> dict:
         raise SystemExit(f"observe_ab: {e}") from None
     if device.type == "cpu":
         fast.tune_cpu_allocator()
-    cfg = make_config(args.size)
+    shape = {k: getattr(args, k) for k in ("batch_size", "batch_length", "imag_length") if getattr(args, k)}
+    cfg = make_config(args.size, **shape)
     agent, opt = make_agent(cfg, args.obs, device)
     data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, device)
     info = meta(args, device)
@@ -100,22 +104,34 @@ def main(argv=None) -> dict:
     fast.compile_agent(agent)
     restore = fast._snapshot(agent, opt)
     names = [n for n, q in agent.named_parameters() if q.requires_grad]
-    updates, grads = {}, {}
+    updates, grads, errors = {}, {}, {}
     for v in variants:
         flags(agent, v)
-        updates[v] = fast.make_update(update_step, agent, opt, mode, precision)
-        restore()
-        torch.manual_seed(1)  # the same draws (the observe loop's latent samples, the rollout's noise) for each
-        updates[v](data)  # graphs: capture, then one replay, whose gradients p.grad now holds
+        try:
+            updates[v] = fast.make_update(update_step, agent, opt, mode, precision)
+            restore()
+            torch.manual_seed(1)  # the same draws (the observe loop's latent samples, the rollout's noise) for each
+            updates[v](data)  # graphs: capture, then one replay, whose gradients p.grad now holds
+        except Exception as e:  # noqa: BLE001 (a variant that cannot run is a FAIL row; the others are still timed)
+            errors[v] = f"{type(e).__name__}: {str(e)[:300]}"
+            grads[v] = {}
+            restore()
+            continue
         params = dict(agent.named_parameters())
         grads[v] = {n: params[n].grad.detach().clone() for n in names if params[n].grad is not None}
         restore()
     ok = {}
     for v in variants:
         want, got = grads["per_step"], grads[v]
+        if v in errors or not want:
+            ok[v] = False
+            why = errors.get(v) or f"per_step did not run ({errors.get('per_step')})"
+            print(f"  check {v:9s} FAIL: {why}")
+            out["rows"].append({"variant": v, "ok": False, "error": why})
+            continue
         errs = {n: float((got[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in want.items() if n in got}
         worst = max(errs, key=errs.get) if errs else None
-        ok[v] = bool(want) and got.keys() == want.keys() and errs[worst] < CHECK_REL[precision]
+        ok[v] = got.keys() == want.keys() and errs[worst] < CHECK_REL[precision]
         note = "" if got.keys() == want.keys() else f", gradients of {sorted(want.keys() ^ got.keys())} missing"
         print(
             f"  check {v:9s} gradients vs per_step: worst {errs.get(worst, 0):.2e} ({worst}){note} "
@@ -143,7 +159,8 @@ def main(argv=None) -> dict:
             continue
         med = statistics.median(medians[v])
         row.update(median_ms=med, round_medians_ms=medians[v], vs_per_step=base / med if base else None)
-        print(f"  {v:9s} {med:9.2f} ms  (rounds {min(medians[v]):.2f}-{max(medians[v]):.2f})  x{base / med:.2f}")
+        ratio = f"  x{base / med:.2f}" if base else ""
+        print(f"  {v:9s} {med:9.2f} ms  (rounds {min(medians[v]):.2f}-{max(medians[v]):.2f}){ratio}")
     restore()
     out["complete"] = True
     out["meta"]["end_time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

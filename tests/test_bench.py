@@ -181,3 +181,29 @@ def test_block_gru_bench_times_the_deferred_modes_fwd_bwd_only_after_their_check
         ("fwd+bwd", "compile_defer", True),
     ]
     assert all(r["ms_per_step_median"] > 0 and r["check_err_grad"] > 0 for r in rows)
+
+
+def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(tmp_path, monkeypatch):
+    """bench.observe_ab at a tiny shape on the CPU: per_step and defer pass their gradient check and are timed; a
+    variant whose update raises (here fan_out, made to) is a FAIL row with its error, and the run still completes."""
+    from bench import observe_ab
+    from fastdreamer import fast
+
+    make_update = fast.make_update
+
+    def failing(update_step, agent, *args, **kwargs):
+        if agent.rssm.fan_out:
+            raise RuntimeError("capture failed (injected)")
+        return make_update(update_step, agent, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "make_update", failing)
+    out = tmp_path / "ab.json"
+    args = ["--size", "debug", "--precision", "fp32", "--rounds", "1", "--repeat", "1", "--threads", "1"]
+    observe_ab.main([*args, "--batch-size", "2", "--batch-length", "6", "--imag-length", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert result["complete"] is True and list(rows) == ["per_step", "fan_out", "defer"]
+    assert rows["fan_out"]["ok"] is False and "injected" in rows["fan_out"]["error"]
+    for v in ("per_step", "defer"):
+        assert rows[v]["ok"] is True and rows[v]["median_ms"] > 0, rows[v]
+    assert rows["defer"]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"]
