@@ -282,54 +282,48 @@ def forward(
     return out, (pre, x, hpre, h, rs, gates)
 
 
+def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool) -> dict[str, Tensor]:
+    """Each tap site's other factor (reference.step's `seen`) from the forward's saved activations: the dots' inputs
+    as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply."""
+    pre, x, hpre, h, rs, _ = saved
+    B, D = deter.shape
+    K = pre.shape[1] // 3
+
+    def op(t: Tensor) -> Tensor:
+        return t.bfloat16().float() if bf16 else t.float()
+
+    n = pre.view(B, 3, K) * torch.rsqrt(pre.view(B, 3, K).square().mean(-1, keepdim=True) + EPS)
+    d = op(deter)
+    u = torch.cat([d.view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+    seen = {"x0": d, "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
+    return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
+
+
 def backward(
     dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False
 ) -> list[torch.Tensor]:
     """Gradients of one step for (deter, stoch, action, *w), each in that tensor's dtype. bf16: the forward's
     precision; the gradient passes straight through its roundings, so the dots use the rounded operands."""
-    pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = row_grads(dout, deter, stoch, action, w, saved, bf16)
 
-    # Weight grads: sums over the batch of the per-row grads above, as plain float32 matmuls; with bf16, of the
-    # rounded operands the forward's dots saw. Autocast off: the trainer runs backward() inside its bf16 autocast, and
-    # the engine carries that into this op, which would round the per-row grads and the sums to bf16 (measured 1.2e-2
-    # on wh at a test shape) where the spec sums in float32.
+    # Weight grads: sums over the batch of the per-row grads above times each site's other factor (_seen: the dots'
+    # rounded operands with bf16), as plain float32 matmuls. Autocast off: the trainer runs backward() inside its bf16
+    # autocast, and the engine carries that into this op, which would round the per-row grads and the sums to bf16
+    # (measured 1.2e-2 on wh at a test shape) where the spec sums in float32.
     with torch.autocast(deter.device.type, enabled=False):
-
-        def op(t: torch.Tensor) -> torch.Tensor:
-            return t.bfloat16().float() if bf16 else t.float()
-
-        rs_x = torch.rsqrt(pre.view(B, 3, K).square().mean(-1) + EPS)  # (B, 3)
-        y_x = pre.view(B, 3, K) * rs_x[..., None]  # (B, 3, K)
-        # One tensor per branch, not views of one (3, K): outputs of a custom op must not alias each other.
-        ds_x = [t.clone() for t in (dn_x.view(B, 3, K) * y_x).sum(0).unbind(0)]  # 3 x (K,)
-        db_x = [t.clone() for t in dpre.view(B, 3, K).sum(0).unbind(0)]
-        dp = dpre.view(B, 3, K)
-        dw = [op(inp).t() @ dp[:, i] for i, inp in enumerate((deter, stoch, action))]
-        dhp = dhpre.view(B, G, DG)
-        # u_g = [deter_g, x] is (B, G, D/G + 3K), small; concatenating it, not the (G, D/G + 3K, D/G) products, saves
-        # a copy of all of dwh per step (8 MB at 12m in fp32).
-        u = torch.cat([op(deter).view(B, G, DG), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-        dwh = torch.einsum("bgi,bgo->gio", u, dhp)
-        dsh = (dn_h * hpre * rs[:, None]).sum(0)
-        dwg = torch.einsum("bgi,bgo->gio", op(h).view(B, G, DG), dgates.view(B, G, 3 * DG))
-        wgrads = [
-            dw[0],
-            db_x[0],
-            ds_x[0],
-            dw[1],
-            db_x[1],
-            ds_x[1],
-            dw[2],
-            db_x[2],
-            ds_x[2],
-            dwh,
+        f = _seen(deter, stoch, action, saved, G, bf16)
+        wgrads = []
+        for i in range(3):  # one tensor per parameter: outputs of a custom op must not alias each other
+            dp, dn = dpre[:, i * K : (i + 1) * K], dn_x[:, i * K : (i + 1) * K]
+            wgrads += [f[f"x{i}"].t() @ dp, dp.sum(0), (dn * f[f"n{i}"]).sum(0)]
+        wgrads += [
+            torch.einsum("bgi,bgo->gio", f["h"], dhpre.view(B, G, DG)),
             dhpre.sum(0),
-            dsh,
-            dwg,
+            (dn_h * f["nh"]).sum(0),
+            torch.einsum("bgi,bgo->gio", f["g"], dgates.view(B, G, 3 * DG)),
             dgates.sum(0),
         ]
     grads = [ddeter, dstoch, daction, *wgrads]
@@ -547,23 +541,6 @@ def _tapped_backward(ctx, dout, *_saved_grads):
 
 
 _tapped_op.register_autograd(_tapped_backward, setup_context=_tapped_setup)
-
-
-def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool) -> dict[str, Tensor]:
-    """Each tap site's other factor (reference.step's `seen`) from the forward's saved activations: the dots' inputs
-    as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply."""
-    pre, x, hpre, h, rs, _ = saved
-    B, D = deter.shape
-    K = pre.shape[1] // 3
-
-    def op(t: Tensor) -> Tensor:
-        return t.bfloat16().float() if bf16 else t.float()
-
-    n = pre.view(B, 3, K) * torch.rsqrt(pre.view(B, 3, K).square().mean(-1, keepdim=True) + EPS)
-    d = op(deter)
-    u = torch.cat([d.view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-    seen = {"x0": d, "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
-    return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
 
 
 def step(

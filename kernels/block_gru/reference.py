@@ -77,13 +77,9 @@ def _pin(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def rms_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32: rms_norm before its scale."""
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32: rms(x) of the module docstring before its scale."""
     x = x.float()
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + EPS)
-
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return rms_normalize(x) * scale.float()
 
 
 def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> torch.Tensor:
