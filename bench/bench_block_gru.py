@@ -194,7 +194,6 @@ def main(argv=None):
         for mode, step in zip(("compile_defer", "triton_defer"), steps, strict=True):
             if mode in args.modes:
                 impls[compute][mode] = torch.compile(functools.partial(tapped, step), dynamic=False)
-    triton_defer = {id(impls[c].get("triton_defer")) for c in impls} - {id(None)}
 
     def make(B, D, G, K, SC, A):
         gen = torch.Generator().manual_seed(0)
@@ -207,16 +206,16 @@ def main(argv=None):
         return r(B, D).requires_grad_(), r(B, SC).requires_grad_(), r(B, A).requires_grad_(), w
 
     def run(fn, deter, stoch, action, w, backward, deferred=None):
-        """N chained steps; with backward, gradients of sum(last deter) for every input. deferred: the compute
-        ("fp32" or "bf16") of a *_defer mode, whose steps take taps (reference.step) and run without weight grads."""
+        """N chained steps; with backward, gradients of sum(last deter) for every input. deferred: for a *_defer
+        mode, whose steps take taps (reference.step) and run without weight grads, its sites' defer.Site.bf16."""
         with torch.set_grad_enabled(backward):
             d = deter
-            if deferred:
-                # Autocast rounded both operands of the torch core's matmuls; the Triton core hands over its rounded
-                # inputs and keeps the output gradients in float32 (defer.Site.bf16).
-                bf16 = deferred == "bf16" and id(fn) not in triton_defer
+            if deferred is not None:
                 widths = reference.tap_widths(w)
-                sites = {s: defer.Site(kind, tuple(ps), widths[s], bf16) for s, (kind, *ps) in TAP_SITES.items()}
+                sites = {
+                    s: defer.Site(kind, tuple(ps), widths[s], deferred and kind != "scale")
+                    for s, (kind, *ps) in TAP_SITES.items()
+                }
                 record = defer.Record()
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
                 wd = BlockGRUWeights(*(t.detach() for t in w))
@@ -286,7 +285,9 @@ def main(argv=None):
         for mode in args.modes:
             if mode.endswith("_defer") and not backward:
                 continue  # the forward is the mode's without _defer
-            deferred = compute if mode.endswith("_defer") else None
+            # Autocast rounded both operands of the torch core's matmuls; the Triton core hands over its rounded
+            # inputs and keeps the output gradients in float32 (defer.Site.bf16).
+            deferred = (compute == "bf16" and mode == "compile_defer") if mode.endswith("_defer") else None
             row = {
                 "model": model,
                 "batch": B,

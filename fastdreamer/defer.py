@@ -115,17 +115,16 @@ class _Taps(torch.autograd.Function):
             ref = next(g for g in grads if g is not None)
             g_all = torch.stack([torch.zeros_like(ref) if g is None else g for g in grads]).flatten(0, 1).float()
             x_all = torch.stack(list(record)).flatten(0, 1).float()
-            widths = [x_width(s.kind, params[names.index(s.params[0])]) for s in sites.values()]
+            at = [names.index(s.params[0]) for s in sites.values()]
+            widths = [x_width(s.kind, params[i]) for s, i in zip(sites.values(), at, strict=True)]
             if x_all.shape[1] != sum(widths):
                 raise RuntimeError(
                     f"defer: the record holds {x_all.shape[1]} columns of factors per row, the sites take "
                     f"{sum(widths)} ({dict(zip(sites, widths, strict=True))})"
                 )
             ga = xa = 0
-            for site in sites.values():
-                w_at = names.index(site.params[0])
+            for site, w_at, xw in zip(sites.values(), at, widths, strict=True):
                 w = params[w_at]
-                xw = x_width(site.kind, w)
                 g, x = g_all[:, ga : ga + site.width], x_all[:, xa : xa + xw]
                 ga, xa = ga + site.width, xa + xw
                 if site.kind == "block":
