@@ -268,7 +268,7 @@ class Agent(nn.Module):
                     "ac/imag_cont": con.mean(),
                 }
             )
-        latents = {"deter": deters.detach(), "stoch": stochs.detach().argmax(-1)}
+        latents = {"deter": deters.detach(), "stoch": dists.onehot_index(stochs.detach())}
         return total, metrics, latents
 
     @torch.no_grad()

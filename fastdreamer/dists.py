@@ -27,6 +27,15 @@ def one_hot(index: torch.Tensor, n: int, dtype: torch.dtype = torch.float32) -> 
     return (index[..., None] == torch.arange(n, device=index.device)).to(dtype)
 
 
+def onehot_index(onehot: torch.Tensor) -> torch.Tensor:
+    """argmax(-1) of exactly one-hot vectors (..., C), C <= 256, as uint8 (the replay's latent dtype): the float sum
+    of class index times one-hot, exact for such indices. Compiled, an argmax is an int64 reduction result stored
+    from the kernel, the pattern that breaks Triton 3.6 (twohot_nll_masked says more); this has no integer until
+    the final cast."""
+    classes = torch.arange(onehot.shape[-1], device=onehot.device, dtype=onehot.dtype)
+    return (onehot * classes).sum(-1).to(torch.uint8)
+
+
 def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
     """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs. `u` (..., 1):
     the uniforms to use, drawn here when None (a rollout passes the ones it drew up front)."""
@@ -95,8 +104,17 @@ def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) 
 
 
 def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """twohot_loss from log-probs (..., n), which may be a strided view: gathers the two log-probs instead of
-    building the (..., n) two-hot tensor (twohot_encode is the plain form; the tests compare both)."""
+    """twohot_loss from log-probs (..., n), which may be a strided view: the weighted log-probs of the target's two
+    neighbouring bins, without building the (..., n) two-hot tensor of twohot_encode (the plain form). Eager runs
+    the reference's form (count, clamp, gather); compiled code runs twohot_nll_masked, bitwise the same loss and
+    gradient (tests/test_dists.py), which has no integer tensors for Triton to mishandle."""
+    if torch.compiler.is_compiling():
+        return twohot_nll_masked(logp, target, bins)
+    return twohot_nll_gather(logp, target, bins)
+
+
+def twohot_nll_gather(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """The reference's form: the neighbours' indices by counting bins, clamped, and their log-probs gathered."""
     n = bins.shape[0]
     target = target.detach().to(bins.dtype)
     below = ((bins <= target[..., None]).sum(-1) - 1).clamp(0, n - 1)
@@ -108,6 +126,31 @@ def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> 
     lp_below = logp.gather(-1, below[..., None]).squeeze(-1)
     lp_above = logp.gather(-1, above[..., None]).squeeze(-1)
     return -(lp_below * (to_above / total) + lp_above * (to_below / total))
+
+
+def twohot_nll_masked(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """twohot_nll_gather with no integer index: every bin's weight from its own neighbours by the same operations
+    on the same operands, zero away from the target, summed with the log-probs. Why: compiled for CUDA, the gather
+    form's int64 indices, stored for the backward straight out of the counting reduction, make Triton 3.6 (torch
+    2.11) fail to compile the fused loss kernel for Hopper at small batches (bench/LOG.md, 2026-11-26). Costs
+    O(n) elementwise work per target, which a fused kernel hides and eager does not (3x slower there)."""
+    n = bins.shape[0]
+    t = target.detach().to(bins.dtype)[..., None]
+    index = torch.arange(n, device=bins.device)
+    first, last = index == 0, index == n - 1
+    # Shifted by one, with ±inf past the ends: pointwise, so a compiled kernel reads bins, not new tensors.
+    nxt = torch.where(last, math.inf, bins.roll(-1))
+    prv = torch.where(first, -math.inf, bins.roll(1))
+    # Bin j is the lower neighbour when b_j <= t < b_j+1, the upper one when b_j-1 <= t < b_j; outside the range
+    # the end bin takes all the weight (the reference's clamped pair: two halves on one bin).
+    lower = (bins <= t) & ((t < nxt) | last)
+    upper = ((prv <= t) | first) & (t < bins)
+    here, to_nxt, to_prv = (bins - t).abs(), (nxt - t).abs(), (prv - t).abs()
+    w_lower = torch.where(t >= bins[-1], 1.0, to_nxt / (here + to_nxt))
+    w_upper = torch.where(t < bins[0], 1.0, to_prv / (to_prv + here))
+    weight = torch.where(lower, w_lower, 0.0) + torch.where(upper, w_upper, 0.0)
+    weight = torch.where(t.isnan(), t, weight)  # a NaN target: NaN loss and gradient, as the gather form gives
+    return -(logp * weight).sum(-1)
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

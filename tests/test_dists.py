@@ -55,6 +55,110 @@ def test_twohot_loss_matches_dense_cross_entropy():
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
+@pytest.mark.parametrize("n,shape", [(255, (7, 9)), (256, (1,)), (5, (3, 4, 5))])
+def test_twohot_masked_form_is_bitwise_the_gather_form(n, shape):
+    """twohot_nll_masked (what compiled code runs) against the reference's gather form: the same loss and the same
+    gradient, bit for bit, on fresh targets that hit bins exactly, fall between them, and lie past either end (also
+    infinite), with log-probs read through a strided view."""
+    gen = torch.Generator().manual_seed(1000 + n)
+    bins = dists.twohot_bins(n)
+    logits = torch.randn((*shape, 2 * n), generator=gen, requires_grad=True)
+    k = torch.randint(0, n - 1, shape, generator=gen)
+    kinds = [
+        torch.randn(shape, generator=gen) * 30,  # anywhere, mostly between bins
+        bins[torch.randint(0, n, shape, generator=gen)],  # exactly on a bin, the end bins included
+        (bins[k] + bins[k + 1]) / 2,  # halfway
+        bins[-1]
+        * (1 + torch.rand(shape, generator=gen))
+        * torch.sign(torch.randn(shape, generator=gen)),  # past an end
+    ]
+    pick = torch.randint(0, len(kinds), shape, generator=gen)
+    target = torch.stack(kinds).gather(0, pick[None]).squeeze(0)
+    target.view(-1)[:2] = torch.tensor([math.inf, -math.inf])[: target.numel()]
+    logp = torch.log_softmax(logits, -1)[..., ::2]  # a strided view, as the critic's slices are
+    want = dists.twohot_nll_gather(logp, target, bins)
+    got = dists.twohot_nll_masked(logp, target, bins)
+    assert torch.equal(got, want)
+    (g_want,) = torch.autograd.grad(want.sum(), logits, retain_graph=True)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    assert torch.equal(g_got, g_want)
+
+
+def test_twohot_masked_form_keeps_the_nan_of_a_nan_target():
+    bins = dists.twohot_bins(255)
+    logits = torch.randn(3, 255, requires_grad=True)
+    target = torch.tensor([1.0, math.nan, -4.0])
+    for form in (dists.twohot_nll_gather, dists.twohot_nll_masked):
+        loss = form(torch.log_softmax(logits, -1), target, bins)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        assert loss.isnan().tolist() == [False, True, False], form.__name__
+        assert grad[1].isnan().all() and not grad[[0, 2]].isnan().any(), form.__name__
+
+
+def test_twohot_nll_runs_the_gather_form_eagerly_and_the_masked_form_compiled(monkeypatch):
+    calls = []
+
+    def counted(name):
+        form = getattr(dists, name)
+        return lambda *args: calls.append(name) or form(*args)
+
+    for name in ("twohot_nll_gather", "twohot_nll_masked"):
+        monkeypatch.setattr(dists, name, counted(name))
+    bins = dists.twohot_bins(255)
+    logp, target = torch.log_softmax(torch.randn(4, 255), -1), torch.randn(4) * 10
+    eager = dists.twohot_nll(logp, target, bins)
+    torch._dynamo.reset()
+    compiled = torch.compile(dists.twohot_nll, backend="eager", fullgraph=True)(logp, target, bins)
+    assert calls == ["twohot_nll_gather", "twohot_nll_masked"]
+    assert torch.equal(compiled, eager)
+
+
+def _integer_tensors_saved_for_backward(loss_fn) -> list:
+    """Integer tensors the compiled forward of loss_fn hands its backward (inductor's own partition), found in the
+    post-grad forward graph's outputs."""
+    import torch._inductor.config as inductor_config
+
+    outputs = []
+
+    def record(graph):
+        (node,) = [n for n in graph.nodes if n.op == "output"]
+        outputs.append([getattr(a, "meta", {}).get("val") for a in node.args[0]])
+
+    bins = dists.twohot_bins(255)
+    logits = torch.randn(4, 8, 255, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randn(4, 8) * 10
+    torch._dynamo.reset()
+    with inductor_config.patch(post_grad_custom_pre_pass=record):
+        torch.compile(lambda x, t: loss_fn(x, t, bins).mean())(logits, target).backward()
+    forward = outputs[0]  # compiled first; its outputs past the loss are what the backward reads
+    return [
+        v.dtype
+        for v in forward[1:]
+        if isinstance(v, torch.Tensor) and not (v.is_floating_point() or v.dtype == torch.bool)
+    ]
+
+
+def test_compiled_twohot_loss_saves_no_integer_tensor_for_its_backward():
+    """The trigger of the Triton 3.6 compile failure (bench/LOG.md, 2026-11-26) was int64 indices computed by the
+    counting reduction and stored for the gather's backward; the gather form must show it (or this check sees
+    nothing) and the loss as compiled must not."""
+    gather = _integer_tensors_saved_for_backward(
+        lambda x, t, b: dists.twohot_nll_gather(torch.log_softmax(x.float(), -1), t, b)
+    )
+    assert torch.int64 in gather
+    assert _integer_tensors_saved_for_backward(dists.twohot_loss) == []
+
+
+@pytest.mark.parametrize("classes", [4, 16, 64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onehot_index_is_the_argmax_of_a_one_hot_as_uint8(classes, dtype):
+    gen = torch.Generator().manual_seed(classes)
+    index = torch.randint(0, classes, (5, 7, 3), generator=gen)
+    index.view(-1)[:2] = torch.tensor([0, classes - 1])
+    got = dists.onehot_index(dists.one_hot(index, classes, dtype))
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), index)
+
+
 def test_twohot_pred_is_zero_for_uniform_and_matches_expectation():
     bins = dists.twohot_bins(255)
     assert torch.equal(dists.twohot_pred(torch.zeros(3, 255), bins), torch.zeros(3))
