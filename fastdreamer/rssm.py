@@ -152,10 +152,18 @@ class RSSM(nn.Module):
     def prior(self, deter: torch.Tensor) -> torch.Tensor:
         return self._logp(self.img_logit(self.img_net(deter)))
 
-    def observe(self, deter, stoch, tokens, actions, is_first):
+    def observe(self, deter, stoch, tokens, actions, is_first, u=None):
         """Posterior over a sequence: tokens (B, T, E), actions (B, T, A) (the action before each step),
-        is_first (B, T). Returns deters (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C)."""
-        T = tokens.shape[1]
+        is_first (B, T); u: the latent draws' uniforms (T, B, S, 1), drawn here when None. Returns deters
+        (B, T, D), stochs (B, T, S, C), posterior log-probs (B, T, S, C).
+        Per-step work that is not the step's own stays out of the loop: the uniforms are one draw for all steps (a
+        compiled step that draws its own launches a seed kernel per call on CUDA), and the inputs are unbound once
+        (indexing tokens[:, t] costs, in the backward, a zero-filled (B, T, E) gradient and its accumulation per
+        step; unbind's backward is one stack)."""
+        B, T = tokens.shape[:2]
+        if u is None:
+            u = torch.rand((T, B, self.stoch, 1), device=tokens.device)
+        tokens_t, actions_t, first_t, u_t = tokens.unbind(1), actions.unbind(1), is_first.unbind(1), u.unbind(0)
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
         if self.defer and grad:
@@ -170,7 +178,7 @@ class RSSM(nn.Module):
         deters, stochs, logps = [], [], []
         for t in range(T):
             out = self.obs_step(
-                deter, stoch, actions[:, t], tokens[:, t], is_first[:, t], params=per_step[t], taps=taps[t]
+                deter, stoch, actions_t[t], tokens_t[t], first_t[t], u_t[t], params=per_step[t], taps=taps[t]
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches

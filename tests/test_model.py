@@ -148,6 +148,59 @@ def test_rssm_resets_state_and_action_on_first_step():
     assert not torch.equal(a[0], c[0])
 
 
+def test_observe_is_its_steps_with_the_per_step_work_hoisted():
+    """observe() against the plain loop of obs_step over tokens[:, t] with the same uniforms: outputs and every
+    gradient (parameters, tokens, initial state) bitwise. And what it hoists: one uniform draw per sequence, none
+    per step, and no per-step select_backward (a zero-filled (B, T, E) gradient per step in the plain loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(5)
+    B, T, E, A = 3, 7, 6, 2
+    torch.manual_seed(0)
+    rssm = RSSM(token_dim=E, act_dim=A, deter=16, hidden=8, stoch=4, classes=3, blocks=4)
+    tokens = torch.randn(B, T, E, generator=gen, requires_grad=True)
+    actions = torch.randn(B, T, A, generator=gen)
+    first = torch.rand(B, T, generator=gen) < 0.3
+    deter0 = torch.randn(B, 16, generator=gen, requires_grad=True)
+    stoch0 = F.one_hot(torch.randint(0, 3, (B, 4), generator=gen), 3).float()
+    u = torch.rand(T, B, 4, 1, generator=gen)
+    weights = torch.randn(B, T, 4, 3, generator=gen)
+
+    def grads(outs):
+        deters, stochs, logps = outs
+        loss = deters.square().mean() + (logps * weights).sum() + (stochs * weights).sum()
+        leaves = [tokens, deter0, *rssm.step_params().values()]
+        return torch.autograd.grad(loss, leaves)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops:
+        got = rssm.observe(deter0, stoch0, tokens, actions, first, u)
+        got_grads = grads(got)
+    deter, stoch, want = deter0, stoch0, ([], [], [])
+    for t in range(T):
+        deter, stoch, logp = rssm.obs_step(deter, stoch, actions[:, t], tokens[:, t], first[:, t], u[t])
+        for out, x in zip(want, (deter, stoch, logp)):
+            out.append(x)
+    want = tuple(torch.stack(x, 1) for x in want)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for g, w in zip(got_grads, grads(want)):
+        assert torch.equal(g, w)
+    assert "select_backward.default" not in ops.names
+    with Ops() as ops:
+        rssm.observe(deter0, stoch0, tokens, actions, first)  # draws its uniforms: once
+    draws = [n for n in ops.names if n.split(".")[0] in ("uniform_", "rand", "bernoulli_", "normal_", "random_")]
+    assert len(draws) == 1, draws
+
+
 def test_kl_free_bits_and_gradient_split():
     rssm = RSSM(token_dim=6, act_dim=2, deter=16, hidden=8, stoch=4, classes=3, blocks=4, free_nats=1.0)
     post = torch.log_softmax(torch.randn(2, 5, 4, 3) * 3, -1).requires_grad_()
