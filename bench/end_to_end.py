@@ -36,6 +36,28 @@ def iteration(trainer: Trainer, overlap: bool) -> None:
         trainer.observe()
 
 
+def timed_iteration(trainer: Trainer, acc: dict[str, float]) -> None:
+    """One loop iteration in phases, the device synchronised after each: the due updates, the wait for the env step
+    in flight, then act() (policy step, replay add, sending the next env step). The sum is the loop without overlap
+    of host and device work; the phases say which one an overlapped iteration waits for."""
+    dev = trainer.device
+    t0 = time.perf_counter()
+    while trainer.updates_due >= 1:
+        trainer.update()
+        acc["updates"] += 1
+    sync(dev)
+    t1 = time.perf_counter()
+    trainer.observe()
+    t2 = time.perf_counter()
+    trainer.act()
+    sync(dev)
+    t3 = time.perf_counter()
+    acc["update_s"] += t1 - t0
+    acc["env_wait_s"] += t2 - t1
+    acc["act_s"] += t3 - t2
+    acc["iterations"] += 1
+
+
 def measure(
     preset: str,
     size: str,
@@ -48,9 +70,11 @@ def measure(
     seconds: float = 5.0,
     min_chunks: int = 5,
     warmup_updates: int = 3,
+    breakdown_updates: int = 8,
     **overrides,
 ) -> dict:
-    """Median and spread of env steps/s over chunks of loop iterations that each hold ~4 updates."""
+    """Median and spread of env steps/s over chunks of loop iterations that each hold ~4 updates; then, unless
+    breakdown_updates is 0, the loop's phases (timed_iteration) over iterations holding that many updates."""
     with tempfile.TemporaryDirectory() as logdir:
         cfg = dataclasses.replace(
             preset_defaults(preset),
@@ -83,6 +107,9 @@ def measure(
                     iteration(trainer, overlap)
                 sync(dev)  # the env step in flight carries into the next chunk, as in a run: steady state
                 rates.append((trainer.env_steps - steps0) / (time.perf_counter() - t))
+            acc = dict.fromkeys(("update_s", "env_wait_s", "act_s", "iterations", "updates"), 0)
+            while breakdown_updates and (acc["updates"] < breakdown_updates or acc["iterations"] < 2):
+                timed_iteration(trainer, acc)
             trainer.observe()
         finally:
             trainer.close()
@@ -101,6 +128,11 @@ def measure(
         "num_envs": cfg.num_envs,
         "overlap": overlap,
         "warmup_s": warmup_s,
+        # ms per loop iteration, each phase synchronised (timed_iteration); update_ms also per update
+        "phases_ms": {k[:-2]: acc[k] / acc["iterations"] * 1e3 for k in ("update_s", "env_wait_s", "act_s")}
+        if acc["iterations"]
+        else {},
+        "update_ms": acc["update_s"] / acc["updates"] * 1e3 if acc["updates"] else None,
     }
 
 
@@ -141,6 +173,9 @@ def main(argv=None) -> None:
             file=sys.stdout,
             flush=True,
         )
+        if r["phases_ms"]:
+            phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases_ms"].items())
+            print(f"  phases, synchronised, ms per iteration: {phases}; {r['update_ms']:.2f} ms per update", flush=True)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ def test_bench_cli_writes_every_component_with_its_check_and_a_measured_end_to_e
     # The cartpole preset's 4 envs at ratio 64 with 2x8 batches: 16 updates per loop iteration.
     assert e2e["num_envs"] == 4 and e2e["updates_per_env_step"] == 16 and e2e["chunks"] >= 5
     assert e2e["env_steps_per_s"] == pytest.approx(4 / e2e["median_ms"] * 1e3)
+    # The synchronised phases of the loop (bench.end_to_end.timed_iteration): 16 updates in each iteration.
+    assert set(e2e["phases_ms"]) == {"update", "env_wait", "act"} and min(e2e["phases_ms"].values()) >= 0
+    assert e2e["update_ms"] > 0 and e2e["phases_ms"]["update"] == pytest.approx(16 * e2e["update_ms"])
     assert "end_to_end" in proc.stdout and "steps/s" in proc.stdout
 
 
