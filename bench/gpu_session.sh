@@ -6,15 +6,16 @@
 #   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
 #
 # A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
-# so `quick` is THE command for it: one device call, carry [".gpu"], command `bash bench/gpu_session.sh quick`,
-# timeout_s 560. It runs the steps of quick() below in order inside one budget of BUDGET s (default 500) counted
+# so `quick` is THE command for it: one device call, carry [".gpu"], command `BUDGET=540 bash bench/gpu_session.sh
+# quick`, timeout_s 580 (session 8: the machine started in ~30 s and quick took 372 s; `diag` then ran warm, the
+# machine stays held for 30 s after a call). It runs the steps of quick() below in order inside one budget of BUDGET s (default 500) counted
 # from the script's start, setup included: each step gets min(its cap, the seconds left) under `timeout -k 10`, a
 # step with under 30 s left is skipped with a line saying so, and a failed or timed-out step does not stop the next
-# one (exit code 1 if any failed). 500 s + 10 s kill grace stays under the 560 s call limit; with the start, ~10 of
+# one (exit code 1 if any failed). 540 s + 10 s kill grace stays under the 580 s call limit; with the start, ~10 of
 # the 15 minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a
 # step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
-# each GPU session from the last one's results: the first session's (block-GRU, all fast modes, pong, kernel tests)
-# are in bench/results/h200_2026-11-26 and bench/LOG.md. `diag` (BUDGET=295, timeout_s 320) is the follow-up call
+# each GPU session from the last one's results: the first two sessions' are in bench/results/h200_2026-11-26 and
+# bench/results/h200_2026-11-26_s8, and bench/LOG.md. `diag` (BUDGET=295, timeout_s 320) is the follow-up call
 # where the device time left allows one: the block-GRU's deferred-gradient rows, the update's kernel profile and
 # the CUDA-only tests of test_fast.py.
 # DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
@@ -103,19 +104,18 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # The next GPU session's plan (the first one's results: bench/results/h200_2026-11-26, bench/LOG.md): the
-  # imagine rows after the up-front noise fix and the full update as it is now (fan_out + defer; graphs first: its
-  # inductor cache serves compile), then the observe loop's per_step / fan_out / defer A/B on this machine in graphs
-  # mode, the pong loop, and the bf16 rollout agreement at 12m with what is left.
-  step bench 190 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
-    --modes eager,graphs,compile --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  step observe_ab 130 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
-    --json "$OUT/observe_ab_cuda_12m.json" || rc=1
-  # The first session's pong run took 119 s (94 s warm-up: the image model's compile and capture).
+  # The next session's plan (session 8's results: bench/results/h200_2026-11-26_s8, bench/LOG.md): the CUDA tests of
+  # the fast modes first (three bf16 ones failed to compile in Triton 3.6 at the tests' tiny shapes; the two-hot
+  # loss's fix is unverified there), then the 12m vector table, the 12m image-observation full update (never
+  # measured) and the pong loop.
+  step cuda_tests 110 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
+    -k "cuda or graphed" || rc=1
+  step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
+  step image 130 python3 -m bench --device cuda --size 12m --obs image --components full_update \
+    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
+  # Session 8's pong run took 122 s (99 s warm-up: the image model's compile and capture).
   step e2e 130 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
-  # bf16 only: its rollout graph is in the inductor cache from the bench step; fp32 would compile cold.
-  step agreement 50 python3 -m bench.imagine_agreement --device cuda --size 12m --precisions bf16 \
-    --modes compile --json "$OUT/imagine_agreement_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
