@@ -38,8 +38,9 @@ def iteration(trainer: Trainer, overlap: bool) -> None:
 
 def timed_iteration(trainer: Trainer, acc: dict[str, float]) -> None:
     """One loop iteration in phases, the device synchronised after each: the due updates, the wait for the env step
-    in flight, then act() (policy step, replay add, sending the next env step). The sum is the loop without overlap
-    of host and device work; the phases say which one an overlapped iteration waits for."""
+    in flight, then act() (policy step, replay add, sending the next env step). The env step still runs during the
+    updates, as in the overlapped loop (also under --no-overlap); the synchronisations stop host and device work
+    from overlapping, so the sum exceeds an iteration's time and the phases say what an iteration waits for."""
     dev = trainer.device
     t0 = time.perf_counter()
     while trainer.updates_due >= 1:

@@ -106,8 +106,11 @@ def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) 
 def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """twohot_loss from log-probs (..., n), which may be a strided view: the weighted log-probs of the target's two
     neighbouring bins, without building the (..., n) two-hot tensor of twohot_encode (the plain form). Eager runs
-    the reference's form (count, clamp, gather); compiled code runs twohot_nll_masked, bitwise the same loss and
-    gradient (tests/test_dists.py), which has no integer tensors for Triton to mishandle."""
+    the reference's form (count, clamp, gather); compiled code runs twohot_nll_masked, which run eagerly gives
+    bitwise the same loss and gradient (tests/test_dists.py) and has no integer tensors for Triton to mishandle.
+    target must have logp's shape less its last axis (the two forms broadcast differently)."""
+    if target.shape != logp.shape[:-1]:
+        raise ValueError(f"twohot_nll: target {tuple(target.shape)} for log-probs {tuple(logp.shape)}")
     if torch.compiler.is_compiling():
         return twohot_nll_masked(logp, target, bins)
     return twohot_nll_gather(logp, target, bins)
@@ -150,7 +153,9 @@ def twohot_nll_masked(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tens
     w_upper = torch.where(t < bins[0], 1.0, to_prv / (to_prv + here))
     weight = torch.where(lower, w_lower, 0.0) + torch.where(upper, w_upper, 0.0)
     weight = torch.where(t.isnan(), t, weight)  # a NaN target: NaN loss and gradient, as the gather form gives
-    return -(logp * weight).sum(-1)
+    # Only the two bins the gather form reads enter the sum (a -inf log-prob elsewhere adds 0, not 0 * -inf = NaN;
+    # at one of those two, even with weight 0, NaN as there).
+    return -torch.where(lower | upper | t.isnan(), logp * weight, 0.0).sum(-1)
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

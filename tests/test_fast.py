@@ -396,16 +396,16 @@ def test_replay_sample_and_write_never_sync_with_the_host():
 @pytest.mark.parametrize("mode", ["compile", "graphs"])
 def test_fp32_fast_updates_match_eager_on_cuda(mode, fallback_random):
     """The fp32 comparison above (compiled_run, CPU only) on CUDA, where defer is on by default and graphs mode
-    exists: the same loss and parameter bounds; gradients per tensor within 1e-3 relative in norm (fp32 in another
-    summation order gives ~1e-6; see the Triton core test below), except the actor's, for the reason the bf16 test
-    gives."""
+    exists: the same loss and parameter bounds; gradients per tensor within 1e-4 relative in norm, as the fp32
+    Triton-core test below (fp32 in another summation order gave 1.7e-6 there), except the actor's, for the reason
+    the bf16 test gives."""
     agent, opt = make("cuda")
     update = fast.make_update(update_step, agent, opt, "eager")
     torch.manual_seed(1)
     want = [{n: v.clone() for n, v in update(batch(k, "cuda"))[0].items()} for k in range(K)]
     fast_agent, fast_hist, _ = run_updates(mode, "cuda", "fp32")
     history = [h[0] for h in fast_hist]
-    assert_updates_close(mode, history, want, fast_agent, agent, LOSS_TOL, PARAM_TOL, 1e-3, skip=("actor.",))
+    assert_updates_close(mode, history, want, fast_agent, agent, LOSS_TOL, PARAM_TOL, 1e-4, skip=("actor.",))
 
 
 @pytest.mark.parametrize(
