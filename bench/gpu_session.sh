@@ -109,7 +109,7 @@ quick() {
   # loss's fix is unverified there; 9 tests now, 2 of them new fp32 ones compiling cold: session 8's 7 took 59 s), then the 12m vector table, the 12m image-observation full update (never
   # measured) and the pong loop.
   step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
-    -k "cuda or graphed" || rc=1
+    tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
   step bench 140 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
   step image 120 python3 -m bench --device cuda --size 12m --obs image --components full_update \

@@ -313,6 +313,38 @@ def test_bf16_sites_multiply_rounded_operands_in_float32():
             assert rel(p["w"].grad.double(), unrounded) > 10 * GRAD_REL
 
 
+def weight_product_cases(device="cpu"):
+    """(kind, weight, x, g) for an mm, a linear and a block site, factors flattened over 300 rows."""
+    gen = torch.Generator().manual_seed(11)
+    n, NI, NO, G = 300, 24, 40, 4
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    return [
+        ("mm", r(NI, NO), r(n, NI), r(n, NO)),
+        ("linear", r(NO, NI), r(n, NI), r(n, NO)),
+        ("block", r(G, NI // G, NO // G), r(n, G, NI // G), r(n, NO)),
+    ]
+
+
+def test_weight_products_as_one_batched_matmul_match_the_plain_ones():
+    # The layout of the CUDA path of the bf16 sites (out_dtype bmm, which has no CPU kernel), with float32 bmm.
+    for kind, w, x, g in weight_product_cases():
+        got = defer._weight_grad_bmm(kind, w, x, g, torch.bmm)
+        want = defer._weight_grad(kind, w, x, g)
+        assert got.shape == w.shape and rel(got, want) < 1e-6, (kind, rel(got, want))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_weight_products_on_the_tensor_cores_are_the_float32_sums():
+    # Exact bf16 products, float32 sums: only the summation order differs from the CPU's float32 FMAs.
+    for kind, w, x, g in weight_product_cases("cuda"):
+        got = defer._bf16_weight_grad(kind, w, x, g)
+        want = defer._bf16_weight_grad(kind, w.cpu(), x.cpu(), g.cpu())
+        assert got.dtype == torch.float32 and rel(got.cpu(), want) < 1e-5, (kind, rel(got.cpu(), want))
+
+
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=interpreter)])
 def test_tap_sites_round_where_the_step_multiplied_in_bf16(impl):
     """Under bf16 autocast the posterior's F.linear and the torch core's matmuls multiplied bf16 operands, so their
