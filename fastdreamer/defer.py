@@ -43,37 +43,29 @@ class Site(NamedTuple):
     bf16: bool = False
 
 
-def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    if kind == "mm":
-        return x.t() @ g
-    if kind == "linear":
-        return g.t() @ x
-    if kind == "block":
-        return torch.einsum("ngi,ngo->gio", x, g.view(g.shape[0], w.shape[0], w.shape[2]))
-    return (g * x).sum(0)
-
-
-def _bf16_weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """_weight_grad of x and g rounded to bf16, summed in float32. A product of two bf16 numbers is exact in
-    float32, so on CUDA the bf16 operands go to the tensor cores with a float32 output (the out_dtype overloads
-    of mm and bmm; the float32 FMAs of the rounded operands ran on the H200's SIMT units, ~0.18 ms per 12m update)
-    and only the summation order differs. Elsewhere (no CPU kernel takes out_dtype) the rounded operands are
-    multiplied in float32."""
-    xb, gb = x.bfloat16(), g.bfloat16()
-    if not (x.is_cuda and hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")):
-        return _weight_grad(kind, w, xb.float(), gb.float())
-    return _weight_grad_bmm(kind, w, xb, gb, lambda a, b: torch.bmm(a, b, torch.float32))
-
-
-def _weight_grad_bmm(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, bmm) -> torch.Tensor:
-    """_weight_grad for the matmul kinds as one batched matmul `bmm` (a batch of one for mm and linear)."""
+def _weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor, bmm=torch.bmm) -> torch.Tensor:
+    """A site's weight gradient from its factors over all rows: x (n, width) and its output gradient g (n, width).
+    The matmul kinds are one batched matmul `bmm` (a batch of one for mm and linear), so the bf16 sites can pass
+    one with a float32 output."""
     if kind == "mm":
         return bmm(x.t()[None], g[None])[0]
     if kind == "linear":
         return bmm(g.t()[None], x[None])[0]
     if kind == "block":  # x (n, G, I), g (n, G*O) -> (G, I, O)
         return bmm(x.permute(1, 2, 0), g.view(g.shape[0], w.shape[0], w.shape[2]).permute(1, 0, 2))
-    raise ValueError(f"defer: no matmul for site kind {kind!r}")
+    return (g * x).sum(0)
+
+
+def _bf16_weight_grad(kind: str, w: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """_weight_grad of x and g rounded to bf16, summed in float32. A product of two bf16 numbers is exact in
+    float32, so on CUDA the bf16 operands go to the tensor cores with a float32 output (bmm's out_dtype overload;
+    the float32 FMAs of the rounded operands ran on the H200's SIMT units, ~0.18 ms per 12m update) and only the
+    summation order differs. Elsewhere (no CPU kernel takes out_dtype) the rounded operands are multiplied in
+    float32."""
+    xb, gb = x.bfloat16(), g.bfloat16()
+    if not (x.is_cuda and hasattr(torch.ops.aten.bmm, "dtype")):
+        return _weight_grad(kind, w, xb.float(), gb.float())
+    return _weight_grad(kind, w, xb, gb, lambda a, b: torch.bmm(a, b, torch.float32))
 
 
 def x_width(kind: str, w: torch.Tensor) -> int:
