@@ -151,11 +151,12 @@ def twohot_nll_masked(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tens
     here, to_nxt, to_prv = (bins - t).abs(), (nxt - t).abs(), (prv - t).abs()
     w_lower = torch.where(t >= bins[-1], 1.0, to_nxt / (here + to_nxt))
     w_upper = torch.where(t < bins[0], 1.0, to_prv / (to_prv + here))
+    nan = t.isnan()
     weight = torch.where(lower, w_lower, 0.0) + torch.where(upper, w_upper, 0.0)
-    weight = torch.where(t.isnan(), t, weight)  # a NaN target: NaN loss and gradient, as the gather form gives
+    weight = torch.where(nan, t, weight)  # a NaN target: NaN loss and gradient, as the gather form gives
     # Only the two bins the gather form reads enter the sum (a -inf log-prob elsewhere adds 0, not 0 * -inf = NaN;
     # at one of those two, even with weight 0, NaN as there).
-    return -torch.where(lower | upper | t.isnan(), logp * weight, 0.0).sum(-1)
+    return -torch.where(lower | upper | nan, logp * weight, 0.0).sum(-1)
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -531,7 +531,7 @@ def _tapped_backward(ctx, dout, *_saved_grads):
     t = ctx.saved_tensors
     deter, stoch, action = t[:3]
     ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = _rows_op(
-        dout, deter, stoch, action, list(t[3:17]), list(t[17:]), ctx.bf16
+        dout, deter, stoch, action, list(t[3 : 3 + ctx.n_ws]), list(t[3 + ctx.n_ws :]), ctx.bf16
     )
     K = dpre.shape[1] // 3
     taps = [dpre[:, :K], dn_x[:, :K], dpre[:, K : 2 * K], dn_x[:, K : 2 * K], dpre[:, 2 * K :], dn_x[:, 2 * K :]]
