@@ -163,6 +163,8 @@ def compile_agent(agent) -> None:
     # The observe steps' weight gradients as one reduction per parameter over all B*T rows, after the loop's
     # backward (fastdreamer/defer.py). FASTDREAMER_DEFER=1|0|auto (default auto: CUDA only, defer_on).
     rssm.defer = defer
+    # Each step's two gradients (next step, output stack) meet inside its compiled backward (RSSM.emit_copies).
+    rssm.emit_copies = True
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out

@@ -72,6 +72,14 @@ class RSSM(nn.Module):
         # every parameter's gradient is one reduction over all B*T rows after the loop's backward. Off in eager;
         # the fast modes set it (on CUDA). Where it runs, fan_out is not used.
         self.defer = False
+        # Each observe step's deter and sample feed both the next step and the output stack, and its log-probs only
+        # the stack. Autograd meets those two gradients with an add kernel per step (and deter's and stoch's per
+        # step), and a compiled step copies the strided (B, T, ...) stack's gradient slices to contiguous ones (logp).
+        # With emit_copies, each step returns copies of deter and the sample for the stack (the same fused kernel
+        # stores both), so the two gradients are summed inside the step's compiled backward, and the stack hands
+        # each step contiguous gradients (stack_steps). Off in eager (two copies per step and nothing to fuse them
+        # into); the fast modes set it.
+        self.emit_copies = False
 
     @property
     def feat_dim(self) -> int:
@@ -85,19 +93,24 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, taps=None):
+    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, taps=None, emit=False):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
         of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: one step's
         zeros for all sites of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch
-        sample (N, S, C), posterior log-probs (N, S, C), and with taps the sites' other factors, packed."""
+        sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
+        copies of deter and the sample (emit_copies)."""
         if params is None:
-            return self(deter, stoch, action, token, is_first, u, taps)
-        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u, taps))
+            return self(deter, stoch, action, token, is_first, u, taps, emit)
+        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u, taps, emit))
 
-    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None):
+    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None, emit=False):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer)."""
+        out = self._posterior(deter, stoch, action, token, is_first, u, taps)
+        return (*out, out[0].clone(), out[1].clone()) if emit else out
+
+    def _posterior(self, deter, stoch, action, token, is_first, u, taps):
         keep = (~is_first).to(deter.dtype)[:, None]
         deter, action = deter * keep, action * keep
         stoch = stoch * keep[:, :, None]
@@ -175,17 +188,20 @@ class RSSM(nn.Module):
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
             per_step = fanout.fan_out(self.step_params(), T, dtypes)
+        emit = self.emit_copies and grad
         deters, stochs, logps = [], [], []
         for t in range(T):
             out = self.obs_step(
-                deter, stoch, actions_t[t], tokens_t[t], first_t[t], u_t[t], params=per_step[t], taps=taps[t]
+                deter, stoch, actions_t[t], tokens_t[t], first_t[t], u_t[t], params=per_step[t], taps=taps[t], emit=emit
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches
             deter, stoch, logp = out[:3]
-            deters.append(deter)
-            stochs.append(stoch)
+            deters.append(out[-2] if emit else deter)
+            stochs.append(out[-1] if emit else stoch)
             logps.append(logp)
+        if emit:
+            return stack_steps(deters), stack_steps(stochs), stack_steps(logps)
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
 
     def step_params(self) -> dict[str, torch.Tensor]:
@@ -214,9 +230,26 @@ class RSSM(nn.Module):
         return dyn, rep
 
 
+class _StackSteps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *steps):
+        return torch.stack(steps, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.movedim(1, 0).contiguous().unbind(0)
+
+
+def stack_steps(steps: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(steps, 1): T tensors (B, ...) -> (B, T, ...), whose backward hands each step a contiguous
+    gradient: one transposing copy of the (B, T, ...) gradient instead of T strided slices, which a compiled step's
+    backward would each copy to contiguous (a kernel per step)."""
+    return _StackSteps.apply(*steps)
+
+
 def feat(deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
     """The model state the heads read: concat(deter, flat stoch)."""
     return torch.cat([deter, stoch.flatten(-2)], -1)
 
 
-__all__ = ["RSSM", "BlockGRUCore", "feat"]
+__all__ = ["RSSM", "BlockGRUCore", "feat", "stack_steps"]

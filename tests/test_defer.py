@@ -222,6 +222,18 @@ def test_the_compiled_step_backward_has_no_weight_gradient_matmuls_under_defer()
     assert per_step[1]["extern"] - deferred[1]["extern"] == 7, (deferred, per_step)
 
 
+def test_the_emitting_observe_loop_launches_nothing_between_its_compiled_steps():
+    """bench.step_kernels.between on the compiled observe loop (CPU profiler): with defer alone, autograd adds each
+    step's two gradients of deter and of the sample, and the compiled backward copies the strided log-prob gradient
+    (3 kernels per step on a GPU); with emit_copies those sums happen inside the compiled backward and the stack's
+    gradients arrive contiguous: nothing per step outside the graphs."""
+    from bench.step_kernels import between
+
+    deferred, emitted = (between(v, "debug", "cpu", "fp32") for v in ("defer", "emit"))
+    assert deferred.get("add", 0) >= 2 and deferred.get("copy_", 0) >= 1, deferred
+    assert not any(emitted.values()), emitted
+
+
 def test_a_deferred_observe_frees_its_record_and_graph(monkeypatch):
     """The record lives on the taps' autograd node; tensors in it that carried the graph would keep that node alive
     through themselves, a cycle gc cannot see (it grew ~72 MB per 12m update). After the loop's outputs go, with or

@@ -12,7 +12,7 @@ from fastdreamer.kernels.block_gru import reference
 from fastdreamer import dists
 from fastdreamer.agent import Agent, lambda_return, percentiles
 from fastdreamer.config import Config
-from fastdreamer.rssm import RSSM
+from fastdreamer.rssm import RSSM, stack_steps
 
 
 def per_block_core(deter, stoch, action, w):
@@ -199,6 +199,48 @@ def test_observe_is_its_steps_with_the_per_step_work_hoisted():
         rssm.observe(deter0, stoch0, tokens, actions, first)  # draws its uniforms: once
     draws = [n for n in ops.names if n.split(".")[0] in ("uniform_", "rand", "bernoulli_", "normal_", "random_")]
     assert len(draws) == 1, draws
+
+
+def test_observe_with_emitted_copies_is_the_same_loop_and_hands_its_steps_contiguous_gradients():
+    """emit_copies (the fast modes' observe): the same outputs and every gradient as the plain observe, bitwise; the
+    steps' outputs for the stack are copies distinct from the carried state; and stack_steps hands each step a
+    contiguous gradient slice (torch.stack's backward hands strided ones, which a compiled step copies)."""
+    gen = torch.Generator().manual_seed(7)
+    B, T, E, A = 3, 5, 6, 2
+    torch.manual_seed(0)
+    rssm = RSSM(token_dim=E, act_dim=A, deter=16, hidden=8, stoch=4, classes=3, blocks=4)
+    tokens = torch.randn(B, T, E, generator=gen, requires_grad=True)
+    actions = torch.randn(B, T, A, generator=gen)
+    first = torch.rand(B, T, generator=gen) < 0.3
+    deter0 = torch.randn(B, 16, generator=gen, requires_grad=True)
+    stoch0 = F.one_hot(torch.randint(0, 3, (B, 4), generator=gen), 3).float()
+    u = torch.rand(T, B, 4, 1, generator=gen)
+    weights = [torch.randn(B, T, *shape, generator=gen) for shape in ((16,), (4, 3), (4, 3))]
+    leaves = [tokens, deter0, *rssm.step_params().values()]
+
+    def run(emit):
+        rssm.emit_copies = emit
+        outs = rssm.observe(deter0, stoch0, tokens, actions, first, u)
+        loss = sum((x * w).sum() for x, w in zip(outs, weights)) + outs[0].square().sum()
+        return outs, torch.autograd.grad(loss, leaves)
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    for g, w in zip([*got, *got_grads], [*want, *want_grads], strict=True):
+        assert torch.equal(g, w)
+    rssm.emit_copies = True
+    step = rssm.obs_step(deter0, stoch0, actions[:, 0], tokens[:, 0], first[:, 0], u[0], emit=True)
+    assert len(step) == 5 and torch.equal(step[3], step[0]) and torch.equal(step[4], step[1])
+    assert step[3].data_ptr() != step[0].data_ptr() and step[4].data_ptr() != step[1].data_ptr()
+
+    seen = []
+    xs = [torch.randn(B, 4, 3, generator=gen, requires_grad=True) for _ in range(T)]
+    for x in xs:
+        x.register_hook(lambda g: seen.append(g.is_contiguous()))
+    stacked = stack_steps(xs)
+    assert torch.equal(stacked, torch.stack(xs, 1))
+    grad = torch.randn(B, T, 4, 3, generator=gen)
+    assert torch.equal(torch.stack(torch.autograd.grad(stacked, xs, grad), 1), grad)
+    assert seen == [True] * T
 
 
 def test_kl_free_bits_and_gradient_split():
