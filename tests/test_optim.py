@@ -162,3 +162,33 @@ def test_step_never_reads_values_back_to_host(monkeypatch):
         opt.step()
     monkeypatch.undo()
     assert opt.step_count.item() == 3
+
+
+def test_compiled_step_matches_the_eager_step_and_updates_in_place():
+    """fast.compile_optimizer (the graphs mode's LaProp step) against the eager step from the same state: parameters,
+    moments and metrics over five steps through the warmup, AGC clipping both ways, and the very same tensors
+    updated in place (a captured graph holds their addresses)."""
+    from fastdreamer import fast
+
+    grads = [make_grads(t) for t in range(5)]
+    eager_params, fast_params = make_params(), make_params()
+    start = [p.detach().clone() for p in eager_params]
+    eager_opt, fast_opt = LaProp(eager_params, **HP), LaProp(fast_params, **HP)
+    fast.compile_optimizer(fast_opt)
+    fast.compile_optimizer(fast_opt)  # idempotent
+    addresses = [p.data_ptr() for p in fast_params] + [x.data_ptr() for x in fast_opt.nu + fast_opt.mu]
+    want, want_metrics = run(eager_opt, eager_params, grads)
+    got, got_metrics = run(fast_opt, fast_params, grads)
+    assert addresses == [p.data_ptr() for p in fast_params] + [x.data_ptr() for x in fast_opt.nu + fast_opt.mu]
+    for t in range(5):
+        for i, (a, b) in enumerate(zip(got[t], want[t], strict=True)):
+            # The compiled norms sum in another order and the fused chain may contract multiply-adds: ~1e-6 of the
+            # displacement, so 1e-5 of it (plus the parameter's own rounding); a formula change moves it by >1e-2.
+            da, db = a.double() - start[i].double(), b.double() - start[i].double()
+            tol = 1e-5 * db.abs().max().item() + (t + 1) * 2**-24 * b.abs().max().item()
+            assert (da - db).abs().max().item() <= tol, f"step {t} param {i}: {(da - db).abs().max().item()} > {tol}"
+        for name in want_metrics[t]:
+            torch.testing.assert_close(got_metrics[t][name], want_metrics[t][name], rtol=1e-5, atol=0)
+    for a, b in zip(fast_opt.nu + fast_opt.mu, eager_opt.nu + eager_opt.mu, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-12)
+    assert torch.equal(fast_opt.step_count, eager_opt.step_count)
