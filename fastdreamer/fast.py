@@ -8,8 +8,9 @@ compile  torch.compile in units that are reused, never one unrolled update: RSSM
          the observe loop and the rollout, which stay graph breaks). The observe loop stays a Python loop, so
          compile time does not grow with T and the backward is T calls of one compiled backward.
 graphs   CUDA only: compile (and the LaProp step too, compile_optimizer), then one CUDA graph for the whole update
-         (loss, backward, LaProp step, slow-critic EMA; LaProp keeps lr and step on the device) and one for the acting step, with static input buffers. Outputs
-         of a graph are its static buffers: valid until the next call of the same function.
+         (loss, backward, LaProp step, slow-critic EMA; LaProp keeps lr and step on the device) and one for the
+         acting step, with static input buffers. Outputs of a graph are its static buffers: valid until the next
+         call of the same function.
 Precision: eager is the fp32 reference. The fast modes run matmuls in bf16 autocast (weights, norms and losses stay
 fp32, as the reference's bfloat16 compute) where the device does bf16 natively: CUDA, and CPUs with AVX512-BF16 or
 AMX (`--precision auto`); `--precision fp32|bf16` forces one. On a CPU without native bf16, oneDNN emulates it
