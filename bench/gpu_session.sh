@@ -104,18 +104,27 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # The next session's plan (session 8's results: bench/results/h200_2026-11-26_s8, bench/LOG.md): the CUDA tests of
-  # the fast modes first (three bf16 ones failed to compile in Triton 3.6 at the tests' tiny shapes; the two-hot
-  # loss's fix is unverified there; 9 tests now, 2 of them new fp32 ones compiling cold: session 8's 7 took 59 s), then the 12m vector table, the 12m image-observation full update (never
-  # measured) and the pong loop.
-  step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
+  # The next session's plan, in priority order (a step that does not fit the budget is skipped; the last ones
+  # first). Session 8's results: bench/results/h200_2026-11-26_s8, bench/LOG.md. Session 8 took 371 s: bench 118,
+  # observe_ab 89, e2e 122; its 7 CUDA tests 59 s.
+  # 1. The CUDA tests of the fast modes: three bf16 ones failed to compile in Triton 3.6 (the two-hot loss's fix is
+  #    unverified there); the fp32 ones are new, and the graphs variant runs the compiled LaProp step.
+  step cuda_tests 130 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
     tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
-  step bench 140 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+  # 2. The 12m table: sessions 8-9's changes together (observe hoist, tensor-core weight products, emit_copies, the
+  #    compiled LaProp step; predicted 13.8 -> ~12.6 ms per full update).
+  step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  step image 120 python3 -m bench --device cuda --size 12m --obs image --components full_update \
+  # 3. emit_copies alone, against defer in one process (predicted -0.3 to -0.5 ms: 3 kernels per observe step).
+  step observe_ab 95 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs --variants defer,emit \
+    --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1
+  # 4. The LaProp step alone, eager against compiled (predicted ~0.45 -> ~0.15 ms).
+  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
+  # 5. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too).
+  step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
+  # 6. The 12m image-observation update (never measured; pong's update).
+  step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
-  # Session 8's pong run took 122 s (99 s warm-up: the image model's compile and capture).
-  step e2e 130 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

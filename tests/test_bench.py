@@ -210,3 +210,18 @@ def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(t
     for v in ("per_step", "defer", "emit"):
         assert rows[v]["ok"] is True and rows[v]["median_ms"] > 0, rows[v]
         assert rows[v]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"], rows[v]
+
+
+def test_optim_step_checks_the_compiled_step_then_times_both(tmp_path):
+    """bench.optim_step on a few of the debug size's parameters (a cold compile of all 79 takes ~50 s here): the
+    compiled step passes its check against the eager one and both are timed, with the ratio in the JSON."""
+    from bench import optim_step
+
+    out = tmp_path / "opt.json"
+    args = ["--device", "cpu", "--size", "debug", "--tensors", "6", "--rounds", "1", "--repeat", "2", "--threads", "1"]
+    optim_step.main([*args, "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert list(rows) == ["eager", "compiled"] and result["meta"]["tensors"] == 6
+    assert all(r["ok"] and r["median_ms"] > 0 for r in rows.values()), rows
+    assert rows["compiled"]["check_worst_rel"] < optim_step.CHECK_REL
