@@ -108,8 +108,9 @@ quick() {
   # first). Session 8's results: bench/results/h200_2026-11-26_s8, bench/LOG.md. Session 8 took 371 s: bench 118,
   # observe_ab 89, e2e 122; its 7 CUDA tests 59 s.
   # 1. The CUDA tests of the fast modes: three bf16 ones failed to compile in Triton 3.6 (the two-hot loss's fix is
-  #    unverified there); the fp32 ones are new, and the graphs variant runs the compiled LaProp step.
-  step cuda_tests 130 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
+  #    unverified there); new: the fp32 comparisons (their graphs variant runs the compiled LaProp step) and CUDA's
+  #    sync debug mode over updates and acting in each mode.
+  step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
     tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
   # 2. The 12m table: sessions 8-9's changes together (observe hoist, tensor-core weight products, emit_copies, the
   #    compiled LaProp step; predicted 13.8 -> ~12.6 ms per full update).

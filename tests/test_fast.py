@@ -393,6 +393,32 @@ def test_replay_sample_and_write_never_sync_with_the_host():
 
 
 @cuda
+@pytest.mark.parametrize("mode", ["eager", "compile", "graphs"])
+def test_updates_and_acting_never_sync_on_cuda(mode):
+    """The guard above on the real thing: CUDA's sync debug mode raises on any call that waits for the device (a
+    value read back, a blocking copy, nonzero), over updates and acting steps after their warm-up (compiling and
+    capturing may sync; training's steady state must not)."""
+    agent, opt = make("cuda")
+    update = fast.make_update(update_step, agent, opt, mode)
+    act = fast.make_act(agent, mode)
+    data = [batch(k, "cuda") for k in range(2)]
+    observations = [obs(3, step, "cuda") for step in range(2)]
+    carry = agent.initial(3, "cuda")
+    for k in range(2):  # warm-up: compile, capture
+        update(data[k])
+        _, carry = act(carry, observations[k])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(2):
+            update(data[k])
+            _, carry = act(carry, observations[k])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@cuda
 @pytest.mark.parametrize("mode", ["compile", "graphs"])
 def test_fp32_fast_updates_match_eager_on_cuda(mode, fallback_random):
     """The fp32 comparison above (compiled_run, CPU only) on CUDA, where defer is on by default and graphs mode
