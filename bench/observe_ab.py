@@ -1,14 +1,16 @@
 """A/B of the observe loop's gradient paths, full updates in one process, alternated in rounds.
 
 The fast modes' observe loop can take its parameters' gradients three ways (fastdreamer/rssm.py RSSM.observe),
-and its steps' output gradients two:
+its steps' output gradients two ways, and their action input two:
 
   per_step  autograd's own: each step casts its weights (bf16 autocast) and adds its weight gradients into the sum
   fan_out   one cast copy of the weights for all steps, the T step gradients summed once (fastdreamer/fanout.py)
   defer     the steps run without parameter gradients; each parameter's gradient is one reduction over all B*T rows
             after the loop's backward (fastdreamer/defer.py)
   emit      defer, and each step's deter and sample gradients (from the next step and from the output stack) summed
-            inside its compiled backward, the stack's gradients contiguous (RSSM.emit_copies; the default on CUDA)
+            inside its compiled backward, the stack's gradients contiguous (RSSM.emit_copies)
+  hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action; the
+            default on CUDA with the torch core)
 
 These machines are noisy, so the variants are timed in one process, alternated round by round, and reported as ratios
 to per_step. Before timing, each variant makes one update from the same state and its gradients are compared with
@@ -34,11 +36,13 @@ from .__main__ import meta
 from .bench_block_gru import write_json
 from .common import make_agent, make_config, random_batch, timeit
 
-VARIANTS = {  # (fan_out, defer, emit_copies)
-    "per_step": (False, False, False),
-    "fan_out": (True, False, False),
-    "defer": (False, True, False),
-    "emit": (False, True, True),
+FLAGS = ("fan_out", "defer", "emit_copies", "hoist_action")  # RSSM attributes; each variant turns some on
+VARIANTS = {
+    "per_step": (),
+    "fan_out": ("fan_out",),
+    "defer": ("defer",),
+    "emit": ("defer", "emit_copies"),
+    "hoist": ("defer", "emit_copies", "hoist_action"),
 }
 # One update from the same state, every variant against per_step: the largest relative difference (in norm) of one
 # parameter's gradient. The variants compute the same sums in another order (and, in bf16, without or with the
@@ -51,8 +55,14 @@ VARIANTS = {  # (fan_out, defer, emit_copies)
 CHECK_REL = {"bf16": 0.1, "fp32": 1e-3}
 
 
+def set_flags(rssm, variant: str) -> None:
+    """Turn the observe loop's flags of `variant` on and the others off."""
+    for flag in FLAGS:
+        setattr(rssm, flag, flag in VARIANTS[variant])
+
+
 def flags(agent, variant: str) -> None:
-    agent.rssm.fan_out, agent.rssm.defer, agent.rssm.emit_copies = VARIANTS[variant]
+    set_flags(agent.rssm, variant)
 
 
 def main(argv=None) -> dict:

@@ -23,7 +23,7 @@ from torch._inductor.utils import run_and_get_code
 from fastdreamer import fast
 
 from .common import make_agent, make_config
-from .observe_ab import VARIANTS
+from .observe_ab import VARIANTS, set_flags
 
 LAUNCH = re.compile(
     r"^\s*(?:\w+ = )?(?:(cpp_fused_\w+)\(|(\w+)\.run\(|extern_kernels\.(\w+)\(|torch\.ops\.(\w+\.\w+)\.\w+\()"
@@ -48,7 +48,7 @@ def _observe(variant: str, size: str, device: str, precision: str, T: int):
     agent, _ = make_agent(cfg, "vector", device)
     fast.compile_agent(agent)
     rssm = agent.rssm
-    rssm.fan_out, rssm.defer, rssm.emit_copies = VARIANTS[variant]
+    set_flags(rssm, variant)
     B = cfg.batch_size
     g = torch.Generator().manual_seed(0)
     deter, stoch = rssm.initial(B, device)

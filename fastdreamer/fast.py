@@ -166,6 +166,8 @@ def compile_agent(agent) -> None:
     rssm.defer = defer
     # Each step's two gradients (next step, output stack) meet inside its compiled backward (RSSM.emit_copies).
     rssm.emit_copies = True
+    # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; the torch core).
+    rssm.hoist_action = True
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out

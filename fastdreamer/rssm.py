@@ -35,10 +35,17 @@ class BlockGRUCore(nn.Module):
     def weights(self) -> block_gru.BlockGRUWeights:
         return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
 
-    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, taps=None):
-        """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen)."""
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None):
+        """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
+        action_x: the action branch already computed (action_branch); then action is not read."""
+        if action_x is None:
+            action = action / action.abs().clamp_min(1.0).detach()
+        return block_gru.step(deter, stoch, action, self.weights(), taps=taps, x2=action_x)
+
+    def action_branch(self, action: torch.Tensor) -> torch.Tensor:
+        """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
         action = action / action.abs().clamp_min(1.0).detach()
-        return block_gru.step(deter, stoch, action, self.weights(), taps=taps)
+        return block_gru.action_branch(action, self.weights())
 
 
 class RSSM(nn.Module):
@@ -80,6 +87,12 @@ class RSSM(nn.Module):
         # each step contiguous gradients (stack_steps). Off in eager (two copies per step and nothing to fuse them
         # into); the fast modes set it.
         self.emit_copies = False
+        # The core's action branch (Linear -> RMSNorm -> SiLU of the action taken before each step) does not depend
+        # on the recurrence: with hoist_action, observe computes it for all B*T rows at once (one matmul, its
+        # backward one weight-gradient matmul) and the steps take it as action_x, instead of a cast, a 16-row matmul
+        # and a norm per step (the torch core only: the Triton core's kernels compute all three branches). Off in
+        # eager (the plain loop is the reference); the fast modes set it.
+        self.hoist_action = False
 
     @property
     def feat_dim(self) -> int:
@@ -93,34 +106,42 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, taps=None, emit=False):
+    def obs_step(
+        self, deter, stoch, action, token, is_first, u=None, params=None, taps=None, emit=False, action_x=None
+    ):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
         of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: one step's
         zeros for all sites of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch
         sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
-        copies of deter and the sample (emit_copies)."""
+        copies of deter and the sample (emit_copies). action_x: the core's action branch of this step's action
+        (masked by is_first), computed by the caller (hoist_action); then action is not read."""
+        args = (deter, stoch, action, token, is_first, u, taps, emit, action_x)
         if params is None:
-            return self(deter, stoch, action, token, is_first, u, taps, emit)
-        return torch.func.functional_call(self, params, (deter, stoch, action, token, is_first, u, taps, emit))
+            return self(*args)
+        return torch.func.functional_call(self, params, args)
 
-    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None, emit=False):
+    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None, emit=False, action_x=None):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer)."""
-        out = self._posterior(deter, stoch, action, token, is_first, u, taps)
+        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x)
         return (*out, out[0].clone(), out[1].clone()) if emit else out
 
-    def _posterior(self, deter, stoch, action, token, is_first, u, taps):
+    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x):
         keep = (~is_first).to(deter.dtype)[:, None]
-        deter, action = deter * keep, action * keep
+        deter = deter * keep
+        if action_x is None:
+            action = action * keep
         stoch = stoch * keep[:, :, None]
         if taps is None:
-            deter = self.core(deter, stoch.flatten(1), action)
+            deter = self.core(deter, stoch.flatten(1), action, action_x=action_x)
             logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
             return deter, dists.sample_onehot(logp, u), logp
-        sites = self.tap_sites(check=False)  # the layout only: widths and order
+        hoisted = action_x is not None
+        sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
         taps = defer.split(taps, sites)
-        deter, core_seen = self.core(deter, stoch.flatten(1), action, {s: taps[f"core.{s}"] for s in self._core_sites})
+        core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
+        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x)
         seen = {f"core.{s}": x for s, x in core_seen.items()}
         x = torch.cat([deter, token], -1)
         for i, layer in enumerate(self.obs_net):
@@ -132,16 +153,18 @@ class RSSM(nn.Module):
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
 
-    def tap_sites(self, bf16: bool = False, check: bool = True) -> dict[str, defer.Site]:
+    def tap_sites(self, bf16: bool = False, check: bool = True, hoisted: bool = False) -> dict[str, defer.Site]:
         """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params().
         bf16: the step runs under bf16 autocast (its F.linear and torch-core matmuls multiply bf16 operands; the
-        Triton core rounds its own and hands over the rounded inputs, block_gru.step)."""
+        Triton core rounds its own and hands over the rounded inputs, block_gru.step). hoisted: the steps take the
+        core's action branch as action_x (hoist_action), so its sites are not theirs."""
         core = self.core.weights()
         widths = block_gru.reference.tap_widths(core)
         core_bf16 = bf16 and block_gru.get_impl() == "torch"
         sites = {
             f"core.{s}": defer.Site(kind, tuple(f"core.{p}" for p in ps), widths[s], core_bf16 and kind != "scale")
             for s, (kind, *ps) in block_gru.reference.TAP_SITES.items()
+            if not (hoisted and s in block_gru.reference.ACTION_SITES)
         }
         for i, layer in enumerate(self.obs_net):
             out = layer.linear.out_features
@@ -151,8 +174,9 @@ class RSSM(nn.Module):
         params = ("obs_logit.weight", "obs_logit.bias")
         sites["obs_logit.x"] = defer.Site("linear", params, self.obs_logit.out_features, bf16)
         covered = sorted(p for s in sites.values() for p in s.params)
-        if check and covered != sorted(self.step_params()):
-            raise RuntimeError(f"RSSM.tap_sites covers {covered}, the observe step uses {sorted(self.step_params())}")
+        if check and covered != sorted(self.step_params(hoisted)):
+            used = sorted(self.step_params(hoisted))
+            raise RuntimeError(f"RSSM.tap_sites covers {covered}, the observe step uses {used}")
         return sites
 
     def img_step(self, deter, stoch, action, u=None):
@@ -177,22 +201,36 @@ class RSSM(nn.Module):
         if u is None:
             u = torch.rand((T, B, self.stoch, 1), device=tokens.device)
         tokens_t, actions_t, first_t, u_t = tokens.unbind(1), actions.unbind(1), is_first.unbind(1), u.unbind(0)
+        hoist = self.hoist_action and block_gru.get_impl() == "torch"
+        action_x = [None] * T
+        if hoist:  # (B, T, A) -> (B, T, K), the per-step masking of the action by is_first done here
+            keep = (~is_first).to(actions.dtype)[..., None]
+            action_x = self.core.action_branch((actions * keep).flatten(0, 1)).unflatten(0, (B, T)).unbind(1)
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
-            params = self.step_params()
+            params = self.step_params(hoist)
             record = defer.Record()
-            taps = defer.taps(self.tap_sites(bool(dtypes)), params, T, deter.shape[0], record)
+            taps = defer.taps(self.tap_sites(bool(dtypes), hoisted=hoist), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
-            per_step = fanout.fan_out(self.step_params(), T, dtypes)
+            per_step = fanout.fan_out(self.step_params(hoist), T, dtypes)
         emit = self.emit_copies and grad
         deters, stochs, logps = [], [], []
         for t in range(T):
             out = self.obs_step(
-                deter, stoch, actions_t[t], tokens_t[t], first_t[t], u_t[t], params=per_step[t], taps=taps[t], emit=emit
+                deter,
+                stoch,
+                actions_t[t],
+                tokens_t[t],
+                first_t[t],
+                u_t[t],
+                params=per_step[t],
+                taps=taps[t],
+                emit=emit,
+                action_x=action_x[t],
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches
@@ -204,9 +242,15 @@ class RSSM(nn.Module):
             return stack_steps(deters), stack_steps(stochs), stack_steps(logps)
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
 
-    def step_params(self) -> dict[str, torch.Tensor]:
-        """The parameters each observe step uses: the core's and the posterior's."""
-        return {n: p for n, p in self.named_parameters() if n.split(".")[0] in ("core", "obs_net", "obs_logit")}
+    def step_params(self, hoisted: bool = False) -> dict[str, torch.Tensor]:
+        """The parameters each observe step uses: the core's and the posterior's; hoisted: less the core's action
+        branch's (hoist_action computes it outside the steps)."""
+        branch = {"core.w2", "core.b2", "core.s2"} if hoisted else set()
+        return {
+            n: p
+            for n, p in self.named_parameters()
+            if n.split(".")[0] in ("core", "obs_net", "obs_logit") and n not in branch
+        }
 
     def step_dtypes(self, device: torch.device) -> dict[str, torch.dtype]:
         """Under bf16 autocast, the parameters autocast would cast to bf16 at every step (the matmul operands:

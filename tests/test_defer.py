@@ -165,6 +165,36 @@ def test_observe_with_defer_matches_the_per_step_observe(precision, impl):
         assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
 
 
+@pytest.mark.parametrize("defer_on", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_observe_with_the_action_branch_hoisted_matches_the_per_step_observe(precision, defer_on):
+    """hoist_action (the fast modes' observe, torch core) against the plain loop, alone and under defer: the same
+    latents; deters and log-probs within 1e-5 relative (the branch's matmul over all B*T rows sums in another order;
+    in fp32 seen 1.2e-7 and 2.4e-7 absolute here, bitwise in bf16); every parameter, the branch's included, gets a
+    gradient within GRAD_REL, or BF16_REL for the weights of bf16 matmuls under bf16 autocast (seen 2.1e-3: the
+    hoisted branch's weight gradient is one bf16 matmul over all rows, the per-step path's a float32 sum of per-step
+    bf16 ones)."""
+    inputs, weights = observe_inputs()
+    rssm = make_rssm()
+    rssm.defer = defer_on
+    rssm.hoist_action = True
+    got, got_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.defer = rssm.hoist_action = False
+    want, want_grads = run_observe(rssm, inputs, weights, precision)
+    assert torch.equal(got[1], want[1]), "latents differ"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg=lambda m: f"deters: {m}")
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6, msg=lambda m: f"log-probs: {m}")
+    assert sorted(got_grads) == sorted(want_grads)
+    assert {"core.w2", "core.b2", "core.s2"} | set(rssm.step_params()) <= set(got_grads)
+    bf16_matmul = set()
+    if precision == "bf16":
+        with torch.autocast("cpu", torch.bfloat16, cache_enabled=False):
+            bf16_matmul = set(rssm.step_dtypes(torch.device("cpu")))
+    for name, g in got_grads.items():
+        tol = BF16_REL if name in bf16_matmul else GRAD_REL
+        assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
+
+
 class MatmulCount(TorchDispatchMode):
     """Counts matmul calls (mm, bmm, addmm) at the dispatcher."""
 
@@ -205,7 +235,7 @@ def test_tap_sites_must_cover_every_step_parameter(monkeypatch):
     """A step parameter without a site would get no gradient at all under defer; tap_sites refuses that."""
     rssm = make_rssm()
     extra = dict(rssm.step_params(), **{"img_logit.bias": rssm.img_logit.bias})
-    monkeypatch.setattr(RSSM, "step_params", lambda self: extra)
+    monkeypatch.setattr(RSSM, "step_params", lambda self, hoisted=False: extra)
     with pytest.raises(RuntimeError, match="tap_sites covers"):
         rssm.tap_sites()
 
@@ -220,6 +250,17 @@ def test_the_compiled_step_backward_has_no_weight_gradient_matmuls_under_defer()
     assert sum(deferred[0].values()) <= sum(per_step[0].values()), (deferred, per_step)
     assert deferred[0]["extern"] == per_step[0]["extern"], (deferred, per_step)
     assert per_step[1]["extern"] - deferred[1]["extern"] == 7, (deferred, per_step)
+
+
+def test_the_hoisted_action_branch_leaves_the_compiled_step_one_matmul_fewer():
+    """bench.step_kernels: with hoist_action the compiled step's forward has one matmul fewer (the action branch's,
+    now one matmul over all rows before the loop) and its backward is unchanged (under defer the branch had no
+    matmul there: the action needs no gradient and its weight gradient was deferred)."""
+    from bench.step_kernels import count
+
+    emitted, hoisted = (count(v, "debug", "cpu", "fp32") for v in ("emit", "hoist"))
+    assert emitted[0]["extern"] - hoisted[0]["extern"] == 1, (hoisted, emitted)
+    assert hoisted[1] == emitted[1], (hoisted, emitted)
 
 
 def test_the_emitting_observe_loop_launches_nothing_between_its_compiled_steps():

@@ -77,6 +77,42 @@ def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
+    """step(..., x2=action_branch(action)) is step(..., action), bitwise: output, every gradient (the action and the
+    branch's weights through action_branch), and with taps the same seen factors less the branch's sites. The
+    Triton core refuses x2 (its kernels compute the branches)."""
+    from fastdreamer.kernels import block_gru
+
+    g = torch.Generator().manual_seed(11)
+    B, D, G, K, SC, A = 3, 24, 4, 5, 12, 3
+    w = reference.random_weights(D, G, K, SC, A, g)
+    w = reference.BlockGRUWeights(*(t.requires_grad_() for t in w))
+    deter, stoch, action = (torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A))
+    probe = torch.randn(B, D, generator=g)
+    leaves = [deter, stoch, action, *w]
+    want = reference.step(deter, stoch, action, w, bf16)
+    got = reference.step(deter, stoch, None, w, bf16, x2=reference.action_branch(action, w, bf16))
+    assert torch.equal(got, want)
+    for a, b in zip(
+        torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
+    ):
+        assert torch.equal(a, b)
+
+    widths = reference.tap_widths(w)
+    taps = {site: torch.zeros(B, widths[site]) for site in reference.TAP_SITES}
+    out, seen = reference.step(deter, stoch, action, w, bf16, taps=taps)
+    kept = {site: t for site, t in taps.items() if site not in reference.ACTION_SITES}
+    x2 = reference.action_branch(action, w, bf16)
+    out_h, seen_h = reference.step(deter, stoch, None, w, bf16, taps=kept, x2=x2)
+    assert torch.equal(out_h, out) and sorted(seen_h) == sorted(kept)
+    assert all(torch.equal(seen_h[site], seen[site]) for site in kept)
+
+    monkeypatch.setattr(block_gru, "_impl", "triton")
+    with pytest.raises(ValueError, match="computes the action branch itself"):
+        block_gru.step(deter, stoch, None, w, x2=x2)
+
+
 def test_block_gru_rejects_bad_shapes():
     w = reference.BlockGRUWeights(
         *(

@@ -150,24 +150,46 @@ TAP_SITES = {
 }
 
 
+# The action branch's sites: absent when the caller computed the branch itself (step's x2, action_branch).
+ACTION_SITES = ("x2", "n2")
+
+
 def tap_widths(w: BlockGRUWeights) -> dict[str, int]:
     """The width of each tap site's value (its shape is (B, width))."""
     D, K = w.bh.shape[0], w.w0.shape[1]
     return {"x0": K, "n0": K, "x1": K, "n1": K, "x2": K, "n2": K, "h": D, "nh": D, "g": 3 * D}
 
 
+def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0) -> torch.Tensor:
+    """silu(rms(inp @ wt + b) * s), one input branch; tap(site, value, factor) adds the taps of step()."""
+    tap = tap or (lambda site, y, x: y)
+    pre = tap(f"x{i}", _operand(inp, bf16) @ _operand(wt, bf16) + b.float(), inp)
+    n = rms_normalize(pre)
+    return F.silu(tap(f"n{i}", n * s.float(), n))
+
+
+def action_branch(action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False) -> torch.Tensor:
+    """The action branch x2 of step(), for any rows: action (N, A) -> (N, K), float32. Its input does not depend on
+    the recurrence, so a caller that knows a sequence's actions up front can compute it for all steps at once (one
+    matmul over all rows instead of one per step) and pass each step its rows as step()'s x2."""
+    return _branch(action, w.w2, w.b2, w.s2, bf16)
+
+
 def step(
     deter: torch.Tensor,
     stoch: torch.Tensor,
-    action: torch.Tensor,
+    action: torch.Tensor | None,
     w: BlockGRUWeights,
     bf16: bool = False,
     taps: dict[str, torch.Tensor] | None = None,
+    x2: torch.Tensor | None = None,
 ):
     """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
     compute of the module docstring. taps: {site: (B, width) zeros} for every site of TAP_SITES; then the return is
     (deter, seen), seen[site] the other factor of the site's parameter gradients (the matmul's input, before any
-    bf16 rounding, or the normalised value a scale multiplies). Without taps the computation is the same, tap-free."""
+    bf16 rounding, or the normalised value a scale multiplies). Without taps the computation is the same, tap-free.
+    x2: the action branch already computed (action_branch of this step's action, (B, K)); then action is not read
+    and the branch's sites (ACTION_SITES) take no taps."""
     B, D = deter.shape
     G = w.wh.shape[0]
     deter = deter.float()
@@ -179,14 +201,9 @@ def step(
         seen[site] = x
         return y + taps[site].to(y.dtype)
 
-    def branch(i: int, inp: torch.Tensor, wt: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        pre = tap(f"x{i}", _operand(inp, bf16) @ _operand(wt, bf16) + b.float(), inp)
-        n = rms_normalize(pre)
-        return F.silu(tap(f"n{i}", n * s.float(), n))
-
-    x0 = branch(0, deter, w.w0, w.b0, w.s0)
-    x1 = branch(1, stoch, w.w1, w.b1, w.s1)
-    x2 = branch(2, action, w.w2, w.b2, w.s2)
+    x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0)
+    x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1)
+    x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
     x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
     u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
     nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
