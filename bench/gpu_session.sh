@@ -113,20 +113,21 @@ quick() {
   step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
     tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
   # 2. The 12m table: sessions 8-9's changes together (observe's hoisted inputs, tensor-core weight products,
-  #    emit_copies, hoist_action, the compiled LaProp step; predicted 13.8 -> ~12.3-12.6 ms per full update).
+  #    emit_copies, hoist_action, the compiled LaProp step; predicted 13.8 -> ~12.3-12.8 ms per full update).
   step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. emit_copies and hoist_action, each against the last, in one process (predicted -0.3 to -0.5 ms and ~-0.25 ms;
-  #    per_step is always timed too, as the check's reference).
+  # 3. emit_copies and hoist_action, each against the last, in one process (predicted at most -0.40 ms and at most
+  #    -0.27 ms: the profile's time of the kernels they remove; per_step is always timed too, as the check's
+  #    reference).
   step observe_ab 120 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs --variants defer,emit,hoist \
     --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1
-  # 4. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too).
+  # 4. The LaProp step alone, eager against compiled, each captured in a CUDA graph (predicted ~0.45 -> ~0.15 ms).
+  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
+  # 5. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too).
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
-  # 5. The 12m image-observation update (never measured; pong's update).
+  # 6. The 12m image-observation update (never measured; pong's update): what is left of the budget.
   step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
-  # 6. The LaProp step alone, eager against compiled (predicted ~0.45 -> ~0.15 ms).
-  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

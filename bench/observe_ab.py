@@ -9,8 +9,9 @@ its steps' output gradients two ways, and their action input two:
             after the loop's backward (fastdreamer/defer.py)
   emit      defer, and each step's deter and sample gradients (from the next step and from the output stack) summed
             inside its compiled backward, the stack's gradients contiguous (RSSM.emit_copies)
-  hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action; the
-            default on CUDA with the torch core)
+  hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action): the
+            fast modes' default on CUDA with the torch core
+  cpu       fan_out, emit and hoist without defer: the fast modes' default on a CPU (defer is CUDA-only there)
 
 These machines are noisy, so the variants are timed in one process, alternated round by round, and reported as ratios
 to per_step. Before timing, each variant makes one update from the same state and its gradients are compared with
@@ -43,6 +44,7 @@ VARIANTS = {
     "defer": ("defer",),
     "emit": ("defer", "emit_copies"),
     "hoist": ("defer", "emit_copies", "hoist_action"),
+    "cpu": ("fan_out", "emit_copies", "hoist_action"),
 }
 # One update from the same state, every variant against per_step: the largest relative difference (in norm) of one
 # parameter's gradient. The variants compute the same sums in another order (and, in bf16, without or with the

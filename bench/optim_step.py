@@ -4,7 +4,9 @@ size's parameters with random gradients.
 Eager, the step is ~14 foreach passes over parameter-sized lists; the H200 profile of a 12m update put them at ~0.45
 ms (bench/LOG.md, 2026-11-26), bound by memory traffic, not launches. Compiled, the norms are one pass and the
 elementwise chain one more. The two are timed alternately in one process (rounds), and before timing the compiled
-step is checked against the eager one from the same state: a failing check prints FAIL and is not timed.
+step is checked against the eager one from the same state: a failing check prints FAIL and is not timed. On CUDA each
+variant is captured in a CUDA graph and its replays are timed, as the graphs mode runs it inside the update (timing
+plain calls would time the host: eager's launches, the compiled step's guards over every tensor).
 
   python -m bench.optim_step --device cuda --size 12m --json bench/results/optim_step_cuda_12m.json
 """
@@ -40,6 +42,23 @@ def laprop(cfg, device, tensors: int = 0, seed: int = 0) -> tuple[LaProp, list[t
     return LaProp(params, lr=cfg.lr, warmup=0), params
 
 
+def graphed(step, device: torch.device):
+    """`step` as a CUDA graph's replay on CUDA (after warm-up calls on a side stream, as fast._Graph does); as it is
+    elsewhere. Each replay is one more optimizer step on the same state."""
+    if device.type != "cuda":
+        return step
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -61,7 +80,10 @@ def main(argv=None) -> dict:
     compiled, cparams = laprop(cfg, device, args.tensors)
     fast.compile_optimizer(compiled)
     info = meta(args, device)
+    for key in ("fan_out", "defer"):  # the observe loop's switches: nothing to do with this benchmark
+        info.pop(key, None)
     info.update(
+        graphed=device.type == "cuda",
         command=" ".join(["python -m bench.optim_step", *sys.argv[1:]]),
         tensors=len(params),
         params=sum(q.numel() for q in params),
@@ -87,7 +109,7 @@ def main(argv=None) -> dict:
         f"(bound {CHECK_REL:g}) -> {'ok' if ok else 'FAIL'}"
     )
     rows = {v: {"variant": v, "ok": ok or v == "eager", "times": []} for v in ("eager", "compiled")}
-    steps = {"eager": eager.step, "compiled": compiled.step}
+    steps = {v: graphed(opt.step, device) for v, opt in (("eager", eager), ("compiled", compiled)) if rows[v]["ok"]}
     for _ in range(args.rounds):
         for v, row in rows.items():
             if row["ok"]:

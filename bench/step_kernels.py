@@ -48,6 +48,7 @@ def _observe(variant: str, size: str, device: str, precision: str, T: int):
     agent, _ = make_agent(cfg, "vector", device)
     fast.compile_agent(agent)
     rssm = agent.rssm
+    rssm.__dict__.pop("action_inputs")  # eager: the generated code is then the step's graphs alone
     set_flags(rssm, variant)
     B = cfg.batch_size
     g = torch.Generator().manual_seed(0)
@@ -91,6 +92,7 @@ def between(variant: str, size: str, device: str, precision: str) -> dict[str, f
     loop (what runs once per loop cancels). Leaf ops only, so a copy inside contiguous() counts once, as copy_."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch._dynamo.reset()  # a fresh cache per variant: no pile-up of the step's recompiles across calls
     run = _observe(variant, size, device, precision, T=8)
     run(4)  # compiles (strides differ with T, so each loop length has its own graphs)
     run(8)

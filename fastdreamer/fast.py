@@ -166,8 +166,10 @@ def compile_agent(agent) -> None:
     rssm.defer = defer
     # Each step's two gradients (next step, output stack) meet inside its compiled backward (RSSM.emit_copies).
     rssm.emit_copies = True
-    # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; the torch core).
+    # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; the torch core), compiled:
+    # eager, its mask, norm and SiLU and their backward were ~30 small kernels per update.
     rssm.hoist_action = True
+    rssm.action_inputs = torch.compile(rssm.action_inputs, dynamic=False)
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out
@@ -182,9 +184,10 @@ def compile_agent(agent) -> None:
 def compile_optimizer(opt) -> None:
     """Route LaProp.step through torch.compile, in place (idempotent). Eager, the step is ~14 foreach passes over
     every parameter-sized list (multi_tensor_apply kernels, ~0.45 ms of a 12m update on an H200 and bound by memory
-    traffic: ~30 parameter-sized reads and writes); compiled, the elementwise chain after the norms is one fused
-    pass. The graphs mode only: on the 2-core CPU the step was 3.9 -> 2.7 ms of a ~600 ms 1m update, for a ~50 s
-    cold compile (bench/LOG.md, 2026-11-26)."""
+    traffic: ~30 parameter-sized reads and writes); compiled, inductor fuses the elementwise chain after the norms
+    (on a GPU predicted ~3x less traffic; measured on the CPU only, bench.optim_step). The graphs mode only: on the
+    2-core CPU the step was 3.9 -> 2.7 ms of a ~600 ms 1m update, for a ~50 s cold compile (bench/LOG.md,
+    2026-11-26)."""
     if getattr(opt, "_fast_compiled", False):
         return
     opt.step = torch.compile(opt.step, dynamic=False, fullgraph=True)  # one graph, or an error

@@ -37,15 +37,26 @@ class BlockGRUCore(nn.Module):
 
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None):
         """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
-        action_x: the action branch already computed (action_branch); then action is not read."""
+        action_x: the action branch already computed (action_branch; block_gru.step's x2); then action is not
+        read."""
         if action_x is None:
-            action = action / action.abs().clamp_min(1.0).detach()
+            action = _scale_action(action)
         return block_gru.step(deter, stoch, action, self.weights(), taps=taps, x2=action_x)
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
-        action = action / action.abs().clamp_min(1.0).detach()
-        return block_gru.action_branch(action, self.weights())
+        return block_gru.action_branch(_scale_action(action), self.weights())
+
+    # The action branch's parameters (those of its tap sites, ACTION_SITES): what hoisting it takes out of the steps.
+    action_params = tuple(
+        f"core.{p}" for s in block_gru.reference.ACTION_SITES for p in block_gru.reference.TAP_SITES[s][1:]
+    )
+
+
+def _scale_action(action: torch.Tensor) -> torch.Tensor:
+    """The core's action input: action / max(1, |action|) elementwise (the reference's scaling), no gradient
+    through the divisor."""
+    return action / action.abs().clamp_min(1.0).detach()
 
 
 class RSSM(nn.Module):
@@ -107,7 +118,7 @@ class RSSM(nn.Module):
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
     def obs_step(
-        self, deter, stoch, action, token, is_first, u=None, params=None, taps=None, emit=False, action_x=None
+        self, deter, stoch, action, token, is_first, u=None, params=None, *, taps=None, emit=False, action_x=None
     ):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
@@ -116,12 +127,12 @@ class RSSM(nn.Module):
         sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
         copies of deter and the sample (emit_copies). action_x: the core's action branch of this step's action
         (masked by is_first), computed by the caller (hoist_action); then action is not read."""
-        args = (deter, stoch, action, token, is_first, u, taps, emit, action_x)
+        args, kwargs = (deter, stoch, action, token, is_first, u), dict(taps=taps, emit=emit, action_x=action_x)
         if params is None:
-            return self(*args)
-        return torch.func.functional_call(self, params, args)
+            return self(*args, **kwargs)
+        return torch.func.functional_call(self, params, args, kwargs)
 
-    def forward(self, deter, stoch, action, token, is_first, u=None, taps=None, emit=False, action_x=None):
+    def forward(self, deter, stoch, action, token, is_first, u=None, *, taps=None, emit=False, action_x=None):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer)."""
         out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x)
@@ -202,10 +213,7 @@ class RSSM(nn.Module):
             u = torch.rand((T, B, self.stoch, 1), device=tokens.device)
         tokens_t, actions_t, first_t, u_t = tokens.unbind(1), actions.unbind(1), is_first.unbind(1), u.unbind(0)
         hoist = self.hoist_action and block_gru.get_impl() == "torch"
-        action_x = [None] * T
-        if hoist:  # (B, T, A) -> (B, T, K), the per-step masking of the action by is_first done here
-            keep = (~is_first).to(actions.dtype)[..., None]
-            action_x = self.core.action_branch((actions * keep).flatten(0, 1)).unflatten(0, (B, T)).unbind(1)
+        action_x = self.action_inputs(actions, is_first).unbind(1) if hoist else [None] * T
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
         if self.defer and grad:
@@ -242,10 +250,17 @@ class RSSM(nn.Module):
             return stack_steps(deters), stack_steps(stochs), stack_steps(logps)
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
 
+    def action_inputs(self, actions: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
+        """The core's action branch for a whole sequence, what observe's steps take as action_x (hoist_action):
+        actions (B, T, A), masked by is_first (B, T) as each step masks its own, -> (B, T, K). A unit of its own
+        so that the fast modes compile it (fast.compile_agent): observe's loop itself runs eagerly."""
+        keep = (~is_first).to(actions.dtype)[..., None]
+        return self.core.action_branch((actions * keep).flatten(0, 1)).unflatten(0, actions.shape[:2])
+
     def step_params(self, hoisted: bool = False) -> dict[str, torch.Tensor]:
         """The parameters each observe step uses: the core's and the posterior's; hoisted: less the core's action
         branch's (hoist_action computes it outside the steps)."""
-        branch = {"core.w2", "core.b2", "core.s2"} if hoisted else set()
+        branch = set(BlockGRUCore.action_params) if hoisted else set()
         return {
             n: p
             for n, p in self.named_parameters()

@@ -80,8 +80,8 @@ def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     """step(..., x2=action_branch(action)) is step(..., action), bitwise: output, every gradient (the action and the
-    branch's weights through action_branch), and with taps the same seen factors less the branch's sites. The
-    Triton core refuses x2 (its kernels compute the branches)."""
+    branch's weights through action_branch), and with taps the same seen factors less the branch's sites (taps at
+    those sites with x2 are refused). The Triton core refuses x2 (its kernels compute the branches)."""
     from fastdreamer.kernels import block_gru
 
     g = torch.Generator().manual_seed(11)
@@ -107,6 +107,8 @@ def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     out_h, seen_h = reference.step(deter, stoch, None, w, bf16, taps=kept, x2=x2)
     assert torch.equal(out_h, out) and sorted(seen_h) == sorted(kept)
     assert all(torch.equal(seen_h[site], seen[site]) for site in kept)
+    with pytest.raises(ValueError, match="action branch's sites"):  # their taps would get no gradient
+        reference.step(deter, stoch, None, w, bf16, taps=taps, x2=x2)
 
     monkeypatch.setattr(block_gru, "_impl", "triton")
     with pytest.raises(ValueError, match="computes the action branch itself"):

@@ -190,6 +190,8 @@ def step(
     bf16 rounding, or the normalised value a scale multiplies). Without taps the computation is the same, tap-free.
     x2: the action branch already computed (action_branch of this step's action, (B, K)); then action is not read
     and the branch's sites (ACTION_SITES) take no taps."""
+    if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):
+        raise ValueError(f"block_gru: taps at the action branch's sites {given} with x2: they would get no gradient")
     B, D = deter.shape
     G = w.wh.shape[0]
     deter = deter.float()
