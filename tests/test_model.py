@@ -186,14 +186,11 @@ def test_rssm_resets_state_and_action_on_first_step():
     assert not torch.equal(a[0], c[0])
 
 
-def test_observe_is_its_steps_with_the_per_step_work_hoisted():
-    """observe() against the plain loop of obs_step over tokens[:, t] with the same uniforms: outputs and every
-    gradient (parameters, tokens, initial state) bitwise. And what it hoists: one uniform draw per sequence, none
-    per step, and no per-step select_backward (a zero-filled (B, T, E) gradient per step in the plain loop)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    gen = torch.Generator().manual_seed(5)
-    B, T, E, A = 3, 7, 6, 2
+def observe_case(seed: int, T: int):
+    """A small RSSM (deter 16, 4 latents of 3 classes) and an observe sequence (B 3, T steps, token 6, action 2)
+    with some first steps: rssm, tokens, actions, is_first, deter0, stoch0, uniforms, and the generator."""
+    gen = torch.Generator().manual_seed(seed)
+    B, E, A = 3, 6, 2
     torch.manual_seed(0)
     rssm = RSSM(token_dim=E, act_dim=A, deter=16, hidden=8, stoch=4, classes=3, blocks=4)
     tokens = torch.randn(B, T, E, generator=gen, requires_grad=True)
@@ -202,6 +199,17 @@ def test_observe_is_its_steps_with_the_per_step_work_hoisted():
     deter0 = torch.randn(B, 16, generator=gen, requires_grad=True)
     stoch0 = F.one_hot(torch.randint(0, 3, (B, 4), generator=gen), 3).float()
     u = torch.rand(T, B, 4, 1, generator=gen)
+    return rssm, tokens, actions, first, deter0, stoch0, u, gen
+
+
+def test_observe_is_its_steps_with_the_per_step_work_hoisted():
+    """observe() against the plain loop of obs_step over tokens[:, t] with the same uniforms: outputs and every
+    gradient (parameters, tokens, initial state) bitwise. And what it hoists: one uniform draw per sequence, none
+    per step, and no per-step select_backward (a zero-filled (B, T, E) gradient per step in the plain loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, T = 3, 7
+    rssm, tokens, actions, first, deter0, stoch0, u, gen = observe_case(5, T)
     weights = torch.randn(B, T, 4, 3, generator=gen)
 
     def grads(outs):
@@ -243,16 +251,8 @@ def test_observe_with_emitted_copies_is_the_same_loop_and_hands_its_steps_contig
     """emit_copies (the fast modes' observe): the same outputs and every gradient as the plain observe, bitwise; the
     steps' outputs for the stack are copies distinct from the carried state; and stack_steps hands each step a
     contiguous gradient slice (torch.stack's backward hands strided ones, which a compiled step copies)."""
-    gen = torch.Generator().manual_seed(7)
-    B, T, E, A = 3, 5, 6, 2
-    torch.manual_seed(0)
-    rssm = RSSM(token_dim=E, act_dim=A, deter=16, hidden=8, stoch=4, classes=3, blocks=4)
-    tokens = torch.randn(B, T, E, generator=gen, requires_grad=True)
-    actions = torch.randn(B, T, A, generator=gen)
-    first = torch.rand(B, T, generator=gen) < 0.3
-    deter0 = torch.randn(B, 16, generator=gen, requires_grad=True)
-    stoch0 = F.one_hot(torch.randint(0, 3, (B, 4), generator=gen), 3).float()
-    u = torch.rand(T, B, 4, 1, generator=gen)
+    B, T = 3, 5
+    rssm, tokens, actions, first, deter0, stoch0, u, gen = observe_case(7, T)
     weights = [torch.randn(B, T, *shape, generator=gen) for shape in ((16,), (4, 3), (4, 3))]
     leaves = [tokens, deter0, *rssm.step_params().values()]
 
