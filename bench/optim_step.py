@@ -43,20 +43,12 @@ def laprop(cfg, device, tensors: int = 0, seed: int = 0) -> tuple[LaProp, list[t
 
 
 def graphed(step, device: torch.device):
-    """`step` as a CUDA graph's replay on CUDA (after warm-up calls on a side stream, as fast._Graph does); as it is
-    elsewhere. Each replay is one more optimizer step on the same state."""
+    """`step` as a CUDA graph's replay on CUDA (fast._Graph, the graphs mode's capture); as it is elsewhere. Each
+    replay is one more optimizer step on the same state."""
     if device.type != "cuda":
         return step
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    graph = fast._Graph(lambda _: step(), {}, device=device)
+    return lambda: graph({})
 
 
 def main(argv=None) -> dict:

@@ -226,11 +226,12 @@ class _Graph:
     """A function of a dict of tensors captured in one CUDA graph: static input buffers are filled by copy_, the
     graph replayed, its static outputs returned. Warmup runs (which compile) happen on a side stream first. The CUDA
     generator is rewound to where it was before the warmups, so the first replay draws the random numbers a plain
-    first call would have (a replay reads the generator's offset at replay time)."""
+    first call would have (a replay reads the generator's offset at replay time). `device`: the CUDA device, where
+    `example` has no tensor to tell it (a function of no inputs)."""
 
-    def __init__(self, fn, example: dict[str, torch.Tensor], warmup: int = 3, before_capture=None):
+    def __init__(self, fn, example: dict[str, torch.Tensor], warmup: int = 3, before_capture=None, device=None):
         self.static = {k: v.clone() for k, v in example.items()}
-        device = next(iter(example.values())).device
+        device = device if device is not None else next(iter(example.values())).device
         rng = torch.cuda.get_rng_state(device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
