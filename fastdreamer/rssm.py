@@ -45,7 +45,7 @@ class BlockGRUCore(nn.Module):
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
-        return block_gru.action_branch(_scale_action(action), self.weights())
+        return block_gru.reference.action_branch(_scale_action(action), self.weights())
 
     # The action branch's parameters (those of its tap sites, ACTION_SITES): what hoisting it takes out of the steps.
     action_params = tuple(

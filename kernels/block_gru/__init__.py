@@ -18,7 +18,7 @@ import torch
 from . import reference
 from .reference import BlockGRUWeights, check_shapes
 
-__all__ = ["BlockGRUWeights", "check_shapes", "set_impl", "get_impl", "step", "rollout", "action_branch", "IMPLS"]
+__all__ = ["BlockGRUWeights", "check_shapes", "set_impl", "get_impl", "step", "rollout", "IMPLS"]
 
 IMPLS = ("torch", "triton")
 _impl = "torch"
@@ -68,7 +68,7 @@ def _bf16_autocast(device: torch.device) -> bool:
 def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, taps=None, x2=None):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
     reference.step); with them the return is (deter, seen). x2: the action branch computed by the caller
-    (action_branch; the torch core only: the fused kernels compute all three branches themselves)."""
+    (reference.action_branch; the torch core only: the fused kernels compute all three branches themselves)."""
     if _impl == "triton":
         from . import fused
 
@@ -76,11 +76,6 @@ def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, t
             raise ValueError("block_gru: the triton core computes the action branch itself; x2 is for the torch core")
         return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device), taps=taps)
     return reference.step(deter, stoch, action, w, taps=taps, x2=x2)
-
-
-def action_branch(action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
-    """The torch core's action branch for any rows (reference.action_branch): what step() takes as x2."""
-    return reference.action_branch(action, w)
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
