@@ -112,19 +112,21 @@ quick() {
   #    sync debug mode over updates and acting in each mode.
   step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
     tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
-  # 2. The 12m table: sessions 8-9's changes together (observe's hoisted inputs, tensor-core weight products,
-  #    emit_copies, hoist_action, the compiled LaProp step; predicted 13.8 -> ~12.3-12.8 ms per full update).
+  # 2. The 12m table: sessions 8-10's changes together (observe's hoisted inputs, tensor-core weight products,
+  #    emit_copies, hoist_action, merge_deter, the compiled LaProp step; predicted 13.8 -> ~12.0-12.5 ms per full
+  #    update).
   step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. emit_copies and hoist_action, each against the last, in one process (predicted at most -0.40 ms and at most
-  #    -0.27 ms: the profile's time of the kernels they remove; per_step is always timed too, as the check's
-  #    reference).
-  step observe_ab 120 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs --variants defer,emit,hoist \
-    --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1
-  # 4. The LaProp step alone, eager against compiled, each captured in a CUDA graph (predicted ~0.45 -> ~0.15 ms).
-  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
-  # 5. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too).
+  # 3. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too):
+  #    the only pong figure of the plan, and the image update's time inside the loop.
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
+  # 4. emit_copies, hoist_action and merge_deter, each against the last, in one process (predicted at most -0.40,
+  #    -0.27 and -0.45 ms: the profile's time of the kernels they remove; per_step is always timed too, as the
+  #    check's reference).
+  step observe_ab 150 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs \
+    --variants defer,emit,hoist,merge --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1
+  # 5. The LaProp step alone, eager against compiled, each captured in a CUDA graph (predicted ~0.45 -> ~0.15 ms).
+  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   # 6. The 12m image-observation update (never measured; pong's update): what is left of the budget.
   step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1

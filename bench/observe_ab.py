@@ -9,8 +9,10 @@ its steps' output gradients two ways, and their action input two:
             after the loop's backward (fastdreamer/defer.py)
   emit      defer, and each step's deter and sample gradients (from the next step and from the output stack) summed
             inside its compiled backward, the stack's gradients contiguous (RSSM.emit_copies)
-  hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action): the
-            fast modes' default on CUDA with the torch core
+  hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action)
+  merge     hoist, and one matmul of each step's new deter for its posterior and the next step's core, the
+            posterior's token part before the loop (RSSM.merge_deter): the fast modes' default on CUDA with the
+            torch core
   cpu       fan_out, emit and hoist without defer: the fast modes' default on a CPU (defer is CUDA-only there)
 
 These machines are noisy, so the variants are timed in one process, alternated round by round, and reported as ratios
@@ -37,13 +39,20 @@ from .__main__ import meta
 from .bench_block_gru import write_json
 from .common import make_agent, make_config, random_batch, timeit
 
-FLAGS = ("fan_out", "defer", "emit_copies", "hoist_action")  # RSSM attributes; each variant turns some on
+FLAGS = (
+    "fan_out",
+    "defer",
+    "emit_copies",
+    "hoist_action",
+    "merge_deter",
+)  # RSSM attributes; each variant turns some on
 VARIANTS = {
     "per_step": (),
     "fan_out": ("fan_out",),
     "defer": ("defer",),
     "emit": ("defer", "emit_copies"),
     "hoist": ("defer", "emit_copies", "hoist_action"),
+    "merge": ("defer", "emit_copies", "hoist_action", "merge_deter"),
     "cpu": ("fan_out", "emit_copies", "hoist_action"),
 }
 # One update from the same state, every variant against per_step: the largest relative difference (in norm) of one

@@ -48,7 +48,8 @@ def _observe(variant: str, size: str, device: str, precision: str, T: int):
     agent, _ = make_agent(cfg, "vector", device)
     fast.compile_agent(agent)
     rssm = agent.rssm
-    rssm.__dict__.pop("action_inputs")  # eager: the generated code is then the step's graphs alone
+    for unit in ("action_inputs", "deter_inputs"):  # eager: the generated code is then the step's graphs alone
+        rssm.__dict__.pop(unit)
     set_flags(rssm, variant)
     B = cfg.batch_size
     g = torch.Generator().manual_seed(0)

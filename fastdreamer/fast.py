@@ -170,6 +170,10 @@ def compile_agent(agent) -> None:
     # eager, its mask, norm and SiLU and their backward were ~30 small kernels per update.
     rssm.hoist_action = True
     rssm.action_inputs = torch.compile(rssm.action_inputs, dynamic=False)
+    # One matmul of each step's new deter for its posterior and the next step's core (RSSM.merge_deter; under defer,
+    # the torch core), with the posterior's token part for all steps before the loop, compiled as its own unit.
+    rssm.merge_deter = True
+    rssm.deter_inputs = torch.compile(rssm.deter_inputs, dynamic=False)
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out
@@ -195,10 +199,10 @@ def compile_optimizer(opt) -> None:
 
 
 def _same_grad_inputs(step):
-    """The observe loop's first step gets deter and stoch without grad (replay context), the later ones with grad;
-    a compiled step guards on requires_grad, so that would be two graphs and two backward graphs to compile. Fresh
-    leaves that require grad make step 0 take the same graph; their gradients are computed and dropped, and the
-    caller's tensors, which had no grad, are unchanged."""
+    """The observe loop's first step gets deter and stoch (and merge_deter's x0p) without grad (replay context), the
+    later ones with grad; a compiled step guards on requires_grad, so that would be two graphs and two backward graphs
+    to compile. Fresh leaves that require grad make step 0 take the same graph; their gradients are computed and
+    dropped, and the caller's tensors, which had no grad, are unchanged."""
 
     def call(deter, stoch, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -206,6 +210,9 @@ def _same_grad_inputs(step):
                 deter = deter.detach().requires_grad_()
             if not stoch.requires_grad:
                 stoch = stoch.detach().requires_grad_()
+            x0p = kwargs.get("x0p")  # RSSM.merge_deter: the first step's comes from the initial deter
+            if x0p is not None and not x0p.requires_grad:
+                kwargs["x0p"] = x0p.detach().requires_grad_()
         return step(deter, stoch, *args, **kwargs)
 
     return call

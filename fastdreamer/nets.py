@@ -64,10 +64,15 @@ class Dense(nn.Module):
         self.linear = Linear(fin, fout)
         self.norm = RMSNorm(fout)
 
-    def forward(self, x: torch.Tensor, taps=None, seen=None, site: str = "") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, taps=None, seen=None, site: str = "", y=None) -> torch.Tensor:
         """taps: deferred weight gradients (fastdreamer/defer.py): zeros at sites `{site}x` (the linear's output,
-        a "linear" site) and `{site}n` (the scaled norm, a "scale" site); their other factors go into `seen`."""
-        y = self.linear(x)
+        a "linear" site) and `{site}n` (the scaled norm, a "scale" site); their other factors go into `seen`.
+        y: the linear's output, computed by the caller (RSSM.merge_deter; with taps only); x is then only the
+        site's factor."""
+        if y is None:
+            y = self.linear(x)
+        elif taps is None:
+            raise ValueError("Dense: a precomputed linear output y is for the deferred-gradient path (taps)")
         if taps is None:
             return F.silu(self.norm(y))
         seen[site + "x"] = x

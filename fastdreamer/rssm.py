@@ -4,6 +4,7 @@ S categorical latents of C classes with 1% unimix and straight-through samples, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import defer, dists, fanout
@@ -35,13 +36,13 @@ class BlockGRUCore(nn.Module):
     def weights(self) -> block_gru.BlockGRUWeights:
         return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
 
-    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None):
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None, x0p=None):
         """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
         action_x: the action branch already computed (action_branch; block_gru.step's x2); then action is not
-        read."""
+        read. x0p: deter @ w0 already computed (block_gru.step's x0p)."""
         if action_x is None:
             action = _scale_action(action)
-        return block_gru.step(deter, stoch, action, self.weights(), taps=taps, x2=action_x)
+        return block_gru.step(deter, stoch, action, self.weights(), taps=taps, x2=action_x, x0p=x0p)
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
@@ -104,6 +105,15 @@ class RSSM(nn.Module):
         # and a norm per step (the torch core only: the Triton core's kernels compute all three branches). Off in
         # eager (the plain loop is the reference); the fast modes set it.
         self.hoist_action = False
+        # Two matmuls of each observe step read the step's new deter: the posterior's first layer (of concat(deter,
+        # token)) and, in the next step, the core's deter branch (deter @ w0; the next step's is_first mask zeroes
+        # rows of the product as it would zero rows of deter). With merge_deter, observe multiplies deter once by
+        # both weights side by side, (D, U + K), and hands the product's w0 part to the next step (x0p); the
+        # posterior layer's token part does not depend on the recurrence and is one matmul over all B*T rows before
+        # the loop (token_x). One matmul fewer per step forward, and one fewer backward (deter's gradient from both
+        # uses is one product). Under defer only (the merged weight is a copy without gradient; the taps give the
+        # weights theirs), the torch core. Off in eager; the fast modes set it.
+        self.merge_deter = False
 
     @property
     def feat_dim(self) -> int:
@@ -118,7 +128,21 @@ class RSSM(nn.Module):
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
     def obs_step(
-        self, deter, stoch, action, token, is_first, u=None, params=None, *, taps=None, emit=False, action_x=None
+        self,
+        deter,
+        stoch,
+        action,
+        token,
+        is_first,
+        u=None,
+        params=None,
+        *,
+        taps=None,
+        emit=False,
+        action_x=None,
+        x0p=None,
+        merged=None,
+        token_x=None,
     ):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
@@ -126,25 +150,48 @@ class RSSM(nn.Module):
         zeros for all sites of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch
         sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
         copies of deter and the sample (emit_copies). action_x: the core's action branch of this step's action
-        (masked by is_first), computed by the caller (hoist_action); then action is not read."""
-        args, kwargs = (deter, stoch, action, token, is_first, u), dict(taps=taps, emit=emit, action_x=action_x)
+        (masked by is_first), computed by the caller (hoist_action); then action is not read. merge_deter (with
+        taps): x0p deter @ w0 (N, K) from the previous step (this step masks it as it masks deter), merged the
+        (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of its token part; the return then has,
+        after the factors, the next step's x0p."""
+        args = (deter, stoch, action, token, is_first, u)
+        kwargs = dict(taps=taps, emit=emit, action_x=action_x, x0p=x0p, merged=merged, token_x=token_x)
         if params is None:
             return self(*args, **kwargs)
         return torch.func.functional_call(self, params, args, kwargs)
 
-    def forward(self, deter, stoch, action, token, is_first, u=None, *, taps=None, emit=False, action_x=None):
+    def forward(
+        self,
+        deter,
+        stoch,
+        action,
+        token,
+        is_first,
+        u=None,
+        *,
+        taps=None,
+        emit=False,
+        action_x=None,
+        x0p=None,
+        merged=None,
+        token_x=None,
+    ):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer)."""
-        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x)
+        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, x0p, merged, token_x)
         return (*out, out[0].clone(), out[1].clone()) if emit else out
 
-    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x):
+    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x, x0p, merged, token_x):
         keep = (~is_first).to(deter.dtype)[:, None]
         deter = deter * keep
+        if x0p is not None:
+            x0p = x0p * keep
         if action_x is None:
             action = action * keep
         stoch = stoch * keep[:, :, None]
         if taps is None:
+            if x0p is not None or merged is not None:
+                raise ValueError("RSSM: x0p and merged (merge_deter) are for the deferred-gradient path (taps)")
             deter = self.core(deter, stoch.flatten(1), action, action_x=action_x)
             logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
             return deter, dists.sample_onehot(logp, u), logp
@@ -152,15 +199,20 @@ class RSSM(nn.Module):
         sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
         taps = defer.split(taps, sites)
         core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
-        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x)
+        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p)
         seen = {f"core.{s}": x for s, x in core_seen.items()}
         x = torch.cat([deter, token], -1)
+        y, nxt = None, ()
+        if merged is not None:  # merge_deter: one product of deter for this step's posterior and the next step's core
+            prod = deter @ merged
+            U = self.obs_net[0].linear.out_features
+            y, nxt = prod[:, :U] + token_x, (prod[:, U:].contiguous(),)  # contiguous: its gradient is, uncopied
         for i, layer in enumerate(self.obs_net):
-            x = layer(x, taps, seen, f"obs_net.{i}.")
+            x = layer(x, taps, seen, f"obs_net.{i}.", y=y if i == 0 else None)
         seen["obs_logit.x"] = x
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
-        return deter, dists.sample_onehot(logp, u), logp, defer.pack(seen, sites)
+        return deter, dists.sample_onehot(logp, u), logp, defer.pack(seen, sites), *nxt
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
 
@@ -216,6 +268,8 @@ class RSSM(nn.Module):
         action_x = self.action_inputs(actions, is_first).unbind(1) if hoist else [None] * T
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
+        merge = self.merge_deter and self.defer and grad and block_gru.get_impl() == "torch" and len(self.obs_net) > 0
+        x0p, merged, token_x = None, None, [None] * T
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params(hoist)
@@ -223,6 +277,12 @@ class RSSM(nn.Module):
             taps = defer.taps(self.tap_sites(bool(dtypes), hoisted=hoist), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
+            if merge:
+                w = per_step[0]
+                merged, x0p, token_x = self.deter_inputs(
+                    deter, tokens, w["obs_net.0.linear.weight"], w["obs_net.0.linear.bias"], w["core.w0"]
+                )
+                token_x = token_x.unbind(1)
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
             per_step = fanout.fan_out(self.step_params(hoist), T, dtypes)
         emit = self.emit_copies and grad
@@ -239,9 +299,14 @@ class RSSM(nn.Module):
                 taps=taps[t],
                 emit=emit,
                 action_x=action_x[t],
+                x0p=x0p,
+                merged=merged,
+                token_x=token_x[t],
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches
+            if merge:
+                x0p = out[4]
             deter, stoch, logp = out[:3]
             deters.append(out[-2] if emit else deter)
             stochs.append(out[-1] if emit else stoch)
@@ -256,6 +321,18 @@ class RSSM(nn.Module):
         so that the fast modes compile it (fast.compile_agent): observe's loop itself runs eagerly."""
         keep = (~is_first).to(actions.dtype)[..., None]
         return self.core.action_branch((actions * keep).flatten(0, 1)).unflatten(0, actions.shape[:2])
+
+    def deter_inputs(self, deter, tokens, weight, bias, w0):
+        """What observe's steps take under merge_deter, from the posterior's first layer (weight (U, D + E), bias)
+        and the core's w0 (D, K) as the steps get them (cast, without gradient): the merged weight (D, U + K) =
+        [weight's deter columns transposed | w0]; the first step's x0p, the w0 part of deter (B, D) times it (computed
+        as each step computes its own); and token_x (B, T, U), the layer's
+        token part with its bias for all rows, tokens (B, T, E) @ weight's token columns + bias. A unit of its own
+        so that the fast modes compile it (fast.compile_agent)."""
+        D = self.deter
+        merged = torch.cat([weight[:, :D].t(), w0], 1)
+        x0p = (deter @ merged)[:, weight.shape[0] :].contiguous()
+        return merged, x0p, F.linear(tokens, weight[:, D:], bias)
 
     def step_params(self, hoisted: bool = False) -> dict[str, torch.Tensor]:
         """The parameters each observe step uses: the core's and the posterior's; hoisted: less the core's action

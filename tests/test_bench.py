@@ -187,9 +187,9 @@ def test_block_gru_bench_times_the_deferred_modes_fwd_bwd_only_after_their_check
 
 
 def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(tmp_path, monkeypatch):
-    """bench.observe_ab at a tiny shape on the CPU: per_step, defer, emit, hoist and cpu pass their gradient check and
-    are timed; a variant whose update raises (here fan_out, made to) is a FAIL row with its error, and the run still
-    completes."""
+    """bench.observe_ab at a tiny shape on the CPU: per_step, defer, emit, hoist, merge and cpu pass their gradient
+    check and are timed; a variant whose update raises (here fan_out, made to) is a FAIL row with its error, and the
+    run still completes."""
     from bench import observe_ab
     from fastdreamer import fast
 
@@ -206,9 +206,17 @@ def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(t
     observe_ab.main([*args, "--batch-size", "2", "--batch-length", "6", "--imag-length", "2", "--json", str(out)])
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["rows"]}
-    assert result["complete"] is True and list(rows) == ["per_step", "fan_out", "defer", "emit", "hoist", "cpu"]
+    assert result["complete"] is True and list(rows) == [
+        "per_step",
+        "fan_out",
+        "defer",
+        "emit",
+        "hoist",
+        "merge",
+        "cpu",
+    ]
     assert rows["fan_out"]["ok"] is False and "injected" in rows["fan_out"]["error"]
-    for v in ("per_step", "defer", "emit", "hoist", "cpu"):
+    for v in ("per_step", "defer", "emit", "hoist", "merge", "cpu"):
         assert rows[v]["ok"] is True and rows[v]["median_ms"] > 0, rows[v]
         assert rows[v]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"], rows[v]
 

@@ -195,6 +195,53 @@ def test_observe_with_the_action_branch_hoisted_matches_the_per_step_observe(pre
         assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
 
 
+# bf16 autocast, merge_deter against the unmerged loop: the posterior's first pre-activation is the sum of two bf16
+# products (deter's part and the hoisted token part, each rounded) instead of one rounded product, and deter's
+# gradient from its two uses is one bf16 matmul instead of two: bf16 roundings in other places, which the small
+# tests' gradients amplify (norms over 8 units, bias gradients that are sums with cancellation). Seen <= 2.7e-2 here
+# (the core's biases); the bound is the fast-mode tests' bf16 gradient bound (tests/test_fast.py GRAD_REL_TOL), well
+# below the O(1) error of a wrong column, mask or bias.
+MERGE_BF16_REL = 0.1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_observe_with_the_deter_matmul_merged_matches_the_unmerged_observe(precision):
+    """merge_deter (the fast modes' observe under defer, torch core) against the same loop without it and against the
+    plain loop. float32: the same latents, deters and log-probs within 1e-5 (the merged matmul and the hoisted token
+    part sum in another order; seen 1.5e-8 and 7.2e-7), every parameter's gradient within GRAD_REL of the plain loop's
+    (seen 1.1e-6). bf16: the same latents and deters (the w0 part of the merged product rounds as the core's own
+    matmul), log-probs within 2^-6 in norm (seen 2.7e-3), gradients within MERGE_BF16_REL. The merge needs defer:
+    without it the flag changes nothing. Parameters are moved off their init (zero biases, unit scales), so that a
+    dropped bias or scale shows."""
+    inputs, weights = observe_inputs()
+    rssm = make_rssm()
+    with torch.no_grad():  # non-zero biases, scales off one: a dropped bias or scale shows
+        for q in rssm.parameters():
+            q.add_(0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
+    rssm.defer = rssm.hoist_action = rssm.merge_deter = True
+    got, got_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.merge_deter = False
+    unmerged, unmerged_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.defer = rssm.hoist_action = False
+    want, want_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.merge_deter = True  # without defer: the plain loop
+    plain, plain_grads = run_observe(rssm, inputs, weights, precision)
+    assert all(torch.equal(a, b) for a, b in zip(plain, want))
+    assert all(torch.equal(plain_grads[n], want_grads[n]) for n in want_grads)
+
+    assert torch.equal(got[1], want[1]), "latents differ"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, msg=lambda m: f"deters: {m}")
+    if precision == "fp32":  # reassociation
+        torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6, msg=lambda m: f"log-probs: {m}")
+    else:  # a few bf16 roundings (2^-8 relative each) of the pre-activation, through norm and logit layer: in norm
+        assert rel(got[2], want[2]) < 2**-6, f"log-probs: relative error {rel(got[2], want[2])}"
+    assert sorted(got_grads) == sorted(want_grads) == sorted(unmerged_grads)
+    tol = GRAD_REL if precision == "fp32" else MERGE_BF16_REL
+    for name, g in got_grads.items():
+        assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
+        assert rel(g, unmerged_grads[name]) < tol, f"gradient of {name} vs unmerged: {rel(g, unmerged_grads[name])}"
+
+
 class MatmulCount(TorchDispatchMode):
     """Counts matmul calls (mm, bmm, addmm) at the dispatcher."""
 
@@ -231,6 +278,29 @@ def test_defer_makes_one_weight_gradient_matmul_per_weight_not_one_per_step():
     assert deferred[3] - 3 * slope["defer"] - (per_step[3] - 3 * slope["per_step"]) == 7, (per_step, deferred)
 
 
+def test_merge_deter_makes_two_matmuls_fewer_per_step():
+    """What merge_deter is for, counted at the dispatcher over an observe forward and backward of T steps (defer and
+    hoist_action on in both): per step one matmul of deter for the posterior and the next step's core instead of two,
+    and one for deter's gradient from both instead of two; once, before the loop, the first step's product and the
+    posterior's token part for all rows, and in the backward the tokens' and the initial deter's gradients from
+    them."""
+    inputs, weights = observe_inputs()
+
+    def count(merge: bool, T: int) -> int:
+        rssm = make_rssm(obslayers=1)
+        rssm.defer = rssm.hoist_action = True
+        rssm.merge_deter = merge
+        deter0 = inputs[0].clone().requires_grad_()
+        args = [deter0, inputs[1], inputs[2][:, :T].clone().requires_grad_(), inputs[3][:, :T], inputs[4][:, :T]]
+        with MatmulCount() as c:
+            run_observe(rssm, args, weights[:, :T], "fp32")
+        return c.calls
+
+    counts = {merge: {T: count(merge, T) for T in (3, 5)} for merge in (False, True)}
+    slope = {k: (v[5] - v[3]) / 2 for k, v in counts.items()}
+    assert slope[False] - slope[True] == 2, counts
+
+
 def test_tap_sites_must_cover_every_step_parameter(monkeypatch):
     """A step parameter without a site would get no gradient at all under defer; tap_sites refuses that."""
     rssm = make_rssm()
@@ -250,6 +320,19 @@ def test_the_compiled_step_backward_has_no_weight_gradient_matmuls_under_defer()
     assert sum(deferred[0].values()) <= sum(per_step[0].values()), (deferred, per_step)
     assert deferred[0]["extern"] == per_step[0]["extern"], (deferred, per_step)
     assert per_step[1]["extern"] - deferred[1]["extern"] == 7, (deferred, per_step)
+
+
+def test_the_merged_deter_matmul_leaves_the_compiled_step_one_matmul_fewer_each_way():
+    """bench.step_kernels: with merge_deter the compiled step's forward and backward each have one matmul fewer than
+    with hoist_action alone (float32: seen 8/6/1 + 7/6/0 -> 7/5/1 + 6/5/0), and nothing runs between the steps (the
+    carried product is contiguous, so its gradient needs no copy)."""
+    from bench.step_kernels import between, count
+
+    hoisted, merged = (count(v, "debug", "cpu", "fp32") for v in ("hoist", "merge"))
+    assert hoisted[0]["extern"] - merged[0]["extern"] == 1, (merged, hoisted)
+    assert hoisted[1]["extern"] - merged[1]["extern"] == 1, (merged, hoisted)
+    assert sum(merged[0].values()) < sum(hoisted[0].values()), (merged, hoisted)
+    assert not any(between("merge", "debug", "cpu", "fp32").values())
 
 
 def test_the_hoisted_action_branch_leaves_the_compiled_step_one_matmul_fewer():

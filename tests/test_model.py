@@ -111,8 +111,44 @@ def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
         reference.step(deter, stoch, None, w, bf16, taps=taps, x2=x2)
 
     monkeypatch.setattr(block_gru, "_impl", "triton")
-    with pytest.raises(ValueError, match="computes the action branch itself"):
+    with pytest.raises(ValueError, match="computes its input branches itself; x2"):
         block_gru.step(deter, stoch, None, w, x2=x2)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_block_gru_step_takes_its_deter_product_precomputed(bf16, monkeypatch):
+    """step(..., x0p=deter @ w0) is step(...), bitwise, output and every gradient (deter's through both its uses, w0's
+    through the product), with taps the same seen factors at every site (x0's is still deter); with rows of deter
+    and of the product zeroed alike (the RSSM's is_first mask) too. The Triton core refuses x0p."""
+    from fastdreamer.kernels import block_gru
+
+    g = torch.Generator().manual_seed(12)
+    B, D, G, K, SC, A = 3, 24, 4, 5, 12, 3
+    w = reference.random_weights(D, G, K, SC, A, g)
+    w = reference.BlockGRUWeights(*(t.requires_grad_() for t in w))
+    deter, stoch, action = (torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A))
+    keep = torch.tensor([1.0, 0.0, 1.0])[:, None]
+    probe = torch.randn(B, D, generator=g)
+    leaves = [deter, stoch, action, *w]
+    want = reference.step(deter * keep, stoch, action, w, bf16)
+    prod = reference._operand(deter, bf16) @ reference._operand(w.w0, bf16)
+    got = reference.step(deter * keep, stoch, action, w, bf16, x0p=prod * keep)
+    assert torch.equal(got, want)
+    for a, b in zip(
+        torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
+    ):
+        assert torch.equal(a, b)
+
+    widths = reference.tap_widths(w)
+    taps = {site: torch.zeros(B, widths[site]) for site in reference.TAP_SITES}
+    out, seen = reference.step(deter, stoch, action, w, bf16, taps=taps)
+    out_p, seen_p = reference.step(deter, stoch, action, w, bf16, taps=taps, x0p=prod)
+    assert torch.equal(out_p, out) and sorted(seen_p) == sorted(seen)
+    assert all(torch.equal(seen_p[site], seen[site]) for site in seen)
+
+    monkeypatch.setattr(block_gru, "_impl", "triton")
+    with pytest.raises(ValueError, match="computes its input branches itself; x0p"):
+        block_gru.step(deter, stoch, action, w, x0p=prod)
 
 
 def test_block_gru_rejects_bad_shapes():

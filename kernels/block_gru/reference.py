@@ -160,10 +160,12 @@ def tap_widths(w: BlockGRUWeights) -> dict[str, int]:
     return {"x0": K, "n0": K, "x1": K, "n1": K, "x2": K, "n2": K, "h": D, "nh": D, "g": 3 * D}
 
 
-def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0) -> torch.Tensor:
-    """silu(rms(inp @ wt + b) * s), one input branch; tap(site, value, factor) adds the taps of step()."""
+def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0, prod=None) -> torch.Tensor:
+    """silu(rms(inp @ wt + b) * s), one input branch; tap(site, value, factor) adds the taps of step(). prod: inp @ wt
+    computed by the caller (step's x0p)."""
     tap = tap or (lambda site, y, x: y)
-    pre = tap(f"x{i}", _operand(inp, bf16) @ _operand(wt, bf16) + b.float(), inp)
+    prod = _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
+    pre = tap(f"x{i}", prod + b.float(), inp)
     n = rms_normalize(pre)
     return F.silu(tap(f"n{i}", n * s.float(), n))
 
@@ -183,13 +185,16 @@ def step(
     bf16: bool = False,
     taps: dict[str, torch.Tensor] | None = None,
     x2: torch.Tensor | None = None,
+    x0p: torch.Tensor | None = None,
 ):
     """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
     compute of the module docstring. taps: {site: (B, width) zeros} for every site of TAP_SITES; then the return is
     (deter, seen), seen[site] the other factor of the site's parameter gradients (the matmul's input, before any
     bf16 rounding, or the normalised value a scale multiplies). Without taps the computation is the same, tap-free.
     x2: the action branch already computed (action_branch of this step's action, (B, K)); then action is not read
-    and the branch's sites (ACTION_SITES) take no taps."""
+    and the branch's sites (ACTION_SITES) take no taps. x0p: the deter branch's product deter @ w0 (B, K), computed
+    by the caller (the RSSM's observe loop computes it with the matmul that also reads deter for its posterior,
+    RSSM.merge_deter); then w0 is not read (its tap site still is: its factor is deter)."""
     if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):
         raise ValueError(f"block_gru: taps at the action branch's sites {given} with x2: they would get no gradient")
     B, D = deter.shape
@@ -203,7 +208,7 @@ def step(
         seen[site] = x
         return y + taps[site].to(y.dtype)
 
-    x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0)
+    x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0, x0p)
     x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1)
     x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
     x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
