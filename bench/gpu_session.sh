@@ -113,8 +113,8 @@ quick() {
   step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
     tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
   # 2. The 12m table: sessions 8-10's changes together (observe's hoisted inputs, tensor-core weight products,
-  #    emit_copies, hoist_action, merge_deter, the compiled LaProp step; predicted 13.8 -> ~12.0-12.5 ms per full
-  #    update).
+  #    emit_copies, hoist_action, merge_deter, the compiled LaProp step, the merged rollout; predicted 13.8 ->
+  #    ~11.5-12.3 ms per full update, imagine 2.52 -> ~2.1-2.3 ms).
   step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
   # 3. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too):

@@ -11,6 +11,7 @@ from torch import nn
 
 from . import dists
 from .config import SIZES, Config
+from .kernels import block_gru
 from .nets import MLP, Decoder, Encoder, Linear, symlog
 from .rssm import RSSM, feat
 
@@ -29,8 +30,9 @@ class Head(nn.Module):
         self.out = Linear(self.mlp.out_dim, out, outscale)
         self.std = Linear(self.mlp.out_dim, out, outscale) if std else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.mlp(x)
+    def forward(self, x: torch.Tensor, y0: torch.Tensor | None = None) -> torch.Tensor:
+        """y0: the MLP's first linear output, computed by the caller (MLP's y0); x is then not read."""
+        h = self.mlp(x, y0)
         if self.std is None:
             return self.out(h)
         return torch.cat([self.out(h), self.std(h)], -1)
@@ -101,8 +103,10 @@ class Agent(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("slow_critic.")]
 
-    def policy(self, f: torch.Tensor) -> dists.Policy:
-        return dists.Policy(self.actor(f), self.spec.discrete, self.cfg.policy_unimix, self.cfg.minstd, self.cfg.maxstd)
+    def policy(self, f: torch.Tensor, y0: torch.Tensor | None = None) -> dists.Policy:
+        """The actor's distribution at feat f; y0: its first linear output, computed by the caller (Head's y0)."""
+        raw = self.actor(f, y0)
+        return dists.Policy(raw, self.spec.discrete, self.cfg.policy_unimix, self.cfg.minstd, self.cfg.maxstd)
 
     def initial(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         deter, stoch = self.rssm.initial(n, device)
@@ -154,6 +158,43 @@ class Agent(nn.Module):
                 deter, stoch, _ = self.rssm.img_step(deter, stoch, action, lat_u[h])
                 feats.append(feat(deter, stoch))
             acts.append(self.policy(feats[-1]).sample(act_noise[-1]))
+            return torch.stack(feats, 1), torch.stack(acts, 1)
+
+    def merged_rollout(self, deter, stoch, lat_u: torch.Tensor, act_noise: torch.Tensor):
+        """rollout() with the matmuls that read the same tensor merged into one (what the fast modes run; eager runs
+        rollout(), the reference). Each step's new deter is read by three matmuls (the prior's first layer now, and
+        in the next step the actor's first layer and the core's deter branch) and each new sample by two (the
+        actor's first layer and the core's stoch branch, next step): here by one each, of the weights side by side,
+        whose parts the steps take precomputed (Head's and MLP's y0, block_gru.step's x0p and x1p). At batch 1024 a
+        matmul with 256 output columns fills few of a GPU's SMs, so one with 768 costs about what one of 256 did.
+        Three matmuls fewer per step; the same math up to the order of the sums (and, under bf16 autocast, the
+        actor's first pre-activation is two rounded bf16 products summed instead of one). The Triton core computes
+        its branches itself: then this is rollout()."""
+        rssm, actor = self.rssm, self.actor
+        if block_gru.get_impl() != "torch" or not len(actor.mlp) or not len(rssm.img_net):
+            return Agent.rollout(self, deter, stoch, lat_u, act_noise)
+        with torch.no_grad():
+            D, lin_a, lin_p = rssm.deter, actor.mlp[0].linear, rssm.img_net[0].linear
+            ua, k = lin_a.out_features, rssm.core.w0.shape[1]
+            # Output columns: [actor | core branch | prior] of deter, [actor | core branch] of the flat sample.
+            w_deter = torch.cat([lin_a.weight[:, :D].t(), rssm.core.w0, lin_p.weight.t()], 1)
+            w_stoch = torch.cat([lin_a.weight[:, D:].t(), rssm.core.w1], 1)
+
+            def actor_y(pd, ps):
+                return (pd[:, :ua] + ps[:, :ua] + lin_a.bias).to(pd.dtype)
+
+            pd, ps = deter @ w_deter, stoch.flatten(1) @ w_stoch
+            feats, acts = [feat(deter, stoch)], []
+            for h in range(lat_u.shape[0]):
+                action = self.policy(feats[-1], actor_y(pd, ps)).sample(act_noise[h])
+                acts.append(action)
+                deter = rssm.core(deter, stoch.flatten(1), action, x0p=pd[:, ua : ua + k], x1p=ps[:, ua:])
+                pd = deter @ w_deter
+                logp = rssm.prior(deter, (pd[:, ua + k :] + lin_p.bias).to(pd.dtype))
+                stoch = dists.sample_onehot(logp, lat_u[h])
+                ps = stoch.flatten(1) @ w_stoch
+                feats.append(feat(deter, stoch))
+            acts.append(self.policy(feats[-1], actor_y(pd, ps)).sample(act_noise[-1]))
             return torch.stack(feats, 1), torch.stack(acts, 1)
 
     def _update_retnorm(self, ret: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,12 +67,10 @@ class Dense(nn.Module):
     def forward(self, x: torch.Tensor, taps=None, seen=None, site: str = "", y=None) -> torch.Tensor:
         """taps: deferred weight gradients (fastdreamer/defer.py): zeros at sites `{site}x` (the linear's output,
         a "linear" site) and `{site}n` (the scaled norm, a "scale" site); their other factors go into `seen`.
-        y: the linear's output, computed by the caller (RSSM.merge_deter; with taps only); x is then only the
-        site's factor."""
+        y: the linear's output, computed by the caller (a matmul shared with other layers: RSSM.merge_deter,
+        Agent.merged_rollout); x is then not read, or with taps only as the site's factor."""
         if y is None:
             y = self.linear(x)
-        elif taps is None:
-            raise ValueError("Dense: a precomputed linear output y is for the deferred-gradient path (taps)")
         if taps is None:
             return F.silu(self.norm(y))
         seen[site + "x"] = x
@@ -86,6 +84,12 @@ class MLP(nn.Sequential):
     def __init__(self, fin: int, units: int, layers: int):
         super().__init__(*[Dense(fin if i == 0 else units, units) for i in range(layers)])
         self.out_dim = units if layers else fin
+
+    def forward(self, x: torch.Tensor, y0: torch.Tensor | None = None) -> torch.Tensor:
+        """y0: the first layer's linear output, computed by the caller (Dense's y); x is then not read."""
+        for i, layer in enumerate(self):
+            x = layer(x, y=y0 if i == 0 else None)
+        return x
 
 
 class BlockLinear(nn.Module):

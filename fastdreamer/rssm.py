@@ -36,13 +36,14 @@ class BlockGRUCore(nn.Module):
     def weights(self) -> block_gru.BlockGRUWeights:
         return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
 
-    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None, x0p=None):
+    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None, x0p=None, x1p=None):
         """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
         action_x: the action branch already computed (action_branch; block_gru.step's x2); then action is not
-        read. x0p: deter @ w0 already computed (block_gru.step's x0p)."""
+        read. x0p, x1p: deter @ w0 and stoch @ w1 already computed (block_gru.step's)."""
         if action_x is None:
             action = _scale_action(action)
-        return block_gru.step(deter, stoch, action, self.weights(), taps=taps, x2=action_x, x0p=x0p)
+        w = self.weights()
+        return block_gru.step(deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p)
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
@@ -249,8 +250,10 @@ class RSSM(nn.Module):
         logp = self.prior(deter)
         return deter, dists.sample_onehot(logp, u), logp
 
-    def prior(self, deter: torch.Tensor) -> torch.Tensor:
-        return self._logp(self.img_logit(self.img_net(deter)))
+    def prior(self, deter: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Prior log-probs of deter (N, D); y: the first layer's linear output, computed by the caller
+        (Agent.merged_rollout)."""
+        return self._logp(self.img_logit(self.img_net(deter, y)))
 
     def observe(self, deter, stoch, tokens, actions, is_first, u=None):
         """Posterior over a sequence: tokens (B, T, E), actions (B, T, A) (the action before each step),

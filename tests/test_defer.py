@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from counting import MatmulCount
 from fastdreamer.kernels import block_gru
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdreamer import defer
 from fastdreamer.rssm import RSSM
@@ -240,20 +240,6 @@ def test_observe_with_the_deter_matmul_merged_matches_the_unmerged_observe(preci
     for name, g in got_grads.items():
         assert rel(g, want_grads[name]) < tol, f"gradient of {name}: relative error {rel(g, want_grads[name])}"
         assert rel(g, unmerged_grads[name]) < tol, f"gradient of {name} vs unmerged: {rel(g, unmerged_grads[name])}"
-
-
-class MatmulCount(TorchDispatchMode):
-    """Counts matmul calls (mm, bmm, addmm) at the dispatcher."""
-
-    OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func in self.OPS
-        return func(*args, **(kwargs or {}))
 
 
 def test_defer_makes_one_weight_gradient_matmul_per_weight_not_one_per_step():

@@ -65,21 +65,20 @@ def _bf16_autocast(device: torch.device) -> bool:
     return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
 
 
-def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, taps=None, x2=None, x0p=None):
+def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, taps=None, x2=None, x0p=None, x1p=None):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
     reference.step); with them the return is (deter, seen). x2: the action branch computed by the caller
     (reference.action_branch; the torch core only: the fused kernels compute all three branches themselves). x0p:
-    the deter branch's product deter @ w0, computed by the caller (reference.step; the torch core only)."""
+    the deter branch's product deter @ w0, computed by the caller (reference.step; the torch core only); x1p the
+    stoch branch's, stoch @ w1."""
     if _impl == "triton":
         from . import fused
 
-        if x2 is not None or x0p is not None:
-            given = "x2" if x2 is not None else "x0p"
-            raise ValueError(
-                f"block_gru: the triton core computes its input branches itself; {given} is for the torch core"
-            )
+        given = ", ".join(n for n, v in (("x2", x2), ("x0p", x0p), ("x1p", x1p)) if v is not None)
+        if given:
+            raise ValueError(f"block_gru: the triton core computes its input branches itself; {given}: torch core only")
         return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device), taps=taps)
-    return reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p)
+    return reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p)
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:

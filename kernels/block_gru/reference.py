@@ -186,6 +186,7 @@ def step(
     taps: dict[str, torch.Tensor] | None = None,
     x2: torch.Tensor | None = None,
     x0p: torch.Tensor | None = None,
+    x1p: torch.Tensor | None = None,
 ):
     """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
     compute of the module docstring. taps: {site: (B, width) zeros} for every site of TAP_SITES; then the return is
@@ -194,7 +195,8 @@ def step(
     x2: the action branch already computed (action_branch of this step's action, (B, K)); then action is not read
     and the branch's sites (ACTION_SITES) take no taps. x0p: the deter branch's product deter @ w0 (B, K), computed
     by the caller (the RSSM's observe loop computes it with the matmul that also reads deter for its posterior,
-    RSSM.merge_deter); then w0 is not read (its tap site still is: its factor is deter)."""
+    RSSM.merge_deter); then w0 is not read (its tap site still is: its factor is deter). x1p: likewise stoch @ w1
+    (Agent.merged_rollout)."""
     if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):
         raise ValueError(f"block_gru: taps at the action branch's sites {given} with x2: they would get no gradient")
     B, D = deter.shape
@@ -209,7 +211,7 @@ def step(
         return y + taps[site].to(y.dtype)
 
     x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0, x0p)
-    x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1)
+    x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
     x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
     x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
     u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
