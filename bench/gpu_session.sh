@@ -136,7 +136,7 @@ quick() {
 }
 
 diag() {  # the follow-up call after quick: the block-GRU with deferred weight gradients, where a 12m update's time
-  # goes now, and the CUDA-only fast-mode tests
+  # goes now, the merged rollout's A/B, and the CUDA-only fast-mode tests (quick's first step runs them too)
   local rc=0
   summary=""
   begin || return 1
@@ -145,6 +145,10 @@ diag() {  # the follow-up call after quick: the block-GRU with deferred weight g
     --modes compile_defer triton_defer compile triton --json "$OUT/block_gru_defer_12m.json" || rc=1
   step profile 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
     --out "$OUT/profile_update_12m.txt" || rc=1
+  # The merged imagination rollout against the unmerged one, compiled and captured alike (predicted 2.52 -> ~2.1-2.3
+  # ms per rollout at 12m).
+  step rollout_ab 70 python3 -m bench.rollout_ab --device cuda --size 12m --mode graphs \
+    --json "$OUT/rollout_ab_cuda_12m.json" || rc=1
   step cuda_tests 95 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k "cuda or graphed" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

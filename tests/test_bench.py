@@ -221,6 +221,35 @@ def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(t
         assert rows[v]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"], rows[v]
 
 
+def test_rollout_ab_checks_the_merged_rollout_then_times_both(tmp_path, monkeypatch):
+    """bench.rollout_ab at a tiny shape on the CPU: the merged rollout passes its fp32 check against the unmerged one
+    and both are timed; a merged rollout that computes something else (here its feats scaled by 1.01, made to) is a
+    FAIL row, not a time."""
+    from bench import rollout_ab
+
+    args = ["--size", "debug", "--precision", "fp32", "--rounds", "1", "--repeat", "1", "--threads", "1"]
+    args += ["--batch-size", "2", "--batch-length", "4", "--imag-length", "2"]
+    out = tmp_path / "rollout.json"
+    result = rollout_ab.main([*args, "--json", str(out)])
+    assert json.loads(out.read_text())["complete"] is True
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["merged"]["ok"] is True and rows["merged"]["check"] < rollout_ab.FP32_REL, rows
+    assert all(rows[v]["median_ms"] > 0 for v in rollout_ab.VARIANTS), rows
+
+    from fastdreamer.agent import Agent
+
+    merged = Agent.merged_rollout
+
+    def off(self, *a):
+        feats, acts = merged(self, *a)
+        return feats * 1.01, acts
+
+    monkeypatch.setattr(Agent, "merged_rollout", off)
+    rows = {r["variant"]: r for r in rollout_ab.main(args)["rows"]}
+    assert rows["merged"]["ok"] is False and "median_ms" not in rows["merged"], rows
+    assert rows["rollout"]["median_ms"] > 0
+
+
 def test_optim_step_checks_the_compiled_step_then_times_both(tmp_path):
     """bench.optim_step on a few of the debug size's parameters (a cold compile of all 79 takes ~50 s here): the
     compiled step passes its check against the eager one and both are timed, with the ratio in the JSON."""

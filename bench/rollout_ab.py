@@ -1,0 +1,131 @@
+"""A/B of the imagination rollout: Agent.rollout against Agent.merged_rollout, compiled alike, in one process.
+
+The fast modes compile merged_rollout (the matmuls that read one tensor merged into one; fastdreamer/agent.py). This
+times it against the unmerged rollout compiled the same way, from the same starts (B*T of the size's config),
+alternated round by round (these machines are noisy), after a check from the same noise: in fp32 the same actions
+and feats within 1e-4 relative; in bf16, since rounding tips near ties into other trajectories, the first step's
+actions agreeing for at least 95% of the starts (bench/imagine_agreement.py measures the rest). A failed check
+prints FAIL and the variant is not timed.
+
+  python -m bench.rollout_ab --device cuda --size 12m --mode graphs --json bench/results/rollout_ab.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+
+import torch
+
+from fastdreamer import fast
+from fastdreamer.agent import Agent
+
+from .__main__ import meta
+from .bench_block_gru import write_json
+from .common import make_agent, make_config, rollout_starts, timeit
+
+VARIANTS = ("rollout", "merged")
+FP32_REL = 1e-4  # feats, relative in norm: the merged matmuls sum in another order (seen 0 on the CPU at debug)
+BF16_FIRST_AGREE = 0.95  # first-step actions equal for this fraction of the starts (seen 1.0 on the CPU at debug)
+
+
+def make(cfg, obs: str, device, variant: str, mode: str, precision: str):
+    """(agent, imagine): a fresh agent (make_agent's seeded init, the same for every variant) and its imagination
+    in `mode` with `variant`'s rollout (fast.make_imagine compiles merged_rollout)."""
+    agent, _ = make_agent(cfg, obs, device)
+    imagine = fast.make_imagine(agent, mode, precision)
+    if variant == "rollout":
+        plain = functools.partial(Agent.rollout, agent)
+        agent.rollout = fast._graph_break(torch.compile(plain, dynamic=False))
+    return agent, imagine
+
+
+def check(got, want, precision: str) -> tuple[bool, float]:
+    (gf, ga), (wf, wa) = got, want
+    if precision == "fp32":
+        err = float((gf - wf).norm() / wf.norm())
+        return bool(torch.equal(ga, wa)) and err < FP32_REL, err
+    agree = float((ga[:, 0] == wa[:, 0]).all(-1).float().mean())
+    return agree >= BF16_FIRST_AGREE, agree
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="debug")
+    p.add_argument("--obs", default="vector", choices=["vector", "image"])
+    p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
+    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10, help="timed rollouts per variant and round")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="with --batch-length: the B*T starts")
+    p.add_argument("--batch-length", type=int, default=None)
+    p.add_argument("--imag-length", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("rollout_ab: --device cuda asked for, but CUDA is not available here")
+    try:
+        mode = fast.resolve_mode(args.mode, device)
+        precision = fast.resolve_precision(args.precision, mode, device)
+    except ValueError as e:
+        raise SystemExit(f"rollout_ab: {e}") from None
+    shape = {k: getattr(args, k) for k in ("batch_size", "batch_length", "imag_length") if getattr(args, k)}
+    cfg = make_config(args.size, **shape)
+    n = cfg.batch_size * cfg.batch_length
+    info = meta(args, device)
+    info.update(
+        command=" ".join(["python -m bench.rollout_ab", *sys.argv[1:]]),
+        mode=mode,
+        precision=precision,
+        starts=n,
+        horizon=cfg.imag_length,
+        rounds=args.rounds,
+        repeat=args.repeat,
+    )
+    out = {"complete": False, "meta": info, "rows": []}
+    print(f"rollout_ab: {info['device']}, torch {info['torch']}, size {args.size}, {mode} {precision}, {n} starts")
+
+    made = {v: make(cfg, args.obs, device, v, mode, precision) for v in VARIANTS}
+    imagines = {v: imagine for v, (_, imagine) in made.items()}
+    deter, stoch = rollout_starts(made["rollout"][0], n, device)
+    results = {}
+    for v, imagine in imagines.items():
+        torch.manual_seed(5)
+        results[v] = [t.clone() for t in imagine(deter, stoch)]
+    ok, value = check(results["merged"], results["rollout"], precision)
+    print(
+        f"  check merged vs rollout: {'fp32 feats rel' if precision == 'fp32' else 'first-step agreement'} "
+        f"{value:.3g} {'ok' if ok else 'FAIL'}"
+    )
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    variants = list(VARIANTS) if ok else ["rollout"]
+    for r in range(args.rounds):
+        for v in variants:
+            med, _ = timeit(lambda v=v: imagines[v](deter, stoch), device, warmup=2, repeat=args.repeat)
+            times[v].append(med)
+        print(f"  round {r}: " + ", ".join(f"{v} {times[v][-1]:.3f} ms" for v in variants))
+    base = statistics.median(times["rollout"])
+    for v in VARIANTS:
+        row = {"variant": v, "ok": v == "rollout" or ok, "check": value if v == "merged" else None}
+        if times[v]:
+            med = statistics.median(times[v])
+            row.update(median_ms=med, rounds_ms=times[v], ratio=base / med)
+            print(f"  {v:8s} {med:.3f} ms  (rounds {min(times[v]):.3f}-{max(times[v]):.3f})  x{base / med:.2f}")
+        else:
+            print(f"  {v:8s} FAIL (check {value:.3g})")
+        out["rows"].append(row)
+    out["complete"] = True
+    if args.json:
+        write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
