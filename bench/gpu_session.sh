@@ -121,7 +121,7 @@ quick() {
   #    the only pong figure of the plan, and the image update's time inside the loop.
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
   # 4. emit_copies, hoist_action and merge_deter, each against the last, in one process (predicted at most -0.40,
-  #    -0.27 and -0.45 ms: the profile's time of the kernels they remove; per_step is always timed too, as the
+  #    -0.27 and -0.55 ms: the profile's time of the kernels they remove; per_step is always timed too, as the
   #    check's reference).
   step observe_ab 150 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs \
     --variants defer,emit,hoist,merge --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1

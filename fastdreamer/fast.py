@@ -200,10 +200,11 @@ def compile_optimizer(opt) -> None:
 
 
 def _same_grad_inputs(step):
-    """The observe loop's first step gets deter and stoch (and merge_deter's x0p) without grad (replay context), the
-    later ones with grad; a compiled step guards on requires_grad, so that would be two graphs and two backward graphs
-    to compile. Fresh leaves that require grad make step 0 take the same graph; their gradients are computed and
-    dropped, and the caller's tensors, which had no grad, are unchanged."""
+    """The observe loop's first step gets deter and stoch (and merge_deter's x0p, x1p) without grad (replay context),
+    the later ones with grad; a compiled step guards on requires_grad, so that would be two graphs and two backward
+    graphs to compile. Fresh leaves that require grad make step 0 take the same graph; their gradients are computed
+    and dropped, and the caller's tensors, which had no grad, are unchanged. (Under merge_deter the later steps' stoch
+    is detached too: it gets fresh leaves likewise.)"""
 
     def call(deter, stoch, *args, **kwargs):
         if torch.is_grad_enabled():
@@ -211,9 +212,10 @@ def _same_grad_inputs(step):
                 deter = deter.detach().requires_grad_()
             if not stoch.requires_grad:
                 stoch = stoch.detach().requires_grad_()
-            x0p = kwargs.get("x0p")  # RSSM.merge_deter: the first step's comes from the initial deter
-            if x0p is not None and not x0p.requires_grad:
-                kwargs["x0p"] = x0p.detach().requires_grad_()
+            for name in ("x0p", "x1p"):  # RSSM.merge_deter: the first step's come from the initial state
+                x = kwargs.get(name)
+                if x is not None and not x.requires_grad:
+                    kwargs[name] = x.detach().requires_grad_()
         return step(deter, stoch, *args, **kwargs)
 
     return call

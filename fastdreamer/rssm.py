@@ -112,8 +112,10 @@ class RSSM(nn.Module):
         # both weights side by side, (D, U + K), and hands the product's w0 part to the next step (x0p); the
         # posterior layer's token part does not depend on the recurrence and is one matmul over all B*T rows before
         # the loop (token_x). One matmul fewer per step forward, and one fewer backward (deter's gradient from both
-        # uses is one product). Under defer only (the merged weight is a copy without gradient; the taps give the
-        # weights theirs), the torch core. Off in eager; the fast modes set it.
+        # uses is one product). Likewise each step multiplies its sample by w1 for the next step's stoch branch
+        # (x1p): the sample's bf16 cast then fuses into the kernel that draws it, instead of a masking and casting
+        # kernel at the start of the next step. Under defer only (the merged weight is a copy without gradient; the
+        # taps give the weights theirs), the torch core. Off in eager; the fast modes set it.
         self.merge_deter = False
 
     @property
@@ -142,6 +144,7 @@ class RSSM(nn.Module):
         emit=False,
         action_x=None,
         x0p=None,
+        x1p=None,
         merged=None,
         token_x=None,
     ):
@@ -152,11 +155,11 @@ class RSSM(nn.Module):
         sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
         copies of deter and the sample (emit_copies). action_x: the core's action branch of this step's action
         (masked by is_first), computed by the caller (hoist_action); then action is not read. merge_deter (with
-        taps): x0p deter @ w0 (N, K) from the previous step (this step masks it as it masks deter), merged the
-        (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of its token part; the return then has,
-        after the factors, the next step's x0p."""
+        taps): x0p deter @ w0 (N, K) and x1p flat stoch @ w1 (N, K) from the previous step (this step masks them as
+        it masks deter and stoch), merged the (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of
+        its token part; the return then has, after the factors, the next step's x0p and x1p."""
         args = (deter, stoch, action, token, is_first, u)
-        kwargs = dict(taps=taps, emit=emit, action_x=action_x, x0p=x0p, merged=merged, token_x=token_x)
+        kwargs = dict(taps=taps, emit=emit, action_x=action_x, x0p=x0p, x1p=x1p, merged=merged, token_x=token_x)
         if params is None:
             return self(*args, **kwargs)
         return torch.func.functional_call(self, params, args, kwargs)
@@ -174,25 +177,36 @@ class RSSM(nn.Module):
         emit=False,
         action_x=None,
         x0p=None,
+        x1p=None,
         merged=None,
         token_x=None,
     ):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer)."""
-        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, x0p, merged, token_x)
-        return (*out, out[0].clone(), out[1].clone()) if emit else out
+        merge = (x0p, x1p, merged, token_x)
+        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, merge)
+        if not emit:
+            return out
+        out = (*out, out[0].clone(), out[1].clone())
+        if x1p is not None:
+            # merge_deter: the next step reads the carried sample only as its stoch branch's factor (the branch's
+            # product comes as x1p) and the stack its copy, so no gradient reaches it; detached, the compiled
+            # backward gets no zero-filled gradient for it each step.
+            out = (out[0], out[1].detach(), *out[2:])
+        return out
 
-    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x, x0p, merged, token_x):
+    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x, merge):
+        x0p, x1p, merged, token_x = merge
         keep = (~is_first).to(deter.dtype)[:, None]
         deter = deter * keep
         if x0p is not None:
-            x0p = x0p * keep
+            x0p, x1p = x0p * keep, x1p * keep
         if action_x is None:
             action = action * keep
         stoch = stoch * keep[:, :, None]
         if taps is None:
-            if x0p is not None or merged is not None:
-                raise ValueError("RSSM: x0p and merged (merge_deter) are for the deferred-gradient path (taps)")
+            if any(m is not None for m in merge):
+                raise ValueError("RSSM: merge_deter's inputs are for the deferred-gradient path (taps)")
             deter = self.core(deter, stoch.flatten(1), action, action_x=action_x)
             logp = self._logp(self.obs_logit(self.obs_net(torch.cat([deter, token], -1))))
             return deter, dists.sample_onehot(logp, u), logp
@@ -200,20 +214,25 @@ class RSSM(nn.Module):
         sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
         taps = defer.split(taps, sites)
         core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
-        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p)
+        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p)
         seen = {f"core.{s}": x for s, x in core_seen.items()}
         x = torch.cat([deter, token], -1)
-        y, nxt = None, ()
+        y = prod = None
         if merged is not None:  # merge_deter: one product of deter for this step's posterior and the next step's core
             prod = deter @ merged
             U = self.obs_net[0].linear.out_features
-            y, nxt = prod[:, :U] + token_x, (prod[:, U:].contiguous(),)  # contiguous: its gradient is, uncopied
+            y = prod[:, :U] + token_x
         for i, layer in enumerate(self.obs_net):
             x = layer(x, taps, seen, f"obs_net.{i}.", y=y if i == 0 else None)
         seen["obs_logit.x"] = x
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
-        return deter, dists.sample_onehot(logp, u), logp, defer.pack(seen, sites), *nxt
+        sample = dists.sample_onehot(logp, u)
+        out = deter, sample, logp, defer.pack(seen, sites)
+        if prod is None:
+            return out
+        # The next step's core products; contiguous: their gradients are, so they need no copy.
+        return *out, prod[:, U:].contiguous(), sample.flatten(1) @ self.core.w1
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
 
@@ -272,7 +291,8 @@ class RSSM(nn.Module):
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
         merge = self.merge_deter and self.defer and grad and block_gru.get_impl() == "torch" and len(self.obs_net) > 0
-        x0p, merged, token_x = None, None, [None] * T
+        x0p = x1p = merged = None
+        token_x = [None] * T
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params(hoist)
@@ -282,9 +302,8 @@ class RSSM(nn.Module):
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
             if merge:
                 w = per_step[0]
-                merged, x0p, token_x = self.deter_inputs(
-                    deter, tokens, w["obs_net.0.linear.weight"], w["obs_net.0.linear.bias"], w["core.w0"]
-                )
+                post = w["obs_net.0.linear.weight"], w["obs_net.0.linear.bias"]
+                merged, x0p, x1p, token_x = self.deter_inputs(deter, stoch, tokens, *post, w["core.w0"], w["core.w1"])
                 token_x = token_x.unbind(1)
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
             per_step = fanout.fan_out(self.step_params(hoist), T, dtypes)
@@ -303,13 +322,14 @@ class RSSM(nn.Module):
                 emit=emit,
                 action_x=action_x[t],
                 x0p=x0p,
+                x1p=x1p,
                 merged=merged,
                 token_x=token_x[t],
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches
             if merge:
-                x0p = out[4]
+                x0p, x1p = out[4:6]
             deter, stoch, logp = out[:3]
             deters.append(out[-2] if emit else deter)
             stochs.append(out[-1] if emit else stoch)
@@ -325,17 +345,17 @@ class RSSM(nn.Module):
         keep = (~is_first).to(actions.dtype)[..., None]
         return self.core.action_branch((actions * keep).flatten(0, 1)).unflatten(0, actions.shape[:2])
 
-    def deter_inputs(self, deter, tokens, weight, bias, w0):
+    def deter_inputs(self, deter, stoch, tokens, weight, bias, w0, w1):
         """What observe's steps take under merge_deter, from the posterior's first layer (weight (U, D + E), bias)
-        and the core's w0 (D, K) as the steps get them (cast, without gradient): the merged weight (D, U + K) =
-        [weight's deter columns transposed | w0]; the first step's x0p, the w0 part of deter (B, D) times it (computed
-        as each step computes its own); and token_x (B, T, U), the layer's
-        token part with its bias for all rows, tokens (B, T, E) @ weight's token columns + bias. A unit of its own
-        so that the fast modes compile it (fast.compile_agent)."""
+        and the core's w0 (D, K) and w1 as the steps get them (cast, without gradient): the merged weight
+        (D, U + K) = [weight's deter columns transposed | w0]; the first step's x0p and x1p, the initial deter (B, D)
+        and stoch (B, S, C) times w0 and w1 (computed as each step computes the next one's); and token_x (B, T, U),
+        the layer's token part with its bias for all rows, tokens (B, T, E) @ weight's token columns + bias. A unit
+        of its own so that the fast modes compile it (fast.compile_agent)."""
         D = self.deter
         merged = torch.cat([weight[:, :D].t(), w0], 1)
         x0p = (deter @ merged)[:, weight.shape[0] :].contiguous()
-        return merged, x0p, F.linear(tokens, weight[:, D:], bias)
+        return merged, x0p, stoch.flatten(1) @ w1, F.linear(tokens, weight[:, D:], bias)
 
     def step_params(self, hoisted: bool = False) -> dict[str, torch.Tensor]:
         """The parameters each observe step uses: the core's and the posterior's; hoisted: less the core's action

@@ -220,6 +220,12 @@ def test_observe_with_the_deter_matmul_merged_matches_the_unmerged_observe(preci
             q.add_(0.1 * torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())))
     rssm.defer = rssm.hoist_action = rssm.merge_deter = True
     got, got_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.emit_copies = True  # the fast modes' flags: the carried sample is then detached (the stack has its copy)
+    emitted, emitted_grads = run_observe(rssm, inputs, weights, precision)
+    rssm.emit_copies = False
+    assert all(torch.equal(a, b) for a, b in zip(emitted, got))
+    assert sorted(emitted_grads) == sorted(got_grads)
+    assert all(torch.equal(emitted_grads[n], got_grads[n]) for n in got_grads)
     rssm.merge_deter = False
     unmerged, unmerged_grads = run_observe(rssm, inputs, weights, precision)
     rssm.defer = rssm.hoist_action = False
@@ -310,8 +316,9 @@ def test_the_compiled_step_backward_has_no_weight_gradient_matmuls_under_defer()
 
 def test_the_merged_deter_matmul_leaves_the_compiled_step_one_matmul_fewer_each_way():
     """bench.step_kernels: with merge_deter the compiled step's forward and backward each have one matmul fewer than
-    with hoist_action alone (float32: seen 8/6/1 + 7/6/0 -> 7/5/1 + 6/5/0), and nothing runs between the steps (the
-    carried product is contiguous, so its gradient needs no copy)."""
+    with hoist_action alone (float32: seen 8/6/1 + 7/6/0 -> 6/5/1 + 5/5/0), and nothing runs between the steps (the
+    carried products are contiguous, so their gradients need no copy, and the carried sample, which gets no gradient
+    from the next step, is detached, so no zero-filled one is made for it)."""
     from bench.step_kernels import between, count
 
     hoisted, merged = (count(v, "debug", "cpu", "fp32") for v in ("hoist", "merge"))

@@ -116,10 +116,11 @@ def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_block_gru_step_takes_its_deter_product_precomputed(bf16, monkeypatch):
-    """step(..., x0p=deter @ w0) is step(...), bitwise, output and every gradient (deter's through both its uses, w0's
-    through the product), with taps the same seen factors at every site (x0's is still deter); with rows of deter
-    and of the product zeroed alike (the RSSM's is_first mask) too. The Triton core refuses x0p."""
+def test_block_gru_step_takes_its_branch_products_precomputed(bf16, monkeypatch):
+    """step(..., x0p=deter @ w0, x1p=stoch @ w1) is step(...), bitwise, output and every gradient (deter's through
+    both its uses, w0's and w1's through the products), with taps the same seen factors at every site (x0's is
+    still deter, x1's stoch); with rows of the inputs and of the products zeroed alike (the RSSM's is_first mask)
+    too. The Triton core refuses x0p and x1p."""
     from fastdreamer.kernels import block_gru
 
     g = torch.Generator().manual_seed(12)
@@ -130,9 +131,10 @@ def test_block_gru_step_takes_its_deter_product_precomputed(bf16, monkeypatch):
     keep = torch.tensor([1.0, 0.0, 1.0])[:, None]
     probe = torch.randn(B, D, generator=g)
     leaves = [deter, stoch, action, *w]
-    want = reference.step(deter * keep, stoch, action, w, bf16)
     prod = reference._operand(deter, bf16) @ reference._operand(w.w0, bf16)
-    got = reference.step(deter * keep, stoch, action, w, bf16, x0p=prod * keep)
+    prod1 = reference._operand(stoch, bf16) @ reference._operand(w.w1, bf16)
+    want = reference.step(deter * keep, stoch * keep, action, w, bf16)
+    got = reference.step(deter * keep, stoch * keep, action, w, bf16, x0p=prod * keep, x1p=prod1 * keep)
     assert torch.equal(got, want)
     for a, b in zip(
         torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
@@ -142,13 +144,15 @@ def test_block_gru_step_takes_its_deter_product_precomputed(bf16, monkeypatch):
     widths = reference.tap_widths(w)
     taps = {site: torch.zeros(B, widths[site]) for site in reference.TAP_SITES}
     out, seen = reference.step(deter, stoch, action, w, bf16, taps=taps)
-    out_p, seen_p = reference.step(deter, stoch, action, w, bf16, taps=taps, x0p=prod)
+    out_p, seen_p = reference.step(deter, stoch, action, w, bf16, taps=taps, x0p=prod, x1p=prod1)
     assert torch.equal(out_p, out) and sorted(seen_p) == sorted(seen)
     assert all(torch.equal(seen_p[site], seen[site]) for site in seen)
 
     monkeypatch.setattr(block_gru, "_impl", "triton")
     with pytest.raises(ValueError, match="computes its input branches itself; x0p:"):
         block_gru.step(deter, stoch, action, w, x0p=prod)
+    with pytest.raises(ValueError, match="computes its input branches itself; x0p, x1p:"):
+        block_gru.step(deter, stoch, action, w, x0p=prod, x1p=prod1)
 
 
 def test_block_gru_rejects_bad_shapes():
