@@ -140,15 +140,15 @@ diag() {  # the follow-up call after quick: the block-GRU with deferred weight g
   local rc=0
   summary=""
   begin || return 1
+  # The merged imagination rollout against the unmerged one, compiled and captured alike (session 10's change;
+  # predicted 2.52 -> ~2.1-2.3 ms per rollout at 12m): first, it is the newest prediction.
+  step rollout_ab 100 python3 -m bench.rollout_ab --device cuda --size 12m --mode graphs \
+    --json "$OUT/rollout_ab_cuda_12m.json" || rc=1
+  step profile 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
+    --out "$OUT/profile_update_12m.txt" || rc=1
   # The defer modes first among the fwd+bwd rows (the fwd rows of compile and triton come first regardless).
   step gru_defer 90 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
     --modes compile_defer triton_defer compile triton --json "$OUT/block_gru_defer_12m.json" || rc=1
-  step profile 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
-    --out "$OUT/profile_update_12m.txt" || rc=1
-  # The merged imagination rollout against the unmerged one, compiled and captured alike (predicted 2.52 -> ~2.1-2.3
-  # ms per rollout at 12m).
-  step rollout_ab 70 python3 -m bench.rollout_ab --device cuda --size 12m --mode graphs \
-    --json "$OUT/rollout_ab_cuda_12m.json" || rc=1
   step cuda_tests 95 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k "cuda or graphed" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

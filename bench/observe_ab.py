@@ -129,7 +129,11 @@ def main(argv=None) -> dict:
     out = {"complete": False, "meta": info, "rows": []}
     print(f"observe_ab: {info['device']}, torch {info['torch']}, size {args.size}, {mode} {precision}")
 
-    # One update callable per variant (graphs: one capture each, made with that variant's flags).
+    # One update callable per variant (graphs: one capture each, made with that variant's flags). Each variant
+    # compiles its own graphs of the observe step (six for all seven variants); past dynamo's recompile limit (8 by
+    # default) a function silently runs eagerly, and the timings would be eager ones.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     fast.compile_agent(agent)
     restore = fast._snapshot(agent, opt)
     names = [n for n, q in agent.named_parameters() if q.requires_grad]

@@ -10,6 +10,7 @@ the graphs and would each launch a kernel on a GPU (autograd's gradient adds, co
 counted: what runs once per loop (fan_out's sums, defer's reductions).
 
   python -m bench.step_kernels --device cpu --size debug
+  python -m bench.step_kernels --device cpu --size debug --rollout   # the imagination rollout, unmerged and merged
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch._inductor.utils import run_and_get_code
 
 from fastdreamer import fast
 
-from .common import make_agent, make_config
+from .common import make_agent, make_config, rollout_starts
 from .observe_ab import VARIANTS, set_flags
 
 LAUNCH = re.compile(
@@ -120,17 +121,49 @@ def between(variant: str, size: str, device: str, precision: str) -> dict[str, f
     return {k: (long.get(k, 0) - short.get(k, 0)) / 4 for k in sorted(set(short) | set(long))}
 
 
+def rollout_launches(size: str, device: str, precision: str) -> dict[str, dict[str, int]]:
+    """Launches of the whole compiled imagination rollout (one graph, H steps unrolled) from B*T starts, for
+    Agent.rollout and Agent.merged_rollout: {name: {kind: count}}."""
+    from fastdreamer.agent import Agent
+
+    cfg = make_config(size)
+    out = {}
+    for name in ("rollout", "merged_rollout"):
+        torch._dynamo.reset()
+        agent, _ = make_agent(cfg, "vector", device)
+        deter, stoch = rollout_starts(agent, cfg.batch_size * cfg.batch_length, device)
+        lat, act = agent.noise(deter.shape[0], cfg.imag_length, cfg.imag_length + 1, device)
+        fn = torch.compile(getattr(Agent, name).__get__(agent), dynamic=False)
+        with fast.autocast(torch.device(device), "compile", precision):
+            _, codes = run_and_get_code(fn, deter, stoch, lat, act)
+        total = {"fused": 0, "extern": 0, "aten": 0}
+        for code in codes:
+            for kind, n in launches(code).items():
+                total[kind] += n
+        out[name] = total
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--size", default="debug")
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rollout", action="store_true", help="count the imagination rollout's launches instead")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("step_kernels: --device cuda asked for, but CUDA is not available here")
     precision = fast.resolve_precision(args.precision, "compile", device)
+    if args.rollout:
+        H = make_config(args.size).imag_length
+        print(f"step_kernels: {args.size}, {device.type}, {precision}; launches of the compiled rollout, H {H}")
+        out = rollout_launches(args.size, args.device, precision)
+        for name, t in out.items():
+            per = "/".join(f"{n / H:.1f}" for n in t.values())
+            print(f"  {name:14s} fused/extern/aten {t['fused']}/{t['extern']}/{t['aten']}  per step {per}")
+        return out
     print(
         f"step_kernels: {args.size}, {device.type}, {precision}; launches per observe step (graph: fused/extern/aten)"
     )

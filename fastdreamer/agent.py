@@ -165,11 +165,13 @@ class Agent(nn.Module):
         rollout(), the reference). Each step's new deter is read by three matmuls (the prior's first layer now, and
         in the next step the actor's first layer and the core's deter branch) and each new sample by two (the
         actor's first layer and the core's stoch branch, next step): here by one each, of the weights side by side,
-        whose parts the steps take precomputed (Head's and MLP's y0, block_gru.step's x0p and x1p). At batch 1024 a
-        matmul with 256 output columns fills few of a GPU's SMs, so one with 768 costs about what one of 256 did.
-        Three matmuls fewer per step; the same math up to the order of the sums (and, under bf16 autocast, the
-        actor's first pre-activation is two rounded bf16 products summed instead of one). The Triton core computes
-        its branches itself: then this is rollout()."""
+        whose parts the steps take precomputed (Head's and MLP's y0, block_gru.step's x0p and x1p): two matmuls
+        fewer per step. At batch 1024 a matmul with 256 output columns fills few of a GPU's SMs, so one with 768
+        should cost about what one of 256 did (expected, unmeasured on a GPU: bench.rollout_ab). The same math up to
+        the order of the sums; under bf16 autocast the actor's first pre-activation is two rounded bf16 products
+        summed and rounded, the prior's a rounded product plus its bias rounded again, instead of one rounding each.
+        The Triton core computes its branches itself: then this is rollout(), as it is without an actor or prior
+        layer to merge."""
         rssm, actor = self.rssm, self.actor
         if block_gru.get_impl() != "torch" or not len(actor.mlp) or not len(rssm.img_net):
             return Agent.rollout(self, deter, stoch, lat_u, act_noise)

@@ -203,8 +203,8 @@ def _same_grad_inputs(step):
     """The observe loop's first step gets deter and stoch (and merge_deter's x0p, x1p) without grad (replay context),
     the later ones with grad; a compiled step guards on requires_grad, so that would be two graphs and two backward
     graphs to compile. Fresh leaves that require grad make step 0 take the same graph; their gradients are computed
-    and dropped, and the caller's tensors, which had no grad, are unchanged. (Under merge_deter the later steps' stoch
-    is detached too: it gets fresh leaves likewise.)"""
+    and dropped, and the caller's tensors, which had no grad, are unchanged. (Under merge_deter with emit_copies the
+    later steps' stoch is detached too: it gets fresh leaves likewise.)"""
 
     def call(deter, stoch, *args, **kwargs):
         if torch.is_grad_enabled():

@@ -87,6 +87,8 @@ class MLP(nn.Sequential):
 
     def forward(self, x: torch.Tensor, y0: torch.Tensor | None = None) -> torch.Tensor:
         """y0: the first layer's linear output, computed by the caller (Dense's y); x is then not read."""
+        if y0 is not None and not len(self):
+            raise ValueError("MLP: y0 is the first layer's output, and this MLP has no layers")
         for i, layer in enumerate(self):
             x = layer(x, y=y0 if i == 0 else None)
         return x
