@@ -22,6 +22,49 @@ OBS = {
 }
 
 
+def ab_parser(description: str, repeat: int, what: str):
+    """The argument parser of an A/B script (observe_ab, rollout_ab) with the arguments they share; `repeat`: the
+    default number of timed calls of `what` per variant and round."""
+    import argparse
+
+    from fastdreamer import fast
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--size", default="debug")
+    p.add_argument("--obs", default="vector", choices=["vector", "image"])
+    p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
+    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=repeat, help=f"timed {what} per variant and round")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-length", type=int, default=None)
+    p.add_argument("--imag-length", type=int, default=None)
+    p.add_argument("--json", default=None)
+    return p
+
+
+def ab_run(prog: str, args) -> tuple[torch.device, str, str, Config]:
+    """What an A/B script's common arguments (--threads, --device, --mode, --precision, --size and the optional
+    --batch-size, --batch-length, --imag-length) resolve to: (device, mode, precision, config), after setting the
+    thread count; a device or mode that cannot run here is a one-line SystemExit naming `prog`."""
+    from fastdreamer import fast
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{prog}: --device cuda asked for, but CUDA is not available here")
+    try:
+        mode = fast.resolve_mode(args.mode, device)
+        precision = fast.resolve_precision(args.precision, mode, device)
+    except ValueError as e:
+        raise SystemExit(f"{prog}: {e}") from None
+    shape = {k: getattr(args, k) for k in ("batch_size", "batch_length", "imag_length") if getattr(args, k)}
+    return device, mode, precision, make_config(args.size, **shape)
+
+
 def make_config(size: str, **overrides) -> Config:
     return dataclasses.replace(Config(env="bench", size=size, device="cpu"), **overrides)
 

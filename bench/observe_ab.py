@@ -24,7 +24,6 @@ per_step's, parameter by parameter; a failed check prints FAIL and is not timed.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from fastdreamer.train import update_step
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import make_agent, make_config, random_batch, timeit
+from .common import ab_parser, ab_run, make_agent, random_batch, timeit
 
 FLAGS = (
     "fan_out",
@@ -77,40 +76,17 @@ def flags(agent, variant: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="debug")
-    p.add_argument("--obs", default="vector", choices=["vector", "image"])
-    p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
-    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
+    p = ab_parser(__doc__.splitlines()[0], 5, "updates")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=5, help="timed updates per variant and round")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--batch-length", type=int, default=None)
-    p.add_argument("--imag-length", type=int, default=None)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     if bad := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"observe_ab: unknown variant(s) {bad}; choose from {list(VARIANTS)}")
     if "per_step" not in variants:
         variants.insert(0, "per_step")  # the reference of the check and of the ratios
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("observe_ab: --device cuda asked for, but CUDA is not available here")
-    try:
-        mode = fast.resolve_mode(args.mode, device)
-        precision = fast.resolve_precision(args.precision, mode, device)
-    except ValueError as e:
-        raise SystemExit(f"observe_ab: {e}") from None
+    device, mode, precision, cfg = ab_run("observe_ab", args)
     if device.type == "cpu":
         fast.tune_cpu_allocator()
-    shape = {k: getattr(args, k) for k in ("batch_size", "batch_length", "imag_length") if getattr(args, k)}
-    cfg = make_config(args.size, **shape)
     agent, opt = make_agent(cfg, args.obs, device)
     data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, device)
     info = meta(args, device)

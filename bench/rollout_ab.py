@@ -12,7 +12,6 @@ test of merged_rollout uses too). A failed check prints FAIL and the variant is 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import statistics
 import sys
@@ -24,7 +23,7 @@ from fastdreamer.agent import Agent
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import make_agent, make_config, rollout_starts, timeit
+from .common import ab_parser, ab_run, make_agent, rollout_starts, timeit
 
 VARIANTS = ("rollout", "merged")
 FP32_REL = 1e-4  # feats, relative in norm: the merged matmuls sum in another order (seen 0 on the CPU at debug)
@@ -76,32 +75,9 @@ def check(got, want, precision: str, deter: int, discrete: bool) -> tuple[bool, 
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="debug")
-    p.add_argument("--obs", default="vector", choices=["vector", "image"])
-    p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
-    p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=10, help="timed rollouts per variant and round")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="with --batch-length: the B*T starts")
-    p.add_argument("--batch-length", type=int, default=None)
-    p.add_argument("--imag-length", type=int, default=None)
-    p.add_argument("--json", default=None)
+    p = ab_parser(__doc__.splitlines()[0], 10, "rollouts")  # --batch-size x --batch-length: the starts
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("rollout_ab: --device cuda asked for, but CUDA is not available here")
-    try:
-        mode = fast.resolve_mode(args.mode, device)
-        precision = fast.resolve_precision(args.precision, mode, device)
-    except ValueError as e:
-        raise SystemExit(f"rollout_ab: {e}") from None
-    shape = {k: getattr(args, k) for k in ("batch_size", "batch_length", "imag_length") if getattr(args, k)}
-    cfg = make_config(args.size, **shape)
+    device, mode, precision, cfg = ab_run("rollout_ab", args)
     n = cfg.batch_size * cfg.batch_length
     info = meta(args, device)
     info.update(

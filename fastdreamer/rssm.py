@@ -130,39 +130,16 @@ class RSSM(nn.Module):
         """Flat logits (..., S*C) -> unimixed log-probs (..., S, C)."""
         return dists.unimix_logits(logit.reshape(*logit.shape[:-1], self.stoch, self.classes), self.unimix)
 
-    def obs_step(
-        self,
-        deter,
-        stoch,
-        action,
-        token,
-        is_first,
-        u=None,
-        params=None,
-        *,
-        taps=None,
-        emit=False,
-        action_x=None,
-        x0p=None,
-        x1p=None,
-        merged=None,
-        token_x=None,
-    ):
+    def obs_step(self, deter, stoch, action, token, is_first, u=None, params=None, **options):
         """Posterior step. deter (N, D), stoch (N, S, C), action (N, A) taken before this obs, token (N, E),
         is_first (N,), u: the latent draw's uniforms (N, S, 1) or None to draw them here; params: per-step views
-        of some parameters ({name: tensor}, names relative to this module) to use in their place; taps: one step's
-        zeros for all sites of tap_sites() (deferred weight gradients, fastdreamer/defer.py). Returns deter, stoch
-        sample (N, S, C), posterior log-probs (N, S, C), with taps the sites' other factors, packed, and with emit
-        copies of deter and the sample (emit_copies). action_x: the core's action branch of this step's action
-        (masked by is_first), computed by the caller (hoist_action); then action is not read. merge_deter (with
-        taps): x0p deter @ w0 (N, K) and x1p flat stoch @ w1 (N, K) from the previous step (this step masks them as
-        it masks deter and stoch), merged the (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of
-        its token part; the return then has, after the factors, the next step's x0p and x1p."""
+        of some parameters ({name: tensor}, names relative to this module) to use in their place; options: forward's
+        keyword-only options. Returns deter, stoch sample (N, S, C), posterior log-probs (N, S, C), then what the
+        options add."""
         args = (deter, stoch, action, token, is_first, u)
-        kwargs = dict(taps=taps, emit=emit, action_x=action_x, x0p=x0p, x1p=x1p, merged=merged, token_x=token_x)
         if params is None:
-            return self(*args, **kwargs)
-        return torch.func.functional_call(self, params, args, kwargs)
+            return self(*args, **options)
+        return torch.func.functional_call(self, params, args, options)
 
     def forward(
         self,
@@ -182,7 +159,14 @@ class RSSM(nn.Module):
         token_x=None,
     ):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
-        per-step parameter views (observe with fan_out or defer)."""
+        per-step parameter views (observe with fan_out or defer). taps: one step's zeros for all sites of
+        tap_sites() (deferred weight gradients, fastdreamer/defer.py); the return then has the sites' other factors,
+        packed, after the log-probs. emit: copies of deter and the sample at the end of the return (emit_copies).
+        action_x: the core's action branch of this step's action (masked by is_first), computed by the caller
+        (hoist_action); then action is not read. merge_deter (with taps): x0p deter @ w0 (N, K) and x1p flat
+        stoch @ w1 (N, K) from the previous step (this step masks them as it masks deter and stoch), merged the
+        (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of its token part; the return then
+        has, after the factors, the next step's x0p and x1p."""
         merge = (x0p, x1p, merged, token_x)
         out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, merge)
         if not emit:

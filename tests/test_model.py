@@ -77,6 +77,27 @@ def test_block_gru_reference_matches_per_block_loop(B, D, G, K, SC, A):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
 
 
+def _core_case(seed: int):
+    """Random core weights and inputs that require grad, a probe for the output's gradient, and the leaves:
+    (B, w, deter, stoch, action, probe, leaves)."""
+    g = torch.Generator().manual_seed(seed)
+    B, D, G, K, SC, A = 3, 24, 4, 5, 12, 3
+    w = reference.random_weights(D, G, K, SC, A, g)
+    w = reference.BlockGRUWeights(*(t.requires_grad_() for t in w))
+    deter, stoch, action = (torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A))
+    probe = torch.randn(B, D, generator=g)
+    return B, w, deter, stoch, action, probe, [deter, stoch, action, *w]
+
+
+def _assert_same_step(got, want, probe, leaves):
+    """Two core outputs bitwise equal, and their gradients into every leaf for one probe."""
+    assert torch.equal(got, want)
+    for a, b in zip(
+        torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
+    ):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("bf16", [False, True])
 def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     """step(..., x2=action_branch(action)) is step(..., action), bitwise: output, every gradient (the action and the
@@ -84,20 +105,10 @@ def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     those sites with x2 are refused). The Triton core refuses x2 (its kernels compute the branches)."""
     from fastdreamer.kernels import block_gru
 
-    g = torch.Generator().manual_seed(11)
-    B, D, G, K, SC, A = 3, 24, 4, 5, 12, 3
-    w = reference.random_weights(D, G, K, SC, A, g)
-    w = reference.BlockGRUWeights(*(t.requires_grad_() for t in w))
-    deter, stoch, action = (torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A))
-    probe = torch.randn(B, D, generator=g)
-    leaves = [deter, stoch, action, *w]
+    B, w, deter, stoch, action, probe, leaves = _core_case(11)
     want = reference.step(deter, stoch, action, w, bf16)
     got = reference.step(deter, stoch, None, w, bf16, x2=reference.action_branch(action, w, bf16))
-    assert torch.equal(got, want)
-    for a, b in zip(
-        torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
-    ):
-        assert torch.equal(a, b)
+    _assert_same_step(got, want, probe, leaves)
 
     widths = reference.tap_widths(w)
     taps = {site: torch.zeros(B, widths[site]) for site in reference.TAP_SITES}
@@ -123,23 +134,13 @@ def test_block_gru_step_takes_its_branch_products_precomputed(bf16, monkeypatch)
     too. The Triton core refuses x0p and x1p."""
     from fastdreamer.kernels import block_gru
 
-    g = torch.Generator().manual_seed(12)
-    B, D, G, K, SC, A = 3, 24, 4, 5, 12, 3
-    w = reference.random_weights(D, G, K, SC, A, g)
-    w = reference.BlockGRUWeights(*(t.requires_grad_() for t in w))
-    deter, stoch, action = (torch.randn(B, n, generator=g).requires_grad_() for n in (D, SC, A))
+    B, w, deter, stoch, action, probe, leaves = _core_case(12)
     keep = torch.tensor([1.0, 0.0, 1.0])[:, None]
-    probe = torch.randn(B, D, generator=g)
-    leaves = [deter, stoch, action, *w]
     prod = reference._operand(deter, bf16) @ reference._operand(w.w0, bf16)
     prod1 = reference._operand(stoch, bf16) @ reference._operand(w.w1, bf16)
     want = reference.step(deter * keep, stoch * keep, action, w, bf16)
     got = reference.step(deter * keep, stoch * keep, action, w, bf16, x0p=prod * keep, x1p=prod1 * keep)
-    assert torch.equal(got, want)
-    for a, b in zip(
-        torch.autograd.grad((got * probe).sum(), leaves), torch.autograd.grad((want * probe).sum(), leaves)
-    ):
-        assert torch.equal(a, b)
+    _assert_same_step(got, want, probe, leaves)
 
     widths = reference.tap_widths(w)
     taps = {site: torch.zeros(B, widths[site]) for site in reference.TAP_SITES}
