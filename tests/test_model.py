@@ -585,3 +585,24 @@ def test_the_compiled_merged_rollout_launches_two_matmuls_fewer_per_step():
     H = Config(size="debug").imag_length
     assert counts["rollout"]["extern"] - counts["merged_rollout"]["extern"] == 2 * H - 1, counts
     assert counts["merged_rollout"]["fused"] <= counts["rollout"]["fused"], counts
+
+
+def test_a_compiled_function_retraces_when_the_core_is_switched(monkeypatch):
+    """Compiled code branches on the core (Agent.merged_rollout falls back to rollout for the Triton core, the
+    observe step calls block_gru.step, which picks the core): that holds only if dynamo guards on the switch, so a
+    graph traced under one core is not replayed under the other. Checked here, since nothing else would show it."""
+    from fastdreamer.kernels import block_gru
+
+    def which(x):
+        return x + 1 if block_gru.get_impl() == "triton" else x
+
+    compiled = torch.compile(which)
+    x = torch.zeros(2)
+    assert torch.equal(compiled(x), x)
+    monkeypatch.setattr(block_gru, "triton_available", lambda device=None: (True, ""))
+    try:
+        assert block_gru.set_impl("triton") == "triton"
+        assert torch.equal(compiled(x), x + 1)
+    finally:
+        block_gru.set_impl("torch")
+    assert torch.equal(compiled(x), x)
