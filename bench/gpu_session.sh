@@ -4,11 +4,12 @@
 #
 #   echo /.gpu/ >> .git/info/exclude; ../shared/gpu/make-env-bundle.sh .gpu 3.12     # envpool, gymnasium, ROMs
 #   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
+#   bash bench/gpu_session.sh bisect-trees                 # the older source trees quick's gru_bisect runs (.bisect)
 #
 # A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
-# so `quick` is THE command for it: one device call, carry [".gpu"], command `BUDGET=540 bash bench/gpu_session.sh
-# quick`, timeout_s 580 (session 8: the machine started in ~30 s and quick took 372 s; `diag` then ran warm, the
-# machine stays held for 30 s after a call). It runs the steps of quick() below in order inside one budget of BUDGET s (default 500) counted
+# so `quick` is THE command for it: one device call, carry [".gpu", ".bisect"], command `BUDGET=540 bash
+# bench/gpu_session.sh quick`, timeout_s 580 (session 11: quick took 529 s, then `diag` with BUDGET=265 ran on the
+# warm machine, which stays held for 30 s after a call: issue it at once, with what device time is left). It runs the steps of quick() below in order inside one budget of BUDGET s (default 500) counted
 # from the script's start, setup included: each step gets min(its cap, the seconds left) under `timeout -k 10`, a
 # step with under 30 s left is skipped with a line saying so, and a failed or timed-out step does not stop the next
 # one (exit code 1 if any failed). 540 s + 10 s kill grace stays under the 580 s call limit; with the start, ~10 of
@@ -37,6 +38,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
+# The trees of gru_bisect: session 8's commit, then each change to the core's or defer's code since (70ceabb is
+# ce011ec's parent: the tensor-core weight products are ce011ec)
+BISECT_REVS="ad4fe04 70ceabb ce011ec f663e14 37a1153 5033e19"
+
+if [[ ${1:-} == bisect-trees ]]; then  # here, before the device call: the source trees gru_bisect runs (ignored,
+  # carried: carry [".gpu", ".bisect"])
+  grep -qx "/.bisect/" .git/info/exclude || echo "/.bisect/" >>.git/info/exclude
+  rm -rf .bisect
+  for rev in $BISECT_REVS; do
+    mkdir -p ".bisect/$rev" && git archive "$rev" setup.py pyproject.toml fastdreamer kernels bench/__init__.py \
+      bench/bench_block_gru.py bench/common.py bench/__main__.py | tar x -C ".bisect/$rev" || exit 1
+  done
+  exit 0
+fi
 
 if [[ ${1:-} == wheels ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl \
@@ -105,54 +120,66 @@ quick() {
   summary=""
   begin || return 1
   # The next session's plan, in priority order (a step that does not fit the budget is skipped; the last ones
-  # first). Session 8's results: bench/results/h200_2026-11-26_s8, bench/LOG.md. Session 8 took 371 s: bench 118,
-  # observe_ab 89, e2e 122; its 7 CUDA tests 59 s.
-  # 1. The CUDA tests of the fast modes: three bf16 ones failed to compile in Triton 3.6 (the two-hot loss's fix is
-  #    unverified there); new: the fp32 comparisons (their graphs variant runs the compiled LaProp step) and CUDA's
-  #    sync debug mode over updates and acting in each mode.
-  step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short -W ignore tests/test_fast.py \
-    tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
-  # 2. The 12m table: sessions 8-10's changes together (observe's hoisted inputs, tensor-core weight products,
-  #    emit_copies, hoist_action, merge_deter, the compiled LaProp step, the merged rollout; predicted 13.8 ->
-  #    ~11.5-12.3 ms per full update, imagine 2.52 -> ~2.1-2.3 ms).
-  step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
-    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. Pong with the loop's phases (session 8: 879 env steps/s, 122 s with the warm-up; now the LaProp compile too):
-  #    the only pong figure of the plan, and the image update's time inside the loop.
-  step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
-  # 4. emit_copies, hoist_action and merge_deter, each against the last, in one process (predicted at most -0.40,
-  #    -0.27 and -0.55 ms: the profile's time of the kernels they remove; per_step is always timed too, as the
-  #    check's reference).
-  step observe_ab 150 python3 -m bench.observe_ab --device cuda --size 12m --mode graphs \
-    --variants defer,emit,hoist,merge --rounds 3 --repeat 10 --json "$OUT/observe_ab_cuda_12m.json" || rc=1
-  # 5. The LaProp step alone, eager against compiled, each captured in a CUDA graph (predicted ~0.45 -> ~0.15 ms).
-  step optim 50 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
-  # 6. The 12m image-observation update (never measured; pong's update): what is left of the budget.
-  step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update \
-    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
+  # first). Session 11's results: bench/results/h200_2026-11-26_s11, bench/LOG.md. Session 11 took 529 s for quick
+  # (cuda_tests 143, bench 127, e2e 131, observe_ab 96, optim 25) and 186 s for diag (rollout_ab 43, profile 74,
+  # gru_defer 34, cuda_tests 31). Session 11 found a regression (the defer base 13.83 -> 17.47 ms since session 8,
+  # ~2,400 new small fill/copy/add kernels per update) and 5 CUDA fast-vs-eager tests failing after one update; this
+  # plan looks for both causes first, then at pong's image update.
+  # 1. Who launches the new small kernels (op, autograd node or compiled graph, project frame), and the kernel table
+  #    (session 11's profile step took 74 s).
+  step attribute 100 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
+    --out "$OUT/profile_attr_12m.txt" || rc=1
+  # 2. The first state where eager and the fast mode part ways, lever by lever, in the failing fp32 tests' config
+  #    (compile mode failed as graphs did; eager runs twice first: does CUDA eager repeat itself?). Gradient sign
+  #    flips and zero-on-one-side elements are counted: LaProp's first step is lr * sign(g).
+  step divergence 120 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
+    --variants default,no_defer,no_merge,unmerged_rollout --updates 2 --json "$OUT/divergence_cuda.json" || rc=1
+  # 3. Pong's image update (35 ms in the loop, ~1 ms of arithmetic): cuDNN's benchmark mode and channels_last on the
+  #    encoder and decoder, fwd+bwd over B*T images, checked then timed (two compiled graphs; 2-4 min guessed).
+  step conv_ab 150 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
+    --variants base,benchmark,channels_last,both --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+  # 4. The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11)
+  #    at the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV,
+  #    made here by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files return).
+  step gru_bisect 130 bash bench/gpu_session.sh gru-bisect || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
 }
 
-diag() {  # the follow-up call after quick: the block-GRU with deferred weight gradients, where a 12m update's time
-  # goes now, the merged rollout's A/B, and the CUDA-only fast-mode tests (quick's first step runs them too)
+gru_bisect() {  # bench_block_gru's compile_defer row at each carried tree, then at this checkout
+  local rev rc=0
+  for rev in $BISECT_REVS; do
+    [[ -d .bisect/$rev ]] || { echo "gru_bisect: .bisect/$rev missing (bash bench/gpu_session.sh bisect-trees)"; rc=1; continue; }
+    echo "-- $rev"
+    (cd ".bisect/$rev" && PYTHONPATH=/tmp/envb/site:$PWD python3 bench/bench_block_gru.py --device cuda --models 12m \
+      --batches 16 --compute bf16 --modes compile_defer --repeats 20) || rc=1
+  done
+  echo "-- this checkout"
+  python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 --modes compile_defer \
+    --repeats 20 || rc=1
+  return "$rc"
+}
+
+diag() {  # the follow-up call after quick, on the warm machine: the CUDA tests in full, the 12m image update, the
+  # vector table again (the regression's fix, if quick found it, is not in this checkout), pong
   local rc=0
   summary=""
   begin || return 1
-  # The merged imagination rollout against the unmerged one, compiled and captured alike (session 10's change;
-  # predicted 2.52 -> ~2.1-2.3 ms per rollout at 12m): first, it is the newest prediction.
-  step rollout_ab 100 python3 -m bench.rollout_ab --device cuda --size 12m --mode graphs \
-    --json "$OUT/rollout_ab_cuda_12m.json" || rc=1
-  step profile 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile \
-    --out "$OUT/profile_update_12m.txt" || rc=1
-  # The defer modes first among the fwd+bwd rows (the fwd rows of compile and triton come first regardless).
-  step gru_defer 90 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
-    --modes compile_defer triton_defer compile triton --json "$OUT/block_gru_defer_12m.json" || rc=1
-  step cuda_tests 95 python3 -m pytest -q -x -p no:cacheprovider tests/test_fast.py -k "cuda or graphed" || rc=1
+  step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=line -W ignore tests/test_fast.py \
+    tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
+  step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes graphs \
+    --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
+  step divergence_bf16 100 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
+    --variants default,no_merge,unmerged_rollout --updates 2 --json "$OUT/divergence_cuda_bf16.json" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
 }
+
+if [[ ${1:-} == gru-bisect ]]; then  # quick's step (timeout runs programs, not shell functions); setup done there
+  gru_bisect
+  exit $?
+fi
 
 if [[ ${1:-} == quick || ${1:-} == diag ]]; then
   (($# == 1)) || { echo "$1 runs alone: it owns the call's whole budget"; exit 2; }

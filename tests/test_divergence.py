@@ -1,0 +1,95 @@
+"""bench.divergence on the CPU: the script runs and finds the compiled updates where tests/test_fast.py finds them (no
+divergence), and its comparison names a planted difference as the first divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import divergence
+from fastdreamer import fast
+from fastdreamer.train import update_step
+
+LOSS_TOL = dict(rtol=1e-4, atol=1e-5)  # tests/test_fast.py's: fp32 reassociation in fused reductions
+
+
+@pytest.fixture
+def one_thread():
+    # One CPU thread: inductor's OpenMP kernels spin at barriers on a shared 2-core box (bench/test_bench_fast.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# The compile: ~20 s with inductor's cache warm, 100-130 s cold on the 2-core CPU with another process on it.
+@pytest.mark.slow
+def test_compiled_updates_on_the_cpu_do_not_diverge_from_eager(tmp_path, one_thread):
+    path = tmp_path / "divergence.json"
+    argv = ["--device", "cpu", "--mode", "compile", "--precision", "fp32", "--updates", "2"]
+    out = divergence.main([*argv, "--variants", "default,no_merge", "--json", str(path)])
+    saved = json.loads(path.read_text())
+    assert saved["complete"] and not saved["errors"], saved["errors"]
+    assert [r["variant"] for r in saved["rows"]] == ["default", "no_merge"]
+    assert out["reference"]["eager_repeat"]["bitwise"], "eager does not repeat itself on the CPU"
+    for row in saved["rows"]:
+        assert len(row["updates"]) == 2
+    (default,) = [r for r in saved["rows"] if r["variant"] == "default"]
+    for k, update in enumerate(default["updates"]):
+        for name in divergence.LOSSES:
+            m = update["metrics"][name]
+            got, want = torch.tensor(m["got"]), torch.tensor(m["want"])
+            torch.testing.assert_close(got, want, **LOSS_TOL, msg=lambda s, k=k, n=name: f"update {k} {n}: {s}")
+        assert all(update["rng"].values()), f"update {k}: the generators differ"
+    assert default["first_divergence"] is None, default["first_divergence"]
+
+
+def eager_snapshots(updates: int) -> list[dict]:
+    agent, opt = divergence.make("cpu")
+    return divergence.run(agent, opt, fast.make_update(update_step, agent, opt, "eager"), "cpu", updates)
+
+
+def planted(snaps: list[dict], update: int, group: str, name: str, fn) -> list[dict]:
+    """Copies of `snaps` with fn applied to one entry."""
+    out = [{g: {n: t.clone() for n, t in entries.items()} for g, entries in s.items()} for s in snaps]
+    out[update][group][name] = fn(out[update][group][name])
+    return out
+
+
+def first(got: list[dict], want: list[dict]) -> dict | None:
+    return divergence.first_divergence([divergence.compare(g, w, "fp32") for g, w in zip(got, want)], "fp32")
+
+
+def test_a_planted_difference_is_the_first_divergence():
+    want = eager_snapshots(2)
+    assert first(want, want) is None
+    buffer = "slow_critic.mlp.0.linear.weight"
+    got = planted(want, 1, "buffers", buffer, lambda t: t * (1 + 1e-3))
+    found = first(got, want)
+    assert found["update"] == 1 and found["group"] == "buffers" and found["name"] == buffer, found
+    assert found["rel"] == pytest.approx(1e-3, rel=1e-3)  # t * (1 + 1e-3) rounds to fp32
+    assert divergence.describe(found) == f"update 1, buffers {buffer} rel 0.001"
+    # Below the fp32 bound it is no divergence; the generators are compared exactly.
+    assert first(planted(want, 0, "buffers", buffer, lambda t: t * (1 + 1e-5)), want) is None
+    rng = first(planted(want, 0, "rng", "cpu", lambda s: torch.roll(s, 1)), want)
+    assert rng == {"update": 0, "group": "rng", "name": "cpu", "rel": None}
+
+
+def test_a_flipped_gradient_sign_and_a_whole_lr_step_are_counted():
+    # LaProp's first step is lr * sign(g): one flipped element moves its parameter 2 lr away.
+    (want,) = eager_snapshots(1)
+    name = "critic.out.weight"
+    got = planted([want], 0, "grads", name, lambda g: torch.where(torch.arange(g.numel()).view_as(g) == 0, -g, g))
+    got = planted(got, 0, "params", name, lambda p: p + torch.where(torch.arange(p.numel()).view_as(p) == 0, 2e-3, 0))
+    # The reward head's MLP gets exactly zero gradients at update 0 (its output layer starts at zero): a tiny value
+    # there is a flip too, and would move the weight a whole lr.
+    hidden = "reward.mlp.0.linear.weight"
+    assert not want["grads"][hidden].any() and want["grads"][name].flatten()[0] != 0
+    got = planted(got, 0, "grads", hidden, lambda g: torch.where(torch.arange(g.numel()).view_as(g) == 0, 1e-30, g))
+    cmp = divergence.compare(got[0], want, "fp32")
+    assert sum(cmp["flips"].values()) == 2 and cmp["flips"][name] == cmp["flips"][hidden] == 1
+    assert sum(cmp["zeros"].values()) == cmp["zeros"][hidden] == 1
+    assert sum(cmp["lr_steps"].values()) == cmp["lr_steps"][name] == 1
+    assert "flips 2 (most" in divergence.summary(0, cmp)[1]
