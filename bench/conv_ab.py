@@ -1,4 +1,4 @@
-"""A/B of the image encoder's and decoder's convolutions, fwd+bwd: cuDNN autotuning and channels_last, in one process.
+"""A/B of the image encoder's and decoder's convolutions, fwd+bwd: memory layouts; cuDNN autotuning per process.
 
 Why: on an H200 (graphs mode, bf16) the 12m update with 64x64 images took ~35 ms against 14.8 ms with vector
 observations; the ~20 ms difference is the conv encoder and decoder over B*T = 1024 images, whose ~0.84 TFLOP
@@ -10,9 +10,6 @@ backward into every parameter and into deter and stoch, as the update runs it: t
 
 Variants (each on a fresh agent from make_agent's seed, so every variant starts from the same parameters):
   base           as the trainer runs today
-  benchmark      torch.backends.cudnn.benchmark = True: cuDNN times its algorithms per shape and keeps the fastest
-                 (its default picks by heuristics). Read when a convolution runs: in graphs mode at the warmups
-                 before capture, whose choice the graph keeps
   channels_last  the encoder's and decoder's conv weights in torch.channels_last, and each conv's input converted to
                  it (a forward pre-hook, here only). Most activations already are: the encoder's NCHW view of uint8
                  HWC images has strides (H*W, 1, W, 1), which suggest channels_last even at C = 1, and a conv with a
@@ -21,11 +18,16 @@ Variants (each on a fresh agent from make_agent's seed, so every variant starts 
                  where depth / bspace = 1, x0 keeps sp0's block-major order and it is NCHW). What stays NCHW is the
                  weights, which are then converted at every call (and their gradients back). A product change would
                  be the Conv weights made channels_last at init (fastdreamer/nets.py Conv), nothing else.
-  both           benchmark and channels_last
   inductor_cl    (not in the default list) inductor's own layout optimization forced on (force_layout_optimization):
                  inductor's heuristic leaves it off for this model on CUDA (all convolutions have <= 64 channels at
                  12m, "too small", and the decoder's output conv has 2 * out <= in channels); a product change would
                  be one config patch where fast.compile_agent compiles agent.loss
+--cudnn-benchmark: torch.backends.cudnn.benchmark = True for the whole process (cuDNN times its algorithms per shape
+and keeps the fastest; by default it picks by heuristics; in graphs mode it times them at the warmups before capture,
+whose choice the graph keeps). A process flag, not a variant: cuDNN's v8 API caches one plan per convolution shape
+and thread, with no benchmark field in its key, and looks there before it reads the flag, so after a heuristic
+variant has run every shape, a benchmark variant in the same process would reuse its plans and time the same thing.
+So the benchmark figures are a second process's (on the same machine, right after), and their rows say so.
 Before timing, each variant's loss and every gradient (encoder and decoder parameters, deter, stoch) are compared
 with base's from the same inputs, each within its bound (CHECK_REL, or NOISE_MARGIN times base's own rounding error
 from eager fp32 where that is larger); a failed check prints FAIL and the variant is not timed. Then the variants are
@@ -35,10 +37,11 @@ fwd+bwd (FlopCounterMode). Each conv's input layout in an eager forward is print
 optimization is off (CUDA, here) it fixes each conv's input to the strides of its trace, which follows eager's rules.
 The JSON is rewritten after every result ("complete": false until the end), so a timeout keeps the finished rows.
 
-  python -m bench.conv_ab --device cuda --size 12m --mode graphs --precision auto \
-      --variants base,benchmark,channels_last,both --rounds 3 --repeat 10 --json bench/results/conv_ab_12m.json
+  python -m bench.conv_ab --device cuda --size 12m --mode graphs --json bench/results/conv_ab_12m.json
+  python -m bench.conv_ab --device cuda --size 12m --mode graphs --cudnn-benchmark \
+      --json bench/results/conv_ab_12m_benchmark.json
 
-CPU caveat: cudnn.benchmark does nothing on a CPU (benchmark = base, both = channels_last), and inductor on a CPU
+CPU caveat: cudnn.benchmark does nothing on a CPU, and inductor on a CPU
 with oneDNN always converts convolutions to channels_last itself (decide_layout_opt), so the layouts meet there too;
 a CPU run proves the script end to end and the checks, its times say nothing about a GPU.
 """
@@ -59,15 +62,13 @@ from .__main__ import meta
 from .bench_block_gru import write_json
 from .common import OBS, ab_parser, ab_run, make_agent, random_batch, sync, timeit
 
-# name: (cudnn.benchmark, channels_last weights and conv inputs, inductor's layout optimization forced on)
+# name: (channels_last weights and conv inputs, inductor's layout optimization forced on)
 VARIANTS = {
-    "base": (False, False, False),
-    "benchmark": (True, False, False),
-    "channels_last": (False, True, False),
-    "both": (True, True, False),
-    "inductor_cl": (False, False, True),
+    "base": (False, False),
+    "channels_last": (True, False),
+    "inductor_cl": (False, True),
 }
-DEFAULT_VARIANTS = ("base", "benchmark", "channels_last", "both")
+DEFAULT_VARIANTS = ("base", "channels_last")
 # A variant against base, from the same parameters and inputs: the relative error (in norm) of the loss and of each
 # gradient, bounded per tensor by max(CHECK_REL, NOISE_MARGIN * base's own relative error from an eager fp32
 # reference with TF32 off). The variants compute the same sums by other algorithms and layouts, so they differ by
@@ -153,12 +154,12 @@ def make_step(agent, variant: str, mode: str, precision: str, device: torch.devi
     """inputs -> {"loss", "input/deter", "input/stoch"}: one fwd+bwd of image_loss in `mode` with `variant`'s layout;
     the parameters' gradients are left in p.grad (set anew each call, as update_step's zero_grad does). Graphs mode:
     the first call captures, every call replays, and the outputs are the graph's static buffers."""
-    _, channels_last, layout_opt = VARIANTS[variant]
+    channels_last, layout_opt = VARIANTS[variant]
     if channels_last:
         to_channels_last(agent.encoder, agent.decoder)
     options = {"force_layout_optimization": True} if layout_opt else None
     # Dynamo guards on strides and on the backend: a variant with other strides (channels_last) or other inductor
-    # options (inductor_cl) compiles its own graphs; benchmark runs base's (cudnn.benchmark is read at run time).
+    # options (inductor_cl) compiles its own graphs.
     loss_fn = torch.compile(functools.partial(image_loss, agent.encoder, agent.decoder), dynamic=False, options=options)
     params = [*agent.encoder.parameters(), *agent.decoder.parameters()]
 
@@ -225,6 +226,11 @@ def check_floor(precision: str, device: torch.device) -> tuple[str, float]:
 def main(argv=None) -> dict:
     p = ab_parser(__doc__.splitlines()[0], 10, "fwd+bwd")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="torch.backends.cudnn.benchmark on for the whole process (see the module docstring: not a variant)",
+    )
     p.set_defaults(obs="image")
     args = p.parse_args(argv)
     if args.obs != "image":
@@ -255,6 +261,7 @@ def main(argv=None) -> dict:
         noise_margin=NOISE_MARGIN,
         cudnn=torch.backends.cudnn.version() if device.type == "cuda" else None,
         cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+        cudnn_benchmark=args.cudnn_benchmark,
     )
     out = {"complete": False, "meta": info, "rows": []}
     save = (lambda: write_json(args.json, out)) if args.json else (lambda: None)
@@ -262,7 +269,7 @@ def main(argv=None) -> dict:
     cudnn = f", cuDNN {info['cudnn']}" if info["cudnn"] else ""
     print(
         f"conv_ab: {info['device']}, torch {info['torch']}{cudnn}, size {args.size}, {mode} {precision}, "
-        f"{B * T} images {shape} (B{B} x T{T})"
+        f"{B * T} images {shape} (B{B} x T{T}), cudnn.benchmark {'on' if args.cudnn_benchmark else 'off'}"
     )
     if device.type == "cpu":
         print("  note: cudnn.benchmark does nothing on a CPU, and inductor makes CPU convolutions channels_last itself")
@@ -272,11 +279,11 @@ def main(argv=None) -> dict:
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     flag = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     steps, rows, want = {}, {}, None
     try:
         for v in variants:
-            torch.backends.cudnn.benchmark = VARIANTS[v][0]
-            row = rows[v] = {"variant": v, "ok": False}
+            row = rows[v] = {"variant": v, "cudnn_benchmark": args.cudnn_benchmark, "ok": False}
             out["rows"].append(row)
             try:
                 agent, _ = make_agent(cfg, "image", device)
@@ -330,7 +337,6 @@ def main(argv=None) -> dict:
         times: dict[str, list[float]] = {v: [] for v in steps}
         for r in range(args.rounds):
             for v, step in steps.items():
-                torch.backends.cudnn.benchmark = VARIANTS[v][0]  # compile mode reads it at every call
                 times[v].append(timeit(lambda step=step: step(inputs), device, warmup=2, repeat=args.repeat)[0])
                 base = statistics.median(times["base"])
                 med = statistics.median(times[v])

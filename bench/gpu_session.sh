@@ -15,10 +15,9 @@
 # one (exit code 1 if any failed). 540 s + 10 s kill grace stays under the 580 s call limit; with the start, ~10 of
 # the 15 minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a
 # step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
-# each GPU session from the last one's results: the first two sessions' are in bench/results/h200_2026-11-26 and
-# bench/results/h200_2026-11-26_s8, and bench/LOG.md. `diag` (BUDGET=295, timeout_s 320) is the follow-up call
-# where the device time left allows one: the block-GRU's deferred-gradient rows, the update's kernel profile and
-# the CUDA-only tests of test_fast.py.
+# each GPU session from the last one's results: bench/results/h200_2026-11-26{,_s8,_s11} and bench/LOG.md. `diag`
+# is the follow-up call on the warm machine, issued at once after quick with BUDGET = the device time left minus
+# ~25 s and timeout_s = BUDGET + 25 (session 11: BUDGET=265): the block GRU at older commits, the image update.
 # DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
 # as if it ran to its timeout (the worst case the budget must absorb); try BUDGET=200 to see steps skipped.
 #
@@ -38,9 +37,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
 mkdir -p "$OUT"
-# The trees of gru_bisect: session 8's commit, then each change to the core's or defer's code since (70ceabb is
-# ce011ec's parent: the tensor-core weight products are ce011ec)
-BISECT_REVS="ad4fe04 70ceabb ce011ec f663e14 37a1153 5033e19"
+# The trees of gru_bisect: session 8's commit (its core and defer code are ce011ec's parent's), then the changes to
+# the core's or defer's code since: the tensor-core weight products, their one bmm form, the hoisted action branch,
+# its review fixes (reference.step's x2 refusal), x0p
+BISECT_REVS="ad4fe04 ce011ec f663e14 37a1153 f5a0711 5033e19"
 
 if [[ ${1:-} == bisect-trees ]]; then  # here, before the device call: the source trees gru_bisect runs (ignored,
   # carried: carry [".gpu", ".bisect"])
@@ -125,23 +125,22 @@ quick() {
   # gru_defer 34, cuda_tests 31). Session 11 found a regression (the defer base 13.83 -> 17.47 ms since session 8,
   # ~2,400 new small fill/copy/add kernels per update) and 5 CUDA fast-vs-eager tests failing after one update; this
   # plan looks for both causes first, then at pong's image update.
-  # 1. Who launches the new small kernels (op, autograd node or compiled graph, project frame), and the kernel table
-  #    (session 11's profile step took 74 s).
-  step attribute 100 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
-    --out "$OUT/profile_attr_12m.txt" || rc=1
+  # 1. Who launches the new small kernels (op, autograd node or compiled graph, frames), and the kernel table
+  #    (session 11's profile step took 74 s, 55 of them the warm-up; stacks add recording time: one update).
+  step attribute 130 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
+    --updates 1 --out "$OUT/profile_attr_12m.txt" || rc=1
   # 2. The first state where eager and the fast mode part ways, lever by lever, in the failing fp32 tests' config
   #    (compile mode failed as graphs did; eager runs twice first: does CUDA eager repeat itself?). Gradient sign
   #    flips and zero-on-one-side elements are counted: LaProp's first step is lr * sign(g).
   step divergence 120 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
     --variants default,no_defer,no_merge,unmerged_rollout --updates 2 --json "$OUT/divergence_cuda.json" || rc=1
-  # 3. Pong's image update (35 ms in the loop, ~1 ms of arithmetic): cuDNN's benchmark mode and channels_last on the
-  #    encoder and decoder, fwd+bwd over B*T images, checked then timed (two compiled graphs; 2-4 min guessed).
-  step conv_ab 150 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
-    --variants base,benchmark,channels_last,both --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  # 4. The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11)
-  #    at the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV,
-  #    made here by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files return).
-  step gru_bisect 130 bash bench/gpu_session.sh gru-bisect || rc=1
+  # 3. Pong's image update (35 ms in the loop, ~1 ms of arithmetic): channels_last against base, fwd+bwd over B*T
+  #    images, checked then timed; then the same with cuDNN's benchmark mode, in its own process (cuDNN's plan cache
+  #    ignores the flag: bench/conv_ab.py).
+  step conv_ab 130 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
+    --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+  step conv_ab_bench 100 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --cudnn-benchmark \
+    --variants base,channels_last --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
@@ -161,17 +160,17 @@ gru_bisect() {  # bench_block_gru's compile_defer row at each carried tree, then
   return "$rc"
 }
 
-diag() {  # the follow-up call after quick, on the warm machine: the CUDA tests in full, the 12m image update, the
-  # vector table again (the regression's fix, if quick found it, is not in this checkout), pong
+diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
+  # block GRU at older commits, then the 12m image update (never finished in a session yet)
   local rc=0
   summary=""
   begin || return 1
-  step cuda_tests 100 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=line -W ignore tests/test_fast.py \
-    tests/test_defer.py -k "cuda or graphed or tensor_cores" || rc=1
-  step image 110 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes graphs \
-    --no-env --repeat 10 --json "$OUT/fast_cuda_12m_image.json" || rc=1
-  step divergence_bf16 100 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
-    --variants default,no_merge,unmerged_rollout --updates 2 --json "$OUT/divergence_cuda_bf16.json" || rc=1
+  # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
+  # the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
+  # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).
+  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
+  step image 140 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes eager,graphs \
+    --no-env --repeat 5 --json "$OUT/fast_cuda_12m_image.json" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
 }

@@ -51,7 +51,12 @@ def test_conv_ab_checks_and_times_every_variant(tmp_path):
     saved = json.loads(path.read_text())
     assert saved["complete"] and saved["rows"] == out["rows"]
     assert saved["meta"]["command"] == f"python -m bench.conv_ab {argv} --json {path}"
-    assert torch.backends.cudnn.benchmark is False  # the variants' setting is undone
+    assert not saved["meta"]["cudnn_benchmark"] and not any(r["cudnn_benchmark"] for r in saved["rows"])
+    # cuDNN's benchmark mode is the whole process's (its plan cache ignores the flag), recorded in every row, and
+    # undone at the end.
+    out = conv_ab.main([*argv.split(), "--variants", "base", "--cudnn-benchmark"])
+    assert out["complete"] and out["meta"]["cudnn_benchmark"] and all(r["cudnn_benchmark"] for r in out["rows"])
+    assert torch.backends.cudnn.benchmark is False
 
 
 def test_check_fails_any_gradient_ten_percent_off():
