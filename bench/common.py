@@ -69,13 +69,45 @@ def make_config(size: str, **overrides) -> Config:
     return dataclasses.replace(Config(env="bench", size=size, device="cpu"), **overrides)
 
 
-def make_agent(cfg: Config, obs: str, device: torch.device | str, seed: int = 0) -> tuple[Agent, LaProp]:
+def make_agent(cfg: Config, obs: str | EnvSpec, device: torch.device | str, seed: int = 0) -> tuple[Agent, LaProp]:
+    """A seeded agent of `cfg` on OBS[obs] (or the spec given) and its LaProp."""
     torch.manual_seed(seed)
-    agent = Agent(cfg, OBS[obs]).to(device)
+    agent = Agent(cfg, OBS[obs] if isinstance(obs, str) else obs).to(device)
     opt = LaProp(
         agent.trainable(), lr=cfg.lr, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps, agc=cfg.agc, warmup=cfg.warmup
     )
     return agent, opt
+
+
+# The tests' tiny config (tests/test_fast.py; bench.divergence runs it on a GPU): a cold inductor compile of its
+# update stays near a minute on the CPU. lr 1e-3 without warmup: parameter moves (~1e-3) dwarf fp32 reassociation
+# noise (~1e-7), so a wrong gradient in a compiled backward shows in the parameters and not only in the losses.
+TINY_SPEC = EnvSpec(obs={"vector": ((5,), torch.float32)}, discrete=True, act_dim=3, env_id="test")
+TINY_CFG = dataclasses.replace(
+    Config(env="test", size="debug", device="cpu"), batch_size=4, batch_length=8, imag_length=3, lr=1e-3, warmup=0
+)
+
+
+def tiny_agent(device: torch.device | str = "cpu", seed: int = 0) -> tuple[Agent, LaProp]:
+    return make_agent(TINY_CFG, TINY_SPEC, device, seed)
+
+
+def tiny_batch(
+    step: int, device="cpu", B: int = TINY_CFG.batch_size, L: int = TINY_CFG.batch_length + TINY_CFG.replay_context
+) -> dict[str, torch.Tensor]:
+    """Update `step`'s replay batch of TINY_CFG from its own generator (the same batch on any device)."""
+    gen = torch.Generator().manual_seed(100 + step)
+    data = {
+        "vector": torch.randn((B, L, 5), generator=gen),
+        "action": torch.nn.functional.one_hot(torch.randint(0, 3, (B, L), generator=gen), 3).float(),
+        "reward": torch.randn((B, L), generator=gen),
+        "is_first": torch.rand((B, L), generator=gen) < 0.2,
+        "is_last": torch.rand((B, L), generator=gen) < 0.2,
+        "deter": torch.randn((B, L, 32), generator=gen).to(torch.bfloat16),
+        "stoch": torch.randint(0, 4, (B, L, 4), generator=gen).to(torch.uint8),
+    }
+    data["is_terminal"] = data["is_last"] & (torch.rand((B, L), generator=gen) < 0.5)
+    return {k: v.to(device) for k, v in data.items()}
 
 
 def random_batch(agent: Agent, batch: int, length: int, device: torch.device | str, seed: int = 0):

@@ -50,14 +50,13 @@ lr-step counts with the tensor that has most.
 On a CPU, `--defer 1` runs the observe loop CUDA runs by default (defer, and merge_deter, which needs it); the
 default `auto` leaves both off there, as the trainer does, so no_defer and no_merge then change nothing.
 
-The config mirrors tests/test_fast.py's CFG, SPEC, make() and batch() (bench does not import tests): batch 4 x 8,
-imagination 3, lr 1e-3 without warmup, 5 vector observations, 3 discrete actions, size debug.
+The config is tests/test_fast.py's (bench.common's TINY_CFG, tiny_agent and tiny_batch): batch 4 x 8, imagination
+3, lr 1e-3 without warmup, 5 vector observations, 3 discrete actions, size debug.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import sys
 import time
@@ -68,15 +67,12 @@ import torch._inductor.config as inductor_config
 
 from fastdreamer import fast
 from fastdreamer.agent import Agent
-from fastdreamer.config import Config
-from fastdreamer.envs import EnvSpec
 from fastdreamer.optim import LaProp
 from fastdreamer.train import update_step
 
-SPEC = EnvSpec(obs={"vector": ((5,), torch.float32)}, discrete=True, act_dim=3, env_id="test")
-CFG = dataclasses.replace(
-    Config(env="test", size="debug", device="cpu"), batch_size=4, batch_length=8, imag_length=3, lr=1e-3, warmup=0
-)
+from .common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
+
+SPEC, CFG = TINY_SPEC, TINY_CFG
 VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer")
 FLAG_OFF = {"no_defer": "defer", "no_emit": "emit_copies", "no_hoist": "hoist_action", "no_merge": "merge_deter"}
 LOSSES = ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval", "loss/policy")
@@ -95,30 +91,7 @@ BF16_SKIP = ("grads/actor.", "optim/nu/actor.", "optim/mu/actor.")
 WORST = 5  # tensors per group in the JSON; the printout names the worst one
 
 
-def make(device, seed: int = 0) -> tuple[Agent, LaProp]:
-    """tests/test_fast.py's make(): a seeded agent of CFG and its LaProp."""
-    torch.manual_seed(seed)
-    agent = Agent(CFG, SPEC).to(device)
-    opt = LaProp(
-        agent.trainable(), lr=CFG.lr, beta1=CFG.beta1, beta2=CFG.beta2, eps=CFG.eps, agc=CFG.agc, warmup=CFG.warmup
-    )
-    return agent, opt
-
-
-def batch(step: int, device, B: int = CFG.batch_size, L: int = CFG.batch_length + CFG.replay_context) -> dict:
-    """tests/test_fast.py's batch(): update `step`'s replay batch from its own generator."""
-    gen = torch.Generator().manual_seed(100 + step)
-    data = {
-        "vector": torch.randn((B, L, 5), generator=gen),
-        "action": torch.nn.functional.one_hot(torch.randint(0, 3, (B, L), generator=gen), 3).float(),
-        "reward": torch.randn((B, L), generator=gen),
-        "is_first": torch.rand((B, L), generator=gen) < 0.2,
-        "is_last": torch.rand((B, L), generator=gen) < 0.2,
-        "deter": torch.randn((B, L, 32), generator=gen).to(torch.bfloat16),
-        "stoch": torch.randint(0, 4, (B, L, 4), generator=gen).to(torch.uint8),
-    }
-    data["is_terminal"] = data["is_last"] & (torch.rand((B, L), generator=gen) < 0.5)
-    return {k: v.to(device) for k, v in data.items()}
+make, batch = tiny_agent, tiny_batch  # tests/test_fast.py's, shared through bench.common
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import dataclasses
 import os
 import subprocess
 import sys
@@ -21,24 +20,12 @@ import torch
 import torch._inductor.config as inductor_config
 from fastdreamer.kernels import block_gru
 
+from bench.common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
 from fastdreamer import defer, fast
 from fastdreamer.agent import Agent
-from fastdreamer.config import Config
-from fastdreamer.envs import EnvSpec
-from fastdreamer.optim import LaProp
 from fastdreamer.train import update_step
 
-SPEC = EnvSpec(obs={"vector": ((5,), torch.float32)}, discrete=True, act_dim=3, env_id="test")
-# lr 1e-3 without warmup: parameter moves (~1e-3) dwarf fp32 reassociation noise (~1e-7), so a wrong gradient in
-# the compiled backward shows in the parameters and not only in the losses.
-CFG = dataclasses.replace(
-    Config(env="test", size="debug", device="cpu"),
-    batch_size=4,
-    batch_length=8,
-    imag_length=3,
-    lr=1e-3,
-    warmup=0,
-)
+SPEC, CFG = TINY_SPEC, TINY_CFG
 K = 3  # updates compared
 # Fused reductions sum in another order than eager: differences seen on CPU are <= 1e-6 on losses of size ~10 and
 # <= 3e-8 on parameters after 3 updates; 10-100x margin, far below the 1e-3 parameter moves.
@@ -54,28 +41,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
-def make(device="cpu", seed=0):
-    torch.manual_seed(seed)
-    agent = Agent(CFG, SPEC).to(device)
-    opt = LaProp(
-        agent.trainable(), lr=CFG.lr, beta1=CFG.beta1, beta2=CFG.beta2, eps=CFG.eps, agc=CFG.agc, warmup=CFG.warmup
-    )
-    return agent, opt
-
-
-def batch(step: int, device="cpu", B=CFG.batch_size, L=CFG.batch_length + CFG.replay_context):
-    gen = torch.Generator().manual_seed(100 + step)
-    data = {
-        "vector": torch.randn((B, L, 5), generator=gen),
-        "action": torch.nn.functional.one_hot(torch.randint(0, 3, (B, L), generator=gen), 3).float(),
-        "reward": torch.randn((B, L), generator=gen),
-        "is_first": torch.rand((B, L), generator=gen) < 0.2,
-        "is_last": torch.rand((B, L), generator=gen) < 0.2,
-        "deter": torch.randn((B, L, 32), generator=gen).to(torch.bfloat16),
-        "stoch": torch.randint(0, 4, (B, L, 4), generator=gen).to(torch.uint8),
-    }
-    data["is_terminal"] = data["is_last"] & (torch.rand((B, L), generator=gen) < 0.5)
-    return {k: v.to(device) for k, v in data.items()}
+make, batch = tiny_agent, tiny_batch
 
 
 def obs(n: int, step: int, device="cpu"):
