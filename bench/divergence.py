@@ -34,6 +34,10 @@ Variants (each a fresh agent from the same seed, dynamo reset in between):
   unmerged_rollout  Agent.rollout (not merged_rollout) compiled and wrapped as compile_agent wraps the merged one
   eager_optimizer   graphs mode without compile_optimizer (LaProp.step eager inside the graph); compile mode does
                     not compile the optimizer, so there it is skipped
+  resync            default, but each update after the first starts from eager's state after the update before
+                    (parameters, buffers, LaProp's state, generators; compile mode only): if it agrees where default
+                    parts, each update computes what eager computes and the parting is the states drifting apart
+                    (LaProp's sign-like first steps), not a wrong computation
 
 The GPU command (one device call; the JSON is rewritten after every variant, so a run cut by its timeout keeps the
 variants it finished; on the 2-core CPU each variant took 16-51 s, mostly its cold compile, 3.5 min for six):
@@ -73,7 +77,7 @@ from fastdreamer.train import update_step
 from .common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
 
 SPEC, CFG = TINY_SPEC, TINY_CFG
-VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer")
+VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer", "resync")
 FLAG_OFF = {"no_defer": "defer", "no_emit": "emit_copies", "no_hoist": "hoist_action", "no_merge": "merge_deter"}
 LOSSES = ("loss/dyn", "loss/vector", "loss/rew", "loss/con", "loss/value", "loss/repval", "loss/policy")
 # The groups of a snapshot, in the order an update writes them: the observe loop's latents, the losses and other
@@ -257,12 +261,27 @@ def summary(k: int, cmp: dict) -> list[str]:
     return [line1, line2]
 
 
-def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None) -> list[dict]:
+def restore(agent: Agent, opt: LaProp, snap: dict, device) -> None:
+    """Put a snapshot's state (parameters, buffers, LaProp's state, the generators) into `agent` and `opt`, in place
+    (the compiled code keeps its tensors)."""
+    names = [n for n, _ in agent.named_parameters() if not n.startswith("slow_critic.")]
+    agent.load_state_dict({**snap["params"], **snap["buffers"]})
+    optim = snap["optim"]
+    nu, mu = [optim[f"nu/{n}"] for n in names], [optim[f"mu/{n}"] for n in names]
+    opt.load_state_dict({"step": optim["step"], "lr": optim["lr"], "nu": nu, "mu": mu})
+    torch.set_rng_state(snap["rng"]["cpu"])
+    if "cuda" in snap["rng"]:
+        torch.cuda.set_rng_state(snap["rng"]["cuda"], device)
+
+
+def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, before=None) -> list[dict]:
     """`updates` updates from seed 1 (tests/test_fast.py's run_updates), a snapshot after each; `ctx` makes the
-    context each update runs in (eager's autocast in bf16)."""
+    context each update runs in (eager's autocast in bf16); before(k), if given, runs before each update k > 0."""
     torch.manual_seed(1)
     snaps = []
     for k in range(updates):
+        if before is not None and k > 0:
+            before(k)
         if ctx is None:
             metrics, latents = update(batch(k, device))
         else:
@@ -272,8 +291,9 @@ def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None) -> li
     return snaps
 
 
-def run_variant(variant: str, device, mode: str, precision: str, updates: int) -> list[dict]:
-    """A fresh agent from make()'s seed, its update in `mode` with `variant`'s change, `updates` snapshots."""
+def run_variant(variant: str, device, mode: str, precision: str, updates: int, want: list[dict]) -> list[dict]:
+    """A fresh agent from make()'s seed, its update in `mode` with `variant`'s change, `updates` snapshots; `want`:
+    the reference's snapshots (resync starts each update from the reference's state after the one before)."""
     torch._dynamo.reset()  # each variant compiles its own graphs, none left by the last one
     agent, opt = make(device)
     patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
@@ -288,7 +308,11 @@ def run_variant(variant: str, device, mode: str, precision: str, updates: int) -
         agent.rollout = fast._graph_break(torch.compile(functools.partial(Agent.rollout, agent), dynamic=False))
     if variant == "eager_optimizer":
         assert not getattr(opt, "_fast_compiled", False), "compile_optimizer was not patched out"
-    return run(agent, opt, update, device, updates)
+
+    def resync(k: int) -> None:
+        restore(agent, opt, want[k - 1], device)
+
+    return run(agent, opt, update, device, updates, before=resync if variant == "resync" else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -374,14 +398,19 @@ def main(argv=None) -> dict:
         save()
 
         for variant in variants:
-            if variant == "eager_optimizer" and mode != "graphs":
-                print(f"{variant}: skipped (only graphs mode compiles the optimizer)")
-                out["rows"].append({"variant": variant, "skipped": "only graphs mode compiles the optimizer"})
+            skip = {"eager_optimizer": mode != "graphs", "resync": mode == "graphs"}.get(variant)
+            if skip:
+                why = {
+                    "eager_optimizer": "only graphs mode compiles the optimizer",
+                    "resync": "a captured graph keeps its generator offsets: compile mode only",
+                }[variant]
+                print(f"{variant}: skipped ({why})")
+                out["rows"].append({"variant": variant, "skipped": why})
                 save()
                 continue
             t0 = time.perf_counter()
             try:
-                got = run_variant(variant, device, mode, precision, args.updates)
+                got = run_variant(variant, device, mode, precision, args.updates, want)
             except Exception as e:  # noqa: BLE001 (a variant that cannot run is an error row; the others still run)
                 why = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{variant}: ERROR {why}")

@@ -29,10 +29,10 @@ def one_thread():
 def test_compiled_updates_on_the_cpu_do_not_diverge_from_eager(tmp_path, one_thread):
     path = tmp_path / "divergence.json"
     argv = ["--device", "cpu", "--mode", "compile", "--precision", "fp32", "--updates", "2"]
-    out = divergence.main([*argv, "--variants", "default,no_merge", "--json", str(path)])
+    out = divergence.main([*argv, "--variants", "default,no_merge,resync", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert saved["complete"] and not saved["errors"], saved["errors"]
-    assert [r["variant"] for r in saved["rows"]] == ["default", "no_merge"]
+    assert [r["variant"] for r in saved["rows"]] == ["default", "no_merge", "resync"]
     assert out["reference"]["eager_repeat"]["bitwise"], "eager does not repeat itself on the CPU"
     for row in saved["rows"]:
         assert len(row["updates"]) == 2
@@ -93,3 +93,26 @@ def test_a_flipped_gradient_sign_and_a_whole_lr_step_are_counted():
     assert sum(cmp["zeros"].values()) == cmp["zeros"][hidden] == 1
     assert sum(cmp["lr_steps"].values()) == cmp["lr_steps"][name] == 1
     assert "flips 2 (most" in divergence.summary(0, cmp)[1]
+
+
+def test_restore_puts_a_snapshot_state_back_in_place():
+    """resync's restore: after it, an agent and optimizer that ran other updates snapshot as the restored state, and
+    their tensors are the same objects (compiled code and captured graphs keep theirs)."""
+    snaps = eager_snapshots(2)
+    agent, opt = divergence.make("cpu")
+    update = fast.make_update(update_step, agent, opt, "eager")
+    update(divergence.batch(5, "cpu"))  # some other state
+    ids = [id(p) for p in agent.parameters()] + [id(x) for x in opt.nu + opt.mu]
+    divergence.restore(agent, opt, snaps[0], "cpu")
+    assert ids == [id(p) for p in agent.parameters()] + [id(x) for x in opt.nu + opt.mu]
+    now = divergence.snapshot(agent, opt, {}, {})
+    for group in ("params", "buffers", "optim", "rng"):
+        assert now[group].keys() == snaps[0][group].keys(), group
+        for name, t in snaps[0][group].items():
+            assert torch.equal(now[group][name], t), (group, name)
+    # And the next update from there is the reference's update 1, bitwise (eager repeats itself on the CPU).
+    torch.manual_seed(0)  # restore sets the generator: this draw must not matter
+    divergence.restore(agent, opt, snaps[0], "cpu")
+    metrics, _ = update(divergence.batch(1, "cpu"))
+    for name in divergence.LOSSES:
+        assert torch.equal(metrics[name], snaps[1]["metrics"][name]), name
