@@ -146,6 +146,11 @@ def rollout_starts(agent: Agent, n: int, device, seed: int = 2) -> tuple[torch.T
     return deter, torch.nn.functional.one_hot(index, rssm.classes).float().to(device)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want|, in norm: the A/B scripts' gradient checks."""
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -57,10 +57,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastdreamer import fast
+from fastdreamer.agent import image_recon_loss
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import OBS, ab_parser, ab_run, make_agent, random_batch, sync, timeit
+from .common import OBS, ab_parser, ab_run, make_agent, random_batch, rel_err, sync, timeit
 
 # name: (channels_last weights and conv inputs, inductor's layout optimization forced on)
 VARIANTS = {
@@ -91,8 +92,7 @@ def image_loss(encoder, decoder, image: torch.Tensor, deter: torch.Tensor, stoch
     """image (B, T, H, W, C) uint8, deter (B, T, D), stoch (B, T, S*C) -> the scalar loss of the image part."""
     tokens = encoder({"image": image})  # (B, T, E)
     recon = decoder(deter, stoch)["image"]  # (B, T, H, W, C) in [0, 1]
-    rec = (recon - image.float() / 255.0).square().sum((-3, -2, -1))  # Agent.loss's losses["image"], (B, T)
-    return rec.mean() + tokens.float().square().mean()
+    return image_recon_loss(recon, image).mean() + tokens.float().square().mean()
 
 
 def _channels_last_input(conv, args):
@@ -195,13 +195,9 @@ def gradients(agent, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return got
 
 
-def rel(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
 def check_bounds(base: dict[str, torch.Tensor], truth: dict[str, torch.Tensor], floor: float) -> dict[str, float]:
     """Per tensor of base: max(floor, NOISE_MARGIN * its relative error from the fp32 truth)."""
-    return {n: max(floor, NOISE_MARGIN * rel(b, truth[n])) for n, b in base.items()}
+    return {n: max(floor, NOISE_MARGIN * rel_err(b, truth[n])) for n, b in base.items()}
 
 
 def compare(
@@ -209,7 +205,7 @@ def compare(
 ) -> tuple[bool, str, float]:
     """(ok, the name of the tensor nearest its bound or past it, its relative error in norm): ok if every tensor of
     want is in got and within its bound. A missing tensor is an infinite error; a NaN fails."""
-    errs = {n: rel(got[n], w) if n in got else float("inf") for n, w in want.items()}
+    errs = {n: rel_err(got[n], w) if n in got else float("inf") for n, w in want.items()}
     worst = max(errs, key=lambda n: (errs[n] != errs[n], errs[n] / bounds[n]))  # a NaN first
     return all(errs[n] < bounds[n] for n in want), worst, errs[worst]
 

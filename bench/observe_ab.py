@@ -36,7 +36,7 @@ from fastdreamer.train import update_step
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import ab_parser, ab_run, make_agent, random_batch, timeit
+from .common import ab_parser, ab_run, make_agent, random_batch, rel_err, timeit
 
 FLAGS = (
     "fan_out",
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
             print(f"  check {v:9s} FAIL: {why}")
             out["rows"].append({"variant": v, "ok": False, "error": why})
             continue
-        errs = {n: float((got[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in want.items() if n in got}
+        errs = {n: rel_err(got[n], g) for n, g in want.items() if n in got}
         worst = max(errs, key=errs.get) if errs else None
         ok[v] = got.keys() == want.keys() and errs[worst] < CHECK_REL[precision]
         note = "" if got.keys() == want.keys() else f", gradients of {sorted(want.keys() ^ got.keys())} missing"

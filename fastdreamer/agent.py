@@ -67,6 +67,12 @@ def percentiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
     return out
 
 
+def image_recon_loss(recon: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """The decoder's image loss: squared error of recon (..., H, W, C) in [0, 1] against the uint8 image, summed
+    per frame."""
+    return (recon - image.float() / 255.0).square().sum((-3, -2, -1))
+
+
 class Agent(nn.Module):
     def __init__(self, cfg: Config, spec: EnvSpec):
         super().__init__()
@@ -239,7 +245,7 @@ class Agent(nn.Module):
         recons = self.decoder(deters, stochs.flatten(-2))
         for key, recon in recons.items():
             if key in self.decoder.img_keys:
-                losses[key] = (recon - obs[key].float() / 255.0).square().sum((-3, -2, -1))
+                losses[key] = image_recon_loss(recon, obs[key])
             else:
                 losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
         losses["rew"] = dists.twohot_loss(self.reward(repfeat), reward, self.bins)
