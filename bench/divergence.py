@@ -328,6 +328,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["auto", "1", "0"],
         help="fast.DEFER for every variant (auto: the trainer's, on CUDA only; 1 on a CPU runs what CUDA runs)",
     )
+    p.add_argument(
+        "--fp-contract",
+        default="off",
+        choices=["off", "fast"],
+        help="CPU only: compile inductor's C++ kernels with -ffp-contract=fast, fusing multiplies and adds into FMAs "
+        "as GPU code does (the CPU default keeps them apart): GPU-like rounding on a CPU",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     return p
@@ -345,6 +352,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.fp_contract != "off" and device.type != "cpu":
+        raise SystemExit("divergence: --fp-contract sets how inductor compiles CPU kernels; it has no effect on CUDA")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("divergence: --device cuda asked for, but CUDA is not available here")
     try:
@@ -366,6 +375,7 @@ def main(argv=None) -> dict:
         variants=variants,
         updates=args.updates,
         defer_setting=args.defer,
+        fp_contract=args.fp_contract,
         batch_size=CFG.batch_size,
         batch_length=CFG.batch_length,
         imag_length=CFG.imag_length,
@@ -377,9 +387,10 @@ def main(argv=None) -> dict:
     print(
         f"divergence: {info['device']}, torch {info['torch']}, triton {info['triton']}, {mode} {precision}, "
         f"defer {fast.defer_on(device)}, {args.updates} updates"
+        + (f", fp-contract {args.fp_contract}" if device.type == "cpu" else "")
     )
 
-    with inductor_config.patch(fallback_random=True):
+    with inductor_config.patch({"fallback_random": True, "cpp.enable_floating_point_contract_flag": args.fp_contract}):
         ctx = (lambda: fast.autocast(device, mode, "bf16")) if precision == "bf16" else None
 
         def eager():
