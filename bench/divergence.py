@@ -51,6 +51,11 @@ update two lines (u0, u1, ...): every loss's relative difference, the other metr
 (= or !=); then the worst tensor of latents, gradients, LaProp's state, parameters and buffers, and the flip and
 lr-step counts with the tensor that has most.
 
+On a CPU, `--fp-contract fast` compiles inductor's C++ kernels with FMA contraction, as GPU code is compiled (the
+CPU default keeps multiplies and adds apart): GPU-like rounding without a GPU. It found the first cause of the CUDA
+failures above on the CPU (session 12): twohot_pred subtracted rounded probabilities times bins up to 4.9e8, and
+resync's update 2 gave imagined values 30x eager's (fixed; tests/test_divergence.py runs it).
+
 On a CPU, `--defer 1` runs the observe loop CUDA runs by default (defer, and merge_deter, which needs it); the
 default `auto` leaves both off there, as the trainer does, so no_defer and no_merge then change nothing.
 
