@@ -195,6 +195,19 @@ def _subtracted_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return (probs[..., hi:] - probs[..., :m].flip(-1)) @ bins[hi:]
 
 
+def test_twohot_pred_stays_float32_under_bf16_autocast():
+    """The fast modes run the loss under bf16 autocast; the expected values (rewards, values, and so returns and
+    advantages) are float32 there as in the reference, whose output heads cast their logits to float32. A matmul with
+    the bins rounded them to bf16 (~0.4%)."""
+    bins = dists.twohot_bins(255)
+    logits = torch.randn(64, 255, generator=torch.Generator().manual_seed(3)) * 3
+    for fn in (dists.twohot_pred, torch.compile(dists.twohot_pred, dynamic=False)):
+        plain = fn(logits, bins)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fn(logits, bins)
+        assert got.dtype == torch.float32 and torch.equal(got, plain)
+
+
 # twohot_pred's float32 error against float64 (the same float32 logits): relative to its pair terms (_pair_terms),
 # plus a floor for values near zero. Measured here, eager and compiled, logits N(c, s^2) for s from 1e-6 to 10 with
 # per-row offsets c ~ N(0, 9): <= 5.1e-7 of the terms; the subtracted form: 0.06 at s = 1e-6, 6e-4 at 1e-4.
