@@ -293,3 +293,19 @@ def test_profile_attribution_names_launcher_context_and_frames():
     rows = attribute([zeros, other], updates=1, cuda=False)
     assert rows == [(1.0, 9.0, ("aten::fill_", "aten::stack", node.name, wrapper.name, own.name))]
     assert "aten::stack" in format_attribution(rows, top=5)
+
+
+def test_twohot_error_measures_both_forms_and_writes_json(tmp_path):
+    from bench import twohot_error
+
+    path = tmp_path / "twohot.json"
+    argv = ["--rows", "256", "--scales", "1e-6,1", "--paths", "eager,autocast", "--json", str(path)]
+    out = twohot_error.main(argv)
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == out["rows"] and len(out["rows"]) == 2 * 2 * 2  # scales x forms x paths
+    worst = {(r["form"], r["path"], r["scale"]): r["max_err_over_terms"] for r in out["rows"]}
+    assert max(v for (form, _, _), v in worst.items() if form == "pairs") < 2e-6  # tests/test_dists.py's bound
+    assert worst[("subtracted", "eager", 1e-6)] > 1e-3  # the former form's error, relative to its terms
+    assert worst[("subtracted", "autocast", 1.0)] > 1e-3  # its bf16 matmul under autocast
+    with pytest.raises(SystemExit, match="unknown path"):
+        twohot_error.main(["--paths", "eager,gpu"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.twohot_error import pair_terms, subtracted_pred
 from fastdreamer import dists
 from fastdreamer.nets import symexp, symlog
 
@@ -179,22 +180,6 @@ def test_twohot_pred_is_zero_for_uniform_and_matches_expectation():
     assert torch.allclose(dists.twohot_pred(logits, bins.double()), expect, rtol=1e-10, atol=1e-6)
 
 
-def _pair_terms(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """Sum over mirrored pairs of |(p_hi - p_lo) * b_hi|, in float64: the scale twohot_pred's error is held to."""
-    probs, b = torch.softmax(logits.double(), -1), bins.double()
-    m = bins.shape[0] // 2
-    hi = m + 1 if bins.shape[0] % 2 else m
-    return ((probs[..., hi:] - probs[..., :m].flip(-1)).abs() * b[hi:]).sum(-1)
-
-
-def _subtracted_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """The pairs' differences as subtracted rounded probabilities (twohot_pred's former form; the bound's witness)."""
-    probs = torch.softmax(logits.to(bins.dtype), -1)
-    m = bins.shape[0] // 2
-    hi = m + 1 if bins.shape[0] % 2 else m
-    return (probs[..., hi:] - probs[..., :m].flip(-1)) @ bins[hi:]
-
-
 def test_twohot_pred_stays_float32_under_bf16_autocast():
     """The fast modes run the loss under bf16 autocast; the expected values (rewards, values, and so returns and
     advantages) are float32 there as in the reference, whose output heads cast their logits to float32. A matmul with
@@ -208,9 +193,10 @@ def test_twohot_pred_stays_float32_under_bf16_autocast():
         assert got.dtype == torch.float32 and torch.equal(got, plain)
 
 
-# twohot_pred's float32 error against float64 (the same float32 logits): relative to its pair terms (_pair_terms),
-# plus a floor for values near zero. Measured here, eager and compiled, logits N(c, s^2) for s from 1e-6 to 10 with
-# per-row offsets c ~ N(0, 9): <= 5.1e-7 of the terms; the subtracted form: 0.06 at s = 1e-6, 6e-4 at 1e-4.
+# twohot_pred's float32 error against float64 (the same float32 logits): relative to its pair terms
+# (bench.twohot_error.pair_terms), plus a floor for values near zero. Measured (python -m bench.twohot_error), eager
+# and compiled, logits N(c, s^2) for s from 1e-6 to 10 with per-row offsets c ~ N(0, 9): <= 5.1e-7 of the terms;
+# the subtracted form: 0.06 at s = 1e-6, 6e-4 at 1e-4.
 PRED_RTOL, PRED_ATOL = 2e-6, 1e-6
 
 
@@ -226,11 +212,11 @@ def test_twohot_pred_error_is_relative_to_its_terms_not_to_the_bins(n, compiled)
     worst_subtracted = 0.0
     for scale in (1e-6, 1e-4, 1e-2, 1.0, 10.0):
         logits = torch.randn(2048, n, generator=gen) * scale + torch.randn(2048, 1, generator=gen) * 3
-        want = _subtracted_pred(logits.double(), bins.double())  # exact enough in float64
-        bound = PRED_RTOL * _pair_terms(logits, bins) + PRED_ATOL
+        want = subtracted_pred(logits.double(), bins.double())  # exact enough in float64
+        bound = PRED_RTOL * pair_terms(logits, bins) + PRED_ATOL
         err = (pred(logits, bins).double() - want).abs()
         assert (err <= bound).all(), f"scale {scale}: error {(err / bound).max():.3g} x the bound"
-        worst_subtracted = max(worst_subtracted, ((_subtracted_pred(logits, bins) - want).abs() / bound).max().item())
+        worst_subtracted = max(worst_subtracted, ((subtracted_pred(logits, bins) - want).abs() / bound).max().item())
     assert worst_subtracted > 100, "the subtracted form passes this bound: the test could not see what it guards"
     assert torch.equal(pred(torch.zeros(3, n), bins), torch.zeros(3))
     steep = torch.linspace(-300.0, 300.0, n)[None]  # outer pairs' logits 600 apart: no overflow
