@@ -85,13 +85,19 @@ def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     it). 1 - exp(-a) is 2t / (1 + t) with t = tanh(a / 2): accurate for small a, in [0, 1) (no overflow), and the
     same in compiled code, where inductor's vectorised CPU expm1 is exp(x) - 1 (pytorch/pytorch#189803; relative
     error 1.0 for tiny x in torch 2.13). Float32 under bf16 autocast too, as the reference's float32 output heads: a
-    matmul with the bins there ran in bf16 and rounded every value, return and advantage to ~0.4%."""
+    matmul with the bins there ran in bf16 and rounded every value, return and advantage to ~0.4%.
+
+    Values only: through sign and abs at d = 0 the gradient would not be the expectation's, so logits that require
+    grad are refused (every caller detaches them or runs under no_grad)."""
+    if logits.requires_grad and torch.is_grad_enabled():
+        raise ValueError("twohot_pred computes values only (no gradient): pass detached logits or use torch.no_grad()")
     x = logits.to(bins.dtype)
     probs = torch.softmax(x, -1)
     n = bins.shape[0]
     m = n // 2
     hi = m + 1 if n % 2 else m
-    d = x[..., hi:] - x[..., :m].flip(-1)
+    x_hi, x_lo = x[..., hi:], x[..., :m].flip(-1)
+    d = torch.where(x_hi == x_lo, 0.0, x_hi - x_lo)  # both -inf: a pair of zero probabilities, not NaN
     p = torch.maximum(probs[..., hi:], probs[..., :m].flip(-1))
     t = torch.tanh(d.abs() / 2)
     return (torch.sign(d) * p * (2 * t / (1 + t)) * bins[hi:]).sum(-1)  # not a matmul: autocast would make it bf16

@@ -193,9 +193,17 @@ def test_twohot_pred_stays_float32_under_bf16_autocast():
         assert got.dtype == torch.float32 and torch.equal(got, plain)
 
 
+def test_twohot_pred_refuses_logits_that_require_grad():
+    logits = torch.zeros(2, 255, requires_grad=True)
+    with pytest.raises(ValueError, match="values only"):
+        dists.twohot_pred(logits, dists.twohot_bins(255))
+    with torch.no_grad():
+        assert torch.equal(dists.twohot_pred(logits, dists.twohot_bins(255)), torch.zeros(2))
+
+
 # twohot_pred's float32 error against float64 (the same float32 logits): relative to its pair terms
 # (bench.twohot_error.pair_terms), plus a floor for values near zero. Measured (python -m bench.twohot_error), eager
-# and compiled, logits N(c, s^2) for s from 1e-6 to 10 with per-row offsets c ~ N(0, 9): <= 5.1e-7 of the terms;
+# and compiled, logits N(c, s^2) for s from 1e-6 to 10 with per-row offsets c ~ N(0, 9): <= 5.4e-7 of the terms;
 # the subtracted form: 0.06 at s = 1e-6, 6e-4 at 1e-4.
 PRED_RTOL, PRED_ATOL = 2e-6, 1e-6
 
@@ -219,6 +227,11 @@ def test_twohot_pred_error_is_relative_to_its_terms_not_to_the_bins(n, compiled)
         worst_subtracted = max(worst_subtracted, ((subtracted_pred(logits, bins) - want).abs() / bound).max().item())
     assert worst_subtracted > 100, "the subtracted form passes this bound: the test could not see what it guards"
     assert torch.equal(pred(torch.zeros(3, n), bins), torch.zeros(3))
+    masked = torch.zeros(2, n)
+    masked[:, :3], masked[:, -3:] = -torch.inf, -torch.inf  # pairs with zero probability on both sides
+    masked[1, -5] = 1.0
+    want = torch.softmax(masked.double(), -1).nan_to_num() @ bins.double()
+    torch.testing.assert_close(pred(masked, bins).double(), want, rtol=1e-6, atol=1e-6)
     steep = torch.linspace(-300.0, 300.0, n)[None]  # outer pairs' logits 600 apart: no overflow
     want = torch.softmax(steep.double(), -1) @ bins.double()
     torch.testing.assert_close(pred(steep, bins).double(), want, rtol=1e-6, atol=0)

@@ -385,8 +385,9 @@ def test_reward_and_critic_start_at_zero():
     """Zero-initialised output layers: predictions are exactly 0 before training (symmetric bins)."""
     agent, cfg, spec = make_agent()
     f = torch.randn(5, agent.rssm.feat_dim)
-    assert torch.equal(dists.twohot_pred(agent.reward(f), agent.bins), torch.zeros(5))
-    assert torch.equal(dists.twohot_pred(agent.critic(f), agent.bins), torch.zeros(5))
+    with torch.no_grad():  # twohot_pred gives values only
+        assert torch.equal(dists.twohot_pred(agent.reward(f), agent.bins), torch.zeros(5))
+        assert torch.equal(dists.twohot_pred(agent.critic(f), agent.bins), torch.zeros(5))
 
 
 def test_actor_loss_does_not_reach_the_world_model():
