@@ -32,11 +32,13 @@ def test_compiled_updates_with_gpu_like_rounding_do_not_diverge_from_eager(tmp_p
     resync variant, update 2: ac/adv_std 1.4e3 relative, ac/value 1.2e-2 against 4.2e-4): a softmax rounded one ulp
     apart, times bins up to 4.9e8; without contraction it passed."""
     path = tmp_path / "divergence.json"
+    # --defer 1: the observe loop CUDA runs (defer, and merge_deter, which needs it; no_merge is then a real variant)
     argv = ["--device", "cpu", "--mode", "compile", "--precision", "fp32", "--updates", "3", "--fp-contract", "fast"]
+    argv += ["--defer", "1"]
     out = divergence.main([*argv, "--variants", "default,no_merge,resync", "--json", str(path)])
     saved = json.loads(path.read_text())
     assert saved["complete"] and not saved["errors"], saved["errors"]
-    assert saved["meta"]["fp_contract"] == "fast"
+    assert saved["meta"]["fp_contract"] == "fast" and saved["meta"]["defer"], saved["meta"]
     assert [r["variant"] for r in saved["rows"]] == ["default", "no_merge", "resync"]
     assert out["reference"]["eager_repeat"]["bitwise"], "eager does not repeat itself on the CPU"
     for row in saved["rows"]:
