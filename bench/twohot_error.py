@@ -35,24 +35,16 @@ from .bench_block_gru import write_json
 PATHS = ("eager", "compiled", "compiled_fma", "autocast")
 
 
-def _halves(bins: torch.Tensor) -> tuple[int, int]:
-    """(m, hi): the mirrored pairs are index hi + j and m - 1 - j."""
-    m = bins.shape[0] // 2
-    return m, (m + 1 if bins.shape[0] % 2 else m)
-
-
 def subtracted_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """twohot_pred's form before session 12: subtracted rounded probabilities, then a matmul with the bins."""
-    probs = torch.softmax(logits.to(bins.dtype), -1)
-    m, hi = _halves(bins)
-    return (probs[..., hi:] - probs[..., :m].flip(-1)) @ bins[hi:]
+    hi, lo = dists.mirrored_pairs(torch.softmax(logits.to(bins.dtype), -1), bins.shape[0])
+    return (hi - lo) @ dists.mirrored_pairs(bins, bins.shape[0])[0]
 
 
 def pair_terms(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """The sum over mirrored pairs of |(p_hi - p_lo) * b_hi|, in float64."""
-    probs, b = torch.softmax(logits.double(), -1), bins.double()
-    m, hi = _halves(bins)
-    return ((probs[..., hi:] - probs[..., :m].flip(-1)).abs() * b[hi:]).sum(-1)
+    hi, lo = dists.mirrored_pairs(torch.softmax(logits.double(), -1), bins.shape[0])
+    return ((hi - lo).abs() * dists.mirrored_pairs(bins.double(), bins.shape[0])[0]).sum(-1)
 
 
 FORMS = {"pairs": dists.twohot_pred, "subtracted": subtracted_pred}

@@ -70,6 +70,13 @@ def twohot_bins(n: int = 255, device=None) -> torch.Tensor:
     return torch.cat([half, -half.flip(0)])
 
 
+def mirrored_pairs(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last axis of x (n bins) as its mirrored pairs over antisymmetric bins: (upper half, lower half reversed),
+    element j of each the bins b_hi[j] and -b_hi[j]; an odd n's middle bin (zero) is in neither."""
+    m = n // 2
+    return x[..., n - m :], x[..., :m].flip(-1)
+
+
 def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Expected value under softmax(logits) over bins. The bins are exactly antisymmetric, so the sum is taken over
     mirrored pairs, (p_hi - p_lo) * b_hi: uniform probabilities give exactly zero, as the reference's symmetric sum
@@ -92,15 +99,13 @@ def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     if logits.requires_grad and torch.is_grad_enabled():
         raise ValueError("twohot_pred computes values only (no gradient): pass detached logits or use torch.no_grad()")
     x = logits.to(bins.dtype)
-    probs = torch.softmax(x, -1)
     n = bins.shape[0]
-    m = n // 2
-    hi = m + 1 if n % 2 else m
-    x_hi, x_lo = x[..., hi:], x[..., :m].flip(-1)
+    x_hi, x_lo = mirrored_pairs(x, n)
     d = torch.where(x_hi == x_lo, 0.0, x_hi - x_lo)  # both -inf: a pair of zero probabilities, not NaN
-    p = torch.maximum(probs[..., hi:], probs[..., :m].flip(-1))
+    p = torch.maximum(*mirrored_pairs(torch.softmax(x, -1), n))
     t = torch.tanh(d.abs() / 2)
-    return (torch.sign(d) * p * (2 * t / (1 + t)) * bins[hi:]).sum(-1)  # not a matmul: autocast would make it bf16
+    b_hi = mirrored_pairs(bins, n)[0]
+    return (torch.sign(d) * p * (2 * t / (1 + t)) * b_hi).sum(-1)  # not a matmul: autocast would make it bf16
 
 
 def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
