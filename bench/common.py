@@ -4,6 +4,7 @@ a replay-shaped random batch, and a timer that synchronises the device around ea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -83,13 +84,44 @@ def make_agent(cfg: Config, obs: str | EnvSpec, device: torch.device | str, seed
 # update stays near a minute on the CPU. lr 1e-3 without warmup: parameter moves (~1e-3) dwarf fp32 reassociation
 # noise (~1e-7), so a wrong gradient in a compiled backward shows in the parameters and not only in the losses.
 TINY_SPEC = EnvSpec(obs={"vector": ((5,), torch.float32)}, discrete=True, act_dim=3, env_id="test")
+WARM_BATCH = 10_000  # warm_state's batches and seed: apart from the compared updates' tiny_batch(0, 1, ...)
 TINY_CFG = dataclasses.replace(
     Config(env="test", size="debug", device="cpu"), batch_size=4, batch_length=8, imag_length=3, lr=1e-3, warmup=0
 )
 
 
-def tiny_agent(device: torch.device | str = "cpu", seed: int = 0) -> tuple[Agent, LaProp]:
-    return make_agent(TINY_CFG, TINY_SPEC, device, seed)
+def tiny_agent(device: torch.device | str = "cpu", seed: int = 0, warm: int = 0) -> tuple[Agent, LaProp]:
+    """A seeded agent of TINY_CFG and its LaProp; with `warm` > 0, in the state `warm` eager fp32 updates leave it in
+    (see warm_state)."""
+    agent, opt = make_agent(TINY_CFG, TINY_SPEC, device, seed)
+    if warm:
+        agent_state, opt_state = warm_state(str(torch.device(device)), seed, warm)
+        agent.load_state_dict(agent_state)
+        opt.load_state_dict(opt_state)
+    return agent, opt
+
+
+@functools.lru_cache(maxsize=4)
+def warm_state(device: str, seed: int, updates: int) -> tuple[dict, dict]:
+    """The agent's and LaProp's state after `updates` eager fp32 updates of tiny_agent(device, seed) on batches of
+    their own (tiny_batch(WARM_BATCH + k)), computed once per process and loaded by every agent that asks for it, so
+    that the runs compared start from the same values bitwise (CUDA eager need not repeat itself bitwise).
+
+    Why: from a fresh LaProp the first step is exactly lr * sign(g) (nu_hat = g^2), so a gradient element whose sign
+    two correct summation orders disagree on, or that is exactly zero on one side (the reward and critic MLPs' at
+    update 0: their output layers start at zero), moves its parameter a whole lr apart; from a warm state a step is
+    about g / rms(past g), continuous in g. The generators are left as they were."""
+    from fastdreamer import fast
+    from fastdreamer.train import update_step
+
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        agent, opt = make_agent(TINY_CFG, TINY_SPEC, dev, seed)
+        update = fast.make_update(update_step, agent, opt, "eager", "fp32")
+        torch.manual_seed(WARM_BATCH + seed)
+        for k in range(updates):
+            update(tiny_batch(WARM_BATCH + k, dev))
+    return {k: v.detach().clone() for k, v in agent.state_dict().items()}, opt.state_dict()
 
 
 def tiny_batch(

@@ -296,11 +296,14 @@ def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, befor
     return snaps
 
 
-def run_variant(variant: str, device, mode: str, precision: str, updates: int, want: list[dict]) -> list[dict]:
-    """A fresh agent from make()'s seed, its update in `mode` with `variant`'s change, `updates` snapshots; `want`:
-    the reference's snapshots (resync starts each update from the reference's state after the one before)."""
+def run_variant(
+    variant: str, device, mode: str, precision: str, updates: int, want: list[dict], warm: int = 0
+) -> list[dict]:
+    """An agent from make()'s seed (after `warm` eager updates: bench.common.warm_state), its update in `mode` with
+    `variant`'s change, `updates` snapshots; `want`: the reference's snapshots (resync starts each update from the
+    reference's state after the one before)."""
     torch._dynamo.reset()  # each variant compiles its own graphs, none left by the last one
-    agent, opt = make(device)
+    agent, opt = make(device, warm=warm)
     patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
     if patch is not None:
         with patch:
@@ -327,6 +330,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--updates", type=int, default=3)
+    p.add_argument(
+        "--warm",
+        type=int,
+        default=0,
+        help="start eager and every variant from the state this many eager fp32 updates leave (bench.common."
+        "warm_state): LaProp's moments warm, the heads off zero; 0: a fresh agent, as the tests' first comparisons",
+    )
     p.add_argument(
         "--defer",
         default="auto",
@@ -379,6 +389,7 @@ def main(argv=None) -> dict:
         precision=precision,
         variants=variants,
         updates=args.updates,
+        warm=args.warm,
         defer_setting=args.defer,
         fp_contract=args.fp_contract,
         batch_size=CFG.batch_size,
@@ -392,6 +403,7 @@ def main(argv=None) -> dict:
     print(
         f"divergence: {info['device']}, torch {info['torch']}, triton {info['triton']}, {mode} {precision}, "
         f"defer {fast.defer_on(device)}, {args.updates} updates"
+        + (f" after {args.warm} warm" if args.warm else "")
         + (f", fp-contract {args.fp_contract}" if device.type == "cpu" else "")
     )
 
@@ -399,7 +411,7 @@ def main(argv=None) -> dict:
         ctx = (lambda: fast.autocast(device, mode, "bf16")) if precision == "bf16" else None
 
         def eager():
-            agent, opt = make(device)
+            agent, opt = make(device, warm=args.warm)
             return run(agent, opt, fast.make_update(update_step, agent, opt, "eager"), device, args.updates, ctx)
 
         t0 = time.perf_counter()
@@ -426,7 +438,7 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.perf_counter()
             try:
-                got = run_variant(variant, device, mode, precision, args.updates, want)
+                got = run_variant(variant, device, mode, precision, args.updates, want, args.warm)
             except Exception as e:  # noqa: BLE001 (a variant that cannot run is an error row; the others still run)
                 why = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{variant}: ERROR {why}")

@@ -165,19 +165,25 @@ gru_bisect() {  # bench_block_gru's compile_defer row at each carried tree, then
 }
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
-  # block GRU at older commits, the fp32 CUDA tests, then the 12m image update (never finished in a session yet)
+  # fast-vs-eager CUDA tests (correct first), the divergence from a warm state, the block GRU at older commits,
+  # then the 12m image update (never finished in a session yet)
   local rc=0
   summary=""
   begin || return 1
+  # The fast-vs-eager CUDA tests that failed in session 11 after one update (fp32: value loss 2.6e-4 relative; bf16:
+  # policy loss -0.065 vs -0.0002). Session 12 fixed two two-hot numerics issues the CPU could show (bench/LOG.md):
+  # predicted to pass in fp32; bf16 may still part (LaProp's first step on flipped signs). Session 14 added each
+  # from a warm state (WARM eager updates first: LaProp's step continuous in g), predicted to pass in fp32 and bf16.
+  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py \
+    -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda)" || rc=1
+  # Where a fresh start parts and the warm one does not (or does), state by state: quick's divergence step from the
+  # warm state (its compiled graphs are cached by then).
+  step divergence_warm 70 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
+    --variants default,resync --updates 3 --warm 8 --json "$OUT/divergence_cuda_warm.json" || rc=1
   # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
   # the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
   # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).
   step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
-  # The fast-vs-eager CUDA tests that failed in session 11 after one update (fp32: value loss 2.6e-4 relative; bf16:
-  # policy loss -0.065 vs -0.0002). Session 12 fixed two two-hot numerics issues the CPU could show (bench/LOG.md):
-  # predicted to pass in fp32; bf16 may still part (LaProp's first step on flipped signs).
-  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py \
-    -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda)" || rc=1
   step image 140 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes eager,graphs \
     --no-env --repeat 5 --json "$OUT/fast_cuda_12m_image.json" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"

@@ -128,3 +128,25 @@ def test_restore_puts_a_snapshot_state_back_in_place():
     metrics, _ = update(divergence.batch(1, "cpu"))
     for name in divergence.LOSSES:
         assert torch.equal(metrics[name], snaps[1]["metrics"][name]), name
+
+
+def test_the_warm_start_is_one_state_for_every_agent_and_leaves_the_generators_alone(tmp_path):
+    """bench.common.warm_state (the warm fast-vs-eager tests and `--warm`): every agent asking for it starts from the
+    same trained state, LaProp included, and asking does not move the global generator (the compared runs seed their
+    own updates, but a cache hit must not differ from a miss)."""
+    fresh, _ = divergence.make("cpu")
+    plain = torch.get_rng_state()  # where make() leaves the generator: seeded, then the agent's initialisation
+    a, opt_a = divergence.make("cpu", warm=3)  # computes the warm state
+    assert torch.equal(torch.get_rng_state(), plain), "computing the warm state moved the generator"
+    b, opt_b = divergence.make("cpu", warm=3)  # loads it again
+    assert torch.equal(torch.get_rng_state(), plain)
+    assert int(opt_a.step_count) == int(opt_b.step_count) == 3
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), f"{name} differs between two warm agents"
+    for (name, x), y in zip(opt_a.state_dict().items(), opt_b.state_dict().values()):
+        if isinstance(x, list):
+            assert all(torch.equal(p, q) for p, q in zip(x, y)), f"LaProp {name} differs between two warm agents"
+    moved = [n for (n, x), z in zip(a.state_dict().items(), fresh.state_dict().values()) if not torch.equal(x, z)]
+    assert "critic.out.weight" in moved and "retnorm_hi" in moved, moved
+    out = divergence.main(["--variants", "", "--updates", "1", "--warm", "3", "--json", str(tmp_path / "d.json")])
+    assert out["meta"]["warm"] == 3 and out["reference"]["eager_repeat"]["bitwise"]
