@@ -1,5 +1,6 @@
-"""Evaluate a checkpoint: `python -m fastdreamer.eval --checkpoint PATH --episodes N` prints mean ± std return
-as JSON. Runs one episode in each of N parallel envs, so short episodes are not over-counted."""
+"""Evaluate a checkpoint: `python -m fastdreamer.eval --checkpoint PATH --episodes N` prints the return's mean,
+std, median, worst and best episode and every episode's return as JSON. Runs one episode in each of N parallel envs,
+so short episodes are not over-counted."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def evaluate(
     greedy: bool = False,
     max_steps: int = 100_000,
 ) -> dict:
-    """Return {'mean', 'std', 'returns', 'lengths'} over the first episode of each of `episodes` envs."""
+    """Return {'mean', 'std', 'median', 'min', 'max', 'returns', 'lengths'} over the first episode of each of
+    `episodes` envs. The median and the worst episode are there for heavy-tailed returns: a policy that fails a few
+    starts (pendulum's stall, README Learning) moves the mean far more than its typical episode."""
     env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size)
     try:
         obs = env.reset()
@@ -52,6 +55,9 @@ def evaluate(
     return {
         "mean": float(returns.mean()),
         "std": float(returns.std()),
+        "median": float(np.median(returns)),
+        "min": float(returns.min()),
+        "max": float(returns.max()),
         "episodes": episodes,
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),

@@ -358,8 +358,19 @@ def train(cfg: Config, log=print) -> Trainer:
             from .eval import evaluate
 
             result = evaluate(trainer.agent, env_id(cfg), cfg, cfg.eval_episodes, trainer.device)
-            logger.log(trainer.env_steps, {"eval/return": result["mean"], "eval/return_std": result["std"]})
-            log(f"fastdreamer: eval over {cfg.eval_episodes} episodes: {result['mean']:.2f} ± {result['std']:.2f}")
+            logger.log(
+                trainer.env_steps,
+                {
+                    "eval/return": result["mean"],
+                    "eval/return_std": result["std"],
+                    "eval/return_median": result["median"],
+                    "eval/return_min": result["min"],
+                },
+            )
+            log(
+                f"fastdreamer: eval over {cfg.eval_episodes} episodes: {result['mean']:.2f} ± {result['std']:.2f} "
+                f"(median {result['median']:.2f}, worst {result['min']:.2f})"
+            )
     finally:
         if bar is not None:
             bar.close()

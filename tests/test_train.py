@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,7 +196,7 @@ def test_nan_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert ckpt.read_bytes() == good
 
 
-def test_eval_prints_mean_and_std(tmp_path):
+def test_eval_prints_mean_std_median_and_extremes(tmp_path):
     logdir = tmp_path / "run"
     assert run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir)).returncode == 0
     proc = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3")
@@ -203,7 +204,21 @@ def test_eval_prints_mean_and_std(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["episodes"] == 3 and len(result["returns"]) == 3
     assert result["mean"] == pytest.approx(sum(result["returns"]) / 3)
+    returns = sorted(result["returns"])
+    assert (result["min"], result["median"], result["max"]) == pytest.approx((returns[0], returns[1], returns[2]))
     assert all(r >= 1 for r in result["returns"])  # CartPole pays 1 per step
+
+
+def test_train_evaluates_at_the_end_when_asked(tmp_path):
+    logdir = tmp_path / "run"
+    proc = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir), "--eval-episodes", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"eval over 3 episodes: [-\d.]+ ± [\d.]+ \(median [-\d.]+, worst [-\d.]+\)", proc.stdout), (
+        proc.stdout
+    )
+    rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in rows if "eval/return" in r]
+    assert last["eval/return_min"] <= last["eval/return_median"] and last["eval/return_min"] >= 1  # CartPole: 1/step
 
 
 def main_exit(main, args, capsys):
