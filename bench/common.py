@@ -95,7 +95,10 @@ def tiny_agent(device: torch.device | str = "cpu", seed: int = 0, warm: int = 0)
     (see warm_state)."""
     agent, opt = make_agent(TINY_CFG, TINY_SPEC, device, seed)
     if warm:
-        agent_state, opt_state = warm_state(str(torch.device(device)), seed, warm)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # one cache entry per GPU: "cuda" and "cuda:0" are one state
+            dev = torch.device("cuda", torch.cuda.current_device())
+        agent_state, opt_state = warm_state(str(dev), seed, warm)
         agent.load_state_dict(agent_state)
         opt.load_state_dict(opt_state)
     return agent, opt
@@ -105,7 +108,8 @@ def tiny_agent(device: torch.device | str = "cpu", seed: int = 0, warm: int = 0)
 def warm_state(device: str, seed: int, updates: int) -> tuple[dict, dict]:
     """The agent's and LaProp's state after `updates` eager fp32 updates of tiny_agent(device, seed) on batches of
     their own (tiny_batch(WARM_BATCH + k)), computed once per process and loaded by every agent that asks for it, so
-    that the runs compared start from the same values bitwise (CUDA eager need not repeat itself bitwise).
+    that the runs compared start from the same values bitwise (CUDA eager need not repeat itself bitwise). The
+    cached dicts are shared: read them, load them, never write into them.
 
     Why: from a fresh LaProp the first step is exactly lr * sign(g) (nu_hat = g^2), so a gradient element whose sign
     two correct summation orders disagree on, or that is exactly zero on one side (the reward and critic MLPs' at

@@ -25,7 +25,8 @@ gradients are exactly zero (their output layers start at zero): a fast mode that
 there moves those weights a whole lr; `flips` counts them too ("zero on one side"). And eager runs twice first:
 CUDA eager itself may not repeat (atomic adds: gather's backward), which bounds what any comparison can show.
 
-Variants (each a fresh agent from the same seed, dynamo reset in between):
+Variants (each a fresh agent from the same seed, or with --warm the warm state eager starts from too; dynamo reset
+in between):
   default           the fast mode as the trainer runs it (fast.make_update)
   no_defer          RSSM.defer off after compile_agent (as bench.observe_ab's set_flags). observe() runs merge_deter
                     only under defer, so this turns merge off too; emit_copies and hoist_action stay on, and under

@@ -4,7 +4,7 @@
 #
 #   echo /.gpu/ >> .git/info/exclude; ../shared/gpu/make-env-bundle.sh .gpu 3.12     # envpool, gymnasium, ROMs
 #   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
-#   bash bench/gpu_session.sh bisect-trees                 # the older source trees quick's gru_bisect runs (.bisect)
+#   bash bench/gpu_session.sh bisect-trees                  # the older source trees diag's gru_bisect runs (.bisect)
 #
 # A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
 # so `quick` is THE command for it: one device call, carry [".gpu", ".bisect"], command `BUDGET=540 bash
@@ -17,7 +17,9 @@
 # step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
 # each GPU session from the last one's results: bench/results/h200_2026-11-26{,_s8,_s11} and bench/LOG.md. `diag`
 # is the follow-up call on the warm machine, issued at once after quick with BUDGET = the device time left minus
-# ~25 s and timeout_s = BUDGET + 25 (session 11: BUDGET=265): the block GRU at older commits, the image update.
+# ~25 s and timeout_s = BUDGET + 25 (session 11: BUDGET=265): the CUDA fast-vs-eager tests from a fresh and a warm
+# state, the warm divergence, the block GRU at older commits, the image update (DRY counts each step at its cap, so
+# at BUDGET=265 it shows the last two skipped; session 11's tests took 31 s of their 180 s cap).
 # DRY=1 bash bench/gpu_session.sh quick  skips setup and prints each step's command and timeout, counting each step
 # as if it ran to its timeout (the worst case the budget must absorb); try BUDGET=200 to see steps skipped.
 #

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bench import divergence
+from bench.common import warm_state
 from fastdreamer import fast
 from fastdreamer.train import update_step
 
@@ -138,15 +139,20 @@ def test_the_warm_start_is_one_state_for_every_agent_and_leaves_the_generators_a
     plain = torch.get_rng_state()  # where make() leaves the generator: seeded, then the agent's initialisation
     a, opt_a = divergence.make("cpu", warm=3)  # computes the warm state
     assert torch.equal(torch.get_rng_state(), plain), "computing the warm state moved the generator"
-    b, opt_b = divergence.make("cpu", warm=3)  # loads it again
+    start = {n: x.clone() for n, x in a.state_dict().items()}
+    update = fast.make_update(update_step, a, opt_a, "eager")
+    update(divergence.batch(0, "cpu"))  # `a` trains on: what `b` loads must not move with it
+    b, opt_b = divergence.make("cpu", warm=3)  # loads it from the cache
     assert torch.equal(torch.get_rng_state(), plain)
-    assert int(opt_a.step_count) == int(opt_b.step_count) == 3
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), f"{name} differs between two warm agents"
-    for (name, x), y in zip(opt_a.state_dict().items(), opt_b.state_dict().values()):
-        if isinstance(x, list):
-            assert all(torch.equal(p, q) for p, q in zip(x, y)), f"LaProp {name} differs between two warm agents"
-    moved = [n for (n, x), z in zip(a.state_dict().items(), fresh.state_dict().values()) if not torch.equal(x, z)]
+    agent_state, opt_state = warm_state.__wrapped__("cpu", 0, 3)  # computed anew, without the cache
+    assert int(opt_b.step_count) == int(opt_state["step"]) == 3
+    for name, x in b.state_dict().items():
+        assert torch.equal(x, agent_state[name]), f"{name}: the cached warm state is not the computed one"
+        assert torch.equal(x, start[name]), f"{name}: two warm agents start apart"
+    for key in ("nu", "mu"):
+        for i, (x, y) in enumerate(zip(opt_b.state_dict()[key], opt_state[key], strict=True)):
+            assert torch.equal(x, y), f"LaProp {key}[{i}]: the cached warm state is not the computed one"
+    moved = [n for (n, x), z in zip(b.state_dict().items(), fresh.state_dict().values()) if not torch.equal(x, z)]
     assert "critic.out.weight" in moved and "retnorm_hi" in moved, moved
     out = divergence.main(["--variants", "", "--updates", "1", "--warm", "3", "--json", str(tmp_path / "d.json")])
     assert out["meta"]["warm"] == 3 and out["reference"]["eager_repeat"]["bitwise"]

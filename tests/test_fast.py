@@ -29,7 +29,7 @@ SPEC, CFG = TINY_SPEC, TINY_CFG
 K = 3  # updates compared
 # The warm tests start from the state WARM eager fp32 updates leave (bench.common.warm_state): LaProp's moments are
 # warm, the reward and critic output layers off zero, the slow critic apart from the critic, the return percentiles
-# set (imagined returns are still ~1e-5 at this config, so the return scale stays at its floor of 1).
+# set (imagined returns are still ~1e-5 to 5e-5 at this config, so the return scale stays at its floor of 1).
 WARM = 8
 # Fused reductions sum in another order than eager: differences seen on CPU are <= 1e-6 on losses of size ~10 and
 # <= 3e-8 on parameters after 3 updates; 10-100x margin, far below the 1e-3 parameter moves.
@@ -185,7 +185,8 @@ def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, c
 def test_compiled_updates_match_eager_from_a_warm_state(fallback_random, monkeypatch):
     """The comparison above from a trained state (WARM eager updates) instead of a fresh agent, whose first update
     is a special case: its reward and critic output layers are zero (every imagined value and return is 0, and their
-    MLPs get no gradient at update 0), the slow critic equals the critic, and LaProp's first step is lr * sign(g).
+    hidden layers get no gradient at update 0), the slow critic equals the critic, and LaProp's first step is
+    lr * sign(g).
     Every gradient is checked here, the actor's too, within 1e-4 relative in norm (fp32 in another summation order;
     measured <= 1.5e-6 on the CPU by `python -m bench.divergence --warm 8`)."""
     monkeypatch.setattr(fast, "DEFER", True)
@@ -415,7 +416,7 @@ def test_updates_and_acting_never_sync_on_cuda(mode):
 
 
 @cuda
-@pytest.mark.parametrize("warm", [0, WARM])
+@pytest.mark.parametrize("warm", [0, WARM], ids=["fresh", "warm"])
 @pytest.mark.parametrize("mode", ["compile", "graphs"])
 def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
     """The fp32 comparisons above (compiled_run and the warm test, CPU only) on CUDA, where defer is on by default
@@ -423,8 +424,9 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
     as the fp32 Triton-core test below (fp32 in another summation order gave 1.7e-6 there), from a fresh agent except
     the actor's, for the reason the bf16 test gives. Both starts, because they tell two causes apart: from a fresh
     agent LaProp's first step is lr * sign(g), so a gradient sign two correct summation orders disagree on moves a
-    parameter a whole lr; from the warm state a step is continuous in g. Failing fresh and passing warm says the
-    fast mode computes what eager computes (bench/LOG.md, sessions 11-14)."""
+    parameter a whole lr; from the warm state a step is continuous in g. Failing fresh and passing warm points at
+    that step (or another special case of a fresh agent: zero heads, slow critic = critic); the divergence rows of
+    `bench.divergence` (sign flips, lr-steps) tell which (bench/LOG.md, sessions 11-14)."""
     agent, opt = make("cuda", warm=warm)
     update = fast.make_update(update_step, agent, opt, "eager")
     torch.manual_seed(1)
@@ -444,6 +446,14 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
         pytest.param("cuda", "compile", None, 0, marks=cuda),
         pytest.param("cuda", "graphs", None, 0, marks=cuda),
         pytest.param("cuda", "graphs", None, WARM, marks=cuda),
+    ],
+    ids=[
+        "cpu-defer-fresh",
+        "cpu-fan_out-fresh",
+        "cpu-defer-warm",
+        "cuda-compile-fresh",
+        "cuda-graphs-fresh",
+        "cuda-graphs-warm",
     ],
 )
 def test_bf16_fast_updates_match_eager_under_the_same_autocast(
