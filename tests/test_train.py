@@ -221,6 +221,22 @@ def test_train_evaluates_at_the_end_when_asked(tmp_path):
     assert last["eval/return_min"] <= last["eval/return_median"] and last["eval/return_min"] >= 1  # CartPole: 1/step
 
 
+def test_the_stall_probe_runs_on_a_pendulum_checkpoint(tmp_path):
+    # docs/runs/stall_probe.py backs README's account of the pendulum stall; it reads the agent's internals.
+    logdir = tmp_path / "run"
+    assert (
+        run("fastdreamer.train", *TINY, "--env", "pendulum", "--steps", "40", "--logdir", str(logdir)).returncode == 0
+    )
+    probe = [sys.executable, str(ROOT / "docs/runs/stall_probe.py"), str(logdir / "checkpoint.pt"), "--episodes", "3"]
+    proc = subprocess.run([*probe, "--below", "0"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["stalled"]["episodes"] == 3 and out["others"] == {"episodes": 0}  # pendulum's rewards are <= 0
+    assert 0.1 <= out["stalled"]["std"] <= 1.0 and 0 <= out["stalled"]["abs_theta"] <= 3.1416, out
+    bad = subprocess.run([*probe[:2], str(tmp_path / "missing.pt")], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
 def main_exit(main, args, capsys):
     """Run a command's main() in-process: (exit code, stderr)."""
     with pytest.raises(SystemExit) as exc:
