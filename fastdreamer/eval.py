@@ -31,25 +31,31 @@ def evaluate(
 ) -> dict:
     """Return {'mean', 'std', 'median', 'min', 'max', 'returns', 'lengths'} over the first episode of each of
     `episodes` envs. The median and the worst episode are there for heavy-tailed returns: a policy that fails a few
-    starts (pendulum's stall, README Learning) moves the mean far more than its typical episode."""
+    starts (pendulum's stall, README Learning) moves the mean far more than its typical episode.
+
+    `seed` sets the envs' starts and the agent's draws (latents, actions), in a forked generator: the same seed gives
+    the same episodes in every process (torch seeds its default generator anew per process), and the caller's
+    generator is left as it was (train's end-of-run eval)."""
     env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size)
     try:
-        obs = env.reset()
-        carry = agent.initial(episodes, device)
-        returns = np.zeros(episodes)
-        lengths = np.zeros(episodes, dtype=np.int64)
-        done = np.zeros(episodes, dtype=bool)
-        for _ in range(max_steps):
-            action, carry = agent.act(carry, obs, greedy=greedy)
-            obs = env.step(action.argmax(-1) if env.spec.discrete else action)
-            reward = obs["reward"].cpu().numpy()
-            last = obs["is_last"].cpu().numpy()
-            live = ~done
-            returns[live] += reward[live]
-            lengths[live] += 1
-            done |= last
-            if done.all():
-                break
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            obs = env.reset()
+            carry = agent.initial(episodes, device)
+            returns = np.zeros(episodes)
+            lengths = np.zeros(episodes, dtype=np.int64)
+            done = np.zeros(episodes, dtype=bool)
+            for _ in range(max_steps):
+                action, carry = agent.act(carry, obs, greedy=greedy)
+                obs = env.step(action.argmax(-1) if env.spec.discrete else action)
+                reward = obs["reward"].cpu().numpy()
+                last = obs["is_last"].cpu().numpy()
+                live = ~done
+                returns[live] += reward[live]
+                lengths[live] += 1
+                done |= last
+                if done.all():
+                    break
     finally:
         env.close()
     return {

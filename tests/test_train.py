@@ -202,6 +202,8 @@ def test_eval_prints_mean_std_median_and_extremes(tmp_path):
     proc = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    again = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3")
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == result, "one seed, two evals, other episodes"
     assert result["episodes"] == 3 and len(result["returns"]) == 3
     assert result["mean"] == pytest.approx(sum(result["returns"]) / 3)
     returns = sorted(result["returns"])
@@ -232,6 +234,8 @@ def test_the_stall_probe_runs_on_a_pendulum_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["stalled"]["episodes"] == 3 and out["others"] == {"episodes": 0}  # pendulum's rewards are <= 0
+    ev = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3", "--seed", "7")
+    assert out["mean_return"] == round(json.loads(ev.stdout.strip().splitlines()[-1])["mean"], 1)  # eval's episodes
     assert 0.1 <= out["stalled"]["std"] <= 1.0 and 0 <= out["stalled"]["abs_theta"] <= 3.1416, out
     bad = subprocess.run([*probe[:2], str(tmp_path / "missing.pt")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -2,13 +2,11 @@
 
     python docs/runs/stall_probe.py CHECKPOINT [--episodes 64] [--seed 7] [--below -500]
 
-Runs `--episodes` envs from the starts `python -m fastdreamer.eval --seed S` uses, drawing its random numbers in
-eval's order (single episodes can still part from eval's: float sums over 2 CPU threads do not repeat bitwise from
-run to run, and near the stall the pendulum is chaotic; eval itself gave -395.1 and -394.8 on one checkpoint), and
-splits the episodes at return `--below` (stalled, others). Prints JSON per group, medians over steps 100-199
-(after the swing-up): |pre-tanh actor mean|, the actor's std (its floor is minstd, 0.1), |action|, |theta| (0 is
-upright, pi hanging), |theta dot|, the critic's value, and the discounted return-to-go from step 100 (horizon 333,
-the critic's target) that the critic's value should match.
+Runs the episodes `python -m fastdreamer.eval --episodes N --seed S` runs (the same starts and draws: its
+`mean_return` is eval's mean) and splits them at return `--below` (stalled, others). Prints JSON per group, medians
+over steps 100-199 (after the swing-up): |pre-tanh actor mean|, the actor's std (its floor is minstd, 0.1),
+|action|, |theta| (0 is upright, pi hanging), |theta dot|, the critic's value, and the discounted return-to-go from
+step 100 (horizon 333, the critic's target) that the critic's value should match.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ def probe(path: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
     env = make_env(env_id(cfg), episodes, seed, device, image_size=cfg.image_size)
     rec: dict[str, list] = {k: [] for k in ("obs", "mean", "std", "action", "value", "reward")}
     try:
+        torch.manual_seed(seed)  # as fastdreamer.eval.evaluate seeds its draws
         obs = env.reset()
         deter, stoch, prevact = agent.initial(episodes, device)
         for _ in range(200):  # Pendulum-v1's time limit
