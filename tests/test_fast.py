@@ -166,20 +166,26 @@ def test_resolve_mode_picks_and_refuses():
         fast.make_update(update_step, agent, opt, "graphs")
 
 
-def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, compiled_run):
+def assert_runs_match(label, eager_run, compiled_run, start):
+    """Two run_updates results: per update every metric (LOSS_TOL), the sampled latents bitwise and deter
+    (FEAT_TOL); the final state (PARAM_TOL); and parameters moved far enough from `start` for a wrong gradient to
+    show."""
     (_, eager_hist, eager), (_, comp_hist, comp) = eager_run, compiled_run
     for k, ((m_e, l_e), (m_c, l_c)) in enumerate(zip(eager_hist, comp_hist, strict=True)):
         assert m_e.keys() == m_c.keys()
         for name in m_e:
-            assert_close(f"update {k} {name}", m_c[name], m_e[name], LOSS_TOL)
-        assert torch.equal(l_c["stoch"], l_e["stoch"]), f"update {k}: sampled latents differ"
-        assert_close(f"update {k} deter", l_c["deter"], l_e["deter"], FEAT_TOL)
-    init = make()[0].state_dict()
+            assert_close(f"{label}update {k} {name}", m_c[name], m_e[name], LOSS_TOL)
+        assert torch.equal(l_c["stoch"], l_e["stoch"]), f"{label}update {k}: sampled latents differ"
+        assert_close(f"{label}update {k} deter", l_c["deter"], l_e["deter"], FEAT_TOL)
     assert eager.keys() == comp.keys()
     for name in eager:  # parameters, slow critic and the return-normalisation buffers
-        assert_close(f"state {name}", comp[name], eager[name], PARAM_TOL)
-    moved = max((eager[n] - init[n]).abs().max().item() for n in eager)
+        assert_close(f"{label}state {name}", comp[name], eager[name], PARAM_TOL)
+    moved = max((eager[n] - start[n]).abs().max().item() for n in eager)
     assert moved > 1e-4, f"parameters barely moved ({moved}); the comparison would not see a wrong gradient"
+
+
+def test_compiled_updates_match_eager_losses_latents_and_parameters(eager_run, compiled_run):
+    assert_runs_match("", eager_run, compiled_run, make()[0].state_dict())
 
 
 def test_compiled_updates_match_eager_from_a_warm_state(fallback_random, monkeypatch):
@@ -194,19 +200,10 @@ def test_compiled_updates_match_eager_from_a_warm_state(fallback_random, monkeyp
     assert start["critic.out.weight"].abs().max() > 0 and start["reward.out.weight"].abs().max() > 0
     assert not torch.equal(start["critic.out.weight"], start["slow_critic.out.weight"]), "slow critic = critic"
     assert start["retnorm_hi"] > start["retnorm_lo"], "the return percentiles were never set"
-    eager_agent, eager_hist, eager = run_updates("eager", warm=WARM)
-    agent, comp_hist, comp = run_updates("compile", warm=WARM)
-    for k, ((m_e, l_e), (m_c, l_c)) in enumerate(zip(eager_hist, comp_hist, strict=True)):
-        for name in m_e:
-            assert_close(f"warm update {k} {name}", m_c[name], m_e[name], LOSS_TOL)
-        assert torch.equal(l_c["stoch"], l_e["stoch"]), f"warm update {k}: sampled latents differ"
-        assert_close(f"warm update {k} deter", l_c["deter"], l_e["deter"], FEAT_TOL)
-    for name in eager:  # parameters, slow critic and the return-normalisation buffers
-        assert_close(f"warm state {name}", comp[name], eager[name], PARAM_TOL)
-    got, want = [h[0] for h in comp_hist], [h[0] for h in eager_hist]
-    assert_updates_close("warm compile", got, want, agent, eager_agent, LOSS_TOL, PARAM_TOL, 1e-4)
-    moved = max((eager[n] - start[n]).abs().max().item() for n in eager)
-    assert moved > 1e-4, f"parameters barely moved ({moved}); the comparison would not see a wrong gradient"
+    eager_run, comp_run = run_updates("eager", warm=WARM), run_updates("compile", warm=WARM)
+    assert_runs_match("warm ", eager_run, comp_run, start)
+    got, want = [h[0] for h in comp_run[1]], [h[0] for h in eager_run[1]]
+    assert_updates_close("warm compile", got, want, comp_run[0], eager_run[0], LOSS_TOL, PARAM_TOL, 1e-4)
 
 
 def test_the_compiled_updates_defer_the_observe_weight_gradients(compiled_run):

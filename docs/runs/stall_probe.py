@@ -23,7 +23,6 @@ from fastdreamer.checkpoint import CheckpointError
 from fastdreamer.config import env_id
 from fastdreamer.envs import make_env
 from fastdreamer.eval import load_agent
-from fastdreamer.rssm import feat
 
 
 @torch.no_grad()
@@ -35,23 +34,26 @@ def probe(path: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} is a {env_id(cfg)} agent; this probe reads Pendulum-v1's angle from its obs")
     env = make_env(env_id(cfg), episodes, seed, device, image_size=cfg.image_size)
     rec: dict[str, list] = {k: [] for k in ("obs", "mean", "std", "action", "value", "reward")}
+    seen = {}
+    policy = agent.policy
+
+    def recording(f, y0=None):  # what Agent.act's policy step reads and returns
+        seen["feat"], seen["pol"] = f, policy(f, y0)
+        return seen["pol"]
+
+    agent.policy = recording
     try:
         torch.manual_seed(seed)  # as fastdreamer.eval.evaluate seeds its draws
         obs = env.reset()
-        deter, stoch, prevact = agent.initial(episodes, device)
+        carry = agent.initial(episodes, device)
         for _ in range(200):  # Pendulum-v1's time limit
-            lat, act_noise = agent.noise(episodes, 1, 1, device)  # Agent.act's draws, in its order
-            token = agent.encoder(obs, bdims=1)
-            deter, stoch, _ = agent.rssm.obs_step(deter, stoch, prevact, token, obs["is_first"], lat[0])
-            f = feat(deter, stoch)
-            pol = agent.policy(f)
-            action = pol.sample(act_noise[0])
+            action, carry = agent.act(carry, obs)  # eval's step, draws and all
+            f, pol = seen["feat"], seen["pol"]
             rec["obs"].append(obs["vector"].numpy().copy())
             rec["mean"].append(agent.actor(f).float().chunk(2, -1)[0][:, 0].numpy())
             rec["std"].append(pol.std[:, 0].numpy())
             rec["action"].append(action[:, 0].numpy())
             rec["value"].append(dists.twohot_pred(agent.critic(f), agent.bins).reshape(-1).numpy())
-            prevact = action
             obs = env.step(action)
             rec["reward"].append(obs["reward"].numpy().copy())
     finally:
