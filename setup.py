@@ -22,6 +22,7 @@ setup(
         "tyro>=0.8",
         "tensorboard>=2.14",
         "tqdm>=4.66",
+        "pillow>=10",
         *triton,
     ],
     extras_require={

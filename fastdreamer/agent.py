@@ -214,23 +214,42 @@ class Agent(nn.Module):
         scale = torch.clamp_min(self.retnorm_hi - self.retnorm_lo, self.cfg.retnorm_limit)
         return self.retnorm_lo.clone(), scale
 
+    def sequence_start(self, data: dict[str, torch.Tensor]):
+        """A replay batch (B, T + context, ...) split for the world model: the latent before its first trained step
+        (deter (B, D), stoch (B, S, C): the stored posterior with replay context, else the initial state), the action
+        before each trained step (B, T, A), and the trained steps' fields (B, T, ...)."""
+        ctx = self.cfg.replay_context
+        if ctx:
+            deter0 = data["deter"][:, 0].float()
+            stoch0 = dists.one_hot(data["stoch"][:, 0].long(), self.rssm.classes)
+            prevact = data["action"][:, :-1].float()
+        else:
+            deter0, stoch0, act0 = self.initial(data["is_first"].shape[0], data["is_first"].device)
+            prevact = torch.cat([act0[:, None], data["action"][:, :-1].float()], 1)
+        return deter0, stoch0, prevact, {k: v[:, ctx:] for k, v in data.items()}
+
+    def prediction_losses(self, recons, rew_logits, con_logit, obs) -> dict[str, torch.Tensor]:
+        """The world model's prediction losses per step (B, T): each decoded key (recons from the decoder), the reward
+        (two-hot logits (B, T, bins)) and the continue flag (logit (B, T)), against the steps' fields obs."""
+        losses = {}
+        for key, recon in recons.items():
+            if key in self.decoder.img_keys:
+                losses[key] = image_recon_loss(recon, obs[key])
+            else:
+                losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
+        losses["rew"] = dists.twohot_loss(rew_logits, obs["reward"].float(), self.bins)
+        con_target = (~obs["is_terminal"]).float() * (1.0 - 1.0 / self.cfg.horizon)  # contdisc
+        losses["con"] = -dists.binary_logp(con_logit, con_target)
+        return losses
+
     def loss(self, data: dict[str, torch.Tensor]):
         """The whole DreamerV3 loss on a replay batch (B, T + context, ...). Returns the scalar loss, a dict
         of device-scalar metrics, and the refreshed posterior latents (deter (B, T, D), stoch index (B, T, S))
         for the replay-context write-back."""
         cfg = self.cfg
-        ctx = cfg.replay_context
         B = data["is_first"].shape[0]
-        device = data["is_first"].device
         S, C = self.rssm.stoch, self.rssm.classes
-        if ctx:
-            deter0 = data["deter"][:, 0].float()
-            stoch0 = dists.one_hot(data["stoch"][:, 0].long(), C)
-            prevact = data["action"][:, :-1].float()
-        else:
-            deter0, stoch0, act0 = self.initial(B, device)
-            prevact = torch.cat([act0[:, None], data["action"][:, :-1].float()], 1)
-        obs = {k: v[:, ctx:] for k, v in data.items()}
+        deter0, stoch0, prevact, obs = self.sequence_start(data)
         is_first, is_last, is_term = obs["is_first"], obs["is_last"], obs["is_terminal"]
         reward = obs["reward"].float()
         T = is_first.shape[1]
@@ -243,14 +262,7 @@ class Agent(nn.Module):
         repfeat = feat(deters, stochs)  # (B, T, F)
         losses = {"dyn": dyn, "rep": rep}
         recons = self.decoder(deters, stochs.flatten(-2))
-        for key, recon in recons.items():
-            if key in self.decoder.img_keys:
-                losses[key] = image_recon_loss(recon, obs[key])
-            else:
-                losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
-        losses["rew"] = dists.twohot_loss(self.reward(repfeat), reward, self.bins)
-        con_target = (~is_term).float() * (1.0 - 1.0 / cfg.horizon)  # contdisc
-        losses["con"] = -dists.binary_logp(self.cont(repfeat).squeeze(-1), con_target)
+        losses.update(self.prediction_losses(recons, self.reward(repfeat), self.cont(repfeat).squeeze(-1), obs))
 
         # Imagination from every posterior state of the batch.
         D = deters.shape[-1]

@@ -134,6 +134,11 @@ class Config:
     eval_episodes: int = 0
     """Episodes of evaluation at the end of training (0: none), sampling the policy as in training
     (`python -m fastdreamer.eval --greedy` takes its mode instead)."""
+    report_every: float = 300.0
+    """Seconds between open-loop reports of the world model, and one at the end of training (0: none): metrics
+    openloop/* and, for image observations, a video in <logdir>/videos and TensorBoard (fastdreamer/report.py)."""
+    report_context: int = 8
+    """Observed steps before a report's open-loop prediction (at most half the batch length), as the reference."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -202,6 +207,11 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.report_every < 0 or cfg.report_context < 1:
+        raise ValueError(
+            f"--report-every must be 0 (no reports) or positive and --report-context at least 1, got "
+            f"{cfg.report_every} and {cfg.report_context}"
+        )
     if cfg.threads < 0:
         raise ValueError(f"--threads must be 0 (torch's default) or positive, got {cfg.threads}")
     if cfg.replay_context not in (0, 1):

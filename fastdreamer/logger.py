@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from pathlib import Path
 from typing import Self
 
+import numpy as np
 import torch
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -30,6 +35,22 @@ class Logger:
             self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
+    def video(self, step: int, tag: str, frames: np.ndarray, fps: float = 10.0) -> Path:
+        """An animated GIF of frames (T, H, W, C) uint8, C 1 or 3, written atomically to
+        <logdir>/videos/<tag with / as _>/<step>.gif and to TensorBoard's images (which play GIFs). Returns the path."""
+        gif = encode_gif(frames, fps)
+        path = self.logdir / "videos" / tag.replace("/", "_") / f"{int(step):010d}.gif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".gif.tmp")
+        tmp.write_bytes(gif)
+        os.replace(tmp, path)
+        T, H, W, C = frames.shape
+        image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=gif)
+        # What SummaryWriter.add_video writes, without the moviepy it would need to encode the GIF.
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), int(step))
+        self.writer.flush()
+        return path
+
     def close(self) -> None:
         self.writer.close()
         self.jsonl.close()
@@ -39,6 +60,16 @@ class Logger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
+    """frames (T, H, W, C) uint8 with C 1 (gray) or 3 (RGB) -> the bytes of a looping animated GIF."""
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.dtype != np.uint8 or not len(frames):
+        raise ValueError(f"a GIF takes frames (T, H, W, 1 or 3) uint8, got {frames.shape} {frames.dtype}")
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    out = io.BytesIO()
+    images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return out.getvalue()
 
 
 def to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:

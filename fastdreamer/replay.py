@@ -138,20 +138,15 @@ class Replay:
         assert self.ready(), (
             f"replay holds {min(self.count, self.length)} steps per env, fewer than seq_len {self.seq_len}"
         )
-        m, filled = self.length, min(self.count, self.length)
-        windows = filled - self.seq_len + 1  # valid starts per stream
-        oldest = (self.head - filled) % m  # physical slot of each stream's oldest step
         store = self.generator.device
-        pick = torch.randint(self.num_envs * windows, (batch,), generator=self.generator, device=store)  # (B,)
-        stream = pick // windows
-        start = pick - stream * windows + oldest  # logical start -> physical, before the wrap
+        stream, start = self._uniform(batch, self.generator)
         if self.online:
             first, k = self._take_online(batch)
             if k:  # the first k rows train on the queued fresh chunks; the uniform draws above are still consumed
                 q = first + torch.arange(k, device=store)
                 stream = torch.cat([q % self.num_envs, stream[k:]])
-                start = torch.cat([(q // self.num_envs) * self.seq_len, start[k:]])  # logical; % m below
-        idx = stream[:, None] * m + (start[:, None] + self._offsets) % m  # (B, L)
+                start = torch.cat([(q // self.num_envs) * self.seq_len, start[k:]])  # logical; _slots wraps it
+        idx = self._slots(stream, start)
         if self.location != "pinned host":
             flat = idx.view(-1)
             return {
@@ -159,6 +154,32 @@ class Replay:
             }, idx
         out = self._gather_pinned(idx)
         return out, idx.to(self.device, non_blocking=True)
+
+    def _uniform(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stream, physical start before the wrap) of B windows drawn uniformly over all written ones."""
+        filled = min(self.count, self.length)
+        windows = filled - self.seq_len + 1  # valid starts per stream
+        oldest = (self.head - filled) % self.length  # physical slot of each stream's oldest step
+        pick = torch.randint(self.num_envs * windows, (batch,), generator=generator, device=generator.device)  # (B,)
+        stream = pick // windows
+        return stream, pick - stream * windows + oldest
+
+    def _slots(self, stream: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """(B, L) flat slot indices of the windows at (stream, start)."""
+        return stream[:, None] * self.length + (start[:, None] + self._offsets) % self.length
+
+    def peek(self, batch: int, seed: int) -> dict[str, torch.Tensor]:
+        """B windows drawn uniformly with a generator of their own, on the device: for reports. The replay's state
+        (its generator, the online queue, the pinned staging slots) is left as it was, so a report never changes
+        what training samples next."""
+        assert self.ready(), f"replay holds {min(self.count, self.length)} steps per env, fewer than {self.seq_len}"
+        generator = torch.Generator(device=self.generator.device).manual_seed(seed)
+        stream, start = self._uniform(batch, generator)
+        flat = self._slots(stream, start).view(-1)
+        return {
+            k: v.index_select(0, flat).view(batch, self.seq_len, *v.shape[1:]).to(self.device)
+            for k, v in self._flat.items()
+        }
 
     def _take_online(self, batch: int) -> tuple[int, int]:
         """(first entry, how many) of the online queue for a batch of `batch`, host arithmetic only. Entries whose

@@ -27,6 +27,7 @@ from .kernels import block_gru
 from .logger import Logger, to_host
 from .optim import LaProp
 from .replay import Replay
+from .report import openloop
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -237,6 +238,16 @@ class Trainer:
             self.returns, self.lengths = [], []
         return out
 
+    def report(self) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """The world model's open-loop report (fastdreamer/report.py) on a batch of the replay, drawn with a
+        generator of the report's own: finite metrics on the host and videos (T, H, W, C) uint8. Training is left
+        exactly as it was."""
+        seed = self.cfg.seed * 1_000_003 + self.updates
+        data = self.replay.peek(self.cfg.batch_size, seed)
+        metrics, videos = openloop(self.agent, data, self.cfg.report_context, seed)
+        host = {k: v for k, v in to_host(metrics).items() if math.isfinite(v)}  # NaN: a group the batch lacks
+        return host, {k: v.cpu().numpy() for k, v in videos.items()}
+
     def _check_finite(self, metrics: dict[str, float]) -> None:
         """Raise TrainingDiverged naming the first non-finite loss among host metrics."""
         bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
@@ -308,7 +319,7 @@ def train(cfg: Config, log=print) -> Trainer:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=trainer.env_steps, unit="step", dynamic_ncols=True, smoothing=0.1)
-    last = {"time": time.time(), "steps": trainer.env_steps, "updates": trainer.updates}
+    last = {"time": time.time(), "steps": trainer.env_steps, "updates": trainer.updates, "report": time.time()}
     last_save = trainer.updates
     latest_return = float("nan")
 
@@ -333,6 +344,13 @@ def train(cfg: Config, log=print) -> Trainer:
             )
         last.update(time=now, steps=trainer.env_steps, updates=trainer.updates)
 
+    def write_report() -> None:
+        metrics, videos = trainer.report()
+        logger.log(trainer.env_steps, metrics)
+        for key, frames in videos.items():
+            logger.video(trainer.env_steps, f"openloop/{key}", frames)
+        last["report"] = time.time()
+
     try:
         while True:
             # The updates run while the env step that act() sent is in flight. Checkpoint only at update
@@ -349,11 +367,15 @@ def train(cfg: Config, log=print) -> Trainer:
             trainer.act()
             if time.time() - last["time"] >= cfg.log_every:
                 write_log()
+            if cfg.report_every and trainer.updates and time.time() - last["report"] >= cfg.report_every:
+                write_report()
             if bar is not None:
                 bar.update(cfg.num_envs)
         write_log()
         path = trainer.save()
         log(f"fastdreamer: done, {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint {path}")
+        if cfg.report_every and trainer.updates:
+            write_report()
         if cfg.eval_episodes:
             from .eval import evaluate
 

@@ -86,7 +86,13 @@ def test_cli_trains_every_preset_at_debug_size(preset, tmp_path):
     assert config["env"] == preset and config["size"] == "debug"
     lines = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert lines and all("step" in line for line in lines)
-    assert lines[-1]["updates"] > 0 and all(k in lines[-1] for k in ("loss/dyn", "loss/policy", "fps/env"))
+    logs = [line for line in lines if "updates" in line]
+    assert logs[-1]["updates"] > 0 and all(k in logs[-1] for k in ("loss/dyn", "loss/policy", "fps/env"))
+    # The open-loop report at the end (fastdreamer/report.py): its metrics, and a video for image observations.
+    (report,) = [line for line in lines if "openloop/rew_loss" in line]
+    videos = list((logdir / "videos" / "openloop_image").glob("*.gif"))
+    image = preset in ("pong", "carracing")
+    assert len(videos) == image and ("openloop/image_loss" in report) == image
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(logdir))
 
 
@@ -255,6 +261,8 @@ def main_exit(main, args, capsys):
         (["--train-ratio", "-1"], "--train-ratio must be positive"),
         (["--size", "13m"], "unknown size '13m'"),
         (["--threads", "-1"], "--threads must be 0"),
+        (["--report-context", "0"], "--report-context at least 1"),
+        (["--report-every", "-5"], "--report-every must be 0"),
         (["--precision", "fp16"], "unknown --precision 'fp16'"),
         (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager
         (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),

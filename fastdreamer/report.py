@@ -1,0 +1,86 @@
+"""The world model's open-loop report (the reference's `report`): how far ahead it predicts without observations.
+
+A replay batch is observed for its first K steps (the posterior, as in training), then imagined for the rest from
+the last posterior state under the actions that were actually taken (the prior, no observations). Every step is
+decoded, and the prediction losses of the imagined steps are the report: `openloop/{key}_loss` for each decoded
+key, `openloop/rew_loss`, `openloop/con_loss` (the same per-step losses as training's `loss/{key}`, which observes
+every step), and the reference's balance statistics of the reward and continue predictions. For image observations
+it also makes the reference's video: for each of 6 sequences, the true frames, the model's frames (the first K
+reconstructions, then open-loop predictions) and their error ((model - true + 1) / 2), stacked top to bottom, the
+sequences side by side.
+
+The report is a diagnostic beside training and leaves it untouched: it runs the plain (eager, fp32) modules on the
+trained parameters without gradient, draws its batch and its latent samples with generators of its own, and writes
+nothing to the agent or the replay. So a run with reports trains exactly as one without (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dists
+from .rssm import feat
+
+VIDEOS = 6  # sequences side by side in a video, as in the reference
+
+
+def _balance(prefix: str, loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, thres: float) -> dict:
+    """The reference's balance_stats: the loss and the accuracy of `pred > thres` over the steps whose target is
+    above thres (pos) and the others (neg), and the rate of pos. NaN where a group is empty (the trainer drops it)."""
+    pos = target > thres
+    neg = ~pos
+    npos, nneg = pos.sum(), neg.sum()
+    return {
+        f"{prefix}_pos_loss": (loss * pos).sum() / npos,
+        f"{prefix}_neg_loss": (loss * neg).sum() / nneg,
+        f"{prefix}_pos_acc": ((pred > thres) & pos).sum() / npos,
+        f"{prefix}_neg_acc": ((pred <= thres) & neg).sum() / nneg,
+        f"{prefix}_rate": pos.float().mean(),
+    }
+
+
+def video_grid(truth: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+    """truth and model (V, T, H, W, C) in [0, 1] -> (T, 3H, V*W, C) uint8: true, model and error frames stacked
+    top to bottom, the V sequences side by side."""
+    model = model.clamp(0, 1)
+    video = torch.cat([truth, model, (model - truth + 1) / 2], 2)  # (V, T, 3H, W, C)
+    video = video.permute(1, 2, 0, 3, 4).flatten(2, 3)  # (T, 3H, V*W, C)
+    return (video * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def openloop(agent, data: dict[str, torch.Tensor], context: int = 8, seed: int = 0, videos: int = VIDEOS):
+    """The open-loop report on a replay batch (B, T + replay context, ...): observe min(context, T // 2) steps, imagine
+    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video}) with V = min(videos, B)."""
+    if context < 1:
+        raise ValueError(f"the open-loop report needs at least 1 observed step, got context {context}")
+    deter, stoch, prevact, obs = agent.sequence_start(data)
+    B, T = obs["is_first"].shape
+    K = min(context, T // 2)
+    rssm, device = agent.rssm, deter.device
+    u = torch.rand((T, B, rssm.stoch, 1), generator=torch.Generator(device).manual_seed(seed), device=device)
+    tokens = agent.encoder({k: v[:, :K] for k, v in obs.items()})
+    deters, stochs = [], []
+    for t in range(T):
+        if t < K:
+            # rssm(...) is RSSM.forward, the plain posterior step: the fast modes route obs_step and observe through
+            # their compiled units on the instance, never forward.
+            deter, stoch, _ = rssm(deter, stoch, prevact[:, t], tokens[:, t], obs["is_first"][:, t], u[t])
+        else:
+            deter, stoch, _ = rssm.img_step(deter, stoch, prevact[:, t], u[t])
+        deters.append(deter)
+        stochs.append(stoch)
+    deters, stochs = torch.stack(deters, 1), torch.stack(stochs, 1)
+    f = feat(deters, stochs)
+    recons = agent.decoder(deters, stochs.flatten(-2))
+    rew_logits, con_logit = agent.reward(f), agent.cont(f).squeeze(-1)
+    losses = agent.prediction_losses(recons, rew_logits, con_logit, obs)
+    metrics = {f"openloop/{k}_loss": v[:, K:].mean() for k, v in losses.items()}
+    img = slice(K, None)
+    rew_pred = dists.twohot_pred(rew_logits[:, img], agent.bins)
+    metrics.update(_balance("openloop/rew", losses["rew"][:, img], rew_pred, obs["reward"][:, img].float(), 0.1))
+    cont = (~obs["is_terminal"][:, img]).float()
+    metrics.update(_balance("openloop/con", losses["con"][:, img], torch.sigmoid(con_logit[:, img]), cont, 0.5))
+    V = min(videos, B)
+    frames = {key: video_grid(obs[key][:V].float() / 255.0, recons[key][:V].float()) for key in agent.decoder.img_keys}
+    return metrics, frames

@@ -1,0 +1,194 @@
+"""The open-loop report (fastdreamer/report.py): what it predicts from, what it computes, that training never sees
+it, and the files it writes."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageSequence
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_model import make_agent, random_batch
+from test_train import tiny_config
+
+from fastdreamer import dists, fast
+from fastdreamer.logger import Logger, encode_gif
+from fastdreamer.nets import symlog
+from fastdreamer.report import openloop
+from fastdreamer.rssm import feat
+from fastdreamer.train import Trainer
+
+H = 64  # make_agent's image size
+T, K = 8, 3  # trained steps of the batch (random_batch's L = T + 1 with replay context), observed steps
+
+
+def case(seed=0):
+    torch.manual_seed(seed)
+    agent, cfg, spec = make_agent(discrete=False, image=True)
+    with torch.no_grad():  # non-zero reward head, so reward predictions depend on the latent
+        agent.reward.out.weight.normal_(0, 0.1)
+    return agent, random_batch(spec, B=3, L=T + 1, seed=seed)
+
+
+def model_frames(video: torch.Tensor) -> torch.Tensor:
+    """The middle band of a report video (T, 3H, V*W, C): the model's frames."""
+    return video[:, H : 2 * H]
+
+
+def test_openloop_predicts_from_the_context_and_the_actions_only():
+    """Observations after the K observed steps must not reach the predictions; the context's observations and the
+    later actions must."""
+    agent, data = case()
+    _, base = openloop(agent, data, context=K, seed=5)
+
+    later = {k: v.clone() for k, v in data.items()}
+    later["image"][:, 1 + K :] = 255 - later["image"][:, 1 + K :]  # 1: the replay-context step
+    later["vector"][:, 1 + K :] += 3.0
+    _, got = openloop(agent, later, context=K, seed=5)
+    assert torch.equal(model_frames(got["image"]), model_frames(base["image"]))
+    assert not torch.equal(got["image"][:, :H], base["image"][:, :H])  # the true frames did change
+
+    for key, steps in (("image", slice(1, 1 + K)), ("action", slice(1 + K, None))):
+        changed = {k: v.clone() for k, v in data.items()}
+        changed[key][:, steps] = 255 - changed[key][:, steps] if key == "image" else -changed[key][:, steps]
+        _, got = openloop(agent, changed, context=K, seed=5)
+        assert not torch.equal(model_frames(got["image"])[K + 1 :], model_frames(base["image"])[K + 1 :]), key
+
+
+def test_openloop_losses_are_a_plain_observe_then_imagine():
+    """The report's losses against a rollout written here from the training path's pieces: RSSM.observe over the K
+    observed steps (the loss's own observe), then img_step, with the same uniforms."""
+    agent, data = case(1)
+    metrics, videos = openloop(agent, data, context=K, seed=9)
+
+    deter0, stoch0, prevact, obs = agent.sequence_start(data)
+    B = obs["is_first"].shape[0]
+    rssm = agent.rssm
+    u = torch.rand((T, B, rssm.stoch, 1), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        tokens = agent.encoder({k: v[:, :K] for k, v in obs.items()})
+        deters, stochs, _ = rssm.observe(deter0, stoch0, tokens, prevact[:, :K], obs["is_first"][:, :K], u[:K])
+        deter, stoch = deters[:, -1], stochs[:, -1]
+        img_d, img_s = [], []
+        for t in range(K, T):
+            deter, stoch, _ = rssm.img_step(deter, stoch, prevact[:, t], u[t])
+            img_d.append(deter)
+            img_s.append(stoch)
+        d, s = torch.stack(img_d, 1), torch.stack(img_s, 1)
+        recon = agent.decoder(d, s.flatten(-2))
+        f = feat(d, s)
+        rew = dists.twohot_loss(agent.reward(f), obs["reward"][:, K:], agent.bins)
+        vector = (recon["vector"] - symlog(obs["vector"][:, K:])).square().sum(-1)
+        image = (recon["image"] - obs["image"][:, K:].float() / 255).square().sum((-3, -2, -1))
+        full = agent.decoder(torch.cat([deters, d], 1), torch.cat([stochs, s], 1).flatten(-2))["image"]
+
+    tol = dict(rtol=1e-5, atol=1e-6)  # the same fp32 operations in the same order; slack for summation order only
+    torch.testing.assert_close(metrics["openloop/vector_loss"], vector.mean(), **tol)
+    torch.testing.assert_close(metrics["openloop/image_loss"], image.mean(), **tol)
+    torch.testing.assert_close(metrics["openloop/rew_loss"], rew.mean(), **tol)
+    # The video: the first K frames reconstructed from the posterior, the rest predicted; true frames on top.
+    truth = obs["image"].float() / 255
+    want_model = (full.clamp(0, 1) * 255).round().to(torch.uint8)  # (B, T, H, W, C)
+    for v in range(B):
+        cols = slice(v * H, (v + 1) * H)
+        assert torch.equal(videos["image"][:, :H, cols], (truth[v] * 255).round().to(torch.uint8))
+        diff = (model_frames(videos["image"])[:, :, cols].int() - want_model[v].int()).abs().max()
+        assert diff <= 1  # rounding of equal values computed in another grouping
+    assert videos["image"].shape == (T, 3 * H, B * H, 3) and videos["image"].dtype == torch.uint8
+
+
+def test_openloop_balance_stats_count_the_groups():
+    agent, data = case(2)
+    data["reward"][:] = 0.0
+    data["reward"][0, 1 + K :] = 1.0  # one sequence rewarded on every predicted step
+    metrics, _ = openloop(agent, data, context=K, seed=0)
+    assert metrics["openloop/rew_rate"].item() == pytest.approx(1 / 3)
+    for key in ("rew_pos_acc", "rew_neg_acc", "con_pos_acc"):
+        assert 0 <= metrics[f"openloop/{key}"].item() <= 1
+    data["is_terminal"][:] = False
+    metrics, _ = openloop(agent, data, context=K, seed=0)
+    assert metrics["openloop/con_rate"].item() == 1.0 and torch.isnan(metrics["openloop/con_neg_acc"])
+
+
+def test_openloop_runs_the_plain_modules_of_a_compiled_agent():
+    """The fast modes replace units on the instance; the report must not call them (no compile, no captured graph
+    replayed at another shape) and must compute what it computes on a plain agent."""
+    agent, data = case(3)
+    want = openloop(agent, data, context=K, seed=1)
+    fast.compile_agent(agent)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = openloop(agent, data, context=K, seed=1)
+    assert not torch._dynamo.utils.counters["frames"], dict(torch._dynamo.utils.counters["frames"])
+    assert all(torch.equal(got[0][k], want[0][k]) or torch.isnan(want[0][k]) for k in want[0])
+    assert torch.equal(got[1]["image"], want[1]["image"])
+
+
+def test_openloop_rejects_an_empty_context():
+    agent, data = case()
+    with pytest.raises(ValueError, match="at least 1 observed step"):
+        openloop(agent, data, context=0)
+
+
+def test_reports_leave_training_exactly_as_it_was(tmp_path):
+    """Two runs from one seed, one reporting between every update: same parameters, optimizer, replay and RNG."""
+    cfg = tiny_config(tmp_path, seed=4, env="pendulum", report_context=2)
+    runs = []
+    for name, report in (("plain", False), ("reported", True)):
+        trainer = Trainer(dataclasses.replace(cfg, logdir=str(tmp_path / name)), log=lambda *_: None)
+        reports = 0
+        while trainer.updates < 6:
+            trainer.act()
+            while trainer.updates_due >= 1:
+                if report:
+                    metrics, videos = trainer.report()
+                    assert metrics["openloop/vector_loss"] > 0 and not videos
+                    reports += 1
+                trainer.update()
+        runs.append((trainer.state(), torch.get_rng_state()))
+        trainer.close()
+        assert reports == (6 if report else 0)
+    (a, rng_a), (b, rng_b) = runs
+    assert torch.equal(rng_a, rng_b)
+    for part in ("agent", "opt", "replay", "counters"):
+        assert_same(a[part], b[part], part)
+    assert a["replay"]["consumed"] > 0, "the online queue took part"
+
+
+def assert_same(a, b, where: str) -> None:
+    """Nested dicts, lists and tensors equal element for element."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_logger_writes_a_gif_file_and_a_tensorboard_image(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (5, 24, 40, 1), dtype=np.uint8)
+    with Logger(tmp_path, {}) as logger:
+        path = logger.video(12, "openloop/image", frames, fps=20)
+    assert path == tmp_path / "videos" / "openloop_image" / "0000000012.gif"
+    gif = Image.open(path)
+    got = np.stack([np.asarray(f.convert("L")) for f in ImageSequence.Iterator(gif)])
+    assert np.array_equal(got, frames[..., 0]) and gif.info["duration"] == 50  # gray GIFs are lossless
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = events.Images("openloop/image")
+    assert image.step == 12 and (image.height, image.width) == (24, 40) and image.encoded_image_string[:6] == b"GIF89a"
+
+
+@pytest.mark.parametrize(
+    "frames", [np.zeros((3, 8, 8, 2), np.uint8), np.zeros((3, 8, 8, 3), np.float32), np.zeros((0, 8, 8, 3), np.uint8)]
+)
+def test_encode_gif_rejects_what_it_cannot_encode(frames):
+    with pytest.raises(ValueError, match="a GIF takes frames"):
+        encode_gif(frames)
