@@ -26,8 +26,9 @@ setup(
         *triton,
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "pygame>=2.1"],
         "plot": ["matplotlib>=3.7"],
+        "video": ["pygame>=2.1"],  # Gymnasium's classic-control and Box2D renderers
     },
     entry_points={
         "console_scripts": [

@@ -3,7 +3,7 @@
 # bench/results/gpu). The machine has no network: build the carried folders here first (once per checkout):
 #
 #   echo /.gpu/ >> .git/info/exclude; ../shared/gpu/make-env-bundle.sh .gpu 3.12     # envpool, gymnasium, ROMs
-#   bash bench/gpu_session.sh wheels                                                  # tyro + deps into .gpu/whl
+#   bash bench/gpu_session.sh wheels                                         # tyro + deps, Pillow into .gpu/whl
 #   bash bench/gpu_session.sh bisect-trees                  # the older source trees diag's gru_bisect runs (.bisect)
 #
 # A session now gets 15 minutes of device time in all (1-2 of them to start the machine) and at most 10 per command,
@@ -57,7 +57,10 @@ fi
 
 if [[ ${1:-} == wheels ]]; then
   python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl \
-    tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.0
+    tyro==1.0.17 docstring-parser==0.18.0 typeguard==4.6.0 || exit 1
+  # Pillow (videos: the open-loop report of image runs, eval --video) is compiled: the GPU machine's Python 3.12 build.
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+    -d .gpu/whl pillow==12.0.0
   exit $?
 fi
 

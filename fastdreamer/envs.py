@@ -67,13 +67,15 @@ def make_env(
     image_size: int = 64,
     atari: dict | None = None,
     env_kwargs: dict | None = None,
+    gymnasium_only: bool = False,
 ) -> VecEnv:
     """Create N copies of `env_id` stepping in lockstep. `atari` overrides ATARI_DEFAULTS for envpool Atari ids;
-    `env_kwargs` go to the backend's constructor as they are (e.g. max_episode_steps)."""
+    `env_kwargs` go to the backend's constructor as they are (e.g. max_episode_steps, or Gymnasium's render_mode).
+    gymnasium_only: Gymnasium's env of that id even where envpool has one (Gymnasium's envs render)."""
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     env_kwargs = dict(env_kwargs or {})
-    pool_ids = _envpool_ids()
+    pool_ids = [] if gymnasium_only else _envpool_ids()
     if env_id in pool_ids:
         import envpool
 
@@ -140,6 +142,9 @@ class _GymBackend:
     def recv(self) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
         obs, reward, terminated, truncated, _ = self.envs.step(self.action)
         return obs, reward, terminated, truncated
+
+    def render(self, n: int) -> list[np.ndarray]:
+        return [env.render() for env in self.envs.envs[:n]]
 
     def close(self) -> None:
         self.envs.close()
@@ -315,6 +320,13 @@ class VecEnv:
         """(return, length) of the episodes that ended since the last call; length counts env transitions."""
         episodes, self._episodes = self._episodes, []
         return episodes
+
+    def render(self, n: int) -> list[np.ndarray]:
+        """Frames (H, W, 3) uint8 of the first n envs as they are now; a Gymnasium env made with render_mode
+        'rgb_array' only (envpool's envs do not render)."""
+        if not hasattr(self.backend, "render"):
+            raise ValueError(f"{self.spec.env_id} runs on envpool, which does not render; make it gymnasium_only")
+        return self.backend.render(n)
 
     def close(self) -> None:
         self.backend.close()

@@ -1,13 +1,15 @@
 """Evaluate a checkpoint: `python -m fastdreamer.eval --checkpoint PATH --episodes N` prints the return's mean,
 std, median, worst and best episode and every episode's return as JSON. Runs one episode in each of N parallel envs,
-so short episodes are not over-counted."""
+so short episodes are not over-counted. `--video PATH` also films a few episodes to a GIF."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+import gymnasium
 import numpy as np
 import torch
 
@@ -16,9 +18,44 @@ from .agent import Agent
 from .checkpoint import CheckpointError
 from .config import Config, env_id
 from .envs import make_env
+from .logger import write_gif
 
 
 @torch.no_grad()
+def play(agent: Agent, env, seed: int, greedy: bool, max_steps: int, on_step=None):
+    """The first episode of each of env's N envs, for at most max_steps steps: (returns, lengths, done), done[i] true
+    where env i's episode ended within them. on_step(obs, live) sees the first observation
+    and each step's, with live[i] true where the step belongs to env i's first episode.
+
+    `seed` sets the agent's draws (latents, actions) in a forked generator: the same seed gives the same episodes in
+    every process (torch seeds its default generator anew per process), and the caller's generator is left as it
+    was (train's end-of-run eval)."""
+    n, device = env.num_envs, env.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        obs = env.reset()
+        carry = agent.initial(n, device)
+        returns = np.zeros(n)
+        lengths = np.zeros(n, dtype=np.int64)
+        done = np.zeros(n, dtype=bool)
+        if on_step is not None:
+            on_step(obs, ~done)
+        for _ in range(max_steps):
+            action, carry = agent.act(carry, obs, greedy=greedy)
+            obs = env.step(action.argmax(-1) if env.spec.discrete else action)
+            reward = obs["reward"].cpu().numpy()
+            last = obs["is_last"].cpu().numpy()
+            live = ~done
+            returns[live] += reward[live]
+            lengths[live] += 1
+            done |= last
+            if on_step is not None:
+                on_step(obs, live)
+            if done.all():
+                break
+    return returns, lengths, done
+
+
 def evaluate(
     agent: Agent,
     env_name: str,
@@ -31,31 +68,11 @@ def evaluate(
 ) -> dict:
     """Return {'mean', 'std', 'median', 'min', 'max', 'returns', 'lengths'} over the first episode of each of
     `episodes` envs. The median and the worst episode are there for heavy-tailed returns: a policy that fails a few
-    starts (pendulum's stall, README Learning) moves the mean far more than its typical episode.
-
-    `seed` sets the envs' starts and the agent's draws (latents, actions), in a forked generator: the same seed gives
-    the same episodes in every process (torch seeds its default generator anew per process), and the caller's
-    generator is left as it was (train's end-of-run eval)."""
+    starts (pendulum's stall, README Learning) moves the mean far more than its typical episode. `seed` sets the envs'
+    starts and the agent's draws (play)."""
     env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size)
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            obs = env.reset()
-            carry = agent.initial(episodes, device)
-            returns = np.zeros(episodes)
-            lengths = np.zeros(episodes, dtype=np.int64)
-            done = np.zeros(episodes, dtype=bool)
-            for _ in range(max_steps):
-                action, carry = agent.act(carry, obs, greedy=greedy)
-                obs = env.step(action.argmax(-1) if env.spec.discrete else action)
-                reward = obs["reward"].cpu().numpy()
-                last = obs["is_last"].cpu().numpy()
-                live = ~done
-                returns[live] += reward[live]
-                lengths[live] += 1
-                done |= last
-                if done.all():
-                    break
+        returns, lengths, _ = play(agent, env, seed, greedy, max_steps)
     finally:
         env.close()
     return {
@@ -68,6 +85,83 @@ def evaluate(
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),
     }
+
+
+def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Config):
+    """(env, shoot): the env a video plays in and a function of (obs, env) giving each env's frame (n, H, W, C)
+    uint8. Image observations are filmed as the agent sees them; vector observations through Gymnasium's rgb_array
+    rendering of the same id, scaled to VIDEO_HEIGHT rows."""
+    env = make_env(env_name, n, seed, device, image_size=cfg.image_size)
+    if "image" in env.spec.obs:
+        return env, lambda obs, env: obs["image"].cpu().numpy()
+    env.close()
+    if env_name not in gymnasium.registry:
+        raise ValueError(
+            f"--video films image observations, or renders vector ones through Gymnasium, which has no '{env_name}'"
+        )
+    # rgb_array frames need neither a display nor sound; without these SDL looks for both and complains on stderr.
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+    env = make_env(env_name, n, seed, device, env_kwargs={"render_mode": "rgb_array"}, gymnasium_only=True)
+
+    from PIL import Image  # as in logger.encode_gif: only videos need Pillow
+
+    def shoot(obs, env):
+        shots = [Image.fromarray(f) for f in env.render(n)]
+        width = round(shots[0].width * VIDEO_HEIGHT / shots[0].height)
+        return np.stack([np.asarray(f.resize((width, VIDEO_HEIGHT), Image.BILINEAR)) for f in shots])
+
+    return env, shoot
+
+
+VIDEO_HEIGHT = 200  # rows of a rendered frame in a video (Gymnasium's classic control renders at 400-500)
+
+
+@torch.no_grad()
+def film(
+    agent: Agent,
+    env_name: str,
+    cfg: Config,
+    episodes: int,
+    device: torch.device,
+    seed: int = 12345,
+    greedy: bool = False,
+    max_frames: int = 1000,
+) -> tuple[np.ndarray, dict]:
+    """Play `episodes` episodes side by side for at most max_frames frames (the first observation's, then one per
+    step); an env's picture stays still once its episode has ended. Returns the video (T, H, episodes * W, C) uint8
+    and {'frames', 'returns', 'lengths', 'complete'}: the episodes' returns and lengths within the frames filmed,
+    complete when every episode ended within them."""
+    env, shoot = _video_env(env_name, episodes, seed, device, cfg)
+    shown: list[np.ndarray] = []
+
+    def on_step(obs, live):
+        frame = shoot(obs, env)
+        if shown:
+            frame = np.where(live[:, None, None, None], frame, shown[-1])
+        shown.append(frame)
+
+    try:
+        returns, lengths, done = play(agent, env, seed, greedy, max_frames - 1, on_step)
+    except gymnasium.error.DependencyNotInstalled as e:  # raised by the first render
+        raise ValueError(f"--video of {env_name} renders through Gymnasium, which needs {e}") from None
+    finally:
+        env.close()
+    video = np.concatenate(list(np.stack(shown, 1)), axis=2)  # (episodes, T, H, W, C) -> (T, H, episodes * W, C)
+    info = {
+        "frames": len(shown),
+        "returns": returns.tolist(),
+        "lengths": lengths.tolist(),
+        "complete": bool(done.all()),
+    }
+    return video, info
+
+
+def record(agent: Agent, env_name: str, cfg: Config, episodes: int, device, path, fps: float = 25.0, **kw) -> dict:
+    """film()'s video written to `path` as a looping GIF; returns {'path', and film's dict}."""
+    video, info = film(agent, env_name, cfg, episodes, device, **kw)
+    write_gif(path, video, fps)
+    return {"path": str(path), **info}
 
 
 def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
@@ -93,15 +187,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--greedy", action="store_true", help="take the policy's mode instead of sampling")
+    parser.add_argument(
+        "--video",
+        metavar="PATH",
+        help="also write a GIF of --video-episodes more episodes side by side: image observations as the agent sees "
+        "them, vector ones rendered by Gymnasium (classic control needs pygame: pip install -e '.[video]')",
+    )
+    parser.add_argument("--video-episodes", type=int, default=4)
+    parser.add_argument("--video-frames", type=int, default=1000, help="at most this many frames (25 per second)")
     args = parser.parse_args(argv)
     try:
-        if args.episodes < 1:
-            raise ValueError(f"--episodes must be at least 1, got {args.episodes}")
+        for name in ("episodes", "video_episodes", "video_frames"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         from .train import resolve_device
 
         device = resolve_device(args.device)
         agent, cfg = load_agent(args.checkpoint, device)
         result = evaluate(agent, env_id(cfg), cfg, args.episodes, device, args.seed, args.greedy)
+        if args.video:
+            result["video"] = record(
+                agent,
+                env_id(cfg),
+                cfg,
+                args.video_episodes,
+                device,
+                args.video,
+                seed=args.seed,
+                greedy=args.greedy,
+                max_frames=args.video_frames,
+            )
     except (ValueError, CheckpointError) as e:
         print(f"fastdreamer: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,7 +10,6 @@ from typing import Self
 
 import numpy as np
 import torch
-from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 
@@ -38,12 +37,8 @@ class Logger:
     def video(self, step: int, tag: str, frames: np.ndarray, fps: float = 10.0) -> Path:
         """An animated GIF of frames (T, H, W, C) uint8, C 1 or 3, written atomically to
         <logdir>/videos/<tag with / as _>/<step>.gif and to TensorBoard's images (which play GIFs). Returns the path."""
-        gif = encode_gif(frames, fps)
         path = self.logdir / "videos" / tag.replace("/", "_") / f"{int(step):010d}.gif"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".gif.tmp")
-        tmp.write_bytes(gif)
-        os.replace(tmp, path)
+        gif = write_gif(path, frames, fps)
         T, H, W, C = frames.shape
         image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=gif)
         # What SummaryWriter.add_video writes, without the moviepy it would need to encode the GIF.
@@ -66,10 +61,23 @@ def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
     """frames (T, H, W, C) uint8 with C 1 (gray) or 3 (RGB) -> the bytes of a looping animated GIF."""
     if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.dtype != np.uint8 or not len(frames):
         raise ValueError(f"a GIF takes frames (T, H, W, 1 or 3) uint8, got {frames.shape} {frames.dtype}")
+    from PIL import Image  # here, not at the top: a run without videos needs no Pillow (the GPU machine's stack)
+
     images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
     out = io.BytesIO()
     images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return out.getvalue()
+
+
+def write_gif(path: str | Path, frames: np.ndarray, fps: float = 10.0) -> bytes:
+    """encode_gif's bytes written atomically to path (a temp file, then a rename), its folder made; returns them."""
+    gif = encode_gif(frames, fps)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gif)
+    os.replace(tmp, path)
+    return gif
 
 
 def to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
