@@ -266,6 +266,19 @@ def test_optim_step_checks_the_compiled_step_then_times_both(tmp_path):
     assert rows["compiled"]["check_worst_rel"] < optim_step.CHECK_REL
 
 
+def test_report_cost_times_a_report_and_an_update_on_one_batch(tmp_path):
+    from bench import report_cost
+
+    out = tmp_path / "report.json"
+    args = ["--device", "cpu", "--size", "debug", "--obs", "image", "--batch", "2", "--length", "8", "--rounds", "1"]
+    report_cost.main([*args, "--repeat", "1", "--threads", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["component"] for r in result["rows"]] == ["report", "update"]
+    report, update = (r["median_ms"] for r in result["rows"])
+    assert report > 0 and update > 0 and result["report_per_update"] == pytest.approx(report / update)
+    assert result["meta"]["batch"] == 2 and result["meta"]["obs"] == "image"
+
+
 def test_profile_attribution_names_launcher_context_and_frames():
     """profile_update --attribute: each small library kernel (or, on a CPU, each fill/copy/add op) is counted per
     update under the op that launched it and the ATen op around that, the nearest autograd node or compiled graph,
