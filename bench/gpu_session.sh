@@ -179,8 +179,8 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   # policy loss -0.065 vs -0.0002). Session 12 fixed two two-hot numerics issues the CPU could show (bench/LOG.md):
   # predicted to pass in fp32; bf16 may still part (LaProp's first step on flipped signs). Session 14 added each
   # from a warm state (WARM eager updates first: LaProp's step continuous in g), predicted to pass in fp32 and bf16.
-  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py \
-    -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda)" || rc=1
+  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py tests/test_report.py \
+    -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda) or openloop_on_cuda" || rc=1
   # Where a fresh start parts and the warm one does not (or does), state by state: quick's divergence step from the
   # warm state (its compiled graphs are cached by then).
   step divergence_warm 70 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \

@@ -124,6 +124,31 @@ def test_openloop_runs_the_plain_modules_of_a_compiled_agent():
     assert torch.equal(got[1]["image"], want[1]["image"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_openloop_on_cuda_leaves_the_generators_alone(impl):
+    """On the GPU, with either block-GRU implementation: the same report as on the CPU up to the latent draws' source
+    (a CUDA generator), finite, and the CUDA and CPU default generators untouched."""
+    from fastdreamer.kernels import block_gru
+
+    agent, data = case(4)
+    agent = agent.cuda()
+    data = {k: v.cuda() for k, v in data.items()}
+    before = block_gru.get_impl()
+    block_gru.set_impl(impl, torch.device("cuda"))
+    try:
+        cuda_rng, cpu_rng = torch.cuda.get_rng_state(), torch.get_rng_state()
+        metrics, videos = openloop(agent, data, context=K, seed=3)
+        again, _ = openloop(agent, data, context=K, seed=3)
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng) and torch.equal(torch.get_rng_state(), cpu_rng)
+    finally:
+        block_gru.set_impl(before, torch.device("cuda"))
+    assert videos["image"].shape == (T, 3 * H, 3 * H, 3) and videos["image"].is_cuda
+    for key, value in metrics.items():
+        assert torch.isfinite(value) or key.endswith(("_pos_loss", "_pos_acc", "_neg_loss", "_neg_acc")), key
+    torch.testing.assert_close(again["openloop/image_loss"], metrics["openloop/image_loss"], rtol=1e-5, atol=0)
+
+
 def test_openloop_rejects_an_empty_context():
     agent, data = case()
     with pytest.raises(ValueError, match="at least 1 observed step"):
