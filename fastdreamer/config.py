@@ -134,6 +134,10 @@ class Config:
     eval_episodes: int = 0
     """Episodes of evaluation at the end of training (0: none), sampling the policy as in training
     (`python -m fastdreamer.eval --greedy` takes its mode instead)."""
+    video_episodes: int = 0
+    """Episodes filmed side by side at the end of training (0: none), as `fastdreamer.eval --video` films them: a GIF
+    in <logdir>/videos/eval_policy and TensorBoard. Vector observations render through Gymnasium (classic control
+    needs pygame: pip install -e '.[video]'), checked before training starts."""
     report_every: float = 300.0
     """Seconds between open-loop reports of the world model, and one at the end of training (0: none): metrics
     openloop/* and, for image observations, a video in <logdir>/videos and TensorBoard (fastdreamer/report.py)."""
@@ -207,6 +211,11 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if cfg.eval_episodes < 0 or cfg.video_episodes < 0:
+        raise ValueError(
+            f"--eval-episodes and --video-episodes must be 0 (none) or positive, got {cfg.eval_episodes} and "
+            f"{cfg.video_episodes}"
+        )
     if cfg.report_every < 0 or cfg.report_context < 1:
         raise ValueError(
             f"--report-every must be 0 (no reports) or positive and --report-context at least 1, got "

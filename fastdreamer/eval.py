@@ -97,7 +97,7 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
     env.close()
     if env_name not in gymnasium.registry:
         raise ValueError(
-            f"--video films image observations, or renders vector ones through Gymnasium, which has no '{env_name}'"
+            f"a video films image observations, or renders vector ones through Gymnasium, which has no '{env_name}'"
         )
     # rgb_array frames need neither a display nor sound; without these SDL looks for both and complains on stderr.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
@@ -112,6 +112,22 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
         return np.stack([np.asarray(f.resize((width, VIDEO_HEIGHT), Image.BILINEAR)) for f in shots])
 
     return env, shoot
+
+
+def check_video(env_name: str, cfg: Config) -> None:
+    """Raise ValueError, one line, if `film` cannot film env_name here (no image observations and no Gymnasium env
+    that renders, or no pygame for it): one env made, reset and filmed once."""
+    env, shoot = _video_env(env_name, 1, 0, torch.device("cpu"), cfg)
+    try:
+        shoot(env.reset(), env)
+    except gymnasium.error.DependencyNotInstalled as e:
+        raise ValueError(_needs(env_name, e)) from None
+    finally:
+        env.close()
+
+
+def _needs(env_name: str, e: Exception) -> str:
+    return f"a video of {env_name} renders through Gymnasium, which needs {e}"
 
 
 VIDEO_HEIGHT = 200  # rows of a rendered frame in a video (Gymnasium's classic control renders at 400-500)
@@ -144,7 +160,7 @@ def film(
     try:
         returns, lengths, done = play(agent, env, seed, greedy, max_frames - 1, on_step)
     except gymnasium.error.DependencyNotInstalled as e:  # raised by the first render
-        raise ValueError(f"--video of {env_name} renders through Gymnasium, which needs {e}") from None
+        raise ValueError(_needs(env_name, e)) from None
     finally:
         env.close()
     video = np.concatenate(list(np.stack(shown, 1)), axis=2)  # (episodes, T, H, W, C) -> (T, H, episodes * W, C)

@@ -130,6 +130,14 @@ class Trainer:
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl, self.device)
         self.env = make_env_or_explain(cfg, self.device)
+        if cfg.video_episodes:  # before training, not after it: a video that cannot be made is bad input
+            from .eval import check_video
+
+            try:
+                check_video(env_id(cfg), cfg)
+            except ValueError:
+                self.env.close()
+                raise
         self.agent = Agent(cfg, self.env.spec).to(self.device)
         self.opt = LaProp(
             self.agent.trainable(),
@@ -376,6 +384,12 @@ def train(cfg: Config, log=print) -> Trainer:
         log(f"fastdreamer: done, {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint {path}")
         if cfg.report_every and trainer.updates:
             write_report()
+        if cfg.video_episodes:
+            from .eval import film
+
+            video, info = film(trainer.agent, env_id(cfg), cfg, cfg.video_episodes, trainer.device)
+            path = logger.video(trainer.env_steps, "eval/policy", video, fps=25.0)
+            log(f"fastdreamer: filmed {cfg.video_episodes} episodes, {info['frames']} frames, to {path}")
         if cfg.eval_episodes:
             from .eval import evaluate
 

@@ -262,6 +262,12 @@ def main_exit(main, args, capsys):
         (["--size", "13m"], "unknown size '13m'"),
         (["--threads", "-1"], "--threads must be 0"),
         (["--report-context", "0"], "--report-context at least 1"),
+        (["--video-episodes", "-1"], "--video-episodes must be 0"),
+        pytest.param(
+            ["--env", "walker", "--video-episodes", "2"],
+            "Gymnasium, which has no 'WalkerWalk-v1'",
+            marks=pytest.mark.skipif("WalkerWalk-v1" not in envpool.list_all_envs(), reason="no dm_control envs"),
+        ),
         (["--report-every", "-5"], "--report-every must be 0"),
         (["--precision", "fp16"], "unknown --precision 'fp16'"),
         (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageSequence
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_train import run, tiny_config
 
 from fastdreamer.config import Config
@@ -81,3 +82,15 @@ def test_eval_writes_the_video_it_reports(checkpoints, tmp_path):
 def test_a_vector_env_gymnasium_cannot_render_is_one_clear_error():
     with pytest.raises(ValueError, match="Gymnasium, which has no 'WalkerWalk-v1'"):
         _video_env("WalkerWalk-v1", 1, 0, CPU, Config())
+
+
+def test_train_films_the_policy_at_the_end_when_asked(tmp_path):
+    lines = []
+    cfg = tiny_config(tmp_path, steps=40, video_episodes=2, report_every=0.0)
+    train(cfg, log=lines.append)
+    (gif,) = (Path(cfg.logdir) / "videos" / "eval_policy").glob("*.gif")
+    assert gif.name == "0000000040.gif" and Image.open(gif).size == (2 * VIDEO_HEIGHT * 600 // 400, VIDEO_HEIGHT)
+    assert any(line.startswith("fastdreamer: filmed 2 episodes") and str(gif) in line for line in lines), lines
+    events = EventAccumulator(cfg.logdir, size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("eval/policy")] == [40]
