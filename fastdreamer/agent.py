@@ -79,7 +79,7 @@ class Agent(nn.Module):
         self.cfg, self.spec = cfg, spec
         size = SIZES[cfg.size]
         self.act_dim = spec.act_dim
-        self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth)
+        self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth, classes=spec.classes)
         self.rssm = RSSM(
             self.encoder.out_dim,
             spec.act_dim,
@@ -95,7 +95,14 @@ class Agent(nn.Module):
         )
         fdim = self.rssm.feat_dim
         self.decoder = Decoder(
-            spec.obs, size.deter, size.stoch * size.classes, size.units, cfg.dec_layers, size.depth, bspace=cfg.bspace
+            spec.obs,
+            size.deter,
+            size.stoch * size.classes,
+            size.units,
+            cfg.dec_layers,
+            size.depth,
+            bspace=cfg.bspace,
+            classes=spec.classes,
         )
         self.reward = Head(fdim, size.units, cfg.head_layers, cfg.bins, 0.0)
         self.cont = Head(fdim, size.units, cfg.head_layers, 1, 1.0)
@@ -229,12 +236,16 @@ class Agent(nn.Module):
         return deter0, stoch0, prevact, {k: v[:, ctx:] for k, v in data.items()}
 
     def prediction_losses(self, recons, rew_logits, con_logit, obs) -> dict[str, torch.Tensor]:
-        """The world model's prediction losses per step (B, T): each decoded key (recons from the decoder), the reward
+        """The world model's prediction losses per step (B, T): each decoded key (recons from the decoder: symlog MSE
+        for vectors, categorical NLL for discrete observations, squared error for images), the reward
         (two-hot logits (B, T, bins)) and the continue flag (logit (B, T)), against the steps' fields obs."""
         losses = {}
         for key, recon in recons.items():
             if key in self.decoder.img_keys:
                 losses[key] = image_recon_loss(recon, obs[key])
+            elif key in self.decoder.disc_keys:  # categorical over each element's classes, summed over elements
+                logp = torch.log_softmax(recon.float(), -1)
+                losses[key] = -(logp * dists.one_hot(obs[key].long(), self.decoder.classes)).sum((-2, -1))
             else:
                 losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
         losses["rew"] = dists.twohot_loss(rew_logits, obs["reward"].float(), self.bins)

@@ -38,10 +38,12 @@ ATARI_DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class EnvSpec:
-    obs: dict[str, tuple[tuple[int, ...], torch.dtype]]  # 'vector': ((O,), float32), 'image': ((H, W, C), uint8)
+    # 'vector': ((O,), float32), 'image': ((H, W, C), uint8), 'discrete': ((M,), int32) class indices
+    obs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     discrete: bool
     act_dim: int  # number of discrete actions, or continuous action dims
     env_id: str  # resolved id
+    classes: int = 0  # classes of every element of 'discrete' (the largest of its spaces' counts)
 
 
 def _envpool_ids() -> list[str]:
@@ -152,39 +154,60 @@ class _GymBackend:
 
 @dataclass
 class _Field:
-    key: str  # staging field name
-    src: str | None  # key in a dict observation, None for a plain array
-    cols: slice | None  # destination columns inside 'vector'
-    chw: bool  # source image is CHW
+    key: str  # staging field name: 'image', 'vector' or 'discrete'
+    src: str | int | None  # key in a Dict observation, index in a Tuple one, None for a plain array
+    cols: slice | None  # destination columns inside 'vector' or 'discrete'
+    chw: bool = False  # source image is CHW
+    gray: bool = False  # source image is (H, W): one channel added
+    start: Any = 0  # a discrete space's first value (Discrete.start, MultiDiscrete.start), subtracted
 
 
-def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict]:
-    """Map an observation space to staging fields. Returns (fields, staged spec, final spec)."""
-    items = sorted(space.spaces.items()) if isinstance(space, gymnasium.spaces.Dict) else [(None, space)]
-    fields, vec_cols, image = [], 0, None
+def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, int]:
+    """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
+    C), CHW or (H, W)); Discrete and MultiDiscrete elements as class indices (one-hot in the encoder, categorical in
+    the decoder); every other Box or MultiBinary of rank <= 2 flattened into one float vector. Dict and Tuple
+    spaces hold any mix. Returns (fields, staged spec, final spec, classes)."""
+    if isinstance(space, gymnasium.spaces.Dict):
+        items = sorted(space.spaces.items())
+    elif isinstance(space, gymnasium.spaces.Tuple):
+        items = list(enumerate(space.spaces))
+    else:
+        items = [(None, space)]
+    fields, vec_cols, disc_cols, classes, image = [], 0, 0, 0, None
     for name, sub in items:
-        if not isinstance(sub, gymnasium.spaces.Box):
+        if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
+            nvec = np.asarray(sub.nvec if isinstance(sub, gymnasium.spaces.MultiDiscrete) else sub.n).reshape(-1)
+            width = len(nvec)
+            start = np.asarray(sub.start).reshape(-1) if width > 1 else int(np.asarray(sub.start))
+            fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start))
+            disc_cols += width
+            classes = max(classes, int(nvec.max()))
+            continue
+        if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
             raise TypeError(f"observation '{name}' has unsupported space {sub}")
-        shape = tuple(sub.shape)
-        if len(shape) == 3 and sub.dtype == np.uint8:
+        shape = tuple(np.atleast_1d(sub.shape)) if isinstance(sub, gymnasium.spaces.MultiBinary) else tuple(sub.shape)
+        if sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16)):
             if image is not None:
                 raise ValueError(f"more than one image observation in {space}")
-            chw = shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
-            image = shape[1:] + shape[:1] if chw else shape  # (H, W, C)
-            fields.append(_Field("image", name, None, chw))
-        elif len(shape) <= 1:
+            gray = len(shape) == 2
+            chw = not gray and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+            image = shape + (1,) if gray else shape[1:] + shape[:1] if chw else shape  # (H, W, C)
+            fields.append(_Field("image", name, None, chw, gray))
+        elif len(shape) <= 2:
             width = int(np.prod(shape))
-            fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width), False))
+            fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width)))
             vec_cols += width
         else:
             raise ValueError(f"observation '{name}' of shape {shape} is neither an image nor a vector")
     staged, final = {}, {}
+    if disc_cols:
+        staged["discrete"] = final["discrete"] = ((disc_cols,), torch.int32)
     if vec_cols:
         staged["vector"] = final["vector"] = ((vec_cols,), torch.float32)
     if image is not None:
         staged["image"] = (image, torch.uint8)
         final["image"] = ((image_size, image_size, image[2]), torch.uint8)
-    return fields, staged, final
+    return fields, staged, final, classes
 
 
 class _Staging:
@@ -236,7 +259,7 @@ class VecEnv:
 
     def __init__(self, backend: Any, env_id: str, num_envs: int, device: torch.device | str, image_size: int):
         self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
-        self._fields, staged, final = _layout_obs(backend.obs_space, image_size)
+        self._fields, staged, final, classes = _layout_obs(backend.obs_space, image_size)
         act = backend.act_space
         if isinstance(act, gymnasium.spaces.Discrete):
             discrete, act_dim = True, int(act.n)
@@ -252,7 +275,7 @@ class VecEnv:
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
         else:
             raise TypeError(f"unsupported action space {act}")
-        self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id)
+        self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id, classes=classes)
         self._resize = "image" in staged and staged["image"][0] != final["image"][0]
         flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}
         self._staging = _Staging({**staged, **flags}, num_envs, self.device)
@@ -353,7 +376,9 @@ class VecEnv:
         for f in self._fields:
             src = obs if f.src is None else obs[f.src]
             if f.key == "image":
-                np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src)
+                np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
+            elif f.key == "discrete":
+                np.copyto(out["discrete"][:, f.cols], np.reshape(src, (n, -1)) - f.start, casting="unsafe")
             else:
                 np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
 

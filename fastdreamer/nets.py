@@ -130,17 +130,33 @@ class Conv(nn.Conv2d):
         nn.init.zeros_(self.bias)
 
 
-class Encoder(nn.Module):
-    """Vector obs: symlog -> MLP. Image obs (uint8 HWC): /255 - 0.5 -> [conv5 -> maxpool2 -> norm -> silu] x 4.
-    Returns the concatenated token (..., E)."""
+def vector_keys(obs_spec: dict) -> tuple[list[str], list[str]]:
+    """The rank-1 keys of an observation spec: (float vectors, discrete class indices), each sorted."""
+    keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
+    return [k for k in keys if obs_spec[k][1].is_floating_point], [
+        k for k in keys if not obs_spec[k][1].is_floating_point
+    ]
 
-    def __init__(self, obs_spec: dict, units: int, layers: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5):
+
+class Encoder(nn.Module):
+    """Vector obs: symlog, discrete obs (class indices): one-hot of `classes`, concatenated -> MLP (the reference's
+    DictConcat). Image obs (uint8 HWC): /255 - 0.5 -> [conv5 -> maxpool2 -> norm -> silu] x 4. Returns the
+    concatenated token (..., E)."""
+
+    def __init__(
+        self, obs_spec: dict, units: int, layers: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5, classes: int = 0
+    ):
         super().__init__()
-        self.vec_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
+        self.vec_keys, self.disc_keys = vector_keys(obs_spec)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
+        self.classes = classes
+        if self.disc_keys and classes < 1:
+            raise ValueError(f"discrete observations {self.disc_keys} need their number of classes, got {classes}")
         self.out_dim = 0
-        if self.vec_keys:
-            fin = sum(obs_spec[k][0][0] for k in self.vec_keys)
+        if self.vec_keys or self.disc_keys:
+            fin = sum(obs_spec[k][0][0] for k in self.vec_keys) + classes * sum(
+                obs_spec[k][0][0] for k in self.disc_keys
+            )
             self.mlp = MLP(fin, units, layers)
             self.out_dim += self.mlp.out_dim
         if self.img_keys:
@@ -161,10 +177,15 @@ class Encoder(nn.Module):
     def forward(self, obs: dict[str, torch.Tensor], bdims: int = 2) -> torch.Tensor:
         outs = []
         bshape = None
-        if self.vec_keys:
-            x = torch.cat([obs[k].float() for k in self.vec_keys], -1)
+        if self.vec_keys or self.disc_keys:
+            parts = [symlog(torch.cat([obs[k].float() for k in self.vec_keys], -1))] if self.vec_keys else []
+            # One-hot by comparison, as dists.one_hot (which imports this module): no index check on the device.
+            for k in self.disc_keys:
+                classes = torch.arange(self.classes, device=obs[k].device)
+                parts.append((obs[k].long()[..., None] == classes).float().flatten(-2))
+            x = torch.cat(parts, -1)
             bshape = x.shape[:bdims]
-            outs.append(self.mlp(symlog(x)).reshape(*bshape, -1))
+            outs.append(self.mlp(x).reshape(*bshape, -1))
         if self.img_keys:
             x = torch.cat([obs[k] for k in self.img_keys], -1)
             bshape = x.shape[:bdims]
@@ -176,7 +197,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Reconstructions from feat = (deter, stoch). Vector: MLP -> linear (symlog MSE target). Image: the
+    """Reconstructions from feat = (deter, stoch). Vector: MLP -> linear (symlog MSE target); discrete: the same
+    MLP -> linear logits (..., M, classes) (categorical target). Image: the
     reference's block-space projection of deter plus an MLP of stoch, then [upsample -> conv5 -> norm -> silu]
     and a sigmoid output."""
 
@@ -191,14 +213,20 @@ class Decoder(nn.Module):
         mults=(2, 3, 4, 4),
         kernel: int = 5,
         bspace: int = 8,
+        classes: int = 0,
     ):
         super().__init__()
-        self.vec_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 1)
+        self.vec_keys, self.disc_keys = vector_keys(obs_spec)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
+        self.classes = classes
+        if self.vec_keys or self.disc_keys:
+            self.mlp = MLP(deter + stoch_flat, units, layers)
         if self.vec_keys:
             self.vec_sizes = [obs_spec[k][0][0] for k in self.vec_keys]
-            self.mlp = MLP(deter + stoch_flat, units, layers)
             self.vec_out = Linear(self.mlp.out_dim, sum(self.vec_sizes))
+        if self.disc_keys:
+            self.disc_sizes = [obs_spec[k][0][0] for k in self.disc_keys]
+            self.disc_out = Linear(self.mlp.out_dim, sum(self.disc_sizes) * classes)
         if self.img_keys:
             H, W, _ = obs_spec[self.img_keys[0]][0]
             self.img_chans = [obs_spec[k][0][2] for k in self.img_keys]
@@ -225,12 +253,18 @@ class Decoder(nn.Module):
             self.depth_last = c
 
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) symlog space, 'image': (..., H, W, C) in [0, 1]}."""
+        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) symlog space, 'discrete': (..., M, classes) logits,
+        'image': (..., H, W, C) in [0, 1]}."""
         bshape = deter.shape[:-1]
         out = {}
+        if self.vec_keys or self.disc_keys:
+            h = self.mlp(torch.cat([stoch, deter], -1))
         if self.vec_keys:
-            x = self.vec_out(self.mlp(torch.cat([stoch, deter], -1)))
-            for k, v in zip(self.vec_keys, torch.split(x, self.vec_sizes, -1)):
+            for k, v in zip(self.vec_keys, torch.split(self.vec_out(h), self.vec_sizes, -1)):
+                out[k] = v
+        if self.disc_keys:
+            logits = self.disc_out(h).unflatten(-1, (-1, self.classes))  # (..., sum M, classes)
+            for k, v in zip(self.disc_keys, torch.split(logits, self.disc_sizes, -2)):
                 out[k] = v
         if self.img_keys:
             h, w = self.minres

@@ -47,7 +47,55 @@ TINY_ENVS = textwrap.dedent(
         def step(self, action):
             return np.asarray(action, np.float32), 0.0, False, False, {}
 
+    class Mixed(gym.Env):
+        # Every kind of observation the encoder reads, each a function of the step count t.
+        observation_space = gym.spaces.Dict(
+            {
+                "cell": gym.spaces.Discrete(5, start=2),
+                "dice": gym.spaces.MultiDiscrete([3, 4]),
+                "grid": gym.spaces.Box(-np.inf, np.inf, (2, 2), np.float32),
+                "bits": gym.spaces.MultiBinary(3),
+                "frame": gym.spaces.Box(0, 255, (32, 32), np.uint8),
+            }
+        )
+        action_space = gym.spaces.Discrete(2)
+
+        def obs(self):
+            t = self.t
+            return {
+                "cell": 2 + t % 5,
+                "dice": np.array([t % 3, (t + 1) % 4]),
+                "grid": np.full((2, 2), 0.5 * t, np.float32),
+                "bits": np.array([t % 2, 1, 0], np.int8),
+                "frame": np.full((32, 32), 10 * t % 256, np.uint8),
+            }
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.obs(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self.obs(), 0.0, False, False, {}
+
+    class Pair(gym.Env):
+        # A Tuple observation: (Discrete(7), Box(2,)).
+        observation_space = gym.spaces.Tuple((gym.spaces.Discrete(7), gym.spaces.Box(-1, 1, (2,), np.float32)))
+        action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return (0, np.zeros(2, np.float32)), {}
+
+        def step(self, action):
+            self.t += 1
+            return (self.t % 7, np.full(2, -0.5, np.float32)), 1.0, self.t >= 3, False, {}
+
     gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
+    gym.register("FdTinyMixed-v0", entry_point=Mixed, max_episode_steps=50)
+    gym.register("FdTinyPair-v0", entry_point=Pair)
     gym.register("FdTinyEcho-v0", entry_point=Echo)
     """
 )
@@ -304,3 +352,50 @@ def test_step_async_and_wait_refuse_to_run_out_of_turn():
         env.reset()
     env.step_wait()
     env.close()
+
+
+def test_every_kind_of_observation_lands_in_its_field(tiny_envs):
+    """Discrete and MultiDiscrete as class indices (start subtracted), Box of rank <= 2 and MultiBinary flattened into
+    the vector in sorted key order, a 2-D uint8 array as a one-channel image (resized like any image)."""
+    env = make_env(f"{tiny_envs}:FdTinyMixed-v0", 2, 0, "cpu")
+    assert env.spec.obs == {
+        "discrete": ((3,), torch.int32),
+        "vector": ((7,), torch.float32),
+        "image": ((64, 64, 1), torch.uint8),
+    }
+    assert env.spec.classes == 5
+    out, _ = _rollout(env, 6)
+    env.close()
+    for t in range(7):
+        assert out["discrete"][t].tolist() == [[t % 5, t % 3, (t + 1) % 4]] * 2, t  # cell - 2, dice
+        assert out["vector"][t].tolist() == [[t % 2, 1, 0, *[0.5 * t] * 4]] * 2, t  # bits, then grid
+        assert (out["image"][t] == 10 * t).all(), t
+
+
+def test_a_tuple_observation_is_read_by_position(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyPair-v0", 1, 0, "cpu")
+    assert env.spec.obs == {"discrete": ((1,), torch.int32), "vector": ((2,), torch.float32)}
+    assert env.spec.classes == 7
+    out, _ = _rollout(env, 2)
+    env.close()
+    assert out["discrete"][:, 0, 0].tolist() == [0, 1, 2] and out["vector"][2, 0].tolist() == [-0.5, -0.5]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile"])
+def test_an_agent_trains_reports_and_evaluates_on_every_kind_of_observation(tiny_envs, tmp_path, mode):
+    import json
+
+    from test_train import tiny_config
+
+    from fastdreamer.eval import evaluate
+    from fastdreamer.train import train
+
+    cfg = tiny_config(tmp_path, env=f"{tiny_envs}:FdTinyMixed-v0", steps=40, mode=mode, precision="fp32")
+    trainer = train(cfg, log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in rows if "loss/discrete" in r][-1]
+    assert all(np.isfinite(losses[f"loss/{k}"]) for k in ("discrete", "vector", "image")), losses
+    (report,) = [r for r in rows if "openloop/discrete_loss" in r]
+    assert np.isfinite(report["openloop/discrete_loss"]) and np.isfinite(report["openloop/image_loss"])
+    result = evaluate(trainer.agent, cfg.env, cfg, 2, torch.device("cpu"), max_steps=60)
+    assert result["lengths"] == [50, 50]  # the time limit

@@ -12,6 +12,7 @@ from fastdreamer.kernels.block_gru import reference
 from fastdreamer import dists
 from fastdreamer.agent import Agent, lambda_return, percentiles
 from fastdreamer.config import Config
+from fastdreamer.nets import symlog
 from fastdreamer.rssm import RSSM, stack_steps
 
 
@@ -339,7 +340,7 @@ def make_agent(discrete=True, image=False, image_size=64, **kw):
     obs = {"vector": ((4,), torch.float32)}
     if image:
         obs["image"] = ((image_size, image_size, 3), torch.uint8)
-    spec = SimpleNamespace(obs=obs, discrete=discrete, act_dim=3, env_id="test")
+    spec = SimpleNamespace(obs=obs, discrete=discrete, act_dim=3, env_id="test", classes=0)
     cfg = Config(size="debug", batch_size=3, batch_length=6, imag_length=4, **kw)
     return Agent(cfg, spec), cfg, spec
 
@@ -379,6 +380,30 @@ def test_agent_loss_is_finite_and_trains_every_module(discrete, image, size):
     assert not missing, missing
     assert all(p.grad is None for p in agent.slow_critic.parameters())
     assert latents["deter"].shape == (3, 6, 32) and latents["stoch"].shape == (3, 6, 4)
+
+
+def test_discrete_observations_are_one_hot_in_and_categorical_out():
+    """The reference's DictConcat one-hots discrete keys (no symlog) beside the symlogged vector, and its decoder
+    scores them by a categorical log-likelihood summed over elements: against F.one_hot and F.cross_entropy."""
+    torch.manual_seed(0)
+    obs = {"vector": ((4,), torch.float32), "discrete": ((2,), torch.int32)}
+    spec = SimpleNamespace(obs=obs, discrete=True, act_dim=3, env_id="test", classes=6)
+    agent = Agent(Config(size="debug", batch_size=3, batch_length=6, imag_length=4), spec)
+    vec, idx = torch.randn(3, 5, 4), torch.randint(0, 6, (3, 5, 2), dtype=torch.int32)
+    want = agent.encoder.mlp(torch.cat([symlog(vec), F.one_hot(idx.long(), 6).float().flatten(-2)], -1))
+    got = agent.encoder({"vector": vec, "discrete": idx})
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same operations on the same values
+
+    deter, stoch = torch.randn(3, 5, 32), torch.randn(3, 5, 4 * 4)
+    recon = agent.decoder(deter, stoch)
+    assert recon["discrete"].shape == (3, 5, 2, 6) and recon["vector"].shape == (3, 5, 4)
+    rew, con = torch.zeros(3, 5, 255), torch.zeros(3, 5)
+    fields = {"vector": vec, "discrete": idx, "reward": torch.zeros(3, 5), "is_terminal": torch.zeros(3, 5, dtype=bool)}
+    loss = agent.prediction_losses(recon, rew, con, fields)["discrete"]
+    want = F.cross_entropy(recon["discrete"].flatten(0, 2), idx.long().flatten(), reduction="none").view(3, 5, 2)
+    torch.testing.assert_close(loss, want.sum(-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="need their number of classes"):
+        Agent(Config(size="debug"), SimpleNamespace(obs=obs, discrete=True, act_dim=3, env_id="t", classes=0))
 
 
 def test_reward_and_critic_start_at_zero():
