@@ -178,13 +178,13 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
         if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
             nvec = np.asarray(sub.nvec if isinstance(sub, gymnasium.spaces.MultiDiscrete) else sub.n).reshape(-1)
             width = len(nvec)
-            start = np.asarray(sub.start).reshape(-1) if width > 1 else int(np.asarray(sub.start))
+            start = np.asarray(sub.start).reshape(-1)  # per element; broadcasts over the (N, width) columns
             fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start))
             disc_cols += width
             classes = max(classes, int(nvec.max()))
             continue
         if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
-            raise TypeError(f"observation '{name}' has unsupported space {sub}")
+            raise ValueError(f"observation '{name}' has unsupported space {sub}")
         shape = tuple(np.atleast_1d(sub.shape)) if isinstance(sub, gymnasium.spaces.MultiBinary) else tuple(sub.shape)
         if sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16)):
             if image is not None:
@@ -274,7 +274,7 @@ class VecEnv:
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
         else:
-            raise TypeError(f"unsupported action space {act}")
+            raise ValueError(f"unsupported action space {act}")
         self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id, classes=classes)
         self._resize = "image" in staged and staged["image"][0] != final["image"][0]
         flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}

@@ -18,7 +18,7 @@ from .agent import Agent
 from .checkpoint import CheckpointError
 from .config import Config, env_id
 from .envs import make_env
-from .logger import write_gif
+from .logger import encode_gif, write_gif
 
 
 @torch.no_grad()
@@ -87,50 +87,69 @@ def evaluate(
     }
 
 
-def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Config):
+def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Config, spec=None):
     """(env, shoot): the env a video plays in and a function of (obs, env) giving each env's frame (n, H, W, C)
     uint8. Image observations are filmed as the agent sees them; vector observations through Gymnasium's rgb_array
-    rendering of the same id, scaled to VIDEO_HEIGHT rows."""
+    rendering of the same id, scaled to VIDEO_HEIGHT rows. spec: the agent's EnvSpec, which that Gymnasium env must
+    match (envpool's and Gymnasium's envs of one id may observe differently)."""
     env = make_env(env_name, n, seed, device, image_size=cfg.image_size)
     if "image" in env.spec.obs:
         return env, lambda obs, env: obs["image"].cpu().numpy()
     env.close()
-    if env_name not in gymnasium.registry:
+    if ":" not in env_name and env_name not in gymnasium.registry:
         raise ValueError(
             f"a video films image observations, or renders vector ones through Gymnasium, which has no '{env_name}'"
         )
     # rgb_array frames need neither a display nor sound; without these SDL looks for both and complains on stderr.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
-    env = make_env(env_name, n, seed, device, env_kwargs={"render_mode": "rgb_array"}, gymnasium_only=True)
+    try:
+        env = make_env(env_name, n, seed, device, env_kwargs={"render_mode": "rgb_array"}, gymnasium_only=True)
+    except (gymnasium.error.Error, TypeError) as e:  # an env that takes no render_mode
+        raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)}") from None
+    got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim)
+    if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim):
+        env.close()
+        raise ValueError(
+            f"Gymnasium's {env_name}, which a video renders, observes {got[0]} and acts {got[3]}; the agent was "
+            f"trained on {spec.obs} and {spec.act_dim}"
+        )
 
     from PIL import Image  # as in logger.encode_gif: only videos need Pillow
 
     def shoot(obs, env):
-        shots = [Image.fromarray(f) for f in env.render(n)]
+        try:
+            frames = env.render(n)
+        except (gymnasium.error.Error, ImportError, OSError, RuntimeError) as e:  # no pygame, no OpenGL, ...
+            raise ValueError(
+                f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)} (classic control "
+                "and Box2D render with pygame: pip install -e '.[video]')"
+            ) from None
+        if not all(isinstance(f, np.ndarray) and f.ndim == 3 and f.dtype == np.uint8 for f in frames):
+            raise ValueError(f"Gymnasium's {env_name} renders no rgb_array frames: got {type(frames[0]).__name__}")
+        shots = [Image.fromarray(f) for f in frames]
         width = round(shots[0].width * VIDEO_HEIGHT / shots[0].height)
         return np.stack([np.asarray(f.resize((width, VIDEO_HEIGHT), Image.BILINEAR)) for f in shots])
 
     return env, shoot
 
 
-def check_video(env_name: str, cfg: Config) -> None:
-    """Raise ValueError, one line, if `film` cannot film env_name here (no image observations and no Gymnasium env
-    that renders, or no pygame for it): one env made, reset and filmed once."""
-    env, shoot = _video_env(env_name, 1, 0, torch.device("cpu"), cfg)
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def check_video(env_name: str, cfg: Config, spec=None) -> None:
+    """Raise ValueError, one line, if `film` cannot film env_name here for an agent of `spec` (no image
+    observations and no Gymnasium env that renders them alike, or no renderer): one env made, reset and filmed
+    once, its frame encoded."""
+    env, shoot = _video_env(env_name, 1, 0, torch.device("cpu"), cfg, spec)
     try:
-        shoot(env.reset(), env)
-    except gymnasium.error.DependencyNotInstalled as e:
-        raise ValueError(_needs(env_name, e)) from None
+        encode_gif(shoot(env.reset(), env))
     finally:
         env.close()
 
 
-def _needs(env_name: str, e: Exception) -> str:
-    return f"a video of {env_name} renders through Gymnasium, which needs {e}"
-
-
-VIDEO_HEIGHT = 200  # rows of a rendered frame in a video (Gymnasium's classic control renders at 400-500)
+VIDEO_HEIGHT = 160  # rows of a rendered frame in a video (Gymnasium's classic control renders at 400-500)
 
 
 @torch.no_grad()
@@ -142,35 +161,32 @@ def film(
     device: torch.device,
     seed: int = 12345,
     greedy: bool = False,
-    max_frames: int = 1000,
+    max_frames: int = 500,
 ) -> tuple[np.ndarray, dict]:
     """Play `episodes` episodes side by side for at most max_frames frames (the first observation's, then one per
     step); an env's picture stays still once its episode has ended. Returns the video (T, H, episodes * W, C) uint8
     and {'frames', 'returns', 'lengths', 'complete'}: the episodes' returns and lengths within the frames filmed,
     complete when every episode ended within them."""
-    env, shoot = _video_env(env_name, episodes, seed, device, cfg)
-    shown: list[np.ndarray] = []
+    env, shoot = _video_env(env_name, episodes, seed, device, cfg, agent.spec)
+    video, t = None, 0  # one array for the whole video, allocated at the first frame
 
     def on_step(obs, live):
-        frame = shoot(obs, env)
-        if shown:
-            frame = np.where(live[:, None, None, None], frame, shown[-1])
-        shown.append(frame)
+        nonlocal video, t
+        frame = shoot(obs, env)  # (episodes, H, W, C)
+        n, H, W, C = frame.shape
+        if video is None:
+            video = np.empty((max_frames, H, n * W, C), np.uint8)
+        for i in range(n):
+            cols = slice(i * W, (i + 1) * W)
+            video[t, :, cols] = frame[i] if t == 0 or live[i] else video[t - 1, :, cols]
+        t += 1
 
     try:
         returns, lengths, done = play(agent, env, seed, greedy, max_frames - 1, on_step)
-    except gymnasium.error.DependencyNotInstalled as e:  # raised by the first render
-        raise ValueError(_needs(env_name, e)) from None
     finally:
         env.close()
-    video = np.concatenate(list(np.stack(shown, 1)), axis=2)  # (episodes, T, H, W, C) -> (T, H, episodes * W, C)
-    info = {
-        "frames": len(shown),
-        "returns": returns.tolist(),
-        "lengths": lengths.tolist(),
-        "complete": bool(done.all()),
-    }
-    return video, info
+    info = {"frames": t, "returns": returns.tolist(), "lengths": lengths.tolist(), "complete": bool(done.all())}
+    return video[:t], info
 
 
 def record(agent: Agent, env_name: str, cfg: Config, episodes: int, device, path, fps: float = 25.0, **kw) -> dict:
@@ -190,8 +206,7 @@ def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
         agent = Agent(cfg, spec).to(device)
         agent.load_state_dict(state["agent"])
     except (KeyError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} does not hold a fastdreamer agent: {first}") from None
+        raise CheckpointError(f"checkpoint {path} does not hold a fastdreamer agent: {_first_line(e)}") from None
     agent.eval()
     return agent, cfg
 
@@ -210,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         "them, vector ones rendered by Gymnasium (classic control needs pygame: pip install -e '.[video]')",
     )
     parser.add_argument("--video-episodes", type=int, default=4)
-    parser.add_argument("--video-frames", type=int, default=1000, help="at most this many frames (25 per second)")
+    parser.add_argument("--video-frames", type=int, default=500, help="at most this many frames (25 per second)")
     args = parser.parse_args(argv)
     try:
         for name in ("episodes", "video_episodes", "video_frames"):

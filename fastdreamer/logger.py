@@ -35,12 +35,12 @@ class Logger:
         self.writer.flush()
 
     def video(self, step: int, tag: str, frames: np.ndarray, fps: float = 10.0) -> Path:
-        """An animated GIF of frames (T, H, W, C) uint8, C 1 or 3, written atomically to
+        """An animated GIF of frames (T, H, W, C) uint8 (encode_gif), written atomically to
         <logdir>/videos/<tag with / as _>/<step>.gif and to TensorBoard's images (which play GIFs). Returns the path."""
         path = self.logdir / "videos" / tag.replace("/", "_") / f"{int(step):010d}.gif"
         gif = write_gif(path, frames, fps)
         T, H, W, C = frames.shape
-        image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=gif)
+        image = Summary.Image(height=H, width=W, colorspace=3 if C >= 3 else 1, encoded_image_string=gif)
         # What SummaryWriter.add_video writes, without the moviepy it would need to encode the GIF.
         self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), int(step))
         self.writer.flush()
@@ -58,12 +58,14 @@ class Logger:
 
 
 def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
-    """frames (T, H, W, C) uint8 with C 1 (gray) or 3 (RGB) -> the bytes of a looping animated GIF."""
-    if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or frames.dtype != np.uint8 or not len(frames):
-        raise ValueError(f"a GIF takes frames (T, H, W, 1 or 3) uint8, got {frames.shape} {frames.dtype}")
+    """frames (T, H, W, C) uint8 -> the bytes of a looping animated GIF: RGB from the first three channels where
+    there are three or more (RGBA, stacked frames), grey from the first one otherwise."""
+    if frames.ndim != 4 or frames.dtype != np.uint8 or not len(frames) or not frames.shape[-1]:
+        raise ValueError(f"a GIF takes frames (T, H, W, C) uint8, got {frames.shape} {frames.dtype}")
     from PIL import Image  # here, not at the top: a run without videos needs no Pillow (the GPU machine's stack)
 
-    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    rgb = frames.shape[-1] >= 3
+    images = [Image.fromarray(np.ascontiguousarray(f[..., :3] if rgb else f[..., 0])) for f in frames]
     out = io.BytesIO()
     images[0].save(out, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
     return out.getvalue()

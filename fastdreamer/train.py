@@ -134,7 +134,7 @@ class Trainer:
             from .eval import check_video
 
             try:
-                check_video(env_id(cfg), cfg)
+                check_video(env_id(cfg), cfg, self.env.spec)
             except ValueError:
                 self.env.close()
                 raise
@@ -253,7 +253,8 @@ class Trainer:
         seed = self.cfg.seed * 1_000_003 + self.updates
         data = self.replay.peek(self.cfg.batch_size, seed)
         metrics, videos = openloop(self.agent, data, self.cfg.report_context, seed)
-        host = {k: v for k, v in to_host(metrics).items() if math.isfinite(v)}  # NaN: a group the batch lacks
+        # A balance statistic is NaN where the batch lacks its group: left out. A non-finite loss is kept: it is news.
+        host = {k: v for k, v in to_host(metrics).items() if math.isfinite(v) or not ("_pos_" in k or "_neg_" in k)}
         return host, {k: v.cpu().numpy() for k, v in videos.items()}
 
     def _check_finite(self, metrics: dict[str, float]) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import sys
 import textwrap
 
@@ -52,7 +53,8 @@ TINY_ENVS = textwrap.dedent(
         observation_space = gym.spaces.Dict(
             {
                 "cell": gym.spaces.Discrete(5, start=2),
-                "dice": gym.spaces.MultiDiscrete([3, 4]),
+                "dice": gym.spaces.MultiDiscrete([3, 4], start=[1, 5]),
+                "one": gym.spaces.MultiDiscrete([4]),
                 "grid": gym.spaces.Box(-np.inf, np.inf, (2, 2), np.float32),
                 "bits": gym.spaces.MultiBinary(3),
                 "frame": gym.spaces.Box(0, 255, (32, 32), np.uint8),
@@ -64,7 +66,8 @@ TINY_ENVS = textwrap.dedent(
             t = self.t
             return {
                 "cell": 2 + t % 5,
-                "dice": np.array([t % 3, (t + 1) % 4]),
+                "dice": np.array([1 + t % 3, 5 + (t + 1) % 4]),
+                "one": np.array([t % 4]),
                 "grid": np.full((2, 2), 0.5 * t, np.float32),
                 "bits": np.array([t % 2, 1, 0], np.int8),
                 "frame": np.full((32, 32), 10 * t % 256, np.uint8),
@@ -80,9 +83,13 @@ TINY_ENVS = textwrap.dedent(
             return self.obs(), 0.0, False, False, {}
 
     class Pair(gym.Env):
-        # A Tuple observation: (Discrete(7), Box(2,)).
+        # A Tuple observation: (Discrete(7), Box(2,)). Takes a render_mode, but renders nothing.
         observation_space = gym.spaces.Tuple((gym.spaces.Discrete(7), gym.spaces.Box(-1, 1, (2,), np.float32)))
         action_space = gym.spaces.Discrete(2)
+        metadata = {"render_modes": ["rgb_array"]}
+
+        def __init__(self, render_mode=None):
+            self.render_mode = render_mode
 
         def reset(self, *, seed=None, options=None):
             super().reset(seed=seed)
@@ -359,7 +366,7 @@ def test_every_kind_of_observation_lands_in_its_field(tiny_envs):
     the vector in sorted key order, a 2-D uint8 array as a one-channel image (resized like any image)."""
     env = make_env(f"{tiny_envs}:FdTinyMixed-v0", 2, 0, "cpu")
     assert env.spec.obs == {
-        "discrete": ((3,), torch.int32),
+        "discrete": ((4,), torch.int32),
         "vector": ((7,), torch.float32),
         "image": ((64, 64, 1), torch.uint8),
     }
@@ -367,9 +374,9 @@ def test_every_kind_of_observation_lands_in_its_field(tiny_envs):
     out, _ = _rollout(env, 6)
     env.close()
     for t in range(7):
-        assert out["discrete"][t].tolist() == [[t % 5, t % 3, (t + 1) % 4]] * 2, t  # cell - 2, dice
+        assert out["discrete"][t].tolist() == [[t % 5, t % 3, (t + 1) % 4, t % 4]] * 2, t  # cell - 2, dice - start, one
         assert out["vector"][t].tolist() == [[t % 2, 1, 0, *[0.5 * t] * 4]] * 2, t  # bits, then grid
-        assert (out["image"][t] == 10 * t).all(), t
+        assert (out["image"][t] == 10 * t % 256).all(), t
 
 
 def test_a_tuple_observation_is_read_by_position(tiny_envs):
@@ -390,7 +397,9 @@ def test_an_agent_trains_reports_and_evaluates_on_every_kind_of_observation(tiny
     from fastdreamer.eval import evaluate
     from fastdreamer.train import train
 
-    cfg = tiny_config(tmp_path, env=f"{tiny_envs}:FdTinyMixed-v0", steps=40, mode=mode, precision="fp32")
+    cfg = tiny_config(
+        tmp_path, env=f"{tiny_envs}:FdTinyMixed-v0", steps=40, mode=mode, precision="fp32", report_every=1e9
+    )  # one report: the one at the end
     trainer = train(cfg, log=lambda *_: None)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss/discrete" in r][-1]
@@ -399,3 +408,20 @@ def test_an_agent_trains_reports_and_evaluates_on_every_kind_of_observation(tiny
     assert np.isfinite(report["openloop/discrete_loss"]) and np.isfinite(report["openloop/image_loss"])
     result = evaluate(trainer.agent, cfg.env, cfg, 2, torch.device("cpu"), max_steps=60)
     assert result["lengths"] == [50, 50]  # the time limit
+
+
+def test_videos_of_envs_that_cannot_be_filmed_alike_are_one_clear_line(tiny_envs):
+    from fastdreamer.config import Config
+    from fastdreamer.eval import check_video
+
+    for name in ("FdTinyCount-v0", "FdTinyPair-v0"):  # takes no render_mode; takes one, renders nothing
+        with pytest.raises(ValueError, match="renders through Gymnasium, which failed") as e:
+            check_video(f"{tiny_envs}:{name}", Config())
+        assert "\n" not in str(e.value), name
+    env = make_env("CartPole-v1", 1, 0, "cpu")  # envpool's
+    spec = env.spec
+    env.close()
+    check_video("CartPole-v1", Config(), spec)  # Gymnasium's renders alike
+    other = dataclasses.replace(spec, obs={"vector": ((5,), torch.float32)})
+    with pytest.raises(ValueError, match="the agent was trained on"):
+        check_video("CartPole-v1", Config(), other)

@@ -2,6 +2,7 @@
 it, and the files it writes."""
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -48,11 +49,21 @@ def test_openloop_predicts_from_the_context_and_the_actions_only():
     assert torch.equal(model_frames(got["image"]), model_frames(base["image"]))
     assert not torch.equal(got["image"][:, :H], base["image"][:, :H])  # the true frames did change
 
-    for key, steps in (("image", slice(1, 1 + K)), ("action", slice(1 + K, None))):
+    # Data index d is trained step d - 1 (1 replay-context step); data action d is taken before trained step d.
+    # Each change must move the model's frames from its own step on, and none before it.
+    for key, data_steps, first in (
+        ("image", slice(1, 1 + K), 0),  # the observed steps
+        ("image", slice(K, K + 1), K - 1),  # the last observed step
+        ("action", slice(K, K + 1), K),  # the action before the first predicted step
+        ("action", slice(K + 1, None), K + 1),  # the actions after it
+    ):
         changed = {k: v.clone() for k, v in data.items()}
-        changed[key][:, steps] = 255 - changed[key][:, steps] if key == "image" else -changed[key][:, steps]
+        x = changed[key][:, data_steps]
+        changed[key][:, data_steps] = 255 - x if key == "image" else -x - 1
         _, got = openloop(agent, changed, context=K, seed=5)
-        assert not torch.equal(model_frames(got["image"])[K + 1 :], model_frames(base["image"])[K + 1 :]), key
+        got, want = model_frames(got["image"]), model_frames(base["image"])
+        assert torch.equal(got[:first], want[:first]), (key, data_steps)
+        assert not torch.equal(got[first], want[first]), (key, data_steps)
 
 
 def test_openloop_losses_are_a_plain_observe_then_imagine():
@@ -127,8 +138,9 @@ def test_openloop_runs_the_plain_modules_of_a_compiled_agent():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_openloop_on_cuda_leaves_the_generators_alone(impl):
-    """On the GPU, with either block-GRU implementation: the same report as on the CPU up to the latent draws' source
-    (a CUDA generator), finite, and the CUDA and CPU default generators untouched."""
+    """On the GPU, with either block-GRU implementation: a finite report with the CPU's shapes, the same twice from
+    one seed, and the CUDA and CPU default generators untouched. (Its values are not the CPU's: the latent draws
+    come from a CUDA generator.)"""
     from fastdreamer.kernels import block_gru
 
     agent, data = case(4)
@@ -212,8 +224,20 @@ def test_logger_writes_a_gif_file_and_a_tensorboard_image(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "frames", [np.zeros((3, 8, 8, 2), np.uint8), np.zeros((3, 8, 8, 3), np.float32), np.zeros((0, 8, 8, 3), np.uint8)]
+    "frames", [np.zeros((3, 8, 8), np.uint8), np.zeros((3, 8, 8, 3), np.float32), np.zeros((0, 8, 8, 3), np.uint8)]
 )
 def test_encode_gif_rejects_what_it_cannot_encode(frames):
     with pytest.raises(ValueError, match="a GIF takes frames"):
         encode_gif(frames)
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_encode_gif_shows_other_channel_counts_as_grey_or_rgb(channels):
+    """Images with 2 or 4 channels (stacked, RGBA) are observations the envs accept: the first one as grey, or
+    the first three as RGB."""
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (3, 8, 8, channels), dtype=np.uint8)
+    frames[..., : 3 if channels > 2 else 1] = frames[..., :1]  # grey content: the GIF keeps it exactly
+    gif = Image.open(io.BytesIO(encode_gif(frames)))
+    got = np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)])
+    assert np.array_equal(got, np.repeat(frames[..., :1], 3, -1))
