@@ -208,6 +208,20 @@ def assert_same(a, b, where: str) -> None:
         assert a == b, where
 
 
+def test_the_trainer_drops_empty_balance_groups_and_keeps_a_diverged_loss(tmp_path, monkeypatch):
+    from fastdreamer import train as train_mod
+
+    nan = torch.tensor(float("nan"))
+    fake = {"openloop/vector_loss": nan, "openloop/rew_pos_acc": nan, "openloop/rew_rate": torch.tensor(0.0)}
+    monkeypatch.setattr(train_mod, "openloop", lambda *a, **k: (fake, {}))
+    trainer = Trainer(tiny_config(tmp_path, env="pendulum"), log=lambda *_: None)
+    while not trainer.replay.ready():
+        trainer.act()
+    metrics, _ = trainer.report()
+    trainer.close()
+    assert set(metrics) == {"openloop/vector_loss", "openloop/rew_rate"}
+
+
 def test_logger_writes_a_gif_file_and_a_tensorboard_image(tmp_path):
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (5, 24, 40, 1), dtype=np.uint8)
