@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
 
 from . import fast
@@ -77,6 +78,9 @@ class Config:
     replay_online: bool = True
     """Train on each env's every fresh chunk of batch_length + replay_context steps once, ahead of the uniform
     samples (the reference's replay.online)."""
+    env_kwargs: str = ""
+    """Keyword arguments of the env's constructor (envpool.make or gymnasium.make) as a JSON object, e.g.
+    '{"is_slippery": false}' for FrozenLake-v1."""
     image_size: int = 64
     prefill: int = 0
     """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""
@@ -191,6 +195,19 @@ def env_id(cfg: Config) -> str:
     return preset.env_id if preset else cfg.env
 
 
+def env_kwargs(cfg: Config) -> dict:
+    """--env-kwargs parsed: a dict (empty when not given); ValueError with one line when it is not a JSON object."""
+    if not cfg.env_kwargs:
+        return {}
+    try:
+        kwargs = json.loads(cfg.env_kwargs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--env-kwargs is not JSON ({e.msg} at character {e.pos}): {cfg.env_kwargs}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--env-kwargs must be a JSON object like '{{\"is_slippery\": false}}', got {cfg.env_kwargs}")
+    return kwargs
+
+
 def validate(cfg: Config) -> None:
     """Raise ValueError with one clear line for a config that cannot run."""
     if cfg.size not in SIZES:
@@ -234,6 +251,7 @@ def validate(cfg: Config) -> None:
         )
     if not 0 <= cfg.unimix < 1 or not 0 <= cfg.policy_unimix < 1 or not 0 <= cfg.lam <= 1:
         raise ValueError("--unimix and --policy-unimix must be in [0, 1) and --lam in [0, 1]")
+    env_kwargs(cfg)
     fast.check_precision(cfg.precision, cfg.mode)
     if cfg.gru_impl not in ("torch", "triton"):
         raise ValueError(f"--gru-impl must be torch or triton, got {cfg.gru_impl!r}")

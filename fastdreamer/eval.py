@@ -16,7 +16,7 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError
-from .config import Config, env_id
+from .config import Config, env_id, env_kwargs
 from .envs import make_env
 from .logger import encode_gif, write_gif
 
@@ -70,7 +70,7 @@ def evaluate(
     `episodes` envs. The median and the worst episode are there for heavy-tailed returns: a policy that fails a few
     starts (pendulum's stall, README Learning) moves the mean far more than its typical episode. `seed` sets the envs'
     starts and the agent's draws (play)."""
-    env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size)
+    env = make_env(env_name, episodes, seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
     try:
         returns, lengths, _ = play(agent, env, seed, greedy, max_steps)
     finally:
@@ -92,7 +92,7 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
     uint8. Image observations are filmed as the agent sees them; vector observations through Gymnasium's rgb_array
     rendering of the same id, scaled to VIDEO_HEIGHT rows. spec: the agent's EnvSpec, which that Gymnasium env must
     match (envpool's and Gymnasium's envs of one id may observe differently)."""
-    env = make_env(env_name, n, seed, device, image_size=cfg.image_size)
+    env = make_env(env_name, n, seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
     if "image" in env.spec.obs:
         return env, lambda obs, env: obs["image"].cpu().numpy()
     env.close()
@@ -104,7 +104,8 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
     try:
-        env = make_env(env_name, n, seed, device, env_kwargs={"render_mode": "rgb_array"}, gymnasium_only=True)
+        kwargs = {**env_kwargs(cfg), "render_mode": "rgb_array"}
+        env = make_env(env_name, n, seed, device, env_kwargs=kwargs, gymnasium_only=True)
     except (gymnasium.error.Error, TypeError) as e:  # an env that takes no render_mode
         raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)}") from None
     got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim)
@@ -200,7 +201,7 @@ def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
     state = checkpoint.load(path, map_location=device)
     try:
         cfg = Config(**state["config"])
-        env = make_env(env_id(cfg), 1, 0, device, image_size=cfg.image_size)
+        env = make_env(env_id(cfg), 1, 0, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
         spec = env.spec
         env.close()
         agent = Agent(cfg, spec).to(device)

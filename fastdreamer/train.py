@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError
-from .config import PRESETS, SIZES, Config, env_id, preset_defaults, validate
+from .config import PRESETS, SIZES, Config, env_id, env_kwargs, preset_defaults, validate
 from .envs import make_env
 from .kernels import block_gru
 from .logger import Logger, to_host
@@ -77,7 +77,11 @@ def seed_everything(seed: int) -> None:
 def make_env_or_explain(cfg: Config, device: torch.device):
     """make_env, with preset names among the suggestions when the id is unknown."""
     try:
-        return make_env(env_id(cfg), cfg.num_envs, cfg.seed, device, image_size=cfg.image_size)
+        return make_env(
+            env_id(cfg), cfg.num_envs, cfg.seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg)
+        )
+    except TypeError as e:  # gymnasium.make's or envpool's answer to a keyword the env does not take
+        raise ValueError(f"{env_id(cfg)} does not take --env-kwargs {cfg.env_kwargs}: {e}") from None
     except ValueError as e:
         close = difflib.get_close_matches(cfg.env.lower(), PRESETS, 3, 0.6)
         if str(e).startswith("unknown environment") and close:

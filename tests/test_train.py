@@ -219,6 +219,17 @@ def test_eval_prints_mean_std_median_and_extremes(tmp_path):
     assert all(r >= 1 for r in result["returns"])  # CartPole pays 1 per step
 
 
+def test_env_kwargs_reach_the_env_in_training_and_in_eval(tmp_path):
+    logdir = tmp_path / "run"
+    args = [*TINY, "--steps", "40", "--logdir", str(logdir), "--env-kwargs", '{"max_episode_steps": 4}']
+    assert run("fastdreamer.train", *args).returncode == 0
+    rows = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["episode/length"] for r in rows if "episode/length" in r) <= 4
+    proc = run("fastdreamer.eval", "--checkpoint", str(logdir / "checkpoint.pt"), "--episodes", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max(json.loads(proc.stdout.strip().splitlines()[-1])["lengths"]) <= 4
+
+
 def test_train_evaluates_at_the_end_when_asked(tmp_path):
     logdir = tmp_path / "run"
     proc = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir), "--eval-episodes", "3")
@@ -265,6 +276,9 @@ def main_exit(main, args, capsys):
         (["--threads", "-1"], "--threads must be 0"),
         (["--report-context", "0"], "--report-context at least 1"),
         (["--video-episodes", "-1"], "--video-episodes must be 0"),
+        (["--env-kwargs", "[1]"], "--env-kwargs must be a JSON object"),
+        (["--env-kwargs", "{'a': 1}"], "--env-kwargs is not JSON"),
+        (["--env-kwargs", '{"foo": 1}'], "CartPole-v1 does not take --env-kwargs"),
         pytest.param(
             ["--env", "walker", "--video-episodes", "2"],
             "Gymnasium, which has no 'WalkerWalk-v1'",

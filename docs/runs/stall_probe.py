@@ -20,7 +20,7 @@ import torch
 
 from fastdreamer import dists
 from fastdreamer.checkpoint import CheckpointError
-from fastdreamer.config import env_id
+from fastdreamer.config import env_id, env_kwargs
 from fastdreamer.envs import make_env
 from fastdreamer.eval import load_agent
 
@@ -32,7 +32,7 @@ def probe(path: str, episodes: int, seed: int) -> dict[str, np.ndarray]:
     agent, cfg = load_agent(path, device)
     if env_id(cfg) != "Pendulum-v1":
         raise ValueError(f"{path} is a {env_id(cfg)} agent; this probe reads Pendulum-v1's angle from its obs")
-    env = make_env(env_id(cfg), episodes, seed, device, image_size=cfg.image_size)
+    env = make_env(env_id(cfg), episodes, seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
     rec: dict[str, list] = {k: [] for k in ("obs", "mean", "std", "action", "value", "reward")}
     seen = {}
     policy = agent.policy
