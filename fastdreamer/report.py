@@ -4,7 +4,8 @@ A replay batch is observed for its first K steps (the posterior, as in training)
 the last posterior state under the actions that were actually taken (the prior, no observations). Every step is
 decoded, and the prediction losses of the imagined steps are the report: `openloop/{key}_loss` for each decoded
 key, `openloop/rew_loss`, `openloop/con_loss` (the same per-step losses as training's `loss/{key}`, which observes
-every step), and the reference's balance statistics of the reward and continue predictions. For image observations
+every step), the same over the imagination horizon's first steps only (`openloop/{key}_loss_h15`; not in the
+reference), and the reference's balance statistics of the reward and continue predictions. For image observations
 it also makes the reference's video: for each of 6 sequences, the true frames, the model's frames (the first K
 reconstructions, then open-loop predictions) and their error ((model - true + 1) / 2), stacked top to bottom, the
 sequences side by side.
@@ -49,9 +50,13 @@ def video_grid(truth: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def openloop(agent, data: dict[str, torch.Tensor], context: int = 8, seed: int = 0, videos: int = VIDEOS):
+def openloop(
+    agent, data: dict[str, torch.Tensor], context: int = 8, seed: int = 0, videos: int = VIDEOS, horizon: int = 0
+):
     """The open-loop report on a replay batch (B, T + replay context, ...): observe min(context, T // 2) steps, imagine
-    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video}) with V = min(videos, B)."""
+    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video}) with V = min(videos, B).
+    horizon > 0 (the trainer passes the imagination length) adds `openloop/{key}_loss_h{horizon}`: the same losses
+    over the first `horizon` predicted steps only, the reach the actor and critic train on."""
     if context < 1:
         raise ValueError(f"the open-loop report needs at least 1 observed step, got context {context}")
     deter, stoch, prevact, obs = agent.sequence_start(data)
@@ -76,6 +81,8 @@ def openloop(agent, data: dict[str, torch.Tensor], context: int = 8, seed: int =
     rew_logits, con_logit = agent.reward(f), agent.cont(f).squeeze(-1)
     losses = agent.prediction_losses(recons, rew_logits, con_logit, obs)
     metrics = {f"openloop/{k}_loss": v[:, K:].mean() for k, v in losses.items()}
+    if 0 < horizon < T - K:
+        metrics.update({f"openloop/{k}_loss_h{horizon}": v[:, K : K + horizon].mean() for k, v in losses.items()})
     img = slice(K, None)
     rew_pred = dists.twohot_pred(rew_logits[:, img], agent.bins)
     metrics.update(_balance("openloop/rew", losses["rew"][:, img], rew_pred, obs["reward"][:, img].float(), 0.1))

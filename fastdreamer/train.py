@@ -256,7 +256,7 @@ class Trainer:
         exactly as it was."""
         seed = self.cfg.seed * 1_000_003 + self.updates
         data = self.replay.peek(self.cfg.batch_size, seed)
-        metrics, videos = openloop(self.agent, data, self.cfg.report_context, seed)
+        metrics, videos = openloop(self.agent, data, self.cfg.report_context, seed, horizon=self.cfg.imag_length)
         # A balance statistic is NaN where the batch lacks its group: left out. A non-finite loss is kept: it is news.
         host = {k: v for k, v in to_host(metrics).items() if math.isfinite(v) or not ("_pos_" in k or "_neg_" in k)}
         return host, {k: v.cpu().numpy() for k, v in videos.items()}

@@ -70,7 +70,7 @@ def test_openloop_losses_are_a_plain_observe_then_imagine():
     """The report's losses against a rollout written here from the training path's pieces: RSSM.observe over the K
     observed steps (the loss's own observe), then img_step, with the same uniforms."""
     agent, data = case(1)
-    metrics, videos = openloop(agent, data, context=K, seed=9)
+    metrics, videos = openloop(agent, data, context=K, seed=9, horizon=2)
 
     deter0, stoch0, prevact, obs = agent.sequence_start(data)
     B = obs["is_first"].shape[0]
@@ -97,6 +97,10 @@ def test_openloop_losses_are_a_plain_observe_then_imagine():
     torch.testing.assert_close(metrics["openloop/vector_loss"], vector.mean(), **tol)
     torch.testing.assert_close(metrics["openloop/image_loss"], image.mean(), **tol)
     torch.testing.assert_close(metrics["openloop/rew_loss"], rew.mean(), **tol)
+    torch.testing.assert_close(metrics["openloop/vector_loss_h2"], vector[:, :2].mean(), **tol)  # 2 steps ahead
+    assert "openloop/vector_loss_h2" in metrics and not any(
+        k.endswith("_h5") for k in openloop(agent, data, K, 9, horizon=5)[0]
+    )
     # The video: the first K frames reconstructed from the posterior, the rest predicted; true frames on top.
     truth = obs["image"].float() / 255
     want_model = (full.clamp(0, 1) * 255).round().to(torch.uint8)  # (B, T, H, W, C)
