@@ -258,6 +258,12 @@ def test_the_stall_probe_runs_on_a_pendulum_checkpoint(tmp_path):
     assert 0.1 <= out["stalled"]["std"] <= 1.0 and 0 <= out["stalled"]["abs_theta"] <= 3.1416, out
     bad = subprocess.run([*probe[:2], str(tmp_path / "missing.pt")], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # docs/runs/report_probe.py: the trainer's open-loop report from a checkpoint, averaged over batches.
+    report = [sys.executable, str(ROOT / "docs/runs/report_probe.py"), str(logdir / "checkpoint.pt"), "--batches", "2"]
+    proc = subprocess.run(report, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["batches"] == 2 and out["openloop/vector_loss"] > 0 and "openloop/vector_loss_h3" in out, out
 
 
 def main_exit(main, args, capsys):
