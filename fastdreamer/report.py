@@ -8,7 +8,8 @@ every step), the same over the imagination horizon's first steps only (`openloop
 reference), and the reference's balance statistics of the reward and continue predictions. For image observations
 it also makes the reference's video: for each of 6 sequences, the true frames, the model's frames (the first K
 reconstructions, then open-loop predictions) and their error ((model - true + 1) / 2), stacked top to bottom, the
-sequences side by side.
+sequences side by side. For vector observations (not in the reference) a chart of the first sequence: each
+dimension's true values and the model's, step by step.
 
 The report is a diagnostic beside training and leaves it untouched: it runs the plain (eager, fp32) modules on the
 trained parameters without gradient, draws its batch and its latent samples with generators of its own, and writes
@@ -20,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import dists
+from .nets import symexp
 from .rssm import feat
 
 VIDEOS = 6  # sequences side by side in a video, as in the reference
@@ -49,12 +51,42 @@ def video_grid(truth: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     return (video * 255).round().to(torch.uint8)
 
 
+PANEL, STEP, DIMS = 40, 4, 8  # a vector chart: rows per dimension, columns per step, dimensions shown at most
+TRUTH, MODEL, MARK = (0, 0, 0), (220, 40, 40), (170, 170, 170)  # colours: true values, predictions, last observed
+
+
+def line_chart(truth: torch.Tensor, model: torch.Tensor, observed: int) -> torch.Tensor:
+    """truth and model (T, D) -> (1, P * D', T * STEP, 3) uint8, a one-frame video: per dimension (the first DIMS) a
+    panel of P = PANEL rows with the true values as black dots and the model's as red ones, each panel scaled to
+    the range of both; a grey line after the `observed` steps. Drawn with tensor ops on the data's device (no sync)."""
+    T, D = truth.shape
+    D = min(D, DIMS)
+    truth, model = truth[:, :D].float(), model[:, :D].float()
+    both = torch.cat([truth, model])
+    finite = both.isfinite()  # the scale from finite values only: one diverged prediction must not flatten a panel
+    lo = torch.where(finite, both, torch.inf).amin(0)
+    span = torch.where(finite, both, -torch.inf).amax(0) - lo  # not > 0 where a panel has one value or none
+    image = torch.full((D * PANEL, T * STEP, 3), 255, dtype=torch.uint8, device=truth.device)
+    image[:, observed * STEP - 1] = torch.tensor(MARK, dtype=torch.uint8, device=truth.device)
+    image[PANEL - 1 :: PANEL] = torch.tensor(MARK, dtype=torch.uint8, device=truth.device)  # panel separators
+    cols = (torch.arange(T, device=truth.device) * STEP + STEP // 2)[:, None].expand(T, D)
+    for values, colour in ((truth, TRUTH), (model, MODEL)):
+        frac = torch.where(span > 0, (values - lo) / span.clamp_min(1e-12), 0.5)  # a flat series: mid-panel
+        frac = frac.nan_to_num(0.5, 0.5, 0.5)  # a diverged model: its dots mid-panel, not out of the image
+        rows = (PANEL - 3) - torch.round(frac * (PANEL - 4)).long() + torch.arange(D, device=truth.device) * PANEL
+        for dr in (0, 1):  # 2 x 2 dots
+            for dc in (-1, 0):
+                image[rows + dr, cols + dc] = torch.tensor(colour, dtype=torch.uint8, device=truth.device)
+    return image[None]
+
+
 @torch.no_grad()
 def openloop(
     agent, data: dict[str, torch.Tensor], context: int = 8, seed: int = 0, videos: int = VIDEOS, horizon: int = 0
 ):
     """The open-loop report on a replay batch (B, T + replay context, ...): observe min(context, T // 2) steps, imagine
-    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video}) with V = min(videos, B).
+    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video with V = min(videos, B),
+    vector key: (1, H, W, 3) uint8 line_chart of the first sequence}).
     horizon > 0 (the trainer passes the imagination length) adds `openloop/{key}_loss_h{horizon}`: the same losses
     over the first `horizon` predicted steps only, the reach the actor and critic train on."""
     if context < 1:
@@ -90,4 +122,6 @@ def openloop(
     metrics.update(_balance("openloop/con", losses["con"][:, img], torch.sigmoid(con_logit[:, img]), cont, 0.5))
     V = min(videos, B)
     frames = {key: video_grid(obs[key][:V].float() / 255.0, recons[key][:V].float()) for key in agent.decoder.img_keys}
+    for key in agent.decoder.vec_keys:  # the first sequence, in the observation's units (the decoder's are symlog)
+        frames[key] = line_chart(obs[key][0].float(), symexp(recons[key][0].float()), K)
     return metrics, frames

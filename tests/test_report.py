@@ -15,7 +15,7 @@ from test_train import tiny_config
 from fastdreamer import dists, fast
 from fastdreamer.logger import Logger, encode_gif
 from fastdreamer.nets import symlog
-from fastdreamer.report import openloop
+from fastdreamer.report import MARK, MODEL, PANEL, STEP, TRUTH, line_chart, openloop
 from fastdreamer.rssm import feat
 from fastdreamer.train import Trainer
 
@@ -112,6 +112,45 @@ def test_openloop_losses_are_a_plain_observe_then_imagine():
     assert videos["image"].shape == (T, 3 * H, B * H, 3) and videos["image"].dtype == torch.uint8
 
 
+def test_a_line_chart_puts_each_value_where_it_belongs():
+    T, K = 6, 2
+    ramp, zigzag = torch.arange(T, dtype=torch.float32), torch.arange(T, dtype=torch.float32) % 2
+    truth = torch.stack([ramp, zigzag], -1)
+    model = torch.stack([ramp.flip(0), torch.full((T,), float("nan"))], -1)  # a falling ramp; a diverged model
+    (image,) = line_chart(truth, model, K).numpy()
+    assert image.shape == (2 * PANEL, T * STEP, 3)
+
+    def rows(panel, t, colour):  # the rows of `colour` in step t's columns of a panel
+        block = image[panel * PANEL : (panel + 1) * PANEL, t * STEP : (t + 1) * STEP]
+        return sorted({int(r) for r in np.nonzero((block == colour).all(-1))[0]})
+
+    top, bottom = 1, PANEL - 3  # the dots' first rows at the panel's maximum and minimum
+    for t in range(T):
+        r = bottom - round(t / (T - 1) * (PANEL - 4))
+        assert rows(0, t, TRUTH) == [r, r + 1], t  # the ramp climbs from the bottom to the top
+        assert rows(0, T - 1 - t, MODEL) == [r, r + 1], t  # the reversed ramp falls
+        z = bottom if t % 2 == 0 else top
+        mid = bottom - round(0.5 * (PANEL - 4))
+        assert rows(1, t, TRUTH) == [z, z + 1] and rows(1, t, MODEL) == [mid, mid + 1], t  # NaN: mid-panel
+    assert rows(0, 0, TRUTH) == [bottom, bottom + 1] and rows(0, T - 1, TRUTH) == [top, top + 1]
+    assert (image[:, K * STEP - 1] == MARK).all()  # after the observed steps
+
+
+def test_openloop_charts_each_vector_key_in_the_observations_units():
+    agent, data = case(5)
+    _, charts = openloop(agent, data, context=K, seed=0)
+    _, _, _, obs = agent.sequence_start(data)
+    assert charts["vector"].shape == (1, 4 * PANEL, T * STEP, 3)  # make_agent's vector has 4 dimensions
+    # The truth's dots sit where a chart of the raw observations puts them.
+    want = line_chart(obs["vector"][0], obs["vector"][0], K)[0]
+    got = charts["vector"][0]
+    truth_dots = (want == torch.tensor(TRUTH, dtype=torch.uint8)).all(-1)
+    assert (
+        (got == torch.tensor(TRUTH, dtype=torch.uint8)).all(-1)
+        | (got == torch.tensor(MODEL, dtype=torch.uint8)).all(-1)
+    )[truth_dots].all()
+
+
 def test_openloop_balance_stats_count_the_groups():
     agent, data = case(2)
     data["reward"][:] = 0.0
@@ -183,7 +222,7 @@ def test_reports_leave_training_exactly_as_it_was(tmp_path):
             while trainer.updates_due >= 1:
                 if report:
                     metrics, videos = trainer.report()
-                    assert metrics["openloop/vector_loss"] > 0 and not videos
+                    assert metrics["openloop/vector_loss"] > 0 and set(videos) == {"vector"}  # its chart
                     reports += 1
                 trainer.update()
         runs.append((trainer.state(), torch.get_rng_state()))

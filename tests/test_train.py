@@ -93,8 +93,10 @@ def test_cli_trains_every_preset_at_debug_size(preset, tmp_path):
     # The open-loop report at the end (fastdreamer/report.py): its metrics, and a video for image observations.
     (report,) = [line for line in lines if "openloop/rew_loss" in line]
     videos = list((logdir / "videos" / "openloop_image").glob("*.gif"))
+    charts = list((logdir / "videos" / "openloop_vector").glob("*.gif"))
     image = preset in ("pong", "carracing")
     assert len(videos) == image and ("openloop/image_loss" in report) == image
+    assert len(charts) == (not image) and ("openloop/vector_loss" in report) == (not image)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(logdir))
 
 
