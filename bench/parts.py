@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastdreamer import dists
 from fastdreamer.agent import lambda_return
-from fastdreamer.nets import symlog
+from fastdreamer.dists import symlog
 from fastdreamer.rssm import feat
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from . import dists
 from .config import SIZES, Config
 from .kernels import block_gru
-from .nets import MLP, Decoder, Encoder, Linear, symlog
+from .nets import MLP, Decoder, Encoder, Linear
 from .rssm import RSSM, feat
 
 if TYPE_CHECKING:
@@ -247,7 +247,7 @@ class Agent(nn.Module):
                 logp = torch.log_softmax(recon.float(), -1)
                 losses[key] = -(logp * dists.one_hot(obs[key].long(), self.decoder.classes)).sum((-2, -1))
             else:
-                losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
+                losses[key] = (recon - dists.symlog(obs[key].float())).square().sum(-1)
         losses["rew"] = dists.twohot_loss(rew_logits, obs["reward"].float(), self.bins)
         con_target = (~obs["is_terminal"]).float() * (1.0 - 1.0 / self.cfg.horizon)  # contdisc
         losses["con"] = -dists.binary_logp(con_logit, con_target)

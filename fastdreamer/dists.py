@@ -8,7 +8,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .nets import symexp
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(torch.abs(x))
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
 def unimix_logits(logits: torch.Tensor, unimix: float) -> torch.Tensor:

@@ -11,15 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dists import one_hot, symlog
+
 NORM_EPS = 1e-4  # the reference's RMSNorm epsilon
-
-
-def symlog(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.log1p(torch.abs(x))
-
-
-def symexp(x: torch.Tensor) -> torch.Tensor:
-    return torch.sign(x) * torch.expm1(torch.abs(x))
 
 
 def trunc_normal_(w: torch.Tensor, fan_in: int, scale: float = 1.0) -> torch.Tensor:
@@ -179,10 +173,7 @@ class Encoder(nn.Module):
         bshape = None
         if self.vec_keys or self.disc_keys:
             parts = [symlog(torch.cat([obs[k].float() for k in self.vec_keys], -1))] if self.vec_keys else []
-            # One-hot by comparison, as dists.one_hot (which imports this module): no index check on the device.
-            for k in self.disc_keys:
-                classes = torch.arange(self.classes, device=obs[k].device)
-                parts.append((obs[k].long()[..., None] == classes).float().flatten(-2))
+            parts += [one_hot(obs[k].long(), self.classes).flatten(-2) for k in self.disc_keys]
             x = torch.cat(parts, -1)
             bshape = x.shape[:bdims]
             outs.append(self.mlp(x).reshape(*bshape, -1))

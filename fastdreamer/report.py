@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from . import dists
-from .nets import symexp
 from .rssm import feat
 
 VIDEOS = 6  # sequences side by side in a video, as in the reference
@@ -123,5 +122,5 @@ def openloop(
     V = min(videos, B)
     frames = {key: video_grid(obs[key][:V].float() / 255.0, recons[key][:V].float()) for key in agent.decoder.img_keys}
     for key in agent.decoder.vec_keys:  # the first sequence, in the observation's units (the decoder's are symlog)
-        frames[key] = line_chart(obs[key][0].float(), symexp(recons[key][0].float()), K)
+        frames[key] = line_chart(obs[key][0].float(), dists.symexp(recons[key][0].float()), K)
     return metrics, frames

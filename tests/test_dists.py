@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from bench.twohot_error import pair_terms, subtracted_pred
 from fastdreamer import dists
-from fastdreamer.nets import symexp, symlog
+from fastdreamer.dists import symexp, symlog
 
 
 def test_symlog_symexp_are_inverse():

@@ -12,7 +12,7 @@ from fastdreamer.kernels.block_gru import reference
 from fastdreamer import dists
 from fastdreamer.agent import Agent, lambda_return, percentiles
 from fastdreamer.config import Config
-from fastdreamer.nets import symlog
+from fastdreamer.dists import symlog
 from fastdreamer.rssm import RSSM, stack_steps
 
 

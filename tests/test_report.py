@@ -13,8 +13,8 @@ from test_model import make_agent, random_batch
 from test_train import tiny_config
 
 from fastdreamer import dists, fast
+from fastdreamer.dists import symlog
 from fastdreamer.logger import Logger, encode_gif
-from fastdreamer.nets import symlog
 from fastdreamer.report import MARK, MODEL, PANEL, STEP, TRUTH, line_chart, openloop
 from fastdreamer.rssm import feat
 from fastdreamer.train import Trainer
