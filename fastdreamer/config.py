@@ -74,7 +74,8 @@ class Config:
     replay_context: int = 1
     """Steps of stored latent state that start each training sequence (0 or 1)."""
     replay_size: int = 1_000_000
-    """Replay capacity in environment steps (all envs together)."""
+    """Replay capacity in environment steps (all envs together). A run of fewer --steps allocates only those: the
+    ring never fills, so it trains on the same windows either way."""
     replay_online: bool = True
     """Train on each env's every fresh chunk of batch_length + replay_context steps once, ahead of the uniform
     samples (the reference's replay.online)."""
@@ -207,6 +208,14 @@ def env_kwargs(cfg: Config) -> dict:
     if not isinstance(kwargs, dict):
         raise ValueError(f"--env-kwargs must be a JSON object like '{{\"is_slippery\": false}}', got {cfg.env_kwargs}")
     return kwargs
+
+
+def replay_capacity(cfg: Config) -> int:
+    """The steps (all envs) the replay allocates: --replay-size, or the steps the run will take when it takes fewer
+    (at least one sequence per env). Nothing is overwritten in either ring, so a run samples the same windows from
+    both; a resume with more --steps grows the ring (Replay.load_state_dict)."""
+    run = max(-(-cfg.steps // cfg.num_envs), cfg.batch_length + cfg.replay_context)  # adds per env, rounded up
+    return cfg.num_envs * min(cfg.replay_size // cfg.num_envs, run)
 
 
 def validate(cfg: Config) -> None:

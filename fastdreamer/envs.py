@@ -162,6 +162,10 @@ class _Field:
     start: Any = 0  # a discrete space's first value (Discrete.start, MultiDiscrete.start), subtracted
 
 
+def _label(name) -> str:
+    return "the observation" if name is None else f"observation {name!r}"
+
+
 def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, int]:
     """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
     C), CHW or (H, W)); Discrete and MultiDiscrete elements as class indices (one-hot in the encoder, categorical in
@@ -184,8 +188,8 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             classes = max(classes, int(nvec.max()))
             continue
         if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
-            raise ValueError(f"observation '{name}' has unsupported space {sub}")
-        shape = tuple(np.atleast_1d(sub.shape)) if isinstance(sub, gymnasium.spaces.MultiBinary) else tuple(sub.shape)
+            raise ValueError(f"{_label(name)} has unsupported space {sub}")
+        shape = tuple(int(d) for d in np.atleast_1d(sub.shape))
         if sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16)):
             if image is not None:
                 raise ValueError(f"more than one image observation in {space}")
@@ -198,7 +202,10 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width)))
             vec_cols += width
         else:
-            raise ValueError(f"observation '{name}' of shape {shape} is neither an image nor a vector")
+            raise ValueError(
+                f"{_label(name)} {sub} is neither a uint8 image (H, W, C) nor of rank <= 2 (a vector); wrap the env "
+                "to flatten or render it"
+            )
     staged, final = {}, {}
     if disc_cols:
         staged["discrete"] = final["discrete"] = ((disc_cols,), torch.int32)

@@ -242,16 +242,26 @@ class Replay:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        if tuple(d["shape"]) != (self.num_envs, self.length, self.seq_len):
+        """Restore a state_dict. A ring of another length takes it while the state has never wrapped and its steps
+        fit (a run resumed with more --steps, whose ring was sized to its steps): logical step s sits in slot s in
+        both, so the windows, the online queue and the draws are those of a ring that had this length all along."""
+        num_envs, length, seq_len = (int(x) for x in d["shape"])
+        count = int(d["count"])
+        regrow = length != self.length and count <= min(length, self.length)
+        if (num_envs, seq_len) != (self.num_envs, self.seq_len) or (length != self.length and not regrow):
             raise ValueError(
-                f"replay state has (num_envs, steps per env, seq_len) = {tuple(d['shape'])}, "
-                f"this replay has {(self.num_envs, self.length, self.seq_len)}"
+                f"replay state has (num_envs, steps per env, seq_len) = {(num_envs, length, seq_len)} with {count} "
+                f"steps per env written, this replay has {(self.num_envs, self.length, self.seq_len)}"
             )
         if set(d["data"]) != set(self.data):
             raise ValueError(f"replay state has fields {sorted(d['data'])}, this replay has {sorted(self.data)}")
         for key, value in d["data"].items():
-            self.data[key].copy_(value)
-        self.head, self.count = int(d["head"]), int(d["count"])
+            if regrow:
+                self.data[key].zero_()
+                self.data[key][:, :count].copy_(value[:, :count])
+            else:
+                self.data[key].copy_(value)
+        self.head, self.count = (count % self.length if regrow else int(d["head"])), count
         # A checkpoint from before the online queue: treat its queue as drained.
         self.consumed = int(d.get("consumed", (self.count // self.seq_len) * self.num_envs))
         self.generator.set_state(d["generator"].cpu())  # set_state takes a CPU byte tensor, even for a CUDA generator

@@ -21,7 +21,7 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError
-from .config import PRESETS, SIZES, Config, env_id, env_kwargs, preset_defaults, validate
+from .config import PRESETS, SIZES, Config, env_id, env_kwargs, preset_defaults, replay_capacity, validate
 from .envs import make_env
 from .kernels import block_gru
 from .logger import Logger, to_host
@@ -154,7 +154,7 @@ class Trainer:
         )
         self.replay = Replay(
             replay_spec(self.agent, self.env.spec),
-            cfg.replay_size,
+            replay_capacity(cfg),
             cfg.num_envs,
             cfg.batch_length + cfg.replay_context,
             self.device,
@@ -173,8 +173,10 @@ class Trainer:
             f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, mode {self.mode} "
             f"({self.precision} matmuls), block_gru {impl}"
         )
+        capacity = self.replay.length * cfg.num_envs
+        note = f" (the run's --steps; --replay-size {cfg.replay_size:,})" if capacity < cfg.replay_size else ""
         log(
-            f"fastdreamer: replay of {cfg.replay_size:,} steps holds {self.replay.nbytes / 2**30:.2f} GiB in "
+            f"fastdreamer: replay of {capacity:,} steps{note} holds {self.replay.nbytes / 2**30:.2f} GiB in "
             f"{self.replay.location} memory; logdir {self.logdir}"
         )
         self.env_steps = 0
@@ -183,9 +185,11 @@ class Trainer:
         # Updates owed per step of all N envs: train_ratio replayed steps per env step, B*T replayed per update.
         self.updates_per_step = cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
         # Updates start once the replay holds batch_size * batch_length sequences, as in the reference's train loop
-        # (len(replay) counts sampleable windows), or all a small ring can hold.
+        # (len(replay) counts sampleable windows), or all a small ring can hold. The ring of --replay-size, not the
+        # one allocated: a run trains as it would with the whole ring.
         self.train_after = min(
-            cfg.batch_size * cfg.batch_length, cfg.num_envs * (self.replay.length - self.replay.seq_len + 1)
+            cfg.batch_size * cfg.batch_length,
+            cfg.num_envs * (cfg.replay_size // cfg.num_envs - self.replay.seq_len + 1),
         )
         self.episodes = 0
         self.metric_keys: list[str] | None = None

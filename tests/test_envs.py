@@ -245,6 +245,21 @@ def test_unknown_env_id_suggests_close_names():
         make_env("CartPol-v1", 1, seed=0, device="cpu")
 
 
+@pytest.mark.parametrize(
+    "env_id, message",
+    [  # real envpool envs whose observations the encoder cannot read: one line naming the space
+        ("TicTacToe-v1", r"^the observation MultiBinary\(\(3, 3, 2\)\) is neither a uint8 image"),
+        ("Snake-v1", r"^observation 'grid' Box\(0\.0, 1\.0, \(12, 12, 5\), float32\) is neither a uint8 image"),
+    ],
+)
+def test_observations_of_rank_3_that_are_not_images_are_one_clear_line(env_id, message):
+    if env_id not in envpool.list_all_envs():
+        pytest.skip(f"this envpool build has no {env_id}")
+    with pytest.raises(ValueError, match=message) as e:
+        make_env(env_id, 1, seed=0, device="cpu")
+    assert "\n" not in str(e.value)
+
+
 def test_pong_is_64x64_gray_hwc_with_the_reference_settings():
     env = make_env("Pong-v5", 2, seed=0, device="cpu")
     assert env.spec.obs == {"image": ((64, 64, 1), torch.uint8)} and env.spec.discrete and env.spec.act_dim == 18

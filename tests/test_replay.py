@@ -101,8 +101,40 @@ def test_replay_state_dict_resumes_exactly():
         for k in SPEC:
             assert torch.equal(da[k], db[k])
     other = Replay(SPEC, capacity=40, num_envs=3, seq_len=4, device="cpu")
-    with pytest.raises(ValueError, match="steps per env"):
+    with pytest.raises(ValueError, match="steps per env"):  # wrapped: its oldest steps are gone, it cannot regrow
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_replay_state_regrows_into_a_longer_ring_while_unwrapped(full):
+    # A run sized its ring to its --steps (config.replay_capacity) and is resumed with more: the state moves into a
+    # longer ring, which then samples exactly what a ring of that length all along would have sampled.
+    n, seq, written = 3, 4, 8 if full else 6
+    small = Replay(SPEC, capacity=n * 8, num_envs=n, seq_len=seq, device="cpu", seed=7, online=True)
+    always = Replay(SPEC, capacity=n * 20, num_envs=n, seq_len=seq, device="cpu", seed=7, online=True)
+    for r in (small, always):
+        _fill(r, written)
+        r.sample(5)  # the RNG and the online queue move on before the save
+    grown = Replay(SPEC, capacity=n * 20, num_envs=n, seq_len=seq, device="cpu", seed=0, online=True)
+    for k in SPEC:
+        grown.data[k].fill_(-1)  # slots past the state's steps must come back empty, as in a fresh ring
+    grown.load_state_dict(small.state_dict())
+    for k in SPEC:
+        assert torch.equal(grown.data[k], always.data[k])
+    assert (grown.head, grown.count, grown.consumed) == (always.head, always.count, always.consumed)
+    for t in range(written, 19):  # past the small ring's length: it would have wrapped, the grown one does not
+        grown.add(_step(t, n))
+        always.add(_step(t, n))
+        (dg, ig), (da, ia) = grown.sample(7), always.sample(7)
+        assert torch.equal(ig, ia)
+        for k in SPEC:
+            assert torch.equal(dg[k], da[k])
+    state = always.state_dict()  # 19 steps per env written
+    with pytest.raises(ValueError, match="19 steps per env written"):
+        Replay(SPEC, capacity=n * 12, num_envs=n, seq_len=seq, device="cpu").load_state_dict(state)
+    shrunk = Replay(SPEC, capacity=n * 19, num_envs=n, seq_len=seq, device="cpu")  # they still fit: taken
+    shrunk.load_state_dict(state)
+    assert torch.equal(shrunk.data["t"], always.data["t"][:, :19]) and shrunk.head == 0
 
 
 def test_online_queue_trains_every_fresh_chunk_once_before_uniform_samples():

@@ -101,8 +101,9 @@ def test_cli_trains_every_preset_at_debug_size(preset, tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    cfg = tiny_config(tmp_path, seed=3)
+    cfg = tiny_config(tmp_path, seed=3, steps=40)  # a ring of the run's 20 steps per env (of 500), regrown below
     a = Trainer(cfg, log=lambda *_: None)
+    assert a.replay.length == 20
     while a.updates_due < 1:
         a.act()
     a.update()
@@ -120,8 +121,9 @@ def test_resume_continues_exactly(tmp_path):
     a_consumed = a.replay.consumed
     a.close()
 
-    b = Trainer(dataclasses.replace(cfg, resume=True), log=lambda *_: None)
+    b = Trainer(dataclasses.replace(cfg, resume=True, steps=400), log=lambda *_: None)  # resumed with more steps
     b.load(b.logdir / "checkpoint.pt")
+    assert b.replay.length == 200
     b.update()
     b.update()
     b_metrics = b.read_metrics()
@@ -131,6 +133,28 @@ def test_resume_continues_exactly(tmp_path):
     for pa, pb in zip(a_params, b.agent.parameters()):
         assert torch.equal(pa, pb.detach())
     assert a_metrics["loss/total"] == b_metrics["loss/total"]
+
+
+def test_a_ring_sized_to_the_run_trains_as_the_whole_ring(tmp_path):
+    # config.replay_capacity allocates only the steps a run takes: the same windows, draws and updates as the whole
+    # --replay-size ring, which a run of more steps allocates.
+    params, rings = [], []
+    for steps in (60, 10**6):
+        t = Trainer(tiny_config(tmp_path / str(steps), seed=5, steps=steps), log=lambda *_: None)
+        try:
+            for _ in range(30):
+                t.act()
+                while t.updates_due >= 1:
+                    t.update()
+            params.append([p.detach().clone() for p in t.agent.parameters()])
+            rings.append((t.replay.length, t.updates, {k: v[:, :30].clone() for k, v in t.replay.data.items()}))
+        finally:
+            t.close()
+    for k in rings[0][2]:
+        assert torch.equal(rings[0][2][k], rings[1][2][k]), k  # the stored steps, refreshed latents included
+    for pa, pb in zip(*params):
+        assert torch.equal(pa, pb)
+    assert rings[0][0] == 30 and rings[1][0] == 500 and rings[0][1] == rings[1][1] > 10
 
 
 def test_resume_through_the_cli_appends(tmp_path):
