@@ -194,7 +194,7 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             if image is not None:
                 raise ValueError(f"more than one image observation in {space}")
             gray = len(shape) == 2
-            chw = not gray and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+            chw = not gray and shape[0] < min(shape[1:])  # channels first, e.g. (3, 84, 84) or 4 stacked (12, 84, 84)
             image = shape + (1,) if gray else shape[1:] + shape[:1] if chw else shape  # (H, W, C)
             fields.append(_Field("image", name, None, chw, gray))
         elif len(shape) <= 2:
@@ -274,7 +274,9 @@ class VecEnv:
         elif isinstance(act, gymnasium.spaces.Box):
             discrete, act_dim = False, int(np.prod(act.shape))
             low, high = act.low.astype(np.float64).reshape(-1), act.high.astype(np.float64).reshape(-1)
-            bounded = np.isfinite(low) & np.isfinite(high)
+            # A bound past 1e30 is none (VizDoom's Box spans float64's range): infinite in float32, and its scale
+            # would overflow.
+            bounded = (np.abs(low) < 1e30) & (np.abs(high) < 1e30)
             # a in [-1, 1] -> low + (a + 1) / 2 * (high - low); unbounded dims pass through the clipped value.
             self._act_scale = np.where(bounded, (high - low) / 2, 1.0)
             self._act_shift = np.where(bounded, (high + low) / 2, 0.0)

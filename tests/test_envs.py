@@ -48,6 +48,29 @@ TINY_ENVS = textwrap.dedent(
         def step(self, action):
             return np.asarray(action, np.float32), 0.0, False, False, {}
 
+    class EchoWide(Echo):
+        # VizDoom's action Box: bounds at float64's extremes, which mean none.
+        action_space = gym.spaces.Box(2.2250738585072014e-308, 1.7976931348623157e308, (2,), np.float64)
+
+    class Stacked(gym.Env):
+        # Four stacked RGB frames channels first, as envpool's VizDoom gives them: (12, 20, 20); pixel (c, h, w) is
+        # (c + 12 * (h + 20 * w) + t) % 256.
+        observation_space = gym.spaces.Box(0, 255, (12, 20, 20), np.uint8)
+        action_space = gym.spaces.Discrete(2)
+
+        def obs(self):
+            c, h, w = np.meshgrid(np.arange(12), np.arange(20), np.arange(20), indexing="ij")
+            return ((c + 12 * (h + 20 * w) + self.t) % 256).astype(np.uint8)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.obs(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self.obs(), 0.0, False, False, {}
+
     class Mixed(gym.Env):
         # Every kind of observation the encoder reads, each a function of the step count t.
         observation_space = gym.spaces.Dict(
@@ -104,6 +127,8 @@ TINY_ENVS = textwrap.dedent(
     gym.register("FdTinyMixed-v0", entry_point=Mixed, max_episode_steps=50)
     gym.register("FdTinyPair-v0", entry_point=Pair)
     gym.register("FdTinyEcho-v0", entry_point=Echo)
+    gym.register("FdTinyEchoWide-v0", entry_point=EchoWide)
+    gym.register("FdTinyStacked-v0", entry_point=Stacked, max_episode_steps=50)
     """
 )
 
@@ -228,6 +253,25 @@ def test_continuous_actions_are_clipped_and_rescaled_to_the_box(tiny_envs):
     expected = torch.tensor([[-2.0, 10.0], [0.0, 7.5], [2.0, 0.0]])  # low + (clip(a) + 1) / 2 * (high - low)
     torch.testing.assert_close(out["vector"], expected)
     assert torch.equal(policy, torch.tensor([[-1.0, 1.0], [0.0, 0.5], [5.0, -3.0]])), "the caller's tensor is untouched"
+    env.close()
+
+
+def test_action_bounds_at_float64s_extremes_are_no_bounds(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyEchoWide-v0", 2, seed=0, device="cpu")
+    env.reset()
+    out = env.step(torch.tensor([[-1.0, 0.25], [3.0, -0.5]]))
+    torch.testing.assert_close(out["vector"], torch.tensor([[-1.0, 0.25], [1.0, -0.5]]))  # clipped, not rescaled
+    env.close()
+
+
+def test_channels_first_images_of_any_channel_count_are_read_as_such(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyStacked-v0", 2, seed=0, device="cpu", image_size=20)
+    assert env.spec.obs == {"image": ((20, 20, 12), torch.uint8)}  # at the image size: not resized
+    out, _ = _rollout(env, 2)
+    c, h, w = np.meshgrid(np.arange(12), np.arange(20), np.arange(20), indexing="ij")
+    for t in range(3):
+        frame = ((c + 12 * (h + 20 * w) + t) % 256).astype(np.uint8).transpose(1, 2, 0)
+        assert np.array_equal(out["image"][t, 0].numpy(), frame) and np.array_equal(out["image"][t, 1].numpy(), frame)
     env.close()
 
 
