@@ -155,30 +155,33 @@ class _GymBackend:
 @dataclass
 class _Field:
     key: str  # staging field name: 'image', 'vector' or 'discrete'
-    src: str | int | None  # key in a Dict observation, index in a Tuple one, None for a plain array
+    src: tuple  # keys (Dict) and indices (Tuple) down to the array; () for a plain array
     cols: slice | None  # destination columns inside 'vector' or 'discrete'
     chw: bool = False  # source image is CHW
     gray: bool = False  # source image is (H, W): one channel added
     start: Any = 0  # a discrete space's first value (Discrete.start, MultiDiscrete.start), subtracted
 
 
-def _label(name) -> str:
-    return "the observation" if name is None else f"observation {name!r}"
+def _label(path: tuple) -> str:
+    return f"observation {'/'.join(map(str, path))!r}" if path else "the observation"
+
+
+def _leaves(space: gymnasium.Space, path: tuple = ()) -> list[tuple[tuple, gymnasium.Space]]:
+    """(path, space) of every array in a space: Dict keys sorted, Tuple items by position, nested to any depth."""
+    if isinstance(space, gymnasium.spaces.Dict):
+        return [leaf for key, sub in sorted(space.spaces.items()) for leaf in _leaves(sub, (*path, key))]
+    if isinstance(space, gymnasium.spaces.Tuple):
+        return [leaf for i, sub in enumerate(space.spaces) for leaf in _leaves(sub, (*path, i))]
+    return [(path, space)]
 
 
 def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, int]:
     """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
     C), CHW or (H, W)); Discrete and MultiDiscrete elements as class indices (one-hot in the encoder, categorical in
     the decoder); every other Box or MultiBinary of rank <= 2 flattened into one float vector. Dict and Tuple
-    spaces hold any mix. Returns (fields, staged spec, final spec, classes)."""
-    if isinstance(space, gymnasium.spaces.Dict):
-        items = sorted(space.spaces.items())
-    elif isinstance(space, gymnasium.spaces.Tuple):
-        items = list(enumerate(space.spaces))
-    else:
-        items = [(None, space)]
+    spaces hold any mix, nested to any depth. Returns (fields, staged spec, final spec, classes)."""
     fields, vec_cols, disc_cols, classes, image = [], 0, 0, 0, None
-    for name, sub in items:
+    for name, sub in _leaves(space):
         if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
             nvec = np.asarray(sub.nvec if isinstance(sub, gymnasium.spaces.MultiDiscrete) else sub.n).reshape(-1)
             width = len(nvec)
@@ -383,7 +386,9 @@ class VecEnv:
     def _fill_obs(self, out: dict[str, np.ndarray], obs: Any) -> None:
         n = self.num_envs
         for f in self._fields:
-            src = obs if f.src is None else obs[f.src]
+            src = obs
+            for key in f.src:
+                src = src[key]
             if f.key == "image":
                 np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
             elif f.key == "discrete":

@@ -123,6 +123,35 @@ TINY_ENVS = textwrap.dedent(
             self.t += 1
             return (self.t % 7, np.full(2, -0.5, np.float32)), 1.0, self.t >= 3, False, {}
 
+    class Nested(gym.Env):
+        # Dicts and Tuples inside each other, as envpool's Jumanji Maze-v0 and PacMan-v1 nest them.
+        observation_space = gym.spaces.Dict(
+            {
+                "pos": gym.spaces.Dict({"row": gym.spaces.Discrete(4), "col": gym.spaces.Discrete(6)}),
+                "pair": gym.spaces.Tuple(
+                    (gym.spaces.Box(-9, 9, (2,), np.float32), gym.spaces.Dict({"bit": gym.spaces.MultiBinary(1)}))
+                ),
+            }
+        )
+        action_space = gym.spaces.Discrete(2)
+
+        def obs(self):
+            t = self.t
+            return {
+                "pos": {"row": t % 4, "col": (t + 3) % 6},
+                "pair": (np.array([t, -t], np.float32), {"bit": np.array([t % 2], np.int8)}),
+            }
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return self.obs(), {}
+
+        def step(self, action):
+            self.t += 1
+            return self.obs(), 0.0, False, False, {}
+
+    gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
     gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
     gym.register("FdTinyMixed-v0", entry_point=Mixed, max_episode_steps=50)
     gym.register("FdTinyPair-v0", entry_point=Pair)
@@ -445,6 +474,23 @@ def test_a_tuple_observation_is_read_by_position(tiny_envs):
     out, _ = _rollout(env, 2)
     env.close()
     assert out["discrete"][:, 0, 0].tolist() == [0, 1, 2] and out["vector"][2, 0].tolist() == [-0.5, -0.5]
+
+
+def test_nested_dict_and_tuple_observations_are_read_leaf_by_leaf(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyNested-v0", 2, 0, "cpu")
+    assert env.spec.obs == {"discrete": ((2,), torch.int32), "vector": ((3,), torch.float32)}
+    assert env.spec.classes == 6
+    out, _ = _rollout(env, 5)
+    env.close()
+    for t in range(6):  # sorted keys at every level, Tuple items by position: pair/0, pair/1/bit, pos/col, pos/row
+        assert out["discrete"][t].tolist() == [[(t + 3) % 6, t % 4]] * 2, t
+        assert out["vector"][t].tolist() == [[t, -t, t % 2]] * 2, t
+    if (
+        "Maze-v0" in envpool.list_all_envs()
+    ):  # envpool's own nested Dict: agent and target positions as discrete elements
+        maze = make_env("Maze-v0", 1, 0, "cpu")
+        assert maze.spec.obs["discrete"] == ((5,), torch.int32)
+        maze.close()
 
 
 @pytest.mark.parametrize("mode", ["eager", "compile"])
