@@ -381,6 +381,8 @@ class VecEnv:
         np.clip(buf, -1.0, 1.0, out=buf)
         buf *= self._act_scale
         buf += self._act_shift
+        if np.issubdtype(self._act_dtype, np.integer):  # an integer Box (Jumanji's Tetris): nearest, not truncated,
+            np.rint(buf, out=buf)  # so every value in [low, high] has interior actions, not only the clipped bound
         return buf.astype(self._act_dtype, copy=False).reshape(n, *self._act_shape)
 
     def _fill_obs(self, out: dict[str, np.ndarray], obs: Any) -> None:

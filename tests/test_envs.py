@@ -52,6 +52,10 @@ TINY_ENVS = textwrap.dedent(
         # VizDoom's action Box: bounds at float64's extremes, which mean none.
         action_space = gym.spaces.Box(2.2250738585072014e-308, 1.7976931348623157e308, (2,), np.float64)
 
+    class EchoInt(Echo):
+        # An integer Box, as Jumanji's Tetris-v0 has: Box(0, [3, 9], (2,), int32).
+        action_space = gym.spaces.Box(0, np.array([3, 9]), (2,), np.int32)
+
     class Stacked(gym.Env):
         # Four stacked RGB frames channels first, as envpool's VizDoom gives them: (12, 20, 20); pixel (c, h, w) is
         # (c + 12 * (h + 20 * w) + t) % 256.
@@ -157,6 +161,7 @@ TINY_ENVS = textwrap.dedent(
     gym.register("FdTinyPair-v0", entry_point=Pair)
     gym.register("FdTinyEcho-v0", entry_point=Echo)
     gym.register("FdTinyEchoWide-v0", entry_point=EchoWide)
+    gym.register("FdTinyEchoInt-v0", entry_point=EchoInt)
     gym.register("FdTinyStacked-v0", entry_point=Stacked, max_episode_steps=50)
     """
 )
@@ -290,6 +295,14 @@ def test_action_bounds_at_float64s_extremes_are_no_bounds(tiny_envs):
     env.reset()
     out = env.step(torch.tensor([[-1.0, 0.25], [3.0, -0.5]]))
     torch.testing.assert_close(out["vector"], torch.tensor([[-1.0, 0.25], [1.0, -0.5]]))  # clipped, not rescaled
+    env.close()
+
+
+def test_integer_box_actions_take_the_nearest_value(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyEchoInt-v0", 3, seed=0, device="cpu")
+    env.reset()
+    out = env.step(torch.tensor([[-1.0, 1.0], [0.1, -0.3], [0.5, 2.0]]))  # -> [0, 9], [1.65, 3.15], [2.25, 9]
+    torch.testing.assert_close(out["vector"], torch.tensor([[0.0, 9.0], [2.0, 3.0], [2.0, 9.0]]))
     env.close()
 
 
