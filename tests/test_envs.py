@@ -56,15 +56,9 @@ TINY_ENVS = textwrap.dedent(
         # An integer Box, as Jumanji's Tetris-v0 has: Box(0, [3, 9], (2,), int32).
         action_space = gym.spaces.Box(0, np.array([3, 9]), (2,), np.int32)
 
-    class Stacked(gym.Env):
-        # Four stacked RGB frames channels first, as envpool's VizDoom gives them: (12, 20, 20); pixel (c, h, w) is
-        # (c + 12 * (h + 20 * w) + t) % 256.
-        observation_space = gym.spaces.Box(0, 255, (12, 20, 20), np.uint8)
+    class Clock(gym.Env):
+        # An observation that is a function of the step count t (obs()), any action, no reward, no end.
         action_space = gym.spaces.Discrete(2)
-
-        def obs(self):
-            c, h, w = np.meshgrid(np.arange(12), np.arange(20), np.arange(20), indexing="ij")
-            return ((c + 12 * (h + 20 * w) + self.t) % 256).astype(np.uint8)
 
         def reset(self, *, seed=None, options=None):
             super().reset(seed=seed)
@@ -75,7 +69,16 @@ TINY_ENVS = textwrap.dedent(
             self.t += 1
             return self.obs(), 0.0, False, False, {}
 
-    class Mixed(gym.Env):
+    class Stacked(Clock):
+        # Four stacked RGB frames channels first, as envpool's VizDoom gives them: (12, 20, 20); pixel (c, h, w) is
+        # (c + 12 * (h + 20 * w) + t) % 256.
+        observation_space = gym.spaces.Box(0, 255, (12, 20, 20), np.uint8)
+
+        def obs(self):
+            c, h, w = np.meshgrid(np.arange(12), np.arange(20), np.arange(20), indexing="ij")
+            return ((c + 12 * (h + 20 * w) + self.t) % 256).astype(np.uint8)
+
+    class Mixed(Clock):
         # Every kind of observation the encoder reads, each a function of the step count t.
         observation_space = gym.spaces.Dict(
             {
@@ -87,7 +90,6 @@ TINY_ENVS = textwrap.dedent(
                 "frame": gym.spaces.Box(0, 255, (32, 32), np.uint8),
             }
         )
-        action_space = gym.spaces.Discrete(2)
 
         def obs(self):
             t = self.t
@@ -99,15 +101,6 @@ TINY_ENVS = textwrap.dedent(
                 "bits": np.array([t % 2, 1, 0], np.int8),
                 "frame": np.full((32, 32), 10 * t % 256, np.uint8),
             }
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            self.t = 0
-            return self.obs(), {}
-
-        def step(self, action):
-            self.t += 1
-            return self.obs(), 0.0, False, False, {}
 
     class Pair(gym.Env):
         # A Tuple observation: (Discrete(7), Box(2,)). Takes a render_mode, but renders nothing.
@@ -127,7 +120,7 @@ TINY_ENVS = textwrap.dedent(
             self.t += 1
             return (self.t % 7, np.full(2, -0.5, np.float32)), 1.0, self.t >= 3, False, {}
 
-    class Nested(gym.Env):
+    class Nested(Clock):
         # Dicts and Tuples inside each other, as envpool's Jumanji Maze-v0 and PacMan-v1 nest them.
         observation_space = gym.spaces.Dict(
             {
@@ -137,7 +130,6 @@ TINY_ENVS = textwrap.dedent(
                 ),
             }
         )
-        action_space = gym.spaces.Discrete(2)
 
         def obs(self):
             t = self.t
@@ -145,15 +137,6 @@ TINY_ENVS = textwrap.dedent(
                 "pos": {"row": t % 4, "col": (t + 3) % 6},
                 "pair": (np.array([t, -t], np.float32), {"bit": np.array([t % 2], np.int8)}),
             }
-
-        def reset(self, *, seed=None, options=None):
-            super().reset(seed=seed)
-            self.t = 0
-            return self.obs(), {}
-
-        def step(self, action):
-            self.t += 1
-            return self.obs(), 0.0, False, False, {}
 
     gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
     gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
