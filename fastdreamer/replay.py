@@ -71,7 +71,12 @@ class Replay:
         device: torch.device | str,
         seed: int = 0,
         online: bool = False,
+        place_for: int | None = None,
     ):
+        """`place_for`: the capacity (>= capacity) whose size picks where the ring lives, when the ring may grow to it
+        on a resume (a ring sized to a run's steps): the sampling generator lives with the ring, and a CUDA and a
+        CPU generator draw different numbers and cannot take each other's state. Where that size fits nowhere,
+        the ring's own size picks."""
         if num_envs < 1 or seq_len < 1:
             raise ValueError(f"replay needs num_envs >= 1 and seq_len >= 1, got {num_envs} and {seq_len}")
         self.length = capacity // num_envs  # M, steps per stream
@@ -82,17 +87,16 @@ class Replay:
             )
         self.spec, self.num_envs, self.seq_len = dict(spec), num_envs, seq_len
         self.device = torch.device(device)
-        n, m = num_envs, self.length
-        self.nbytes = sum(
-            n * m * math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values()
+        self._step_bytes = num_envs * sum(
+            math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in spec.values()
         )
-        self.location = choose_location(self.nbytes, self.device)
-        store = self.device if self.location == "cuda" else torch.device("cpu")
-        pin = self.location == "pinned host"
-        self.data = {
-            k: torch.zeros((n, m, *shape), dtype=dt, device=store, pin_memory=pin) for k, (shape, dt) in spec.items()
-        }
-        self._flat = {k: v.view(n * m, *v.shape[2:]) for k, v in self.data.items()}  # (N * M, ...) views for gathers
+        self.nbytes = self._step_bytes * self.length
+        try:
+            self.location = choose_location(self._step_bytes * (max(place_for or 0, capacity) // num_envs), self.device)
+        except ValueError:
+            self.location = choose_location(self.nbytes, self.device)
+        self._allocate(self.length)
+        store = self.data[next(iter(self.data))].device
         self.head = 0  # next slot written in every stream
         self.count = 0  # steps added per stream, total (not capped)
         self.online = online
@@ -101,6 +105,17 @@ class Replay:
         self._offsets = torch.arange(seq_len, device=store)  # (L,)
         self._staging: dict[int, tuple[list[dict[str, torch.Tensor]], list]] = {}  # batch -> pinned slots, events
         self._slot = 0
+
+    def _allocate(self, length: int) -> None:
+        """Zeroed (N, length, ...) storage for every field, where self.location says."""
+        store = self.device if self.location == "cuda" else torch.device("cpu")
+        pin, n = self.location == "pinned host", self.num_envs
+        self.length, self.nbytes = length, self._step_bytes * length
+        self.data = {
+            k: torch.zeros((n, length, *shape), dtype=dt, device=store, pin_memory=pin)
+            for k, (shape, dt) in self.spec.items()
+        }
+        self._flat = {k: v.view(n * length, *v.shape[2:]) for k, v in self.data.items()}  # (N * M, ...) for gathers
 
     def __len__(self) -> int:
         return min(self.count, self.length) * self.num_envs
@@ -242,19 +257,22 @@ class Replay:
         }
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore a state_dict. A ring of another length takes it while the state has never wrapped and its steps
-        fit (a run resumed with more --steps, whose ring was sized to its steps): logical step s sits in slot s in
-        both, so the windows, the online queue and the draws are those of a ring that had this length all along."""
+        """Restore a state_dict into a ring of the same N and L. Its length may differ (rings sized to a run's
+        --steps): a longer or shorter ring takes a state that has never wrapped and whose steps fit, with logical
+        step s in slot s in both, so the windows, the online queue and the draws are those of a ring that had this
+        length all along; any other state brings its own length (this ring is reallocated)."""
         num_envs, length, seq_len = (int(x) for x in d["shape"])
         count = int(d["count"])
-        regrow = length != self.length and count <= min(length, self.length)
-        if (num_envs, seq_len) != (self.num_envs, self.seq_len) or (length != self.length and not regrow):
+        if (num_envs, seq_len) != (self.num_envs, self.seq_len):
             raise ValueError(
-                f"replay state has (num_envs, steps per env, seq_len) = {(num_envs, length, seq_len)} with {count} "
-                f"steps per env written, this replay has {(self.num_envs, self.length, self.seq_len)}"
+                f"replay state has (num_envs, steps per env, seq_len) = {(num_envs, length, seq_len)}, "
+                f"this replay has {(self.num_envs, self.length, self.seq_len)}"
             )
         if set(d["data"]) != set(self.data):
             raise ValueError(f"replay state has fields {sorted(d['data'])}, this replay has {sorted(self.data)}")
+        regrow = length != self.length and count <= min(length, self.length)
+        if length != self.length and not regrow:
+            self._allocate(length)
         for key, value in d["data"].items():
             if regrow:
                 self.data[key].zero_()

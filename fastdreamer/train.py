@@ -160,6 +160,7 @@ class Trainer:
             self.device,
             seed=cfg.seed,
             online=cfg.replay_online,
+            place_for=cfg.replay_size,  # where a resume with more --steps would grow it to
         )
         self.mode = fast.resolve_mode(cfg.mode, self.device)
         self.precision = fast.resolve_precision(cfg.precision, self.mode, self.device)
@@ -174,7 +175,8 @@ class Trainer:
             f"({self.precision} matmuls), block_gru {impl}"
         )
         capacity = self.replay.length * cfg.num_envs
-        note = f" (the run's --steps; --replay-size {cfg.replay_size:,})" if capacity < cfg.replay_size else ""
+        sized = capacity < cfg.replay_size // cfg.num_envs * cfg.num_envs
+        note = f" (sized to --steps; --replay-size {cfg.replay_size:,})" if sized else ""
         log(
             f"fastdreamer: replay of {capacity:,} steps{note} holds {self.replay.nbytes / 2**30:.2f} GiB in "
             f"{self.replay.location} memory; logdir {self.logdir}"
@@ -308,7 +310,10 @@ class Trainer:
         try:
             self.agent.load_state_dict(state["agent"])
             self.opt.load_state_dict(state["opt"])
+            length = self.replay.length
             self.replay.load_state_dict(state["replay"])
+            if self.replay.length != length:  # the checkpoint holds more steps than --steps would: its ring kept
+                self.log(f"fastdreamer: replay of {self.replay.length * cfg.num_envs:,} steps, as the checkpoint's")
             counters = state["counters"]
         except (KeyError, RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -100,9 +100,13 @@ def test_replay_state_dict_resumes_exactly():
         assert torch.equal(ia, ib)
         for k in SPEC:
             assert torch.equal(da[k], db[k])
-    other = Replay(SPEC, capacity=40, num_envs=3, seq_len=4, device="cpu")
-    with pytest.raises(ValueError, match="steps per env"):  # wrapped: its oldest steps are gone, it cannot regrow
-        other.load_state_dict(state)
+    other = Replay(SPEC, capacity=40, num_envs=3, seq_len=4, device="cpu", seed=5)
+    other.load_state_dict(state)  # wrapped, so it cannot regrow: the ring takes the state's own length
+    same = Replay(SPEC, capacity=30, num_envs=3, seq_len=4, device="cpu")
+    same.load_state_dict(state)
+    assert other.length == 10 and torch.equal(other.sample(9)[1], same.sample(9)[1])
+    with pytest.raises(ValueError, match="seq_len"):
+        Replay(SPEC, capacity=40, num_envs=3, seq_len=5, device="cpu").load_state_dict(state)
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -130,8 +134,10 @@ def test_replay_state_regrows_into_a_longer_ring_while_unwrapped(full):
         for k in SPEC:
             assert torch.equal(dg[k], da[k])
     state = always.state_dict()  # 19 steps per env written
-    with pytest.raises(ValueError, match="19 steps per env written"):
-        Replay(SPEC, capacity=n * 12, num_envs=n, seq_len=seq, device="cpu").load_state_dict(state)
+    kept = Replay(SPEC, capacity=n * 12, num_envs=n, seq_len=seq, device="cpu")  # too short: the state's length
+    kept.load_state_dict(state)  # (a run resumed with fewer --steps than it has taken)
+    assert kept.length == 20 and all(torch.equal(kept.data[k], always.data[k]) for k in SPEC)
+    assert torch.equal(kept.sample(7)[1], always.sample(7)[1])
     shrunk = Replay(SPEC, capacity=n * 19, num_envs=n, seq_len=seq, device="cpu")  # they still fit: taken
     shrunk.load_state_dict(state)
     assert torch.equal(shrunk.data["t"], always.data["t"][:, :19]) and shrunk.head == 0
@@ -226,6 +232,25 @@ def test_replay_placement_prefers_device_then_pinned_host_then_refuses(monkeypat
         ValueError, match=r"replay of 91.00 GiB fits neither in device memory \(3.00 GiB free\) nor in host"
     ):
         choose_location(91 * GiB, cuda)
+
+
+def test_replay_placement_follows_the_capacity_it_may_grow_to(monkeypatch):
+    # A ring sized to a run's --steps lives where the whole --replay-size ring would (the sampling generator lives
+    # with it, and a resume may grow it), unless that fits nowhere.
+    asked = []
+
+    def choose(nbytes, device):
+        asked.append(nbytes)
+        if nbytes > 1000:
+            raise ValueError("fits nowhere")
+        return "cpu"
+
+    monkeypatch.setattr(replay_mod, "choose_location", choose)
+    step = 3 * (8 + 8 + 12 + 1)  # bytes of one step of the 3 envs
+    Replay(SPEC, capacity=3 * 5, num_envs=3, seq_len=4, device="cpu", place_for=3 * 10)
+    assert asked == [10 * step]
+    Replay(SPEC, capacity=3 * 5, num_envs=3, seq_len=4, device="cpu", place_for=3 * 100)
+    assert asked[1:] == [100 * step, 5 * step]
 
 
 def test_replay_refuses_a_buffer_larger_than_host_memory_on_cpu(monkeypatch):

@@ -157,6 +157,17 @@ def test_a_ring_sized_to_the_run_trains_as_the_whole_ring(tmp_path):
     assert rings[0][0] == 30 and rings[1][0] == 500 and rings[0][1] == rings[1][1] > 10
 
 
+def test_a_run_fills_its_ring_without_wrapping_and_resumes_with_fewer_steps(tmp_path):
+    lines = []
+    cfg = tiny_config(tmp_path, steps=41)  # 2 envs: 21 adds each, the last one past --steps
+    first = train(cfg, log=lines.append)
+    assert first.replay.length == 21 and first.replay.count == 21, "sized to the run, never wrapped"
+    assert any("replay of 42 steps (sized to --steps; --replay-size 1,000)" in line for line in lines), lines
+    again = train(dataclasses.replace(cfg, resume=True, steps=10), log=lines.append)  # fewer steps than taken
+    assert again.replay.length == 21 and again.replay.count == 21 and again.env_steps == 42
+    assert "fastdreamer: replay of 42 steps, as the checkpoint's" in lines
+
+
 def test_resume_through_the_cli_appends(tmp_path):
     logdir = tmp_path / "run"
     first = run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir))
