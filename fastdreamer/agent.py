@@ -79,6 +79,12 @@ class Agent(nn.Module):
         self.cfg, self.spec = cfg, spec
         size = SIZES[cfg.size]
         self.act_dim = spec.act_dim
+        # Discrete actions: G categoricals (a MultiDiscrete space) padded to K = act_dim // G classes each; the counts
+        # of those with fewer, as a device tensor (dists.Policy), or None.
+        groups = spec.act_classes or (spec.act_dim,)
+        self.act_groups = len(groups)
+        padded = spec.discrete and min(groups) < spec.act_dim // self.act_groups
+        self.register_buffer("act_counts", torch.tensor(groups) if padded else None, persistent=False)
         self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth, classes=spec.classes)
         self.rssm = RSSM(
             self.encoder.out_dim,
@@ -119,7 +125,10 @@ class Agent(nn.Module):
     def policy(self, f: torch.Tensor, y0: torch.Tensor | None = None) -> dists.Policy:
         """The actor's distribution at feat f; y0: its first linear output, computed by the caller (Head's y0)."""
         raw = self.actor(f, y0)
-        return dists.Policy(raw, self.spec.discrete, self.cfg.policy_unimix, self.cfg.minstd, self.cfg.maxstd)
+        cfg = self.cfg
+        return dists.Policy(
+            raw, self.spec.discrete, cfg.policy_unimix, cfg.minstd, cfg.maxstd, self.act_groups, self.act_counts
+        )
 
     def initial(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         deter, stoch = self.rssm.initial(n, device)
@@ -133,7 +142,7 @@ class Agent(nn.Module):
         eagerly in every mode (fast.compile_agent keeps this method out of the graphs), each sample uses the same
         numbers in every mode."""
         lat = torch.rand((latent_steps, n, self.rssm.stoch, 1), device=device)
-        act = dists.Policy.noise((action_steps, n), self.act_dim, self.spec.discrete, device)
+        act = dists.Policy.noise((action_steps, n), self.act_dim, self.spec.discrete, device, self.act_groups)
         return lat, act
 
     @torch.no_grad()

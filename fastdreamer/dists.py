@@ -42,9 +42,11 @@ def onehot_index(onehot: torch.Tensor) -> torch.Tensor:
     return (onehot * classes).sum(-1).to(torch.uint8)
 
 
-def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
     """One-hot categorical sample from log-probs (..., C), straight-through gradient to the probs. `u` (..., 1):
-    the uniforms to use, drawn here when None (a rollout passes the ones it drew up front)."""
+    the uniforms to use, drawn here when None (a rollout passes the ones it drew up front). `last`: the last class
+    that may be drawn, broadcast against (...,), where classes past it are padding of probability 0 (C - 1 when
+    None)."""
     probs = logp.exp()
     # Inverse CDF instead of torch.multinomial (a host sync, not capturable): class k where cdf[k-1] <= u < cdf[k],
     # one uniform per distribution. Gumbel-max drew C uniforms and two logs per distribution: compiled on the CPU,
@@ -52,7 +54,8 @@ def sample_onehot(logp: torch.Tensor, u: torch.Tensor | None = None) -> torch.Te
     # The clamp catches u beyond a last cdf that rounds below 1; a zero-probability class is never drawn.
     if u is None:
         u = torch.rand((*probs.shape[:-1], 1), dtype=probs.dtype, device=probs.device)
-    index = (probs.detach().cumsum(-1) <= u).sum(-1).clamp_max(probs.shape[-1] - 1)
+    index = (probs.detach().cumsum(-1) <= u).sum(-1)
+    index = index.clamp_max(probs.shape[-1] - 1) if last is None else torch.minimum(index, last)
     onehot = one_hot(index, probs.shape[-1], probs.dtype)
     return onehot + (probs - probs.detach())  # exactly one-hot in value: p - p is exactly 0
 
@@ -199,51 +202,72 @@ def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class Policy:
-    """The actor's output: categorical with unimix (discrete) or bounded normal (continuous).
-    `raw` is the head output: logits (..., A) or mean and pre-std stacked as (..., 2A)."""
+    """The actor's output: categoricals with unimix (discrete) or a bounded normal (continuous). `raw` is the head
+    output: mean and pre-std stacked as (..., 2A), or logits (..., G * K) of `groups` categoricals of K classes,
+    of which `counts` (G,) (a device tensor; None: all K) are real and the rest padding. An action is G one-hots
+    of K (padding never drawn) concatenated, or (..., A) unclipped."""
+
+    PAD = -1e30  # the log-prob of a padding class: exp() is 0 and 0 * PAD is 0, so sums over K need no mask
 
     def __init__(
-        self, raw: torch.Tensor, discrete: bool, unimix: float = 0.01, minstd: float = 0.1, maxstd: float = 1.0
+        self,
+        raw: torch.Tensor,
+        discrete: bool,
+        unimix: float = 0.01,
+        minstd: float = 0.1,
+        maxstd: float = 1.0,
+        groups: int = 1,
+        counts: torch.Tensor | None = None,
     ):
         self.discrete = discrete
         if discrete:
-            self.logp_all = unimix_logits(raw, unimix)  # (..., A)
+            logits = raw.unflatten(-1, (groups, raw.shape[-1] // groups))  # (..., G, K)
+            self.last = None  # sample(): the last class that may be drawn in each group, where there is padding
+            if counts is None:
+                self.logp_all = unimix_logits(logits, unimix)
+            else:  # unimix over each group's own classes; the padding gets probability 0 and log-prob PAD
+                valid = torch.arange(logits.shape[-1], device=raw.device) < counts[:, None]
+                probs = torch.softmax(torch.where(valid, logits.float(), -torch.inf), -1)
+                probs = (1.0 - unimix) * probs + valid * (unimix / counts[:, None])
+                self.last = counts - 1
+                # log of 1 at the padding, then replaced: log(0)'s infinite gradient would meet where's zero as NaN
+                self.logp_all = torch.where(valid, torch.log(torch.where(valid, probs, 1.0)), self.PAD)
         else:
             mean, std = raw.float().chunk(2, -1)
             self.mean = torch.tanh(mean)
             self.std = (maxstd - minstd) * torch.sigmoid(std + 2.0) + minstd
 
     def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One-hot (..., A) for discrete actions, (..., A) unclipped for continuous. No gradient. `noise`: drawn
-        here when None, else the draw to use, shaped as Policy.noise makes it: uniforms (discrete) or standard
-        normals."""
+        """G concatenated one-hots (..., G * K) for discrete actions, (..., A) unclipped for continuous. No gradient.
+        `noise`: drawn here when None, else the draw to use, shaped as Policy.noise makes it: uniforms (discrete)
+        or standard normals."""
         with torch.no_grad():
             if self.discrete:
-                return sample_onehot(self.logp_all, noise).detach()
+                return sample_onehot(self.logp_all, noise, self.last).detach().flatten(-2)
             if noise is None:
                 noise = torch.randn_like(self.mean)
             return self.mean + self.std * noise
 
     @staticmethod
-    def noise(shape: tuple[int, ...], act_dim: int, discrete: bool, device) -> torch.Tensor:
-        """The random numbers sample() takes for a batch of `shape` policies: (*shape, 1) uniforms for discrete
-        actions, (*shape, act_dim) standard normals for continuous ones."""
+    def noise(shape: tuple[int, ...], act_dim: int, discrete: bool, device, groups: int = 1) -> torch.Tensor:
+        """The random numbers sample() takes for a batch of `shape` policies: (*shape, G, 1) uniforms for G discrete
+        actions (one per categorical), (*shape, act_dim) standard normals for continuous ones."""
         if discrete:
-            return torch.rand((*shape, 1), device=device)
+            return torch.rand((*shape, groups, 1), device=device)
         return torch.randn((*shape, act_dim), device=device)
 
     def mode(self) -> torch.Tensor:
         if self.discrete:
-            return one_hot(self.logp_all.argmax(-1), self.logp_all.shape[-1])
+            return one_hot(self.logp_all.argmax(-1), self.logp_all.shape[-1]).flatten(-2)
         return self.mean
 
     def logp(self, action: torch.Tensor) -> torch.Tensor:
         if self.discrete:
-            return (action * self.logp_all).sum(-1)
+            return (action.unflatten(-1, self.logp_all.shape[-2:]) * self.logp_all).sum((-2, -1))
         z = (action - self.mean) / self.std
         return (-0.5 * z.square() - torch.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def entropy(self) -> torch.Tensor:
         if self.discrete:
-            return categorical_entropy(self.logp_all)
+            return categorical_entropy(self.logp_all).sum(-1)
         return (0.5 + 0.5 * math.log(2 * math.pi) + torch.log(self.std)).sum(-1)

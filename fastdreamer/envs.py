@@ -41,9 +41,10 @@ class EnvSpec:
     # 'vector': ((O,), float32), 'image': ((H, W, C), uint8), 'discrete': ((M,), int32) class indices
     obs: dict[str, tuple[tuple[int, ...], torch.dtype]]
     discrete: bool
-    act_dim: int  # number of discrete actions, or continuous action dims
+    act_dim: int  # number of discrete actions (G groups of K, concatenated one-hots), or continuous action dims
     env_id: str  # resolved id
     classes: int = 0  # classes of every element of 'discrete' (the largest of its spaces' counts)
+    act_classes: tuple[int, ...] = ()  # discrete: each group's count of actions (a MultiDiscrete's nvec), K the max
 
 
 def _envpool_ids() -> list[str]:
@@ -264,6 +265,21 @@ class _Staging:
         }
 
 
+MAX_ACTION_CLASSES = 1024  # an integer Box with more values per element is taken as continuous (rounded)
+
+
+def _action_groups(act: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
+    """(classes, first value) per element of a MultiDiscrete action space, or of an integer Box of bounded range
+    (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as discrete too; None otherwise."""
+    if isinstance(act, gymnasium.spaces.MultiDiscrete):
+        return np.asarray(act.nvec), np.asarray(act.start)
+    if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer) and act.shape:
+        low, high = act.low.astype(np.int64), act.high.astype(np.int64)
+        if (high - low + 1).max() <= MAX_ACTION_CLASSES:
+            return high - low + 1, low
+    return None
+
+
 class VecEnv:
     """N environments; reset/step return {obs keys, 'reward', 'is_first', 'is_last', 'is_terminal'} on `device`."""
 
@@ -271,9 +287,18 @@ class VecEnv:
         self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
         self._fields, staged, final, classes = _layout_obs(backend.obs_space, image_size)
         act = backend.act_space
+        act_classes, self._act_groups = (), None
+        groups = _action_groups(act)
         if isinstance(act, gymnasium.spaces.Discrete):
-            discrete, act_dim = True, int(act.n)
+            discrete, act_dim, act_classes = True, int(act.n), (int(act.n),)
             self._act_offset = int(act.start)
+        elif groups is not None:  # G categoricals of K classes, padded (dists.Policy)
+            nvec, start = groups
+            act_classes = tuple(int(c) for c in nvec.reshape(-1))
+            discrete, act_dim = True, len(act_classes) * max(act_classes)
+            self._act_groups = len(act_classes)
+            self._act_offset = start.reshape(-1).astype(np.int64)
+            self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
         elif isinstance(act, gymnasium.spaces.Box):
             discrete, act_dim = False, int(np.prod(act.shape))
             low, high = act.low.astype(np.float64).reshape(-1), act.high.astype(np.float64).reshape(-1)
@@ -287,7 +312,7 @@ class VecEnv:
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
         else:
             raise ValueError(f"unsupported action space {act}")
-        self.spec = EnvSpec(obs=final, discrete=discrete, act_dim=act_dim, env_id=env_id, classes=classes)
+        self.spec = EnvSpec(final, discrete, act_dim, env_id, classes, act_classes)
         self._resize = "image" in staged and staged["image"][0] != final["image"][0]
         flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}
         self._staging = _Staging({**staged, **flags}, num_envs, self.device)
@@ -368,6 +393,13 @@ class VecEnv:
 
     def _host_action(self, action: torch.Tensor) -> np.ndarray:
         n = self.num_envs
+        if self.spec.discrete and self._act_groups:  # (N, G * K) concatenated one-hots or (N, G) indices
+            g = self._act_groups
+            if action.shape == (n, self.spec.act_dim):
+                action = action.unflatten(-1, (g, -1)).argmax(-1)
+            assert action.shape == (n, g), f"actions must be (N, G)={(n, g)} indices, got {tuple(action.shape)}"
+            index = action.detach().to("cpu", torch.int64).numpy() + self._act_offset
+            return index.astype(self._act_dtype).reshape(n, *self._act_shape)
         if self.spec.discrete:
             if action.ndim == 2 and action.shape == (n, self.spec.act_dim):
                 action = action.argmax(-1)

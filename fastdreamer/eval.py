@@ -42,7 +42,7 @@ def play(agent: Agent, env, seed: int, greedy: bool, max_steps: int, on_step=Non
             on_step(obs, ~done)
         for _ in range(max_steps):
             action, carry = agent.act(carry, obs, greedy=greedy)
-            obs = env.step(action.argmax(-1) if env.spec.discrete else action)
+            obs = env.step(action)
             reward = obs["reward"].cpu().numpy()
             last = obs["is_last"].cpu().numpy()
             live = ~done
@@ -108,8 +108,8 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
         env = make_env(env_name, n, seed, device, env_kwargs=kwargs, gymnasium_only=True)
     except (gymnasium.error.Error, TypeError) as e:  # an env that takes no render_mode
         raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)}") from None
-    got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim)
-    if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim):
+    got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim, env.spec.act_classes)
+    if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim, spec.act_classes):
         env.close()
         raise ValueError(
             f"Gymnasium's {env_name}, which a video renders, observes {got[0]} and acts {got[3]}; the agent was "

@@ -211,7 +211,7 @@ class Trainer:
         self.replay.add(
             {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
         )
-        self.env.step_async(action.argmax(-1) if self.env.spec.discrete else action)
+        self.env.step_async(action)  # one-hots (discrete) become indices in the env, on the device
         self.env_steps += self.cfg.num_envs
         if self.replay.windows() >= self.train_after:
             self.updates_due += self.updates_per_step

@@ -302,6 +302,49 @@ def test_policy_discrete_uses_unimix():
     assert np.isclose(pol.entropy().item(), -(probs * probs.log()).sum().item(), atol=1e-6)
 
 
+@pytest.mark.parametrize("unimix", [0.0, 0.01])
+def test_policy_groups_of_unequal_classes_match_one_categorical_per_group(unimix):
+    # A MultiDiscrete([2, 5, 3]) policy: three categoricals padded to 5 classes, each against a plain one of its own.
+    gen = torch.Generator().manual_seed(11)
+    counts = (2, 5, 3)
+    raw = (torch.randn(4, 6, 15, generator=gen) * 3).requires_grad_()
+    pol = dists.Policy(raw, discrete=True, unimix=unimix, groups=3, counts=torch.tensor(counts))
+    logits = raw.unflatten(-1, (3, 5))
+    refs = [torch.log((1 - unimix) * torch.softmax(logits[..., g, :c], -1) + unimix / c) for g, c in enumerate(counts)]
+    for g, c in enumerate(counts):
+        torch.testing.assert_close(pol.logp_all[..., g, :c], refs[g], atol=1e-6, rtol=1e-6)
+        assert (pol.logp_all[..., g, c:] == dists.Policy.PAD).all()
+    ent = sum(-(r.exp() * r).sum(-1) for r in refs)
+    torch.testing.assert_close(pol.entropy(), ent, atol=1e-5, rtol=1e-5)
+    index = torch.stack([torch.randint(0, c, (4, 6), generator=gen) for c in counts], -1)  # (4, 6, 3)
+    action = torch.cat([F.one_hot(index[..., g], 5) for g in range(3)], -1).float()
+    ref_logp = sum(refs[g].gather(-1, index[..., g : g + 1])[..., 0] for g in range(3))
+    torch.testing.assert_close(pol.logp(action), ref_logp, atol=1e-5, rtol=1e-5)
+    mode = pol.mode().unflatten(-1, (3, 5)).argmax(-1)
+    assert torch.equal(mode, torch.stack([r.argmax(-1) for r in refs], -1))
+    # Gradients: the same as through the plain categoricals, finite, and zero at the padding's logits.
+    (got,) = torch.autograd.grad((pol.logp(action) + pol.entropy()).sum(), raw)
+    (want,) = torch.autograd.grad((ref_logp + ent).sum(), raw)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got.unflatten(-1, (3, 5))[..., 0, 2:] == 0).all() and (got.unflatten(-1, (3, 5))[..., 2, 3:] == 0).all()
+
+
+def test_policy_groups_sample_their_own_probabilities_and_never_the_padding():
+    counts = torch.tensor([2, 4])
+    raw = torch.tensor([[1.0, 0.0, 9.0, 9.0, 0.5, -1.0, 2.0, 0.0]])  # group 0's padding logits are large: ignored
+    pol = dists.Policy(raw, discrete=True, unimix=0.01, groups=2, counts=counts)
+    gen = torch.Generator().manual_seed(3)
+    n = 40000
+    u = torch.rand(n, 2, 1, generator=gen)
+    u[:8] = 1 - 1e-8  # past a last cdf that rounds below 1: the group's last class, not a padding one
+    sample = pol.sample(u.unsqueeze(1)).squeeze(1).unflatten(-1, (2, 4))  # (n, 2, 4)
+    assert (sample.sum(-1) == 1).all() and (sample[:, 0, 2:] == 0).all()
+    assert (sample[:8, 0, 1] == 1).all() and (sample[:8, 1, 3] == 1).all()
+    freq = sample.float().mean(0)
+    torch.testing.assert_close(freq, pol.logp_all.exp()[0], atol=0.01, rtol=0)  # ~5 sigma at n = 40000
+
+
 def test_one_hot_equals_torch_one_hot_for_indices_in_range():
     gen = torch.Generator().manual_seed(0)
     for shape, n in (((5,), 3), ((4, 7), 255), ((2, 3, 32), 16)):

@@ -56,6 +56,13 @@ TINY_ENVS = textwrap.dedent(
         # An integer Box, as Jumanji's Tetris-v0 has: Box(0, [3, 9], (2,), int32).
         action_space = gym.spaces.Box(0, np.array([3, 9]), (2,), np.int32)
 
+    class EchoMulti(Echo):
+        action_space = gym.spaces.MultiDiscrete([3, 5], start=[1, -2])
+
+    class EchoCount(Echo):
+        # An integer Box too wide for categoricals (envs.MAX_ACTION_CLASSES).
+        action_space = gym.spaces.Box(0, 5000, (2,), np.int32)
+
     class Clock(gym.Env):
         # An observation that is a function of the step count t (obs()), any action, no reward, no end.
         action_space = gym.spaces.Discrete(2)
@@ -79,7 +86,9 @@ TINY_ENVS = textwrap.dedent(
             return ((c + 12 * (h + 20 * w) + self.t) % 256).astype(np.uint8)
 
     class Mixed(Clock):
-        # Every kind of observation the encoder reads, each a function of the step count t.
+        # Every kind of observation the encoder reads, each a function of the step count t; actions of two
+        # categoricals of unequal counts (a padded policy).
+        action_space = gym.spaces.MultiDiscrete([2, 3])
         observation_space = gym.spaces.Dict(
             {
                 "cell": gym.spaces.Discrete(5, start=2),
@@ -145,6 +154,8 @@ TINY_ENVS = textwrap.dedent(
     gym.register("FdTinyEcho-v0", entry_point=Echo)
     gym.register("FdTinyEchoWide-v0", entry_point=EchoWide)
     gym.register("FdTinyEchoInt-v0", entry_point=EchoInt)
+    gym.register("FdTinyEchoMulti-v0", entry_point=EchoMulti)
+    gym.register("FdTinyEchoCount-v0", entry_point=EchoCount)
     gym.register("FdTinyStacked-v0", entry_point=Stacked, max_episode_steps=50)
     """
 )
@@ -164,7 +175,9 @@ def _rollout(env, steps: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], l
     gen = torch.Generator().manual_seed(seed)
     outs, actions = [env.reset()], []
     for _ in range(steps):
-        if env.spec.discrete:
+        if env.spec.discrete and len(env.spec.act_classes) > 1:
+            act = torch.stack([torch.randint(c, (env.num_envs,), generator=gen) for c in env.spec.act_classes], -1)
+        elif env.spec.discrete:
             act = torch.randint(env.spec.act_dim, (env.num_envs,), generator=gen)
         else:
             act = torch.rand(env.num_envs, env.spec.act_dim, generator=gen) * 2 - 1
@@ -281,11 +294,29 @@ def test_action_bounds_at_float64s_extremes_are_no_bounds(tiny_envs):
     env.close()
 
 
-def test_integer_box_actions_take_the_nearest_value(tiny_envs):
-    env = make_env(f"{tiny_envs}:FdTinyEchoInt-v0", 3, seed=0, device="cpu")
+@pytest.mark.parametrize(
+    "env_name, classes, offset",
+    [("FdTinyEchoInt-v0", (4, 10), (0, 0)), ("FdTinyEchoMulti-v0", (3, 5), (1, -2))],
+)
+def test_multi_discrete_and_integer_box_actions_are_groups_of_one_hots(tiny_envs, env_name, classes, offset):
+    env = make_env(f"{tiny_envs}:{env_name}", 3, seed=0, device="cpu")
+    k = max(classes)
+    assert env.spec.discrete and env.spec.act_classes == classes and env.spec.act_dim == 2 * k
     env.reset()
-    out = env.step(torch.tensor([[-1.0, 1.0], [0.1, -0.3], [0.5, 2.0]]))  # -> [0, 9], [1.65, 3.15], [2.25, 9]
-    torch.testing.assert_close(out["vector"], torch.tensor([[0.0, 9.0], [2.0, 3.0], [2.0, 9.0]]))
+    index = torch.tensor([[0, 0], [classes[0] - 1, classes[1] - 1], [1, 2]])
+    expected = (index + torch.tensor(offset)).float()
+    torch.testing.assert_close(env.step(index)["vector"], expected)  # indices, the first value added
+    onehot = torch.cat([F.one_hot(index[:, 0], k), F.one_hot(index[:, 1], k)], -1).float()  # as the policy gives
+    torch.testing.assert_close(env.step(onehot)["vector"], expected)
+    env.close()
+
+
+def test_integer_box_actions_too_wide_for_categoricals_take_the_nearest_value(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyEchoCount-v0", 3, seed=0, device="cpu")
+    assert not env.spec.discrete and env.spec.act_dim == 2
+    env.reset()
+    out = env.step(torch.tensor([[-1.0, 1.0], [0.1001, 0.0999], [1.0, -0.5]]))  # 2500 + 2500 a, to the nearest
+    torch.testing.assert_close(out["vector"], torch.tensor([[0.0, 5000.0], [2750.0, 2750.0], [5000.0, 1250.0]]))
     env.close()
 
 
@@ -502,6 +533,9 @@ def test_an_agent_trains_reports_and_evaluates_on_every_kind_of_observation(tiny
         tmp_path, env=f"{tiny_envs}:FdTinyMixed-v0", steps=40, mode=mode, precision="fp32", report_every=1e9
     )  # one report: the one at the end
     trainer = train(cfg, log=lambda *_: None)
+    actions = trainer.replay.data["action"][:, : trainer.replay.count].unflatten(-1, (2, 3))  # MultiDiscrete([2, 3])
+    assert trainer.agent.act_counts.tolist() == [2, 3]
+    assert (actions.sum(-1) == 1).all() and (actions[..., 0, 2] == 0).all(), "one-hots, never the padding"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r for r in rows if "loss/discrete" in r][-1]
     assert all(np.isfinite(losses[f"loss/{k}"]) for k in ("discrete", "vector", "image")), losses

@@ -1,7 +1,6 @@
 """The RSSM core, losses and agent against plain implementations written here."""
 
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from fastdreamer import dists
 from fastdreamer.agent import Agent, lambda_return, percentiles
 from fastdreamer.config import Config
 from fastdreamer.dists import symlog
+from fastdreamer.envs import EnvSpec
 from fastdreamer.rssm import RSSM, stack_steps
 
 
@@ -340,7 +340,7 @@ def make_agent(discrete=True, image=False, image_size=64, **kw):
     obs = {"vector": ((4,), torch.float32)}
     if image:
         obs["image"] = ((image_size, image_size, 3), torch.uint8)
-    spec = SimpleNamespace(obs=obs, discrete=discrete, act_dim=3, env_id="test", classes=0)
+    spec = EnvSpec(obs=obs, discrete=discrete, act_dim=3, env_id="test", classes=0)
     cfg = Config(size="debug", batch_size=3, batch_length=6, imag_length=4, **kw)
     return Agent(cfg, spec), cfg, spec
 
@@ -387,7 +387,7 @@ def test_discrete_observations_are_one_hot_in_and_categorical_out():
     scores them by a categorical log-likelihood summed over elements: against F.one_hot and F.cross_entropy."""
     torch.manual_seed(0)
     obs = {"vector": ((4,), torch.float32), "discrete": ((2,), torch.int32)}
-    spec = SimpleNamespace(obs=obs, discrete=True, act_dim=3, env_id="test", classes=6)
+    spec = EnvSpec(obs=obs, discrete=True, act_dim=3, env_id="test", classes=6)
     agent = Agent(Config(size="debug", batch_size=3, batch_length=6, imag_length=4), spec)
     vec, idx = torch.randn(3, 5, 4), torch.randint(0, 6, (3, 5, 2), dtype=torch.int32)
     want = agent.encoder.mlp(torch.cat([symlog(vec), F.one_hot(idx.long(), 6).float().flatten(-2)], -1))
@@ -403,7 +403,7 @@ def test_discrete_observations_are_one_hot_in_and_categorical_out():
     want = F.cross_entropy(recon["discrete"].flatten(0, 2), idx.long().flatten(), reduction="none").view(3, 5, 2)
     torch.testing.assert_close(loss, want.sum(-1), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="need their number of classes"):
-        Agent(Config(size="debug"), SimpleNamespace(obs=obs, discrete=True, act_dim=3, env_id="t", classes=0))
+        Agent(Config(size="debug"), EnvSpec(obs=obs, discrete=True, act_dim=3, env_id="t", classes=0))
 
 
 def test_reward_and_critic_start_at_zero():
@@ -489,15 +489,13 @@ def test_slow_critic_is_an_ema():
 
 @pytest.mark.parametrize("policy_unimix", [0.0, 0.01, 0.3])
 def test_actor_unimix_is_its_own_setting_and_leaves_the_rssm_alone(policy_unimix):
-    from fastdreamer.envs import EnvSpec
-
     spec = EnvSpec(obs={"vector": ((3,), torch.float32)}, discrete=True, act_dim=5, env_id="t")
     torch.manual_seed(0)
     agent = Agent(Config(size="debug", unimix=0.01, policy_unimix=policy_unimix), spec)
     with torch.no_grad():
         agent.actor.out.weight.normal_(0, 30.0)  # a peaked policy: some classes far below any floor
     f = torch.randn(64, agent.rssm.feat_dim)
-    probs = agent.policy(f).logp_all.exp()
+    probs = agent.policy(f).logp_all.exp()[:, 0]  # (64, G = 1, 5)
     raw = torch.softmax(agent.actor(f).float(), -1)
     torch.testing.assert_close(probs, (1 - policy_unimix) * raw + policy_unimix / 5, rtol=1e-5, atol=1e-7)
     assert raw.min() < 1e-4, "the test needs classes below the floor to tell the settings apart"
@@ -537,7 +535,6 @@ def test_continuous_actor_has_separate_mean_and_std_layers_clipped_apart():
 def _rollout_case(discrete: bool, horizon: int, n: int = 64):
     from fastdreamer.agent import Agent
     from fastdreamer.config import Config
-    from fastdreamer.envs import EnvSpec
 
     torch.manual_seed(0)
     spec = EnvSpec(obs={"vector": ((4,), torch.float32)}, discrete=discrete, act_dim=3, env_id="test")
