@@ -227,11 +227,15 @@ class Policy:
                 self.logp_all = unimix_logits(logits, unimix)
             else:  # unimix over each group's own classes; the padding gets probability 0 and log-prob PAD
                 valid = torch.arange(logits.shape[-1], device=raw.device) < counts[:, None]
-                probs = torch.softmax(torch.where(valid, logits.float(), -torch.inf), -1)
-                probs = (1.0 - unimix) * probs + valid * (unimix / counts[:, None])
+                masked = torch.where(valid, logits.float(), -torch.inf)
                 self.last = counts - 1
-                # log of 1 at the padding, then replaced: log(0)'s infinite gradient would meet where's zero as NaN
-                self.logp_all = torch.where(valid, torch.log(torch.where(valid, probs, 1.0)), self.PAD)
+                if unimix:
+                    probs = (1.0 - unimix) * torch.softmax(masked, -1) + valid * (unimix / counts[:, None])
+                    # log of 1 at the padding, then replaced: log(0)'s infinite gradient would meet where's 0 as NaN
+                    logp = torch.log(torch.where(valid, probs, 1.0))
+                else:  # log_softmax, as unimix_logits: a valid class far below the others keeps a finite log-prob
+                    logp = torch.log_softmax(masked, -1)
+                self.logp_all = torch.where(valid, logp, self.PAD)
         else:
             mean, std = raw.float().chunk(2, -1)
             self.mean = torch.tanh(mean)

@@ -273,10 +273,10 @@ def _action_groups(act: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None
     (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as discrete too; None otherwise."""
     if isinstance(act, gymnasium.spaces.MultiDiscrete):
         return np.asarray(act.nvec), np.asarray(act.start)
-    if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer) and act.shape:
-        low, high = act.low.astype(np.int64), act.high.astype(np.int64)
-        if (high - low + 1).max() <= MAX_ACTION_CLASSES:
-            return high - low + 1, low
+    if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer):
+        span = act.high.astype(np.float64) - act.low.astype(np.float64) + 1  # float: int64's extremes would wrap
+        if span.max() <= MAX_ACTION_CLASSES:
+            return span.astype(np.int64), act.low.astype(np.int64)
     return None
 
 
@@ -296,6 +296,11 @@ class VecEnv:
             nvec, start = groups
             act_classes = tuple(int(c) for c in nvec.reshape(-1))
             discrete, act_dim = True, len(act_classes) * max(act_classes)
+            if act_dim > MAX_ACTION_CLASSES * 64:
+                raise ValueError(
+                    f"action space {act} is {len(act_classes)} categoricals of up to {max(act_classes)} actions, "
+                    f"{act_dim:,} policy outputs: more than this trainer takes ({MAX_ACTION_CLASSES * 64:,})"
+                )
             self._act_groups = len(act_classes)
             self._act_offset = start.reshape(-1).astype(np.int64)
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype

@@ -112,8 +112,8 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
     if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim, spec.act_classes):
         env.close()
         raise ValueError(
-            f"Gymnasium's {env_name}, which a video renders, observes {got[0]} and acts {got[3]}; the agent was "
-            f"trained on {spec.obs} and {spec.act_dim}"
+            f"Gymnasium's {env_name}, which a video renders, observes {got[0]} and acts {got[3]} {got[4]}; the "
+            f"agent was trained on {spec.obs} and {spec.act_dim} {spec.act_classes}"
         )
 
     from PIL import Image  # as in logger.encode_gif: only videos need Pillow

@@ -116,6 +116,12 @@ def update_step(agent: Agent, opt: LaProp, data: dict[str, torch.Tensor]):
     return metrics, latents
 
 
+def _describe_actions(spec) -> str:
+    if len(spec.act_classes) > 1:
+        return f"discrete actions of {list(spec.act_classes)} (one categorical each)"
+    return f"{'discrete' if spec.discrete else 'continuous'} actions of {spec.act_dim}"
+
+
 class Trainer:
     """Owns the env, agent, optimizer, replay and counters of one run."""
 
@@ -170,7 +176,7 @@ class Trainer:
         log(
             f"fastdreamer: env {self.env.spec.env_id} ({cfg.num_envs} envs, obs "
             f"{ {k: s for k, (s, _) in self.env.spec.obs.items()} }, "
-            f"{'discrete' if self.env.spec.discrete else 'continuous'} actions of {self.env.spec.act_dim}), "
+            f"{_describe_actions(self.env.spec)}), "
             f"size {cfg.size} ({nparams / 1e6:.2f}M params), device {self.device}, mode {self.mode} "
             f"({self.precision} matmuls), block_gru {impl}"
         )

@@ -330,6 +330,18 @@ def test_policy_groups_of_unequal_classes_match_one_categorical_per_group(unimix
     assert (got.unflatten(-1, (3, 5))[..., 0, 2:] == 0).all() and (got.unflatten(-1, (3, 5))[..., 2, 3:] == 0).all()
 
 
+def test_policy_groups_without_unimix_keep_far_classes_finite():
+    # A logit gap of 200: softmax underflows to 0, log_softmax does not (as for one unpadded categorical).
+    raw = torch.tensor([[0.0, 200.0, 0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    pol = dists.Policy(raw, discrete=True, unimix=0.0, groups=2, counts=torch.tensor([2, 3]))
+    torch.testing.assert_close(pol.logp_all[0, 0, :2], torch.log_softmax(raw[0, :2], -1))
+    torch.testing.assert_close(pol.logp_all[0, 1], torch.log_softmax(raw[0, 3:], -1))
+    assert pol.logp_all[0, 0, 2] == dists.Policy.PAD
+    loss = pol.logp(torch.tensor([[1.0, 0, 0, 0, 1, 0]])) + pol.entropy()
+    (grad,) = torch.autograd.grad(loss.sum(), raw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all() and grad[0, 2] == 0
+
+
 def test_policy_groups_sample_their_own_probabilities_and_never_the_padding():
     counts = torch.tensor([2, 4])
     raw = torch.tensor([[1.0, 0.0, 9.0, 9.0, 0.5, -1.0, 2.0, 0.0]])  # group 0's padding logits are large: ignored
@@ -337,7 +349,7 @@ def test_policy_groups_sample_their_own_probabilities_and_never_the_padding():
     gen = torch.Generator().manual_seed(3)
     n = 40000
     u = torch.rand(n, 2, 1, generator=gen)
-    u[:8] = 1 - 1e-8  # past a last cdf that rounds below 1: the group's last class, not a padding one
+    u[:8] = 1 - 2**-24  # the largest float32 below 1, past a last cdf that rounds below it: the group's last class
     sample = pol.sample(u.unsqueeze(1)).squeeze(1).unflatten(-1, (2, 4))  # (n, 2, 4)
     assert (sample.sum(-1) == 1).all() and (sample[:, 0, 2:] == 0).all()
     assert (sample[:8, 0, 1] == 1).all() and (sample[:8, 1, 3] == 1).all()

@@ -38,6 +38,7 @@ TINY_ENVS = textwrap.dedent(
 
     class Echo(gym.Env):
         # obs = the action it received, so the rescaling to the Box bounds is visible.
+        check = True
         observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
         action_space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 10.0], np.float32))
 
@@ -46,15 +47,26 @@ TINY_ENVS = textwrap.dedent(
             return np.zeros(2, np.float32), {}
 
         def step(self, action):
-            return np.asarray(action, np.float32), 0.0, False, False, {}
+            assert not self.check or self.action_space.contains(np.asarray(action)), action  # its dtype and bounds
+            return np.asarray(action, np.float32).reshape(self.observation_space.shape), 0.0, False, False, {}
 
     class EchoWide(Echo):
-        # VizDoom's action Box: bounds at float64's extremes, which mean none.
+        # VizDoom's action Box: bounds at float64's extremes, which mean none (its delta buttons take negative values
+        # below the Box's tiny positive low).
         action_space = gym.spaces.Box(2.2250738585072014e-308, 1.7976931348623157e308, (2,), np.float64)
+        check = False
 
     class EchoInt(Echo):
         # An integer Box, as Jumanji's Tetris-v0 has: Box(0, [3, 9], (2,), int32).
         action_space = gym.spaces.Box(0, np.array([3, 9]), (2,), np.int32)
+
+    class EchoScalar(Echo):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+        action_space = gym.spaces.Box(2, 5, (), np.int32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(1, np.float32), {}
 
     class EchoMulti(Echo):
         action_space = gym.spaces.MultiDiscrete([3, 5], start=[1, -2])
@@ -155,6 +167,7 @@ TINY_ENVS = textwrap.dedent(
     gym.register("FdTinyEchoWide-v0", entry_point=EchoWide)
     gym.register("FdTinyEchoInt-v0", entry_point=EchoInt)
     gym.register("FdTinyEchoMulti-v0", entry_point=EchoMulti)
+    gym.register("FdTinyEchoScalar-v0", entry_point=EchoScalar)
     gym.register("FdTinyEchoCount-v0", entry_point=EchoCount)
     gym.register("FdTinyStacked-v0", entry_point=Stacked, max_episode_steps=50)
     """
@@ -296,19 +309,39 @@ def test_action_bounds_at_float64s_extremes_are_no_bounds(tiny_envs):
 
 @pytest.mark.parametrize(
     "env_name, classes, offset",
-    [("FdTinyEchoInt-v0", (4, 10), (0, 0)), ("FdTinyEchoMulti-v0", (3, 5), (1, -2))],
+    [
+        ("FdTinyEchoInt-v0", (4, 10), (0, 0)),
+        ("FdTinyEchoMulti-v0", (3, 5), (1, -2)),
+        ("FdTinyEchoScalar-v0", (4,), (2,)),
+    ],
 )
 def test_multi_discrete_and_integer_box_actions_are_groups_of_one_hots(tiny_envs, env_name, classes, offset):
     env = make_env(f"{tiny_envs}:{env_name}", 3, seed=0, device="cpu")
-    k = max(classes)
-    assert env.spec.discrete and env.spec.act_classes == classes and env.spec.act_dim == 2 * k
+    k, g = max(classes), len(classes)
+    assert env.spec.discrete and env.spec.act_classes == classes and env.spec.act_dim == g * k
     env.reset()
-    index = torch.tensor([[0, 0], [classes[0] - 1, classes[1] - 1], [1, 2]])
+    index = torch.tensor([[0, 0], [classes[0] - 1, classes[-1] - 1], [1, 2]])[:, :g]
     expected = (index + torch.tensor(offset)).float()
-    torch.testing.assert_close(env.step(index)["vector"], expected)  # indices, the first value added
-    onehot = torch.cat([F.one_hot(index[:, 0], k), F.one_hot(index[:, 1], k)], -1).float()  # as the policy gives
-    torch.testing.assert_close(env.step(onehot)["vector"], expected)
+    onehot = torch.cat([F.one_hot(index[:, i], k) for i in range(g)], -1).float()  # as the policy gives them
+    torch.testing.assert_close(env.step(onehot)["vector"], expected)  # the first value added
+    if g > 1:
+        torch.testing.assert_close(env.step(index)["vector"], expected)  # or as indices
     env.close()
+
+
+def test_action_groups_of_multi_discrete_and_integer_box_spaces():
+    from gymnasium.spaces import Box, MultiDiscrete
+
+    from fastdreamer.envs import MAX_ACTION_CLASSES, _action_groups
+
+    nvec, start = _action_groups(MultiDiscrete([[2, 3], [4, 5]], start=[[0, 1], [2, -3]]))
+    assert nvec.tolist() == [[2, 3], [4, 5]] and start.tolist() == [[0, 1], [2, -3]]
+    nvec, start = _action_groups(Box(-1, MAX_ACTION_CLASSES - 2, (3,), np.int16))  # exactly the most values
+    assert nvec.tolist() == [MAX_ACTION_CLASSES] * 3 and start.tolist() == [-1] * 3
+    assert _action_groups(Box(0, MAX_ACTION_CLASSES, (3,), np.int32)) is None  # one more: continuous
+    i64 = np.iinfo(np.int64)
+    assert _action_groups(Box(i64.min, i64.max, (2,), np.int64)) is None  # its span does not wrap to 0
+    assert _action_groups(Box(-1.0, 1.0, (2,), np.float32)) is None
 
 
 def test_integer_box_actions_too_wide_for_categoricals_take_the_nearest_value(tiny_envs):
