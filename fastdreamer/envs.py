@@ -61,6 +61,16 @@ def _unknown_id_error(env_id: str, known: list[str]) -> ValueError:
     return ValueError(f"unknown environment '{env_id}'{hint}")
 
 
+def _envpool_call(env_id: str, fn, *args, **kwargs):
+    """fn(*args, **kwargs), with envpool's failures to build an env (a missing asset or system library: its
+    Sudoku-v0's puzzle file, its Procgen's Qt) as one line."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, ImportError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"envpool could not make {env_id}: {first}") from None
+
+
 def make_env(
     env_id: str,
     num_envs: int,
@@ -83,7 +93,7 @@ def make_env(
         import envpool
 
         # Atari is the only envpool family whose specs carry sticky actions; match by the option, not a name list.
-        is_atari = "repeat_action_probability" in envpool.make_spec(env_id)._config_keys
+        is_atari = "repeat_action_probability" in _envpool_call(env_id, envpool.make_spec, env_id)._config_keys
         if is_atari:
             env_kwargs = {
                 **ATARI_DEFAULTS,
@@ -94,7 +104,9 @@ def make_env(
             }
         with warnings.catch_warnings():  # envpool builds float64 Box bounds that gymnasium warns about casting
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
-            pool = envpool.make(env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs)
+            pool = _envpool_call(
+                env_id, envpool.make, env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs
+            )
             return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
     if ":" in env_id or env_id in gymnasium.registry:
         envs = gymnasium.vector.SyncVectorEnv(

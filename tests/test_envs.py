@@ -373,6 +373,17 @@ def test_discrete_actions_accept_one_hot():
     torch.testing.assert_close(b.step(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))["vector"], a["vector"])
 
 
+def test_an_envpool_env_that_cannot_be_built_is_one_clear_line(monkeypatch):
+    # envpool's Sudoku-v0 wants an asset some wheels lack, its Procgen a system Qt: a RuntimeError or ImportError.
+    def broken(*args, **kwargs):
+        raise RuntimeError("failed to open Sudoku database: /x/10000_mixed_puzzles.npy\nmore detail")
+
+    monkeypatch.setattr(envpool, "make", broken)
+    with pytest.raises(ValueError, match=r"^envpool could not make CartPole-v1: failed to open Sudoku database") as e:
+        make_env("CartPole-v1", 1, seed=0, device="cpu")
+    assert "\n" not in str(e.value)
+
+
 def test_unknown_env_id_suggests_close_names():
     with pytest.raises(ValueError, match=r"^unknown environment 'CartPol-v1'; did you mean: CartPole-v1, CartPole-v0"):
         make_env("CartPol-v1", 1, seed=0, device="cpu")
