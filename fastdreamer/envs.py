@@ -281,8 +281,11 @@ MAX_ACTION_CLASSES = 1024  # an integer Box with more values per element is take
 
 
 def _action_groups(act: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
-    """(classes, first value) per element of a MultiDiscrete action space, or of an integer Box of bounded range
-    (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as discrete too; None otherwise."""
+    """(classes, first value) per element of a Discrete (one element) or MultiDiscrete action space, or of an
+    integer Box of bounded range (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as
+    discrete too; None otherwise."""
+    if isinstance(act, gymnasium.spaces.Discrete):
+        return np.asarray(act.n), np.asarray(act.start)
     if isinstance(act, gymnasium.spaces.MultiDiscrete):
         return np.asarray(act.nvec), np.asarray(act.start)
     if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer):
@@ -299,12 +302,9 @@ class VecEnv:
         self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
         self._fields, staged, final, classes = _layout_obs(backend.obs_space, image_size)
         act = backend.act_space
-        act_classes, self._act_groups = (), None
+        act_classes = ()
         groups = _action_groups(act)
-        if isinstance(act, gymnasium.spaces.Discrete):
-            discrete, act_dim, act_classes = True, int(act.n), (int(act.n),)
-            self._act_offset = int(act.start)
-        elif groups is not None:  # G categoricals of K classes, padded (dists.Policy)
+        if groups is not None:  # G categoricals of K classes, padded (dists.Policy); Discrete is G = 1
             nvec, start = groups
             act_classes = tuple(int(c) for c in nvec.reshape(-1))
             discrete, act_dim = True, len(act_classes) * max(act_classes)
@@ -313,7 +313,6 @@ class VecEnv:
                     f"action space {act} is {len(act_classes)} categoricals of up to {max(act_classes)} actions, "
                     f"{act_dim:,} policy outputs: more than this trainer takes ({MAX_ACTION_CLASSES * 64:,})"
                 )
-            self._act_groups = len(act_classes)
             self._act_offset = start.reshape(-1).astype(np.int64)
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
         elif isinstance(act, gymnasium.spaces.Box):
@@ -410,18 +409,14 @@ class VecEnv:
 
     def _host_action(self, action: torch.Tensor) -> np.ndarray:
         n = self.num_envs
-        if self.spec.discrete and self._act_groups:  # (N, G * K) concatenated one-hots or (N, G) indices
-            g = self._act_groups
+        if self.spec.discrete:  # (N, G * K) concatenated one-hots, or indices (N, G) or shaped as the space
+            g = len(self.spec.act_classes)
             if action.shape == (n, self.spec.act_dim):
                 action = action.unflatten(-1, (g, -1)).argmax(-1)
-            assert action.shape == (n, g), f"actions must be (N, G)={(n, g)} indices, got {tuple(action.shape)}"
-            index = action.detach().to("cpu", torch.int64).numpy() + self._act_offset
+            shapes = ((n, g), (n, *self._act_shape))
+            assert action.shape in shapes, f"discrete actions must be indices {shapes}, got {tuple(action.shape)}"
+            index = action.detach().reshape(n, g).to("cpu", torch.int64).numpy() + self._act_offset  # one D2H copy
             return index.astype(self._act_dtype).reshape(n, *self._act_shape)
-        if self.spec.discrete:
-            if action.ndim == 2 and action.shape == (n, self.spec.act_dim):
-                action = action.argmax(-1)
-            assert action.shape == (n,), f"discrete action must be (N,)={(n,)} indices, got {tuple(action.shape)}"
-            return action.detach().to("cpu", torch.int64).numpy() + self._act_offset  # the one D2H copy per step
         assert action.shape == (n, self.spec.act_dim), (
             f"action must be (N, A)={(n, self.spec.act_dim)}, got {tuple(action.shape)}"
         )

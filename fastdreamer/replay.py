@@ -95,8 +95,8 @@ class Replay:
             self.location = choose_location(self._step_bytes * (max(place_for or 0, capacity) // num_envs), self.device)
         except ValueError:
             self.location = choose_location(self.nbytes, self.device)
+        store = self._store()
         self._allocate(self.length)
-        store = self.data[next(iter(self.data))].device
         self.head = 0  # next slot written in every stream
         self.count = 0  # steps added per stream, total (not capped)
         self.online = online
@@ -106,10 +106,13 @@ class Replay:
         self._staging: dict[int, tuple[list[dict[str, torch.Tensor]], list]] = {}  # batch -> pinned slots, events
         self._slot = 0
 
+    def _store(self) -> torch.device:
+        """Where the storage, its sampling generator and index arithmetic live."""
+        return self.device if self.location == "cuda" else torch.device("cpu")
+
     def _allocate(self, length: int) -> None:
         """Zeroed (N, length, ...) storage for every field, where self.location says."""
-        store = self.device if self.location == "cuda" else torch.device("cpu")
-        pin, n = self.location == "pinned host", self.num_envs
+        store, pin, n = self._store(), self.location == "pinned host", self.num_envs
         self.length, self.nbytes = length, self._step_bytes * length
         self.data = {
             k: torch.zeros((n, length, *shape), dtype=dt, device=store, pin_memory=pin)
