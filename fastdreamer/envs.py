@@ -281,18 +281,32 @@ MAX_ACTION_CLASSES = 1024  # an integer Box with more values per element is take
 
 
 def _action_groups(act: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
-    """(classes, first value) per element of a Discrete (one element) or MultiDiscrete action space, or of an
-    integer Box of bounded range (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as
-    discrete too; None otherwise."""
+    """(classes, first value) per element of a Discrete (one element) or MultiDiscrete action space, of an integer
+    Box of bounded range (Jumanji's Tetris-v0: Box(0, [3, 9], (2,), int32)), which the reference reads as discrete
+    too, or of a boolean one (a MultiBinary, or a bool Box: two values each); None otherwise."""
     if isinstance(act, gymnasium.spaces.Discrete):
         return np.asarray(act.n), np.asarray(act.start)
     if isinstance(act, gymnasium.spaces.MultiDiscrete):
         return np.asarray(act.nvec), np.asarray(act.start)
+    if isinstance(act, gymnasium.spaces.MultiBinary) or (
+        isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.bool_)
+    ):
+        return np.full(act.shape, 2, np.int64), np.zeros(act.shape, np.int64)
     if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer):
         span = act.high.astype(np.float64) - act.low.astype(np.float64) + 1  # float: int64's extremes would wrap
         if span.max() <= MAX_ACTION_CLASSES:
             return span.astype(np.int64), act.low.astype(np.int64)
     return None
+
+
+def _cast_limits(dtype: np.dtype, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 bounds within [low, high] that cast to `dtype` exactly: int64's max is 2**63 - 1, which float64
+    rounds up to 2**63, past the type (the cast would wrap to its min)."""
+    info = np.iinfo(dtype)
+    lo, hi = float(info.min), float(info.max)
+    if int(hi) > info.max:
+        hi = np.nextafter(hi, 0.0)
+    return np.clip(low, lo, hi), np.clip(high, lo, hi)
 
 
 class VecEnv:
@@ -326,6 +340,8 @@ class VecEnv:
             self._act_shift = np.where(bounded, (high + low) / 2, 0.0)
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
+            if np.issubdtype(act.dtype, np.integer):  # the rounded action is clipped to what the cast can hold
+                self._act_limits = _cast_limits(act.dtype, low, high)
         else:
             raise ValueError(f"unsupported action space {act}")
         self.spec = EnvSpec(final, discrete, act_dim, env_id, classes, act_classes)
@@ -427,6 +443,7 @@ class VecEnv:
         buf += self._act_shift
         if np.issubdtype(self._act_dtype, np.integer):  # an integer Box (Jumanji's Tetris): nearest, not truncated,
             np.rint(buf, out=buf)  # so every value in [low, high] has interior actions, not only the clipped bound
+            np.clip(buf, *self._act_limits, out=buf)
         return buf.astype(self._act_dtype, copy=False).reshape(n, *self._act_shape)
 
     def _fill_obs(self, out: dict[str, np.ndarray], obs: Any) -> None:

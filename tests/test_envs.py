@@ -75,6 +75,25 @@ TINY_ENVS = textwrap.dedent(
         # An integer Box too wide for categoricals (envs.MAX_ACTION_CLASSES).
         action_space = gym.spaces.Box(0, 5000, (2,), np.int32)
 
+    class EchoInt64(Echo):
+        # An integer Box over all of int64: float64 rounds its max up past the type.
+        action_space = gym.spaces.Box(np.iinfo(np.int64).min, np.iinfo(np.int64).max, (2,), np.int64)
+
+        def step(self, action):
+            assert self.action_space.contains(np.asarray(action)), action
+            return np.asarray(action, np.float64).astype(np.float32), 0.0, False, False, {}
+
+    class EchoBool(Echo):
+        action_space = gym.spaces.Box(0, 1, (2,), np.bool_)
+
+    class EchoBinary(Echo):
+        observation_space = gym.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        action_space = gym.spaces.MultiBinary(3)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return np.zeros(3, np.float32), {}
+
     class Clock(gym.Env):
         # An observation that is a function of the step count t (obs()), any action, no reward, no end.
         action_space = gym.spaces.Discrete(2)
@@ -169,6 +188,9 @@ TINY_ENVS = textwrap.dedent(
     gym.register("FdTinyEchoMulti-v0", entry_point=EchoMulti)
     gym.register("FdTinyEchoScalar-v0", entry_point=EchoScalar)
     gym.register("FdTinyEchoCount-v0", entry_point=EchoCount)
+    gym.register("FdTinyEchoInt64-v0", entry_point=EchoInt64)
+    gym.register("FdTinyEchoBool-v0", entry_point=EchoBool)
+    gym.register("FdTinyEchoBinary-v0", entry_point=EchoBinary)
     gym.register("FdTinyStacked-v0", entry_point=Stacked, max_episode_steps=50)
     """
 )
@@ -313,6 +335,8 @@ def test_action_bounds_at_float64s_extremes_are_no_bounds(tiny_envs):
         ("FdTinyEchoInt-v0", (4, 10), (0, 0)),
         ("FdTinyEchoMulti-v0", (3, 5), (1, -2)),
         ("FdTinyEchoScalar-v0", (4,), (2,)),
+        ("FdTinyEchoBool-v0", (2, 2), (0, 0)),  # False and True: it was continuous, cast to nearly always True
+        ("FdTinyEchoBinary-v0", (2, 2, 2), (0, 0, 0)),
     ],
 )
 def test_multi_discrete_and_integer_box_actions_are_groups_of_one_hots(tiny_envs, env_name, classes, offset):
@@ -320,7 +344,7 @@ def test_multi_discrete_and_integer_box_actions_are_groups_of_one_hots(tiny_envs
     k, g = max(classes), len(classes)
     assert env.spec.discrete and env.spec.act_classes == classes and env.spec.act_dim == g * k
     env.reset()
-    index = torch.tensor([[0, 0], [classes[0] - 1, classes[-1] - 1], [1, 2]])[:, :g]
+    index = torch.tensor([[0, 0, 1], [classes[0] - 1, classes[-1] - 1, 0], [1, min(2, classes[1 % g] - 1), 1]])[:, :g]
     expected = (index + torch.tensor(offset)).float()
     onehot = torch.cat([F.one_hot(index[:, i], k) for i in range(g)], -1).float()  # as the policy gives them
     torch.testing.assert_close(env.step(onehot)["vector"], expected)  # the first value added
@@ -350,6 +374,15 @@ def test_integer_box_actions_too_wide_for_categoricals_take_the_nearest_value(ti
     env.reset()
     out = env.step(torch.tensor([[-1.0, 1.0], [0.1001, 0.0999], [1.0, -0.5]]))  # 2500 + 2500 a, to the nearest
     torch.testing.assert_close(out["vector"], torch.tensor([[0.0, 5000.0], [2750.0, 2750.0], [5000.0, 1250.0]]))
+    env.close()
+
+
+def test_integer_box_actions_over_all_of_int64_do_not_wrap(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyEchoInt64-v0", 2, seed=0, device="cpu")
+    assert not env.spec.discrete
+    env.reset()
+    out = env.step(torch.tensor([[1.0, -1.0], [2.0, 0.0]]))  # the top end went past int64's max and wrapped to its min
+    assert (out["vector"][:, 0] > 9.2e18).all() and out["vector"][0, 1] < -9.2e18 and out["vector"][1, 1].abs() < 1e4
     env.close()
 
 
