@@ -440,6 +440,27 @@ def test_repval_gradient_reaches_the_world_model():
     assert agent.encoder.mlp[0].linear.weight.grad.abs().max() > 0
 
 
+def test_an_episode_cut_without_its_last_step_ends_where_the_next_begins():
+    """After --resume each env restarts, and the step before the restart was stored without is_last. As the
+    reference's replay does for sampled batches, the loss reads a first step as the end of the step before it."""
+    agent, cfg, spec = make_agent()
+    with torch.no_grad():  # a non-zero critic so the replay value's returns depend on where an episode ends
+        agent.critic.out.weight.normal_()
+    data = random_batch(spec)
+    data["is_first"][:] = False
+    data["is_last"][:] = False
+    data["is_terminal"][:] = False
+    data["is_first"][0, 4] = True  # a restart, the step before it not marked
+    marked = {k: v.clone() for k, v in data.items()}
+    marked["is_last"][0, 3] = True
+    metrics = []
+    for batch in (data, marked):
+        torch.manual_seed(0)  # the same imagination noise
+        metrics.append(copy.deepcopy(agent).loss(batch)[1])  # a copy each: the loss moves the return percentiles
+    for key in metrics[0]:
+        torch.testing.assert_close(metrics[0][key], metrics[1][key], rtol=0, atol=0, msg=key)
+
+
 def test_replay_context_starts_from_the_stored_latent():
     torch.manual_seed(0)
     agent, cfg, spec = make_agent()
