@@ -32,6 +32,10 @@ def save(path: str | Path, payload: dict) -> None:
     meta = dict(payload.get("meta") or {})
     meta.setdefault("format", FORMAT_VERSION)
     payload = {**payload, "meta": meta}
+    # A temp file left by a process killed mid-save (SIGKILL, power loss) is as large as the replay: removed.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     # The temp file lives in the same directory so os.replace is a rename within one filesystem (atomic).
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -61,13 +65,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load(path: str | Path, expect: dict | None = None, map_location: str | torch.device = "cpu") -> dict:
-    """Loads a checkpoint written by `save` and checks payload["meta"] against `expect` (e.g. env, size)."""
+def load(
+    path: str | Path, expect: dict | None = None, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
+    """Loads a checkpoint written by `save` and checks payload["meta"] against `expect` (e.g. env, size). mmap: the
+    tensors stay in the file, mapped, and are read where they are used (eval reads the weights, not the replay)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except OSError as e:  # unreadable (permissions, I/O error): not the file's contents
         raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e})") from None
     # torch.load raises RuntimeError, UnpicklingError, EOFError, ValueError, ... for truncated zips, garbage bytes and

@@ -83,8 +83,6 @@ class Config:
     """Keyword arguments of the env's constructor (envpool.make or gymnasium.make) as a JSON object, e.g.
     '{"is_slippery": false}' for FrozenLake-v1."""
     image_size: int = 64
-    prefill: int = 0
-    """Environment steps of random actions before training starts (0: start as soon as a batch can be sampled)."""
 
     unimix: float = 0.01
     """Uniform mix of the RSSM's prior and posterior categoricals."""
@@ -135,7 +133,7 @@ class Config:
     log_every: float = 30.0
     """Seconds between metric logs."""
     save_every: int = 5000
-    """Updates between checkpoints (and one at the end)."""
+    """Updates between checkpoints (and one at the end, and one on Ctrl-C or SIGTERM)."""
     eval_episodes: int = 0
     """Episodes of evaluation at the end of training (0: none), sampling the policy as in training
     (`python -m fastdreamer.eval --greedy` takes its mode instead)."""
@@ -152,7 +150,37 @@ class Config:
     """Show a progress bar."""
 
     def resolved_logdir(self) -> str:
-        return self.logdir.format(env=self.env.replace("/", "_").replace(":", "_"), size=self.size, seed=self.seed)
+        try:
+            return self.logdir.format(env=self.env.replace("/", "_").replace(":", "_"), size=self.size, seed=self.seed)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"--logdir {self.logdir!r} names fields other than {{env}}, {{size}}, {{seed}} ({e})"
+            ) from None
+
+
+# What a resumed run may set anew: where and how it runs, how long, and what it logs. Every other field decides what
+# the run computes, and a resume keeps the checkpoint's (resume_differences).
+RUN_FIELDS = frozenset(
+    "steps device threads logdir resume gru_impl mode precision replay_size log_every save_every eval_episodes "
+    "video_episodes report_every report_context progress".split()
+)
+
+
+def config_from_dict(saved: dict) -> Config:
+    """The Config a checkpoint recorded; fields this version no longer has are dropped, new ones take defaults."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in names})
+
+
+def resume_differences(saved: dict, cfg: Config) -> list[str]:
+    """'--name run-value -> cfg-value' for each field outside RUN_FIELDS where cfg differs from a checkpoint's config
+    (fields the checkpoint does not record are not compared)."""
+    now = dataclasses.asdict(cfg)
+    return [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}"
+        for k in now
+        if k not in RUN_FIELDS and k in saved and saved[k] != now[k]
+    ]
 
 
 @dataclass(frozen=True)
@@ -250,6 +278,11 @@ def validate(cfg: Config) -> None:
         )
     if cfg.threads < 0:
         raise ValueError(f"--threads must be 0 (torch's default) or positive, got {cfg.threads}")
+    if cfg.warmup < 0 or cfg.save_every < 1:
+        raise ValueError(
+            f"--warmup must be 0 (none) or positive and --save-every at least 1, got {cfg.warmup} and {cfg.save_every}"
+        )
+    cfg.resolved_logdir()
     if cfg.replay_context not in (0, 1):
         raise ValueError(f"--replay-context must be 0 or 1, got {cfg.replay_context}")
     seq = cfg.batch_length + cfg.replay_context

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError
-from .config import Config, env_id, env_kwargs
+from .config import Config, config_from_dict, env_id, env_kwargs
 from .envs import make_env
 from .logger import encode_gif, write_gif
 
@@ -198,9 +199,11 @@ def record(agent: Agent, env_name: str, cfg: Config, episodes: int, device, path
 
 
 def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
-    state = checkpoint.load(path, map_location=device)
+    # Mapped from the file on the host: a checkpoint holds the whole replay (tens of GB for an image run), of which
+    # only the weights are read, and copied to the device by load_state_dict.
+    state = checkpoint.load(path, map_location="cpu", mmap=True)
     try:
-        cfg = Config(**state["config"])
+        cfg = config_from_dict(state["config"])
         env = make_env(env_id(cfg), 1, 0, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
         spec = env.spec
         env.close()
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         from .train import resolve_device
 
+        if args.video and Path(args.video).is_dir():
+            raise ValueError(f"--video {args.video} is a directory; name the GIF to write")
         device = resolve_device(args.device)
         agent, cfg = load_agent(args.checkpoint, device)
         result = evaluate(agent, env_id(cfg), cfg, args.episodes, device, args.seed, args.greedy)
@@ -252,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, CheckpointError) as e:
         print(f"fastdreamer: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # the video cannot be written where --video says
+        print(f"fastdreamer: error: {e}", file=sys.stderr)
+        sys.exit(1)
     result["env"] = env_id(cfg)
     print(json.dumps(result))
 

@@ -17,14 +17,20 @@ from torch.utils.tensorboard import SummaryWriter
 class Logger:
     """Writes config.json once, then one JSON line and one TensorBoard scalar per metric at each `log`."""
 
-    def __init__(self, logdir: str | Path, config: dict) -> None:
+    def __init__(self, logdir: str | Path, config: dict, resume_step: int | None = None) -> None:
+        """resume_step: a resumed run's step (its checkpoint's); rows and TensorBoard events after it, logged by
+        the run after its checkpoint, are dropped, so the resumed run's do not repeat their steps."""
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         text = json.dumps(config, sort_keys=True, indent=2, default=str)  # default=str: Paths, devices, dtypes
         (self.logdir / "config.json").write_text(text + "\n")
-        self.writer = SummaryWriter(str(self.logdir))
+        path = self.logdir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            _truncate_jsonl(path, resume_step)
+        purge = None if resume_step is None else resume_step + 1
+        self.writer = SummaryWriter(str(self.logdir), purge_step=purge)
         # Held open for the run; append so a resumed run continues the file.
-        self.jsonl = open(self.logdir / "metrics.jsonl", "a")  # noqa: SIM115
+        self.jsonl = open(path, "a")  # noqa: SIM115
 
     def log(self, step: int, metrics: dict[str, float | int]) -> None:
         step = int(step)
@@ -57,6 +63,21 @@ class Logger:
         self.close()
 
 
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the rows of metrics.jsonl up to last_step (and none cut short by a crash), atomically."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def encode_gif(frames: np.ndarray, fps: float = 10.0) -> bytes:
     """frames (T, H, W, C) uint8 -> the bytes of a looping animated GIF: RGB from the first three channels where
     there are three or more (RGBA, stacked frames), grey from the first one otherwise."""
@@ -77,8 +98,12 @@ def write_gif(path: str | Path, frames: np.ndarray, fps: float = 10.0) -> bytes:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(gif)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(gif)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return gif
 
 

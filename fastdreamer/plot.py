@@ -12,8 +12,11 @@ from pathlib import Path
 def read_curve(logdir: Path, key: str) -> tuple[list[int], list[float]]:
     steps, values = [], []
     for line in (logdir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if key in row:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash, or a run still writing it
+            continue
+        if isinstance(row, dict) and key in row:
             steps.append(row["step"])
             values.append(row[key])
     return steps, values
@@ -47,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.out)
+    except OSError as e:
+        print(f"fastdreamer: error: {e}", file=sys.stderr)
+        sys.exit(1)
     print(args.out)
 
 

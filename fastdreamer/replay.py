@@ -119,6 +119,7 @@ class Replay:
             for k, (shape, dt) in self.spec.items()
         }
         self._flat = {k: v.view(n * length, *v.shape[2:]) for k, v in self.data.items()}  # (N * M, ...) for gathers
+        self._writer = torch.empty(n * length, dtype=torch.int64, device=store)  # write()'s last writer per slot
 
     def __len__(self) -> int:
         return min(self.count, self.length) * self.num_envs
@@ -239,14 +240,25 @@ class Replay:
         """Overwrite fields at idx (B, L') from sample(): values[k] is (B, L', *shape). Used to refresh latents.
 
         A slot overwritten by add() between sample() and write() gets the stale value; with M far above the steps
-        taken per update this does not happen."""
+        taken per update this does not happen. Windows of one stream that start fewer than L steps apart share slots:
+        each such slot takes the value of the last window that holds it (in batch order), on every device (CUDA's
+        index_copy_ leaves which of several writes lands open)."""
         flat = idx.reshape(-1).to(self._offsets.device)
+        src = self._last_writer(flat)
         for key, value in values.items():
             dst = self._flat[key]
             assert value.shape == (*idx.shape, *dst.shape[1:]), (
                 f"replay write '{key}' expects {(*idx.shape, *dst.shape[1:])}, got {tuple(value.shape)}"
             )
-            dst.index_copy_(0, flat, value.reshape(-1, *dst.shape[1:]).to(dst.device, dst.dtype))
+            value = value.reshape(-1, *dst.shape[1:]).to(dst.device, dst.dtype)
+            dst.index_copy_(0, flat, value.index_select(0, src.to(value.device)))  # duplicates write equal values
+
+    def _last_writer(self, flat: torch.Tensor) -> torch.Tensor:
+        """For each position of flat slot indices, the last position holding the same slot (a max is the same in
+        any order of the writes, unlike a scatter of the positions)."""
+        pos = torch.arange(flat.numel(), device=flat.device)
+        self._writer.fill_(-1).scatter_reduce_(0, flat, pos, reduce="amax")
+        return self._writer.index_select(0, flat)
 
     def state_dict(self) -> dict:
         """Everything for an exact resume: the buffers (live references; torch.save copies them), counters, RNG."""

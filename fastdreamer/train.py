@@ -21,7 +21,17 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError
-from .config import PRESETS, SIZES, Config, env_id, env_kwargs, preset_defaults, replay_capacity, validate
+from .config import (
+    PRESETS,
+    SIZES,
+    Config,
+    env_id,
+    env_kwargs,
+    preset_defaults,
+    replay_capacity,
+    resume_differences,
+    validate,
+)
 from .envs import make_env
 from .kernels import block_gru
 from .logger import Logger, to_host
@@ -30,11 +40,46 @@ from .replay import Replay
 from .report import openloop
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run at an update boundary, after a checkpoint was written there."""
+
+
+class _StopSignals:
+    """While entered (in the main thread): the first SIGINT or SIGTERM asks the run to stop at its next update
+    boundary, where it saves; a second one stops at once (KeyboardInterrupt), the checkpoint on disk as it was."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __enter__(self) -> _StopSignals:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def parse(argv: list[str] | None = None) -> Config:
@@ -55,14 +100,23 @@ def parse(argv: list[str] | None = None) -> Config:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device --device names; a CUDA one becomes the current device, because streams, events and graph captures
+    that name no device take the current one (on cuda:1 with cuda:0 current, a capture recorded nothing)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r} ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -274,12 +328,14 @@ class Trainer:
         return host, {k: v.cpu().numpy() for k, v in videos.items()}
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
-        """Raise TrainingDiverged naming the first non-finite loss among host metrics."""
-        bad = [k for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)]
+        """Raise TrainingDiverged naming the first non-finite loss or optimizer statistic among host metrics (a
+        finite loss can still carry an infinite gradient, which makes the parameters NaN)."""
+        bad = [k for k, v in metrics.items() if k.startswith(("loss/", "opt/")) and not math.isfinite(v)]
         if bad:
+            path = self.logdir / CHECKPOINT
+            kept = f"the last good checkpoint is kept in {path}" if path.exists() else "no checkpoint was written"
             raise TrainingDiverged(
-                f"{bad[0]} became {metrics[bad[0]]} by update {self.updates}; training stopped, "
-                f"the last good checkpoint is kept in {self.logdir / CHECKPOINT}"
+                f"{bad[0]} became {metrics[bad[0]]} by update {self.updates}; training stopped, {kept}"
             )
 
     def state(self) -> dict:
@@ -313,6 +369,13 @@ class Trainer:
         # Loaded to host memory, then copied into the live tensors: loading straight to the GPU would hold a second
         # copy of the replay there while it is copied in.
         state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu")
+        changed = resume_differences(state.get("config", {}), cfg)
+        if changed:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with other settings ({', '.join(changed)}); a resumed run keeps them "
+                f"(only where and how long it runs and what it logs may change): pass the run's values or start "
+                f"another --logdir"
+            )
         try:
             self.agent.load_state_dict(state["agent"])
             self.opt.load_state_dict(state["opt"])
@@ -341,7 +404,13 @@ def train(cfg: Config, log=print) -> Trainer:
         log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")
     elif (logdir / CHECKPOINT).exists():
         raise ValueError(f"{logdir} already holds a run; pass --resume to continue it or choose another --logdir")
-    logger = Logger(logdir, dataclasses.asdict(cfg))
+    elif (logdir / METRICS).exists():
+        raise ValueError(
+            f"{logdir} holds the logs of a run that stopped before its first checkpoint; remove them or choose another "
+            f"--logdir"
+        )
+    # A resumed run's logs continue from its checkpoint: what the run logged after it is dropped, not repeated.
+    logger = Logger(logdir, dataclasses.asdict(cfg), resume_step=trainer.env_steps if cfg.resume else None)
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -379,26 +448,35 @@ def train(cfg: Config, log=print) -> Trainer:
             logger.video(trainer.env_steps, f"openloop/{key}", frames)
         last["report"] = time.time()
 
+    stop = _StopSignals()
     try:
-        while True:
-            # The updates run while the env step that act() sent is in flight. Checkpoint only at update
-            # boundaries, before the update: a resumed run performs the very update the uninterrupted one would
-            # have performed next (its env restarts; the in-flight step is not part of the state).
-            while trainer.updates_due >= 1:
-                if trainer.updates - last_save >= cfg.save_every:
-                    trainer.save()
-                    last_save = trainer.updates
-                trainer.update()
-            if trainer.env_steps >= cfg.steps:
-                trainer.observe()
-                break
-            trainer.act()
-            if time.time() - last["time"] >= cfg.log_every:
-                write_log()
-            if cfg.report_every and trainer.updates and time.time() - last["report"] >= cfg.report_every:
-                write_report()
-            if bar is not None:
-                bar.update(cfg.num_envs)
+        with stop:
+            while True:
+                # The updates run while the env step that act() sent is in flight. Checkpoint only at update
+                # boundaries, before the update: a resumed run performs the very update the uninterrupted one would
+                # have performed next (its env restarts; the in-flight step is not part of the state).
+                while trainer.updates_due >= 1 and stop.signal is None:
+                    if trainer.updates - last_save >= cfg.save_every:
+                        trainer.save()
+                        last_save = trainer.updates
+                    trainer.update()
+                if stop.signal is not None:
+                    write_log()
+                    path = trainer.save()
+                    raise Interrupted(
+                        f"stopped at {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint "
+                        f"{path}: continue with --resume"
+                    )
+                if trainer.env_steps >= cfg.steps:
+                    trainer.observe()
+                    break
+                trainer.act()
+                if time.time() - last["time"] >= cfg.log_every:
+                    write_log()
+                if cfg.report_every and trainer.updates and time.time() - last["report"] >= cfg.report_every:
+                    write_report()
+                if bar is not None:
+                    bar.update(cfg.num_envs)
         write_log()
         path = trainer.save()
         log(f"fastdreamer: done, {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint {path}")
@@ -442,8 +520,16 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, CheckpointError, TrainingDiverged) as e:
         print(f"fastdreamer: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, TrainingDiverged) else 2)
+    except OSError as e:  # the logdir cannot be written (disk full, permissions, a file in the way)
+        print(f"fastdreamer: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Interrupted as e:
+        print(f"fastdreamer: interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:
-        print("fastdreamer: interrupted; resume with --resume", file=sys.stderr)
+        path = Path(cfg.resolved_logdir()) / CHECKPOINT  # validated before anything ran long enough to interrupt
+        kept = f"its last checkpoint {path} is kept: continue with --resume" if path.exists() else "no checkpoint"
+        print(f"fastdreamer: interrupted; {kept}", file=sys.stderr)
         sys.exit(130)
 
 

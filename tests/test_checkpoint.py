@@ -45,6 +45,14 @@ def test_crash_during_write_keeps_old_checkpoint_and_leaves_no_temp_files(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
+def test_a_temp_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    (tmp_path / ".ckpt.pt.abc123.tmp").write_bytes(b"half a replay")  # SIGKILL mid-save leaves it
+    (tmp_path / ".other.pt.abc123.tmp").write_bytes(b"not ours")
+    save(path, payload(1.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.abc123.tmp", "ckpt.pt"]
+
+
 def test_truncated_file_is_reported_as_corrupt(tmp_path):
     path = tmp_path / "ckpt.pt"
     save(path, payload(1.0))

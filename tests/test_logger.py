@@ -31,6 +31,18 @@ def test_reopening_appends_to_metrics(tmp_path):
     assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_resumed_run_drops_what_was_logged_after_its_checkpoint(tmp_path):
+    with Logger(tmp_path, {}) as logger:
+        for step in (10, 20, 30):
+            logger.log(step, {"a": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "a"')  # cut short by a crash
+    with Logger(tmp_path, {}, resume_step=20) as logger:  # the checkpoint was written at step 20
+        logger.log(22, {"a": 22.0})
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [10, 20, 22]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_tensorboard_event_file_is_written(tmp_path):
     with Logger(tmp_path, {}) as logger:
         logger.log(5, {"episode/return": 3.0})

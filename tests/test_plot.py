@@ -10,7 +10,8 @@ def test_plot_writes_a_png_of_the_return_curve(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     rows = [{"step": 100 * i, "episode/return": float(i)} if i % 2 else {"step": 100 * i} for i in range(10)]
-    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    text = "\n".join(json.dumps(r) for r in rows)
+    (run / "metrics.jsonl").write_text(text + '\n{"step": 1000, "episode/ret')  # a last line cut short by a crash
     assert plot.read_curve(run, "episode/return") == ([100, 300, 500, 700, 900], [1.0, 3.0, 5.0, 7.0, 9.0])
     out = tmp_path / "curve.png"
     plot.main([str(run), "--out", str(out)])

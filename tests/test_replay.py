@@ -85,6 +85,23 @@ def test_replay_write_round_trip():
     assert torch.equal(again["vector"][untouched], data["vector"][untouched])
 
 
+def test_a_slot_in_several_written_windows_takes_the_last_ones_value():
+    r = Replay(SPEC, capacity=40, num_envs=4, seq_len=6, device="cpu", seed=3)
+    _fill(r, 23)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 40, (64, 5), generator=g)  # (B, L') with many slots in several rows
+    flat = idx.reshape(-1)
+    want = [max(j for j in range(len(flat)) if flat[j] == flat[i]) for i in range(len(flat))]  # plain loops
+    assert r._last_writer(flat).tolist() == want
+    assert len(set(flat.tolist())) < len(flat), "the case has duplicates"
+    new = torch.randn(64, 5, 3, generator=g)  # different values for one slot in different rows
+    r.write(idx, {"vector": new})
+    stored = r.data["vector"].view(-1, 3)
+    for i, slot in enumerate(flat.tolist()):
+        if want[i] == i:
+            assert torch.equal(stored[slot], new.view(-1, 3)[i])
+
+
 def test_replay_state_dict_resumes_exactly():
     a = Replay(SPEC, capacity=30, num_envs=3, seq_len=4, device="cpu", seed=7)
     _fill(a, 17)

@@ -241,6 +241,21 @@ def test_nan_loss_stops_naming_it_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert ckpt.read_bytes() == good
 
 
+def test_an_infinite_gradient_under_a_finite_loss_stops_the_run_too(tmp_path, monkeypatch):
+    original = train_mod.update_step
+
+    def poisoned(agent, opt, data):
+        metrics, latents = original(agent, opt, data)
+        metrics["opt/grad_norm"] = metrics["opt/grad_norm"] * float("inf")  # the parameters go NaN next
+        return metrics, latents
+
+    monkeypatch.setattr(train_mod, "update_step", poisoned)
+    cfg = tiny_config(tmp_path, steps=80)
+    with pytest.raises(TrainingDiverged, match="opt/grad_norm became inf .* no checkpoint was written"):
+        train(cfg, log=lambda *_: None)
+    assert not (Path(cfg.logdir) / "checkpoint.pt").exists()
+
+
 def test_eval_prints_mean_std_median_and_extremes(tmp_path):
     logdir = tmp_path / "run"
     assert run("fastdreamer.train", *TINY, "--steps", "40", "--logdir", str(logdir)).returncode == 0
@@ -330,6 +345,9 @@ def main_exit(main, args, capsys):
         (["--report-every", "-5"], "--report-every must be 0"),
         (["--precision", "fp16"], "unknown --precision 'fp16'"),
         (["--precision", "bf16"], "--precision bf16 needs a fast mode"),  # TINY runs --mode eager
+        (["--warmup", "-1"], "--warmup must be 0"),
+        (["--save-every", "0"], "--save-every at least 1"),
+        (["--logdir", "runs/{name}"], "names fields other than {env}, {size}, {seed}"),
         (["--batch-length", "600", "--replay-size", "1000"], "longer than the replay capacity"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nope"], "device"),
     ],
@@ -367,3 +385,46 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "env=cartpole" in err, err
     code, err = main_exit(train_mod.main, [*resume, "--size", "1m"], capsys)
     assert code == 2 and "size=debug" in err, err
+    # Settings that decide what the run computes stay the checkpoint's; run settings (--steps here) may change.
+    code, err = main_exit(train_mod.main, [*resume, "--lr", "0.01", "--loss-rep", "5"], capsys)
+    assert code == 2 and "(--loss-rep 0.1 -> 5.0, --lr 0.0003 -> 0.01)" in err and len(err.strip().splitlines()) == 1
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt), "--video", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_checkpoints_config_loads_without_the_fields_this_version_dropped():
+    from fastdreamer.config import config_from_dict
+
+    cfg = Config(env="pendulum", lr=1e-4)
+    assert config_from_dict({**dataclasses.asdict(cfg), "prefill": 0}) == cfg  # prefill: never used, removed
+
+
+def test_ctrl_c_stops_at_the_next_update_boundary_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from fastdreamer import checkpoint
+
+    original = Trainer.update
+
+    def update(self):
+        original(self)
+        if self.updates == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the third update
+
+    monkeypatch.setattr(Trainer, "update", update)
+    logdir = tmp_path / "run"
+    code, err = main_exit(train_mod.main, [*TINY, "--steps", "4000", "--logdir", str(logdir)], capsys)
+    assert code == 130 and "stopped at" in err and "continue with --resume" in err, err
+    assert checkpoint.load(logdir / "checkpoint.pt")["counters"]["updates"] == 3, "saved before the next update"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is the caller's again"
+    monkeypatch.undo()
+    train_mod.main([*TINY, "--steps", "60", "--logdir", str(logdir), "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_logdir_with_logs_but_no_checkpoint_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40)
+    Path(cfg.logdir).mkdir(parents=True)
+    (Path(cfg.logdir) / "metrics.jsonl").write_text('{"step": 10}\n')  # a run that died before its first save
+    with pytest.raises(ValueError, match="stopped before its first checkpoint"):
+        train(cfg, log=lambda *_: None)
