@@ -120,6 +120,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def resume_seed(seed: int, env_steps: int) -> int:
+    """The env seed of a run of `seed` resumed at `env_steps` (the run's own seed at 0)."""
+    return (seed + 1_000_003 * env_steps) % 2**31
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -128,12 +133,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_env_or_explain(cfg: Config, device: torch.device):
-    """make_env, with preset names among the suggestions when the id is unknown."""
+def make_env_or_explain(cfg: Config, device: torch.device, seed: int | None = None):
+    """make_env (seeded with cfg.seed unless `seed` is given), with preset names among the suggestions when the id
+    is unknown."""
+    seed = cfg.seed if seed is None else seed
     try:
-        return make_env(
-            env_id(cfg), cfg.num_envs, cfg.seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg)
-        )
+        return make_env(env_id(cfg), cfg.num_envs, seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
     except TypeError as e:  # gymnasium.make's or envpool's answer to a keyword the env does not take
         raise ValueError(f"{env_id(cfg)} does not take --env-kwargs {cfg.env_kwargs}: {e}") from None
     except ValueError as e:
@@ -390,6 +395,11 @@ class Trainer:
         self.env_steps, self.updates = counters["env_steps"], counters["updates"]
         self.updates_due, self.episodes = counters["updates_due"], counters["episodes"]
         checkpoint.set_rng_state(state["rng"])
+        # The envs restart here (envpool cannot save them): seeded by the resume point, so that they do not play
+        # the run's first episodes again at every resume.
+        self.env.close()
+        self.env = make_env_or_explain(cfg, self.device, seed=resume_seed(cfg.seed, self.env_steps))
+        self.obs = self.env.reset()
 
     def close(self) -> None:
         self.env.close()

@@ -104,6 +104,7 @@ def test_resume_continues_exactly(tmp_path):
     cfg = tiny_config(tmp_path, seed=3, steps=40)  # a ring of the run's 20 steps per env (of 500), regrown below
     a = Trainer(cfg, log=lambda *_: None)
     assert a.replay.length == 20
+    first_obs = a.obs["vector"].clone()
     while a.updates_due < 1:
         a.act()
     a.update()
@@ -122,8 +123,10 @@ def test_resume_continues_exactly(tmp_path):
     a.close()
 
     b = Trainer(dataclasses.replace(cfg, resume=True, steps=400), log=lambda *_: None)  # resumed with more steps
+    assert torch.equal(b.obs["vector"], first_obs), "before the load: the run's own env seed"
     b.load(b.logdir / "checkpoint.pt")
     assert b.replay.length == 200
+    assert not torch.equal(b.obs["vector"], first_obs), "the envs restart seeded by the resume point"
     b.update()
     b.update()
     b_metrics = b.read_metrics()
