@@ -19,14 +19,16 @@ import tempfile
 import torch
 
 from fastdreamer.checkpoint import CheckpointError, load
-from fastdreamer.config import Config
+from fastdreamer.config import config_from_dict
 from fastdreamer.train import Trainer
 
 
 def probe(path: str, batches: int) -> dict:
     state = load(path, map_location="cpu")
     with tempfile.TemporaryDirectory() as scratch:
-        cfg = dataclasses.replace(Config(**state["config"]), logdir=scratch, resume=True, progress=False, device="cpu")
+        cfg = dataclasses.replace(
+            config_from_dict(state["config"]), logdir=scratch, resume=True, progress=False, device="cpu"
+        )
         trainer = Trainer(cfg, log=lambda *_: None)
         try:
             trainer.load(path)
