@@ -174,7 +174,8 @@ class Bench:
             got, _ = update(data)
             sync(self.device)
             self.compile_s[mode] = time.perf_counter() - t0
-            keys = [k for k in want if k.startswith("loss/")]
+            # The losses check the forward; the gradient's norm and the step's size, the backward and LaProp.
+            keys = [k for k in want if k.startswith("loss/")] + ["opt/grad_norm", "opt/update_rms"]
             ok = close([got[k] for k in keys], [want[k] for k in keys], self.tol(mode))
         return self.record("full_update", mode, lambda: update(data), ok)
 
@@ -444,7 +445,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but CUDA is not available here")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # eager stays the fp32 reference
+        torch.backends.cuda.matmul.allow_tf32 = False  # eager stays the fp32 reference, its convolutions too
+        torch.backends.cudnn.allow_tf32 = False
     tuned_allocator = device.type == "cpu" and fast.tune_cpu_allocator()  # as train does, for every mode
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]

@@ -72,8 +72,10 @@ setup() {
   fi
   export PYTHONPATH=/tmp/envb/site:$PWD ENVPOOL_ASSETS_PATH=/tmp/envb/assets PYTHONUNBUFFERED=1
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor}
-  python3 -c "import torch, triton, envpool, tyro; print('versions', torch.__version__, triton.__version__, \
-envpool.__version__, torch.cuda.get_device_name())" || return 1
+  # What every step imports; envpool (pong's e2e step) and tyro (the train CLI) only warn: no quick/diag step needs them.
+  python3 -c "import torch, triton, gymnasium; print('versions', torch.__version__, triton.__version__, \
+torch.cuda.get_device_name())" || return 1
+  python3 -c "import envpool, tyro; print('envpool', envpool.__version__)" || echo "setup: WARNING envpool or tyro missing"
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/nvidia-smi.txt"
 }
 
@@ -155,17 +157,18 @@ quick() {
   return "$rc"
 }
 
-gru_bisect() {  # bench_block_gru's compile_defer row at each carried tree, then at this checkout
+gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at each carried tree, oldest first:
+  # the two ends of the regression come first, so a step cut by its timeout still compares them
   local rev rc=0
+  echo "-- this checkout"
+  python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 --modes compile_defer \
+    --repeats 20 || rc=1
   for rev in $BISECT_REVS; do
     [[ -d .bisect/$rev ]] || { echo "gru_bisect: .bisect/$rev missing (bash bench/gpu_session.sh bisect-trees)"; rc=1; continue; }
     echo "-- $rev"
     (cd ".bisect/$rev" && PYTHONPATH=/tmp/envb/site:$PWD python3 bench/bench_block_gru.py --device cuda --models 12m \
       --batches 16 --compute bf16 --modes compile_defer --repeats 20) || rc=1
   done
-  echo "-- this checkout"
-  python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 --modes compile_defer \
-    --repeats 20 || rc=1
   return "$rc"
 }
 
@@ -181,14 +184,14 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   # from a warm state (WARM eager updates first: LaProp's step continuous in g), predicted to pass in fp32 and bf16.
   step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py tests/test_report.py \
     -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda) or openloop_on_cuda" || rc=1
+  # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
+  # this checkout, then the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
+  # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).
+  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
   # Where a fresh start parts and the warm one does not (or does), state by state: quick's divergence step from the
   # warm state (its compiled graphs are cached by then).
   step divergence_warm 70 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
     --variants default,resync --updates 3 --warm 8 --json "$OUT/divergence_cuda_warm.json" || rc=1
-  # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
-  # the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
-  # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).
-  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
   step image 140 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes eager,graphs \
     --no-env --repeat 5 --json "$OUT/fast_cuda_12m_image.json" || rc=1
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"

@@ -322,3 +322,33 @@ def test_twohot_error_measures_both_forms_and_writes_json(tmp_path):
     assert worst[("subtracted", "autocast", 1.0)] > 1e-3  # its bf16 matmul under autocast
     with pytest.raises(SystemExit, match="unknown path"):
         twohot_error.main(["--paths", "eager,gpu"])
+
+
+def test_the_full_update_check_fails_a_fast_mode_whose_backward_is_wrong(tmp_path, monkeypatch):
+    # The losses come before backward, so a wrong gradient needs the gradient's norm in the check (here the fast
+    # mode's loss is doubled where backward starts: equal losses, twice the gradient; run eagerly, as the check is
+    # what is tested, not the compiler).
+    import bench.__main__ as bench_main
+    from fastdreamer import fast
+
+    original = fast.make_update
+
+    def doubled(fn, agent, opt, mode, precision):
+        def step(agent, opt, data):
+            loss, metrics, latents = agent.loss(data)
+            opt.zero_grad()
+            (2 * loss).backward()
+            metrics.update({f"opt/{k}": v for k, v in opt.step().items()})
+            agent.update_slow_critic()
+            return metrics, latents
+
+        return (
+            original(fn, agent, opt, mode, precision)
+            if mode == "eager"
+            else original(step, agent, opt, "eager", "fp32")
+        )
+
+    monkeypatch.setattr(fast, "make_update", doubled)
+    argv = [*TINY, "--modes", "eager,compile", "--precision", "fp32", "--no-env", "--components", "full_update"]
+    result = bench_main.main([*argv, "--json", str(tmp_path / "b.json")])
+    assert [(r["mode"], r["ok"]) for r in result["rows"]] == [("eager", True), ("compile", False)]

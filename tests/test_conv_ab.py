@@ -82,3 +82,18 @@ def test_check_fails_any_gradient_ten_percent_off():
         assert conv_ab.compare(missing, reference, bounds)[:2] == (False, "decoder.img_out.weight")
         nan = {**reference, "encoder.convs.0.weight": reference["encoder.convs.0.weight"] * float("nan")}
         assert conv_ab.compare(nan, reference, bounds)[:2] == (False, "encoder.convs.0.weight")
+
+
+def test_a_base_off_the_fp32_truth_fails_and_nothing_is_timed(monkeypatch):
+    original = conv_ab.reference
+
+    def doubled(agent, inputs):  # the truth twice what base computes: base is wrong by 50% of it
+        flops, truth = original(agent, inputs)
+        return flops, {k: v * 2 for k, v in truth.items()}
+
+    monkeypatch.setattr(conv_ab, "reference", doubled)
+    argv = "--size debug --mode compile --precision fp32 --batch-size 2 --batch-length 2 --rounds 1 --repeat 1"
+    out = conv_ab.main(argv.split())
+    base = out["rows"][0]
+    assert base["variant"] == "base" and not base["ok"] and base["noise_worst_rel"] == pytest.approx(0.5, rel=1e-3)
+    assert len(out["rows"]) == 1 and "median_ms" not in base, "no other variant checked against it, nothing timed"
