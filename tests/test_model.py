@@ -440,6 +440,105 @@ def test_repval_gradient_reaches_the_world_model():
     assert agent.encoder.mlp[0].linear.weight.grad.abs().max() > 0
 
 
+def _plain_returns(rew, cont, boot, last, lam):
+    """Lambda-returns step by step, as DreamerV3 writes them: R_t = r_t+1 + c_t+1 ((1 - l) v_t+1 + l R_t+1), where a
+    cut (last) sets l to 0, and R_L-1 = v_L-1. rew, cont (the discount times continuation), boot, last: (N, L)."""
+    L = rew.shape[1]
+    rets = [boot[:, -1]]
+    for t in reversed(range(L - 1)):
+        lt = lam * (1.0 - last[:, t + 1].float())
+        rets.append(rew[:, t + 1] + cont[:, t + 1] * ((1 - lt) * boot[:, t + 1] + lt * rets[-1]))
+    return torch.stack(rets[::-1][:-1], 1)
+
+
+def test_agent_loss_matches_the_formulas_written_out():
+    """Every term of Agent.loss against the DreamerV3 formulas written out here from the modules' outputs, each
+    loss scale distinct, a return scale above its floor, non-zero reward, critic and slow-critic heads: the losses
+    and every parameter's gradient. The modules (encoder, observe, heads, two-hot) are tested on their own; this is
+    the loss around them: the KL with free bits, the continue target, the imagined returns, their normaliser, the
+    REINFORCE and entropy terms, the value and replay-value losses and their weights and masks."""
+    torch.manual_seed(0)
+    scales = dict(loss_dyn=1.1, loss_rep=0.2, loss_rew=0.9, loss_con=0.8, loss_rec=1.3)
+    scales.update(loss_policy=1.2, loss_value=0.7, loss_repval=0.4)
+    agent, cfg, spec = make_agent(
+        **scales, slowreg=0.6, actent=0.05, lam=0.9, horizon=50, retnorm_rate=0.5, retnorm_limit=1e-3
+    )
+    with torch.no_grad():
+        for head in (agent.reward, agent.critic, agent.slow_critic):
+            head.out.weight.normal_(0, 0.05)
+    data = random_batch(spec)
+    torch.manual_seed(1)
+    total, metrics, _ = agent.loss(data)
+    params = agent.trainable()
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    agent.retnorm_lo.zero_()
+    agent.retnorm_hi.zero_()
+
+    torch.manual_seed(1)  # the same draws, in the same order: the posterior's, then imagination's
+    B, T = 3, 6
+    obs = {k: v[:, 1:] for k, v in data.items()}  # replay context 1: step 0 only starts the latent
+    deter0 = data["deter"][:, 0].float()
+    stoch0 = F.one_hot(data["stoch"][:, 0].long(), agent.rssm.classes).float()
+    is_first, is_term = obs["is_first"], obs["is_terminal"]
+    is_last = obs["is_last"] | torch.cat([is_first[:, 1:], torch.zeros_like(is_first[:, :1])], 1)
+    deters, stochs, post = agent.rssm.observe(deter0, stoch0, agent.encoder(obs), data["action"][:, :-1], is_first)
+    prior = agent.rssm.prior(deters)
+
+    def kl(p, q):
+        return (p.exp() * (p - q)).sum(-1).sum(-1)
+
+    want = {
+        "dyn": kl(post.detach(), prior).clamp_min(cfg.free_nats),
+        "rep": kl(post, prior.detach()).clamp_min(cfg.free_nats),
+        "vector": (agent.decoder(deters, stochs.flatten(-2))["vector"] - symlog(obs["vector"])).square().sum(-1),
+    }
+    f = torch.cat([deters, stochs.flatten(-2)], -1)
+    want["rew"] = dists.twohot_loss(agent.reward(f), obs["reward"], agent.bins)
+    con_target = (1.0 - is_term.float()) * (1 - 1 / cfg.horizon)
+    want["con"] = F.binary_cross_entropy_with_logits(agent.cont(f).squeeze(-1), con_target, reduction="none")
+
+    imgfeat, imgact = agent.imagine(deters.detach().flatten(0, 1), stochs.detach().flatten(0, 1))
+    with torch.no_grad():
+        rew = dists.twohot_pred(agent.reward(imgfeat), agent.bins)
+        con = torch.sigmoid(agent.cont(imgfeat).squeeze(-1))
+        val = dists.twohot_pred(agent.critic(imgfeat), agent.bins)
+        slowval = dists.twohot_pred(agent.slow_critic(imgfeat), agent.bins)
+        ret = _plain_returns(rew, con, val, torch.zeros_like(con, dtype=torch.bool), cfg.lam)
+        lo, hi = (cfg.retnorm_rate * torch.quantile(ret.flatten(), q) for q in (0.05, 0.95))  # EMAs from 0
+        adv = (ret - val[:, :-1]) / torch.clamp_min(hi - lo, cfg.retnorm_limit)
+        weight = torch.cumprod(con, 1)[:, :-1]
+    assert hi - lo > cfg.retnorm_limit, "the return scale is above its floor: the advantages are divided by it"
+    probs = 0.99 * torch.softmax(agent.actor(imgfeat), -1) + 0.01 / spec.act_dim
+    logpi = (imgact * probs.log()).sum(-1)[:, :-1]
+    ent = -(probs * probs.log()).sum(-1)[:, :-1]
+    want["policy"] = weight * -(logpi * adv + cfg.actent * ent)
+    critic = agent.critic(imgfeat)[:, :-1]
+    want["value"] = weight * (
+        dists.twohot_loss(critic, ret, agent.bins)
+        + cfg.slowreg * dists.twohot_loss(critic, slowval[:, :-1], agent.bins)
+    )
+    rep_critic = agent.critic(f)
+    with torch.no_grad():
+        boot = ret[:, 0].reshape(B, T)
+        rep_ret = _plain_returns(obs["reward"], (1.0 - is_term.float()) * (1 - 1 / cfg.horizon), boot, is_last, cfg.lam)
+        rep_slow = dists.twohot_pred(agent.slow_critic(f), agent.bins)
+    want["repval"] = (~is_last[:, :-1]).float() * (
+        dists.twohot_loss(rep_critic[:, :-1], rep_ret, agent.bins)
+        + cfg.slowreg * dists.twohot_loss(rep_critic[:, :-1], rep_slow[:, :-1], agent.bins)
+    )
+    scale = {"dyn": 1.1, "rep": 0.2, "rew": 0.9, "con": 0.8, "vector": 1.3, "policy": 1.2, "value": 0.7, "repval": 0.4}
+    want_total = sum(scale[k] * v.mean() for k, v in want.items())
+    for key, value in want.items():
+        torch.testing.assert_close(metrics[f"loss/{key}"], value.mean().detach(), rtol=1e-5, atol=1e-7, msg=key)
+    torch.testing.assert_close(total, want_total, rtol=1e-5, atol=1e-7)
+    want_grads = torch.autograd.grad(want_total, params, allow_unused=True)
+    names = [n for n, p in agent.named_parameters() if not n.startswith("slow_critic.")]
+    for name, g, w in zip(names, grads, want_grads, strict=True):
+        assert (g is None) == (w is None), name
+        if g is not None:  # float32 sums in other orders: 1e-5 of the gradient's own size
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=name)
+
+
 def test_an_episode_cut_without_its_last_step_ends_where_the_next_begins():
     """After --resume each env restarts, and the step before the restart was stored without is_last. As the
     reference's replay does for sampled batches, the loss reads a first step as the end of the step before it."""
