@@ -253,8 +253,17 @@ def test_onehot_sample_frequencies_and_straight_through_gradient():
     assert torch.equal(s.detach().sum(-1), torch.ones(20000))
     freq = s.detach().mean(0)
     assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), -1), atol=0.015)  # ~4 sigma at n=2e4
-    (g,) = torch.autograd.grad((s * torch.tensor([1.0, 2.0, 3.0])).sum(), logits)
-    assert g.abs().sum() > 0  # gradient reaches the logits through the probs
+    c = torch.tensor([1.0, 2.0, 3.0])
+    (g,) = torch.autograd.grad((s * c).sum(), logits)
+    (want,) = torch.autograd.grad((torch.softmax(logits, -1) * c).sum(), logits)  # straight through: d probs, once
+    torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-7)
+
+
+def test_binary_logp_is_the_soft_target_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logit, target = torch.randn(500, generator=g) * 4, torch.rand(500, generator=g)
+    want = -F.binary_cross_entropy_with_logits(logit, target, reduction="none")
+    torch.testing.assert_close(dists.binary_logp(logit, target), want, rtol=1e-6, atol=1e-6)
 
 
 def test_onehot_sample_matches_multinomial_frequencies_and_never_draws_a_zero_probability_class():

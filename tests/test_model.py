@@ -560,6 +560,41 @@ def test_an_episode_cut_without_its_last_step_ends_where_the_next_begins():
         torch.testing.assert_close(metrics[0][key], metrics[1][key], rtol=0, atol=0, msg=key)
 
 
+def test_sequence_start_takes_the_stored_latent_and_the_action_before_each_step():
+    agent, cfg, spec = make_agent()
+    data = random_batch(spec)
+    deter0, stoch0, prevact, obs = agent.sequence_start(data)  # replay context 1: step 0 starts the latent
+    assert torch.equal(deter0, data["deter"][:, 0].float())
+    assert torch.equal(stoch0, F.one_hot(data["stoch"][:, 0].long(), agent.rssm.classes).float())
+    assert torch.equal(prevact, data["action"][:, :-1]) and prevact.shape[1] == 6
+    assert obs.keys() == data.keys() and all(torch.equal(obs[k], data[k][:, 1:]) for k in obs)
+    agent0, _, _ = make_agent(replay_context=0)  # no context: the initial state and a zero action first
+    deter0, stoch0, prevact, obs = agent0.sequence_start(data)
+    assert not deter0.any() and not stoch0.any() and deter0.shape == (3, 32) and stoch0.shape == (3, 4, 4)
+    assert not prevact[:, 0].any() and torch.equal(prevact[:, 1:], data["action"][:, :-1])
+    assert all(torch.equal(obs[k], data[k]) for k in obs)
+
+
+def test_the_core_scales_actions_above_one_and_leaves_others_alone():
+    """The reference divides the core's action input by max(1, |a|) elementwise, with no gradient through it."""
+    from fastdreamer.rssm import _scale_action
+
+    a = torch.tensor([[-3.0, -1.0, -0.5, 0.0, 0.25, 1.0, 2.0]], requires_grad=True)
+    got = _scale_action(a)
+    assert torch.equal(got.detach(), torch.tensor([[-1.0, -1.0, -0.5, 0.0, 0.25, 1.0, 1.0]]))
+    (g,) = torch.autograd.grad(got.sum(), a)
+    assert torch.equal(g, torch.tensor([[1 / 3, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5]]))
+    torch.manual_seed(0)
+    agent, _, _ = make_agent(discrete=False)
+    deter, stoch = torch.randn(2, 32), F.one_hot(torch.randint(0, 4, (2, 4)), 4).float()
+    u = torch.rand(2, 4, 1)
+    big = torch.tensor([[3.0, -0.5, 2.0], [-4.0, 0.5, 1.0]])
+    got = agent.rssm.img_step(deter, stoch, big, u)[0]
+    want = agent.rssm.img_step(deter, stoch, big / big.abs().clamp_min(1.0), u)[0]
+    assert torch.equal(got, want), "the core saw the action scaled"
+    assert not torch.equal(got, agent.rssm.img_step(deter, stoch, big * 0.5, u)[0])
+
+
 def test_replay_context_starts_from_the_stored_latent():
     torch.manual_seed(0)
     agent, cfg, spec = make_agent()
