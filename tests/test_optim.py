@@ -145,6 +145,28 @@ def test_bf16_params_keep_fp32_moments():
         opt.step()
     assert all(x.dtype == torch.float32 for x in opt.nu + opt.mu)
     assert all(p.dtype == torch.bfloat16 for p in params)
+    # Each step is the fp32 step from the same bf16 values and gradients, rounded to bf16: within one bf16 ulp (the
+    # update is rounded to bf16 before the add, so the sum is rounded twice).
+    params = [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params()]
+    ref = [p.detach().float().requires_grad_() for p in params]
+    opt, ref_opt = LaProp(params, **HP), LaProp(ref, **HP)
+    moved = 0
+    for t in range(4):
+        for p, r, g in zip(params, ref, make_grads(t), strict=True):
+            p.grad, r.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        before = [p.detach().float().clone() for p in params]
+        opt.step()
+        ref_opt.step()
+        for p, r, b in zip(params, ref, before, strict=True):
+            got, want = p.detach().float(), r.detach().to(torch.bfloat16).float()
+            mag = torch.maximum(got.abs(), want.abs()).clamp_min(1e-30)
+            ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)
+            assert ((got - want).abs() <= ulp).all(), t
+            moved += int((p.detach().float() != b).sum())
+            with torch.no_grad():
+                r.copy_(p.float())  # the next step from the same bf16 values
+    # Step 0 has the warmup's lr of 0; the other three move most bf16 values.
+    assert moved > 0.5 * 3 * sum(p.numel() for p in params), moved
 
 
 def test_step_never_reads_values_back_to_host(monkeypatch):
