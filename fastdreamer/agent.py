@@ -271,9 +271,6 @@ class Agent(nn.Module):
         S, C = self.rssm.stoch, self.rssm.classes
         deter0, stoch0, prevact, obs = self.sequence_start(data)
         is_first, is_last, is_term = obs["is_first"], obs["is_last"], obs["is_terminal"]
-        # An episode cut off without its last step marked (each env restarts on --resume) ends where the next one
-        # starts, as the reference's replay marks sampled batches: the replay value's returns stop there.
-        is_last = is_last | torch.cat([is_first[:, 1:], torch.zeros_like(is_first[:, :1])], 1)
         reward = obs["reward"].float()
         T = is_first.shape[1]
 

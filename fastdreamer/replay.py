@@ -144,6 +144,12 @@ class Replay:
         self.head = (h + 1) % self.length
         self.count += 1
 
+    def end_episodes(self) -> None:
+        """Mark every stream's newest step as its episode's last (when the envs restart after it: a resume), so
+        that no window reads on across the restart; the reference's replay marks such cuts in sampled batches."""
+        if self.count and "is_last" in self.data:
+            self.data["is_last"][:, (self.head - 1) % self.length] = True
+
     def ready(self) -> bool:
         """At least seq_len steps in every stream."""
         return self.count >= self.seq_len

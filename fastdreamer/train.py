@@ -266,6 +266,7 @@ class Trainer:
         self.lengths: list[int] = []
         self.obs = self.env.reset()
         self.carry = self.agent.initial(cfg.num_envs, self.device)
+        self.restarted = False
 
     # One environment step for all envs: the policy on the last observation, then the env step is sent and runs
     # (envpool's threads) while the caller does its updates; the next act() or observe() receives it.
@@ -273,6 +274,9 @@ class Trainer:
         self.observe()
         action, self.carry = self.act_fn(self.carry, self.obs)
         deter, stoch, _ = self.carry
+        if self.restarted:  # not at load: until a new step is stored, the updates are the uninterrupted run's
+            self.replay.end_episodes()
+            self.restarted = False
         self.replay.add(
             {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
         )
@@ -400,6 +404,7 @@ class Trainer:
         self.env.close()
         self.env = make_env_or_explain(cfg, self.device, seed=resume_seed(cfg.seed, self.env_steps))
         self.obs = self.env.reset()
+        self.restarted = True  # the next act() stores a first step: the step stored before it ends its episode
 
     def close(self) -> None:
         self.env.close()

@@ -480,7 +480,7 @@ def test_agent_loss_matches_the_formulas_written_out():
     deter0 = data["deter"][:, 0].float()
     stoch0 = F.one_hot(data["stoch"][:, 0].long(), agent.rssm.classes).float()
     is_first, is_term = obs["is_first"], obs["is_terminal"]
-    is_last = obs["is_last"] | torch.cat([is_first[:, 1:], torch.zeros_like(is_first[:, :1])], 1)
+    is_last = obs["is_last"]
     deters, stochs, post = agent.rssm.observe(deter0, stoch0, agent.encoder(obs), data["action"][:, :-1], is_first)
     prior = agent.rssm.prior(deters)
 
@@ -537,27 +537,6 @@ def test_agent_loss_matches_the_formulas_written_out():
         assert (g is None) == (w is None), name
         if g is not None:  # float32 sums in other orders: 1e-5 of the gradient's own size
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()), msg=name)
-
-
-def test_an_episode_cut_without_its_last_step_ends_where_the_next_begins():
-    """After --resume each env restarts, and the step before the restart was stored without is_last. As the
-    reference's replay does for sampled batches, the loss reads a first step as the end of the step before it."""
-    agent, cfg, spec = make_agent()
-    with torch.no_grad():  # a non-zero critic so the replay value's returns depend on where an episode ends
-        agent.critic.out.weight.normal_()
-    data = random_batch(spec)
-    data["is_first"][:] = False
-    data["is_last"][:] = False
-    data["is_terminal"][:] = False
-    data["is_first"][0, 4] = True  # a restart, the step before it not marked
-    marked = {k: v.clone() for k, v in data.items()}
-    marked["is_last"][0, 3] = True
-    metrics = []
-    for batch in (data, marked):
-        torch.manual_seed(0)  # the same imagination noise
-        metrics.append(copy.deepcopy(agent).loss(batch)[1])  # a copy each: the loss moves the return percentiles
-    for key in metrics[0]:
-        torch.testing.assert_close(metrics[0][key], metrics[1][key], rtol=0, atol=0, msg=key)
 
 
 def test_sequence_start_takes_the_stored_latent_and_the_action_before_each_step():

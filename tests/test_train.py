@@ -130,7 +130,16 @@ def test_resume_continues_exactly(tmp_path):
     b.update()
     b.update()
     b_metrics = b.read_metrics()
+    # The envs restarted at the load; the step stored before it ends its episode once the restart's first step is
+    # stored (not at the load: the two updates above are the uninterrupted run's).
+    newest = (b.replay.head - 1) % b.replay.length
+    cut = b.replay.data["is_last"][:, newest].clone()
+    b.act()
+    assert b.replay.data["is_last"][:, newest].all() and b.replay.data["is_first"][:, b.replay.head - 1].all()
+    b.act()
+    assert b.replay.data["is_last"][:, newest].all() and not b.restarted
     b.close()
+    assert not cut.all(), "the episodes were cut, not ended by the envs"
     assert a_consumed > 0, "the online queue took part in the updates compared"
     assert b.replay.consumed == a_consumed
     for pa, pb in zip(a_params, b.agent.parameters()):
