@@ -261,9 +261,10 @@ class Replay:
 
     def _last_writer(self, flat: torch.Tensor) -> torch.Tensor:
         """For each position of flat slot indices, the last position holding the same slot (a max is the same in
-        any order of the writes, unlike a scatter of the positions)."""
+        any order of the writes, unlike a scatter of the positions). include_self=False: the slots read back are
+        exactly those written here, so the ring-sized buffer needs no clearing per update."""
         pos = torch.arange(flat.numel(), device=flat.device)
-        self._writer.fill_(-1).scatter_reduce_(0, flat, pos, reduce="amax")
+        self._writer.scatter_reduce_(0, flat, pos, reduce="amax", include_self=False)
         return self._writer.index_select(0, flat)
 
     def state_dict(self) -> dict:

@@ -11,7 +11,9 @@ import dataclasses
 import difflib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,17 +68,12 @@ class _StopSignals:
         self.signal = signum
 
     def __enter__(self) -> _StopSignals:
-        import signal
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import signal
-
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
