@@ -12,6 +12,7 @@ import torch
 
 from fastdreamer.agent import Agent
 from fastdreamer.config import Config
+from fastdreamer.dists import symlog
 from fastdreamer.envs import EnvSpec
 from fastdreamer.optim import LaProp
 
@@ -90,26 +91,29 @@ TINY_CFG = dataclasses.replace(
 )
 
 
-def tiny_agent(device: torch.device | str = "cpu", seed: int = 0, warm: int = 0) -> tuple[Agent, LaProp]:
-    """A seeded agent of TINY_CFG and its LaProp; with `warm` > 0, in the state `warm` eager fp32 updates leave it in
-    (see warm_state)."""
+def tiny_agent(
+    device: torch.device | str = "cpu", seed: int = 0, warm: int = 0, settled: bool = True
+) -> tuple[Agent, LaProp]:
+    """A seeded agent of TINY_CFG and its LaProp; with `warm` > 0, in the state `warm` eager fp32 updates leave it in,
+    its two-hot heads settled unless `settled` is False (see warm_state)."""
     agent, opt = make_agent(TINY_CFG, TINY_SPEC, device, seed)
     if warm:
         dev = torch.device(device)
         if dev.type == "cuda" and dev.index is None:  # one cache entry per GPU: "cuda" and "cuda:0" are one state
             dev = torch.device("cuda", torch.cuda.current_device())
-        agent_state, opt_state = warm_state(str(dev), seed, warm)
+        agent_state, opt_state = warm_state(str(dev), seed, warm, settled)
         agent.load_state_dict(agent_state)
         opt.load_state_dict(opt_state)
     return agent, opt
 
 
 @functools.lru_cache(maxsize=4)
-def warm_state(device: str, seed: int, updates: int) -> tuple[dict, dict]:
+def warm_state(device: str, seed: int, updates: int, settled: bool = True) -> tuple[dict, dict]:
     """The agent's and LaProp's state after `updates` eager fp32 updates of tiny_agent(device, seed) on batches of
-    their own (tiny_batch(WARM_BATCH + k)), computed once per process and loaded by every agent that asks for it, so
-    that the runs compared start from the same values bitwise (CUDA eager need not repeat itself bitwise). The
-    cached dicts are shared: read them, load them, never write into them.
+    their own (tiny_batch(WARM_BATCH + k)), then, when `settled`, its two-hot heads settled (settle_twohot_heads),
+    computed once per process and loaded by every agent that asks for it, so that the runs compared start from the
+    same values bitwise (CUDA eager need not repeat itself bitwise). The cached dicts are shared: read them, load
+    them, never write into them.
 
     Why: from a fresh LaProp the first step is exactly lr * sign(g) (nu_hat = g^2), so a gradient element whose sign
     two correct summation orders disagree on, or that is exactly zero on one side (the reward and critic MLPs' at
@@ -125,7 +129,27 @@ def warm_state(device: str, seed: int, updates: int) -> tuple[dict, dict]:
         torch.manual_seed(WARM_BATCH + seed)
         for k in range(updates):
             update(tiny_batch(WARM_BATCH + k, dev))
+        if settled:
+            settle_twohot_heads(agent)
     return {k: v.detach().clone() for k, v in agent.state_dict().items()}, opt.state_dict()
+
+
+def settle_twohot_heads(agent: Agent) -> None:
+    """Give the two-hot heads (reward, critic, slow critic) the shape of trained ones: each output bias falls by 2 per
+    unit of |symlog(bin)|, so the far bins keep almost no probability, as a head that has learned where its targets
+    lie puts on them (the weights stay as trained).
+
+    Why: a few updates leave these heads near uniform, and there a value, sum_j p_j b_j over bins up to 4.85e8, is
+    ill-conditioned: d value / d logit_j = p_j (b_j - value) ~ 1.9e6, so one float32 ulp of one logit moves it by
+    ~1e-2, and independent relative logit noise of 1e-7 by up to 0.2 at this config, where values are ~1e-3 (bench/
+    LOG.md, session 17). Two correct computations that round one logit apart (another GEMM kernel, a fused or
+    compiled one) then give other values, returns and advantages, and a fast-vs-eager comparison measures that
+    condition number instead of the compilation. A slope of 2 makes p_j |b_j| fall as exp(-|s_j|) (any slope above 1
+    makes it fall): the same noise then moves values by ~1e-7."""
+    bias = -2.0 * symlog(agent.bins).abs()  # mirrored bins get equal biases: the bins are exactly antisymmetric
+    with torch.no_grad():
+        for head in (agent.reward, agent.critic, agent.slow_critic):
+            head.out.bias.copy_(bias)
 
 
 def tiny_batch(

@@ -298,13 +298,14 @@ def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, befor
 
 
 def run_variant(
-    variant: str, device, mode: str, precision: str, updates: int, want: list[dict], warm: int = 0
+    variant: str, device, mode: str, precision: str, updates: int, want: list[dict], warm: int = 0, settled=True
 ) -> list[dict]:
-    """An agent from make()'s seed (after `warm` eager updates: bench.common.warm_state), its update in `mode` with
+    """An agent from make()'s seed (after `warm` eager updates, its two-hot heads `settled`: bench.common.
+    warm_state), its update in `mode` with
     `variant`'s change, `updates` snapshots; `want`: the reference's snapshots (resync starts each update from the
     reference's state after the one before)."""
     torch._dynamo.reset()  # each variant compiles its own graphs, none left by the last one
-    agent, opt = make(device, warm=warm)
+    agent, opt = make(device, warm=warm, settled=settled)
     patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
     if patch is not None:
         with patch:
@@ -336,7 +337,14 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="start eager and every variant from the state this many eager fp32 updates leave (bench.common."
-        "warm_state): LaProp's moments warm, the heads off zero; 0: a fresh agent, as the tests' first comparisons",
+        "warm_state): LaProp's moments warm, the heads off zero, the two-hot heads settled; 0: a fresh agent, as "
+        "the tests' first comparisons",
+    )
+    p.add_argument(
+        "--unsettled",
+        action="store_true",
+        help="with --warm, leave the two-hot heads as the warm updates leave them, near uniform, where values are "
+        "ill-conditioned (bench.common.settle_twohot_heads): the warm state before session 18",
     )
     p.add_argument(
         "--defer",
@@ -368,6 +376,8 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.unsettled and not args.warm:
+        raise SystemExit("divergence: --unsettled describes the warm state; it needs --warm N")
     if args.fp_contract != "off" and device.type != "cpu":
         raise SystemExit("divergence: --fp-contract sets how inductor compiles CPU kernels; it has no effect on CUDA")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -391,6 +401,7 @@ def main(argv=None) -> dict:
         variants=variants,
         updates=args.updates,
         warm=args.warm,
+        settled=not args.unsettled,
         defer_setting=args.defer,
         fp_contract=args.fp_contract,
         batch_size=CFG.batch_size,
@@ -404,7 +415,7 @@ def main(argv=None) -> dict:
     print(
         f"divergence: {info['device']}, torch {info['torch']}, triton {info['triton']}, {mode} {precision}, "
         f"defer {fast.defer_on(device)}, {args.updates} updates"
-        + (f" after {args.warm} warm" if args.warm else "")
+        + (f" after {args.warm} warm" + (" (heads unsettled)" if args.unsettled else "") if args.warm else "")
         + (f", fp-contract {args.fp_contract}" if device.type == "cpu" else "")
     )
 
@@ -412,7 +423,7 @@ def main(argv=None) -> dict:
         ctx = (lambda: fast.autocast(device, mode, "bf16")) if precision == "bf16" else None
 
         def eager():
-            agent, opt = make(device, warm=args.warm)
+            agent, opt = make(device, warm=args.warm, settled=not args.unsettled)
             return run(agent, opt, fast.make_update(update_step, agent, opt, "eager"), device, args.updates, ctx)
 
         t0 = time.perf_counter()
@@ -439,7 +450,7 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.perf_counter()
             try:
-                got = run_variant(variant, device, mode, precision, args.updates, want, args.warm)
+                got = run_variant(variant, device, mode, precision, args.updates, want, args.warm, not args.unsettled)
             except Exception as e:  # noqa: BLE001 (a variant that cannot run is an error row; the others still run)
                 why = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{variant}: ERROR {why}")

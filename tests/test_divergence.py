@@ -11,6 +11,7 @@ import torch
 from bench import divergence
 from bench.common import warm_state
 from fastdreamer import fast
+from fastdreamer.dists import symlog
 from fastdreamer.train import update_step
 
 LOSS_TOL = dict(rtol=1e-4, atol=1e-5)  # tests/test_fast.py's: fp32 reassociation in fused reductions
@@ -155,4 +156,13 @@ def test_the_warm_start_is_one_state_for_every_agent_and_leaves_the_generators_a
     moved = [n for (n, x), z in zip(b.state_dict().items(), fresh.state_dict().values()) if not torch.equal(x, z)]
     assert "critic.out.weight" in moved and "retnorm_hi" in moved, moved
     out = divergence.main(["--variants", "", "--updates", "1", "--warm", "3", "--json", str(tmp_path / "d.json")])
-    assert out["meta"]["warm"] == 3 and out["reference"]["eager_repeat"]["bitwise"]
+    assert out["meta"]["warm"] == 3 and out["meta"]["settled"] and out["reference"]["eager_repeat"]["bitwise"]
+    # The two-hot heads settled (bench.common.settle_twohot_heads), unless asked not to.
+    bias = b.critic.out.bias
+    assert torch.equal(bias, -2 * symlog(b.bins).abs()) and bias.min() < -39, "the warm critic is not settled"
+    unsettled, _ = divergence.make("cpu", warm=3, settled=False)
+    assert unsettled.critic.out.bias.abs().max() < 0.1, "settled=False still settled the heads"
+    out = divergence.main(["--variants", "", "--updates", "1", "--warm", "3", "--unsettled"])
+    assert not out["meta"]["settled"]
+    with pytest.raises(SystemExit, match="--unsettled .* needs --warm"):
+        divergence.main(["--variants", "", "--unsettled"])

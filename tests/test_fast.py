@@ -18,18 +18,21 @@ import sys
 import pytest
 import torch
 import torch._inductor.config as inductor_config
+import torch.nn.functional as F
 from fastdreamer.kernels import block_gru
 
 from bench.common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
 from fastdreamer import defer, fast
 from fastdreamer.agent import Agent
+from fastdreamer.dists import twohot_pred
 from fastdreamer.train import update_step
 
 SPEC, CFG = TINY_SPEC, TINY_CFG
 K = 3  # updates compared
 # The warm tests start from the state WARM eager fp32 updates leave (bench.common.warm_state): LaProp's moments are
 # warm, the reward and critic output layers off zero, the slow critic apart from the critic, the return percentiles
-# set (imagined returns are still ~1e-5 to 5e-5 at this config, so the return scale stays at its floor of 1).
+# set (imagined returns are still ~1e-5 to 5e-5 at this config, so the return scale stays at its floor of 1); then
+# the two-hot heads settled (bench.common.settle_twohot_heads), so that their values are well-conditioned.
 WARM = 8
 # Fused reductions sum in another order than eager: differences seen on CPU are <= 1e-6 on losses of size ~10 and
 # <= 3e-8 on parameters after 3 updates; 10-100x margin, far below the 1e-3 parameter moves.
@@ -204,6 +207,69 @@ def test_compiled_updates_match_eager_from_a_warm_state(fallback_random, monkeyp
     assert_runs_match("warm ", eager_run, comp_run, start)
     got, want = [h[0] for h in comp_run[1]], [h[0] for h in eager_run[1]]
     assert_updates_close("warm compile", got, want, comp_run[0], eager_run[0], LOSS_TOL, PARAM_TOL, 1e-4)
+
+
+def value_noise(agent: Agent, rel: float = 1e-7) -> float:
+    """The largest change of a reward, critic or slow-critic value when its logits (from random features, 64 rows)
+    take independent relative noise of `rel`, the size of float32 rounding."""
+    gen = torch.Generator().manual_seed(0)
+    feat = torch.randn((64, agent.critic.mlp[0].linear.in_features), generator=gen)
+    worst = 0.0
+    with torch.no_grad():
+        for head in (agent.reward, agent.critic, agent.slow_critic):
+            logits = head(feat)
+            noisy = logits * (1 + rel * torch.randn(logits.shape, generator=gen))
+            worst = max(worst, (twohot_pred(noisy, agent.bins) - twohot_pred(logits, agent.bins)).abs().max().item())
+    return worst
+
+
+def test_the_warm_state_values_are_well_conditioned():
+    """The warm comparisons test the compilation, not the two-hot heads' condition number: from the warm state,
+    float32-sized logit noise moves a value by < 1e-5, where the values are ~1e-3 and the tolerances 1e-5 (measured
+    1.3e-7). Without settling, near-uniform heads after the WARM updates, it moves them by 0.1: a GEMM that
+    rounds one logit of a far bin differently moves that value by ~1e-2 (bench/LOG.md, sessions 17-18)."""
+    assert value_noise(make(warm=WARM)[0]) < 1e-5
+    assert value_noise(make(warm=WARM, settled=False)[0]) > 1e-2  # what settling is for: the check can fail
+
+
+def split_k(linear: torch.nn.Linear):
+    """linear's forward with its first half of outputs (the negative bins of a two-hot head) summed over two halves
+    of the inputs, as a split-K GEMM tile sums them: the same numbers in another order, so a bin and its mirror,
+    whose weight rows are equal, can round one ulp apart (eager's GEMM rounds them alike here)."""
+
+    def forward(x):
+        k, n = linear.in_features, linear.out_features // 2
+        w, b = linear.weight, linear.bias
+        lo = F.linear(x[..., : k // 2], w[:n, : k // 2]) + F.linear(x[..., k // 2 :], w[:n, k // 2 :]) + b[:n]
+        return torch.cat([lo, F.linear(x, w[n:], b[n:])], -1)
+
+    return forward
+
+
+def eager_updates(settled: bool, split: bool):
+    agent, opt = make(warm=WARM, settled=settled)
+    if split:
+        for head in (agent.reward, agent.critic, agent.slow_critic):
+            head.out.forward = split_k(head.out)
+    update = fast.make_update(update_step, agent, opt, "eager")
+    torch.manual_seed(1)
+    return agent, [{n: v.clone() for n, v in update(batch(k))[0].items()} for k in range(K)]
+
+
+def test_the_warm_comparisons_pass_a_correct_gemm_that_rounds_mirrored_bins_apart():
+    """What settling buys, shown on the CPU: eager with the two-hot heads' output layers split as a split-K GEMM
+    would (the same sums in another order) against plain eager, under the warm test's bounds, every gradient
+    included. From the settled warm state it passes (measured: policy loss 2e-10 apart, gradients <= 6.3e-6
+    relative); from the unsettled one the same correct change fails them (update 0's value loss 3.57 moved by 6.2e-3,
+    policy losses of -3e-4 by 1.6e-3 to 1.7e-2, the actor's gradient 258x relative): there a comparison cannot tell
+    a compiled update from a wrong one."""
+    plain, plain_hist = eager_updates(settled=True, split=False)
+    split, split_hist = eager_updates(settled=True, split=True)
+    assert_updates_close("split-K", split_hist, plain_hist, split, plain, LOSS_TOL, PARAM_TOL, 1e-4)
+    plain, plain_hist = eager_updates(settled=False, split=False)
+    split, split_hist = eager_updates(settled=False, split=True)
+    with pytest.raises(AssertionError, match="loss/value|loss/policy|actor"):
+        assert_updates_close("split-K", split_hist, plain_hist, split, plain, LOSS_TOL, PARAM_TOL, 1e-4)
 
 
 def test_the_compiled_updates_defer_the_observe_weight_gradients(compiled_run):
@@ -423,7 +489,11 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
     agent LaProp's first step is lr * sign(g), so a gradient sign two correct summation orders disagree on moves a
     parameter a whole lr; from the warm state a step is continuous in g. Failing fresh and passing warm points at
     that step (or another special case of a fresh agent: zero heads, slow critic = critic); the divergence rows of
-    `bench.divergence` (sign flips, lr-steps) tell which (bench/LOG.md, sessions 11-14)."""
+    `bench.divergence` (sign flips, lr-steps) tell which (bench/LOG.md, sessions 11-14). One more such case: after a
+    fresh agent's first update its two-hot heads are near uniform, where values are ill-conditioned, so a correct
+    GEMM that rounds a bin and its mirror apart moves updates 1-2's value and policy losses past the bounds (the
+    split-K test above); the warm state's heads are settled and do not (`bench.divergence --warm 8 --unsettled`
+    runs the warm state without settling)."""
     agent, opt = make("cuda", warm=warm)
     update = fast.make_update(update_step, agent, opt, "eager")
     torch.manual_seed(1)
