@@ -56,7 +56,8 @@ class Interrupted(Exception):
 
 class _StopSignals:
     """While entered (in the main thread): the first SIGINT or SIGTERM asks the run to stop at its next update
-    boundary, where it saves; a second one stops at once (KeyboardInterrupt), the checkpoint on disk as it was."""
+    boundary, where it saves; a second one stops at once (KeyboardInterrupt), the checkpoint on disk as it was. A
+    signal the caller ignores stays ignored."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
@@ -70,7 +71,10 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
+                # Ignored by the caller (nohup, a background job of a script: a Ctrl-C meant for the foreground must
+                # leave it running): stays ignored.
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,7 +185,9 @@ def _describe_actions(spec) -> str:
 class Trainer:
     """Owns the env, agent, optimizer, replay and counters of one run."""
 
-    def __init__(self, cfg: Config, log=print):
+    def __init__(self, cfg: Config, log=print, resume: dict | None = None):
+        """resume: a checkpoint's state from read_checkpoint, restored once everything is built; the envs start
+        seeded by its resume point (made once, not made and then remade)."""
         validate(cfg)
         self.cfg = cfg
         self.log = log
@@ -195,7 +201,8 @@ class Trainer:
             fast.tune_cpu_allocator()
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl, self.device)
-        self.env = make_env_or_explain(cfg, self.device)
+        env_seed = None if resume is None else resume_seed(cfg.seed, resume["counters"]["env_steps"])
+        self.env = make_env_or_explain(cfg, self.device, seed=env_seed)
         if cfg.video_episodes:  # before training, not after it: a video that cannot be made is bad input
             from .eval import check_video
 
@@ -264,6 +271,12 @@ class Trainer:
         self.obs = self.env.reset()
         self.carry = self.agent.initial(cfg.num_envs, self.device)
         self.restarted = False
+        if resume is not None:
+            try:
+                self.restore(resume)
+            except BaseException:
+                self.env.close()
+                raise
 
     # One environment step for all envs: the policy on the last observation, then the env step is sent and runs
     # (envpool's threads) while the caller does its updates; the next act() or observe() receives it.
@@ -370,18 +383,10 @@ class Trainer:
         checkpoint.save(path, self.state())
         return path
 
-    def load(self, path: Path) -> None:
-        cfg = self.cfg
-        # Loaded to host memory, then copied into the live tensors: loading straight to the GPU would hold a second
-        # copy of the replay there while it is copied in.
-        state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu")
-        changed = resume_differences(state.get("config", {}), cfg)
-        if changed:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with other settings ({', '.join(changed)}); a resumed run keeps them "
-                f"(only where and how long it runs and what it logs may change): pass the run's values or start "
-                f"another --logdir"
-            )
+    def restore(self, state: dict) -> None:
+        """Agent, optimizer, replay, counters and generators from a checkpoint's state (read_checkpoint), into a
+        trainer whose envs were just made (seeded by the resume point) and reset: __init__'s `resume`."""
+        cfg, path = self.cfg, state["path"]
         try:
             self.agent.load_state_dict(state["agent"])
             self.opt.load_state_dict(state["opt"])
@@ -396,24 +401,39 @@ class Trainer:
         self.env_steps, self.updates = counters["env_steps"], counters["updates"]
         self.updates_due, self.episodes = counters["updates_due"], counters["episodes"]
         checkpoint.set_rng_state(state["rng"])
-        # The envs restart here (envpool cannot save them): seeded by the resume point, so that they do not play
-        # the run's first episodes again at every resume.
-        self.env.close()
-        self.env = make_env_or_explain(cfg, self.device, seed=resume_seed(cfg.seed, self.env_steps))
-        self.obs = self.env.reset()
+        # The envs restart at a resume (envpool cannot save them), seeded by the resume point, so that they do not
+        # play the run's first episodes again at every resume.
         self.restarted = True  # the next act() stores a first step: the step stored before it ends its episode
 
     def close(self) -> None:
         self.env.close()
 
 
+def read_checkpoint(path: Path, cfg: Config) -> dict:
+    """The state saved at `path`, in host memory, checked against `cfg` (env, size, and every setting outside
+    RUN_FIELDS), with "path" added; a CheckpointError names what does not fit."""
+    # Loaded to host memory, then copied into the live tensors: loading straight to the GPU would hold a second
+    # copy of the replay there while it is copied in.
+    state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu")
+    changed = resume_differences(state.get("config", {}), cfg)
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with other settings ({', '.join(changed)}); a resumed run keeps them "
+            f"(only where and how long it runs and what it logs may change): pass the run's values or start "
+            f"another --logdir"
+        )
+    if not isinstance(state.get("counters"), dict) or not isinstance(state["counters"].get("env_steps"), int):
+        raise CheckpointError(f"checkpoint {path} does not fit this run: it records no env step count")
+    return {**state, "path": path}
+
+
 def train(cfg: Config, log=print) -> Trainer:
-    trainer = Trainer(cfg, log)
-    logdir = trainer.logdir
+    # Everything that can refuse the run is checked before the envs, the agent and the replay are built.
+    validate(cfg)
+    logdir = Path(cfg.resolved_logdir())
+    state = None
     if cfg.resume:
-        path = logdir / CHECKPOINT
-        trainer.load(path)
-        log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")
+        state = read_checkpoint(logdir / CHECKPOINT, cfg)
     elif (logdir / CHECKPOINT).exists():
         raise ValueError(f"{logdir} already holds a run; pass --resume to continue it or choose another --logdir")
     elif (logdir / METRICS).exists():
@@ -421,6 +441,11 @@ def train(cfg: Config, log=print) -> Trainer:
             f"{logdir} holds the logs of a run that stopped before its first checkpoint; remove them or choose another "
             f"--logdir"
         )
+    trainer = Trainer(cfg, log, resume=state)
+    del state  # the host copy of the replay: the trainer holds its own
+    if cfg.resume:
+        path = logdir / CHECKPOINT
+        log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")
     # A resumed run's logs continue from its checkpoint: what the run logged after it is dropped, not repeated.
     logger = Logger(logdir, dataclasses.asdict(cfg), resume_step=trainer.env_steps if cfg.resume else None)
     bar = None

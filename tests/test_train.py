@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,11 @@ import envpool
 import pytest
 import torch
 
+from fastdreamer import checkpoint
 from fastdreamer import train as train_mod
+from fastdreamer.checkpoint import CheckpointError
 from fastdreamer.config import PRESETS, Config, preset_defaults
-from fastdreamer.train import Trainer, TrainingDiverged, train
+from fastdreamer.train import Trainer, TrainingDiverged, read_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -122,16 +125,15 @@ def test_resume_continues_exactly(tmp_path):
     a_consumed = a.replay.consumed
     a.close()
 
-    b = Trainer(dataclasses.replace(cfg, resume=True, steps=400), log=lambda *_: None)  # resumed with more steps
-    assert torch.equal(b.obs["vector"], first_obs), "before the load: the run's own env seed"
-    b.load(b.logdir / "checkpoint.pt")
+    resumed = dataclasses.replace(cfg, resume=True, steps=400)  # resumed with more steps
+    b = Trainer(resumed, log=lambda *_: None, resume=read_checkpoint(a.logdir / "checkpoint.pt", resumed))
     assert b.replay.length == 200
     assert not torch.equal(b.obs["vector"], first_obs), "the envs restart seeded by the resume point"
     b.update()
     b.update()
     b_metrics = b.read_metrics()
-    # The envs restarted at the load; the step stored before it ends its episode once the restart's first step is
-    # stored (not at the load: the two updates above are the uninterrupted run's).
+    # The envs restarted at the resume; the step stored before it ends its episode once the restart's first step is
+    # stored (not at the restore: the two updates above are the uninterrupted run's).
     newest = (b.replay.head - 1) % b.replay.length
     cut = b.replay.data["is_last"][:, newest].clone()
     b.act()
@@ -404,6 +406,24 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_resume_is_checked_before_anything_is_built_and_makes_its_envs_once(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, steps=40)
+    train(cfg, log=lambda *_: None)
+    made, original = [], train_mod.make_env_or_explain
+
+    def counting(*args, seed=None, **kwargs):
+        made.append(seed)
+        return original(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(train_mod, "make_env_or_explain", counting)
+    with pytest.raises(CheckpointError, match="other settings"):
+        train(dataclasses.replace(cfg, resume=True, steps=80, lr=0.01), log=lambda *_: None)
+    assert made == [], "a refused resume built its envs first"
+    steps = checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")["counters"]["env_steps"]
+    train(dataclasses.replace(cfg, resume=True, steps=80), log=lambda *_: None)
+    assert made == [train_mod.resume_seed(cfg.seed, steps)], "made once, seeded by the resume point"
+
+
 def test_a_checkpoints_config_loads_without_the_fields_this_version_dropped():
     from fastdreamer.config import config_from_dict
 
@@ -411,11 +431,16 @@ def test_a_checkpoints_config_loads_without_the_fields_this_version_dropped():
     assert config_from_dict({**dataclasses.asdict(cfg), "prefill": 0}) == cfg  # prefill: never used, removed
 
 
-def test_ctrl_c_stops_at_the_next_update_boundary_with_a_checkpoint(tmp_path, monkeypatch, capsys):
-    import signal
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as an interactive Python has it (KeyboardInterrupt), whatever the test runner inherited: a background
+    job of a script starts with it ignored."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
-    from fastdreamer import checkpoint
 
+def test_ctrl_c_stops_at_the_next_update_boundary_with_a_checkpoint(tmp_path, monkeypatch, capsys, interactive_sigint):
     original = Trainer.update
 
     def update(self):
@@ -432,6 +457,26 @@ def test_ctrl_c_stops_at_the_next_update_boundary_with_a_checkpoint(tmp_path, mo
     monkeypatch.undo()
     train_mod.main([*TINY, "--steps", "60", "--logdir", str(logdir), "--resume"])
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_signal_the_caller_ignores_stays_ignored_during_a_run(tmp_path, monkeypatch):
+    """`nohup` and a script's background jobs start with SIGINT ignored, so that a Ctrl-C meant for the foreground
+    leaves them running: the trainer keeps that, and handles only the signals it is left (here SIGTERM)."""
+    seen, original = [], Trainer.update
+
+    def update(self):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        original(self)
+
+    monkeypatch.setattr(Trainer, "update", update)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        train(tiny_config(tmp_path, steps=40), log=lambda *_: None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert seen and all(i is signal.SIG_IGN for i, _ in seen), "the run took over an ignored SIGINT"
+    assert all(callable(t) and t is not signal.SIG_DFL for _, t in seen), "SIGTERM was not handled"
 
 
 def test_a_logdir_with_logs_but_no_checkpoint_is_refused(tmp_path):

@@ -15,12 +15,13 @@ import dataclasses
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
 from fastdreamer.checkpoint import CheckpointError, load
 from fastdreamer.config import config_from_dict
-from fastdreamer.train import Trainer
+from fastdreamer.train import Trainer, read_checkpoint
 
 
 def probe(path: str, batches: int) -> dict:
@@ -29,9 +30,8 @@ def probe(path: str, batches: int) -> dict:
         cfg = dataclasses.replace(
             config_from_dict(state["config"]), logdir=scratch, resume=True, progress=False, device="cpu"
         )
-        trainer = Trainer(cfg, log=lambda *_: None)
+        trainer = Trainer(cfg, log=lambda *_: None, resume=read_checkpoint(Path(path), cfg))
         try:
-            trainer.load(path)
             sums: dict[str, list[float]] = {}
             for _ in range(batches):
                 metrics, _ = trainer.report()
