@@ -7,6 +7,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (the README's `-n 2`) each worker gets its share of torch's threads, and so do the CLI processes
+# the tests start (OMP_NUM_THREADS): two workers of two OpenMP threads each on two cores spin in each other's
+# barriers (bench/LOG.md measured eager updates 6x slower at 2 threads under load).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, torch.get_num_threads() // _WORKERS)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
 
 # The CLI tests start `python -m fastdreamer.train` and `python -m bench` from the repo root. They inherit this
 # PYTHONPATH with the repo in front, so packages found through the caller's PYTHONPATH stay importable (on the GPU
