@@ -26,7 +26,7 @@ setup(
         *triton,
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.6", "pytest-benchmark>=4", "matplotlib>=3.7", "pygame>=2.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6.1", "pytest-benchmark>=4", "matplotlib>=3.7", "pygame>=2.1"],
         "plot": ["matplotlib>=3.7"],
         "video": ["pygame>=2.1"],  # Gymnasium's classic-control and Box2D renderers
     },

@@ -107,7 +107,7 @@ def tiny_agent(
     return agent, opt
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)  # (device, seed, updates, settled): a few per process
 def warm_state(device: str, seed: int, updates: int, settled: bool = True) -> tuple[dict, dict]:
     """The agent's and LaProp's state after `updates` eager fp32 updates of tiny_agent(device, seed) on batches of
     their own (tiny_batch(WARM_BATCH + k)), then, when `settled`, its two-hot heads settled (settle_twohot_heads),
@@ -141,7 +141,7 @@ def settle_twohot_heads(agent: Agent) -> None:
 
     Why: a few updates leave these heads near uniform, and there a value, sum_j p_j b_j over bins up to 4.85e8, is
     ill-conditioned: d value / d logit_j = p_j (b_j - value) ~ 1.9e6, so one float32 ulp of one logit moves it by
-    ~1e-2, and independent relative logit noise of 1e-7 by up to 0.2 at this config, where values are ~1e-3 (bench/
+    ~1e-2, and independent relative logit noise of 1e-7 by ~0.1 at this config, where values are ~1e-3 (bench/
     LOG.md, session 17). Two correct computations that round one logit apart (another GEMM kernel, a fused or
     compiled one) then give other values, returns and advantages, and a fast-vs-eager comparison measures that
     condition number instead of the compilation. A slope of 2 makes p_j |b_j| fall as exp(-|s_j|) (any slope above 1

@@ -142,11 +142,11 @@ class LaProp:
     def load_state_dict(self, d: dict) -> None:
         """Copies into the existing state tensors, so buffers captured by a CUDA graph stay valid."""
         nu, mu = d["nu"], d["mu"]
-        assert len(nu) == len(self.nu) and len(mu) == len(self.mu), (
-            f"optimizer state has {len(nu)} tensors, this optimizer has {len(self.nu)} parameters"
-        )
+        if len(nu) != len(self.nu) or len(mu) != len(self.mu):
+            raise ValueError(f"optimizer state has {len(nu)} tensors, this optimizer has {len(self.nu)} parameters")
         for dst, src in zip(self.nu + self.mu, list(nu) + list(mu), strict=True):
-            assert dst.shape == src.shape, f"optimizer state shape {tuple(src.shape)} != parameter {tuple(dst.shape)}"
+            if dst.shape != src.shape:
+                raise ValueError(f"optimizer state shape {tuple(src.shape)} != parameter {tuple(dst.shape)}")
             dst.copy_(src)
         self.step_count.copy_(d["step"])
         self.lr.copy_(d["lr"])

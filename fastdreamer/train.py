@@ -71,7 +71,7 @@ class _StopSignals:
     def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                # Ignored by the caller (nohup, a background job of a script: a Ctrl-C meant for the foreground must
+                # Ignored by the caller (a script's background job `cmd &`: a Ctrl-C meant for the foreground must
                 # leave it running): stays ignored.
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self.previous[sig] = signal.signal(sig, self._handle)
@@ -182,16 +182,26 @@ def _describe_actions(spec) -> str:
     return f"{'discrete' if spec.discrete else 'continuous'} actions of {spec.act_dim}"
 
 
+def check_run(cfg: Config) -> tuple[torch.device, str, str]:
+    """The settings' checks that need no env, agent or replay: validate, then the device, --mode and --precision it
+    resolves to (ValueError with one line for any that cannot run here)."""
+    from . import fast
+
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    mode = fast.resolve_mode(cfg.mode, device)
+    return device, mode, fast.resolve_precision(cfg.precision, mode, device)
+
+
 class Trainer:
     """Owns the env, agent, optimizer, replay and counters of one run."""
 
     def __init__(self, cfg: Config, log=print, resume: dict | None = None):
         """resume: a checkpoint's state from read_checkpoint, restored once everything is built; the envs start
         seeded by its resume point (made once, not made and then remade)."""
-        validate(cfg)
+        self.device, self.mode, self.precision = check_run(cfg)
         self.cfg = cfg
         self.log = log
-        self.device = resolve_device(cfg.device)
         self.logdir = Path(cfg.resolved_logdir())
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -203,14 +213,19 @@ class Trainer:
         impl = block_gru.set_impl(cfg.gru_impl, self.device)
         env_seed = None if resume is None else resume_seed(cfg.seed, resume["counters"]["env_steps"])
         self.env = make_env_or_explain(cfg, self.device, seed=env_seed)
+        try:
+            self._build(impl, resume)
+        except BaseException:  # nothing else holds the envs' threads and processes
+            self.env.close()
+            raise
+
+    def _build(self, impl: str, resume: dict | None) -> None:
+        """Everything but the envs, then the checkpoint's state when resuming."""
+        cfg, log = self.cfg, self.log
         if cfg.video_episodes:  # before training, not after it: a video that cannot be made is bad input
             from .eval import check_video
 
-            try:
-                check_video(env_id(cfg), cfg, self.env.spec)
-            except ValueError:
-                self.env.close()
-                raise
+            check_video(env_id(cfg), cfg, self.env.spec)
         self.agent = Agent(cfg, self.env.spec).to(self.device)
         self.opt = LaProp(
             self.agent.trainable(),
@@ -231,8 +246,8 @@ class Trainer:
             online=cfg.replay_online,
             place_for=cfg.replay_size,  # where a resume with more --steps would grow it to
         )
-        self.mode = fast.resolve_mode(cfg.mode, self.device)
-        self.precision = fast.resolve_precision(cfg.precision, self.mode, self.device)
+        from . import fast
+
         self.update_fn = fast.make_update(update_step, self.agent, self.opt, self.mode, self.precision)
         self.act_fn = fast.make_act(self.agent, self.mode, self.precision)
         nparams = sum(p.numel() for p in self.agent.trainable())
@@ -272,11 +287,7 @@ class Trainer:
         self.carry = self.agent.initial(cfg.num_envs, self.device)
         self.restarted = False
         if resume is not None:
-            try:
-                self.restore(resume)
-            except BaseException:
-                self.env.close()
-                raise
+            self._restore(resume)
 
     # One environment step for all envs: the policy on the last observation, then the env step is sent and runs
     # (envpool's threads) while the caller does its updates; the next act() or observe() receives it.
@@ -284,7 +295,7 @@ class Trainer:
         self.observe()
         action, self.carry = self.act_fn(self.carry, self.obs)
         deter, stoch, _ = self.carry
-        if self.restarted:  # not at load: until a new step is stored, the updates are the uninterrupted run's
+        if self.restarted:  # not at the restore: until a new step is stored, the updates are the uninterrupted run's
             self.replay.end_episodes()
             self.restarted = False
         self.replay.add(
@@ -383,7 +394,7 @@ class Trainer:
         checkpoint.save(path, self.state())
         return path
 
-    def restore(self, state: dict) -> None:
+    def _restore(self, state: dict) -> None:
         """Agent, optimizer, replay, counters and generators from a checkpoint's state (read_checkpoint), into a
         trainer whose envs were just made (seeded by the resume point) and reset: __init__'s `resume`."""
         cfg, path = self.cfg, state["path"]
@@ -395,14 +406,14 @@ class Trainer:
             if self.replay.length != length:  # the checkpoint holds more steps than --steps would: its ring kept
                 self.log(f"fastdreamer: replay of {self.replay.length * cfg.num_envs:,} steps, as the checkpoint's")
             counters = state["counters"]
-        except (KeyError, RuntimeError, ValueError) as e:
+            checkpoint.set_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"checkpoint {path} does not fit this run: {first}") from None
         self.env_steps, self.updates = counters["env_steps"], counters["updates"]
         self.updates_due, self.episodes = counters["updates_due"], counters["episodes"]
-        checkpoint.set_rng_state(state["rng"])
-        # The envs restart at a resume (envpool cannot save them), seeded by the resume point, so that they do not
-        # play the run's first episodes again at every resume.
+        # The envs were made for the resume (envpool cannot save them), seeded by the resume point, so that they do
+        # not play the run's first episodes again at every resume.
         self.restarted = True  # the next act() stores a first step: the step stored before it ends its episode
 
     def close(self) -> None:
@@ -412,9 +423,9 @@ class Trainer:
 def read_checkpoint(path: Path, cfg: Config) -> dict:
     """The state saved at `path`, in host memory, checked against `cfg` (env, size, and every setting outside
     RUN_FIELDS), with "path" added; a CheckpointError names what does not fit."""
-    # Loaded to host memory, then copied into the live tensors: loading straight to the GPU would hold a second
-    # copy of the replay there while it is copied in.
-    state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu")
+    # Mapped from the file (mmap), read where it is copied into the live tensors (every load_state_dict here
+    # copies): no second copy of the replay in host memory, nor on the GPU, while the trainer is built.
+    state = checkpoint.load(path, expect={"env": cfg.env, "size": cfg.size}, map_location="cpu", mmap=True)
     changed = resume_differences(state.get("config", {}), cfg)
     if changed:
         raise CheckpointError(
@@ -422,14 +433,19 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
             f"(only where and how long it runs and what it logs may change): pass the run's values or start "
             f"another --logdir"
         )
-    if not isinstance(state.get("counters"), dict) or not isinstance(state["counters"].get("env_steps"), int):
-        raise CheckpointError(f"checkpoint {path} does not fit this run: it records no env step count")
+    counters = state.get("counters") if isinstance(state.get("counters"), dict) else {}
+    missing = [k for k in ("env_steps", "updates", "updates_due", "episodes") if k not in counters]
+    missing += [k for k in ("agent", "opt", "replay", "rng") if k not in state]
+    if missing or not isinstance(counters["env_steps"], int):
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this run: it records no {', '.join(missing or ['env_steps'])}"
+        )
     return {**state, "path": path}
 
 
 def train(cfg: Config, log=print) -> Trainer:
-    # Everything that can refuse the run is checked before the envs, the agent and the replay are built.
-    validate(cfg)
+    # The settings, the logdir and the checkpoint are checked before the envs, the agent and the replay are built.
+    check_run(cfg)
     logdir = Path(cfg.resolved_logdir())
     state = None
     if cfg.resume:

@@ -246,8 +246,8 @@ def split_k(linear: torch.nn.Linear):
     return forward
 
 
-def eager_updates(settled: bool, split: bool):
-    agent, opt = make(warm=WARM, settled=settled)
+def eager_updates(settled: bool, split: bool, warm: int = WARM):
+    agent, opt = make(warm=warm, settled=settled)
     if split:
         for head in (agent.reward, agent.critic, agent.slow_critic):
             head.out.forward = split_k(head.out)
@@ -262,14 +262,17 @@ def test_the_warm_comparisons_pass_a_correct_gemm_that_rounds_mirrored_bins_apar
     included. From the settled warm state it passes (measured: policy loss 2e-10 apart, gradients <= 6.3e-6
     relative); from the unsettled one the same correct change fails them (update 0's value loss 3.57 moved by 6.2e-3,
     policy losses of -3e-4 by 1.6e-3 to 1.7e-2, the actor's gradient 258x relative): there a comparison cannot tell
-    a compiled update from a wrong one."""
+    a compiled update from a wrong one. Nor from a fresh agent at updates 1-2, after whose first update the heads are
+    near uniform (policy loss -1.3e-4 moved by 2.8e-4): the fresh comparisons hold only where the fast mode rounds a
+    bin and its mirror alike, as CPU inductor does."""
     plain, plain_hist = eager_updates(settled=True, split=False)
     split, split_hist = eager_updates(settled=True, split=True)
     assert_updates_close("split-K", split_hist, plain_hist, split, plain, LOSS_TOL, PARAM_TOL, 1e-4)
-    plain, plain_hist = eager_updates(settled=False, split=False)
-    split, split_hist = eager_updates(settled=False, split=True)
-    with pytest.raises(AssertionError, match="loss/value|loss/policy|actor"):
-        assert_updates_close("split-K", split_hist, plain_hist, split, plain, LOSS_TOL, PARAM_TOL, 1e-4)
+    for warm in (WARM, 0):
+        plain, plain_hist = eager_updates(settled=False, split=False, warm=warm)
+        split, split_hist = eager_updates(settled=False, split=True, warm=warm)
+        with pytest.raises(AssertionError, match="split-K"):
+            assert_updates_close("split-K", split_hist, plain_hist, split, plain, LOSS_TOL, PARAM_TOL, 1e-4)
 
 
 def test_the_compiled_updates_defer_the_observe_weight_gradients(compiled_run):
@@ -491,9 +494,9 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
     that step (or another special case of a fresh agent: zero heads, slow critic = critic); the divergence rows of
     `bench.divergence` (sign flips, lr-steps) tell which (bench/LOG.md, sessions 11-14). One more such case: after a
     fresh agent's first update its two-hot heads are near uniform, where values are ill-conditioned, so a correct
-    GEMM that rounds a bin and its mirror apart moves updates 1-2's value and policy losses past the bounds (the
-    split-K test above); the warm state's heads are settled and do not (`bench.divergence --warm 8 --unsettled`
-    runs the warm state without settling)."""
+    GEMM that rounds a bin and its mirror apart moves updates 1-2's policy loss past the bounds (the split-K test
+    above; on the CPU by 2.8e-4 and 5.1e-4 against -1.3e-4 and -2.0e-4); the warm state's heads are settled and do
+    not (`bench.divergence --warm 8 --unsettled` runs the warm state without settling)."""
     agent, opt = make("cuda", warm=warm)
     update = fast.make_update(update_step, agent, opt, "eager")
     torch.manual_seed(1)

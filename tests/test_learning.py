@@ -2,7 +2,7 @@
 
 The recipe is the real trainer at a small scale: debug-size model, batches of 8x32, train ratio 64, lr 3e-4 with
 a 100-update warmup (the reference's 4e-5 / 1000 is tuned for long runs and barely moves in 2,000 updates). On the
-2-core CPU this run takes about 4 minutes.
+2-core CPU this run takes about 4 minutes with AVX512, 10 on the CI machine (a 2-core EPYC without it: 596-609 s).
 
 What is asserted is the training curve: the mean return of 20 consecutive training episodes must reach 75 (random
 play: ~22). Over seeds 0-3 the best such mean was 98, 95, 167 and 86 (with the reference's online replay queue and
@@ -29,7 +29,7 @@ WINDOW = 20
 @pytest.mark.slow
 def test_cartpole_learns_on_cpu(tmp_path, monkeypatch):
     # One thread: at this model size a second OpenMP thread buys nothing, and on a busy box its barriers spin
-    # (bench/LOG.md measured 6x slower eager updates at 2 threads under load). ~230 s on the 2-core CPU.
+    # (bench/LOG.md measured 6x slower eager updates at 2 threads under load). ~230-610 s on 2 cores.
     returns, pop = [], VecEnv.pop_episodes
 
     def recording_pop(self):

@@ -419,7 +419,15 @@ def test_a_resume_is_checked_before_anything_is_built_and_makes_its_envs_once(tm
     with pytest.raises(CheckpointError, match="other settings"):
         train(dataclasses.replace(cfg, resume=True, steps=80, lr=0.01), log=lambda *_: None)
     assert made == [], "a refused resume built its envs first"
-    steps = checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")["counters"]["env_steps"]
+    path = Path(cfg.logdir) / "checkpoint.pt"
+    state = checkpoint.load(path)
+    del state["rng"], state["counters"]["updates"]
+    checkpoint.save(tmp_path / "partial" / "checkpoint.pt", state)
+    partial = dataclasses.replace(cfg, resume=True, steps=80, logdir=str(tmp_path / "partial"))
+    with pytest.raises(CheckpointError, match="does not fit this run: it records no updates, rng$"):
+        train(partial, log=lambda *_: None)
+    assert made == [], "a refused resume built its envs first"
+    steps = checkpoint.load(path)["counters"]["env_steps"]
     train(dataclasses.replace(cfg, resume=True, steps=80), log=lambda *_: None)
     assert made == [train_mod.resume_seed(cfg.seed, steps)], "made once, seeded by the resume point"
 
@@ -460,7 +468,7 @@ def test_ctrl_c_stops_at_the_next_update_boundary_with_a_checkpoint(tmp_path, mo
 
 
 def test_a_signal_the_caller_ignores_stays_ignored_during_a_run(tmp_path, monkeypatch):
-    """`nohup` and a script's background jobs start with SIGINT ignored, so that a Ctrl-C meant for the foreground
+    """A script's background jobs (`cmd &` in sh) start with SIGINT ignored, so that a Ctrl-C meant for the foreground
     leaves them running: the trainer keeps that, and handles only the signals it is left (here SIGTERM)."""
     seen, original = [], Trainer.update
 
@@ -469,6 +477,7 @@ def test_a_signal_the_caller_ignores_stays_ignored_during_a_run(tmp_path, monkey
         original(self)
 
     monkeypatch.setattr(Trainer, "update", update)
+    term = signal.getsignal(signal.SIGTERM)
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         train(tiny_config(tmp_path, steps=40), log=lambda *_: None)
@@ -476,7 +485,9 @@ def test_a_signal_the_caller_ignores_stays_ignored_during_a_run(tmp_path, monkey
     finally:
         signal.signal(signal.SIGINT, before)
     assert seen and all(i is signal.SIG_IGN for i, _ in seen), "the run took over an ignored SIGINT"
-    assert all(callable(t) and t is not signal.SIG_DFL for _, t in seen), "SIGTERM was not handled"
+    handler = [getattr(t, "__func__", None) for _, t in seen]
+    assert all(h is train_mod._StopSignals._handle for h in handler), "SIGTERM was not the trainer's"
+    assert signal.getsignal(signal.SIGTERM) is term, "SIGTERM is not the caller's again"
 
 
 def test_a_logdir_with_logs_but_no_checkpoint_is_refused(tmp_path):
