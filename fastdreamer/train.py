@@ -458,7 +458,7 @@ def train(cfg: Config, log=print) -> Trainer:
             f"--logdir"
         )
     trainer = Trainer(cfg, log, resume=state)
-    del state  # the host copy of the replay: the trainer holds its own
+    del state  # the mapped checkpoint: the trainer holds its own copy
     if cfg.resume:
         path = logdir / CHECKPOINT
         log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")

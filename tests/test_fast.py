@@ -56,8 +56,11 @@ def obs(n: int, step: int, device="cpu"):
     return {"vector": data["vector"][:, 0], "is_first": data["is_first"][:, 0]}
 
 
-def run_updates(mode: str, device="cpu", precision="fp32", warm=0):
-    agent, opt = make(device, warm=warm)
+def run_updates(mode: str, device="cpu", precision="fp32", warm=0, settled=True, prepare=None):
+    """K updates of a tiny agent (make's `warm` and `settled`; `prepare(agent)` first, when given) in `mode`."""
+    agent, opt = make(device, warm=warm, settled=settled)
+    if prepare is not None:
+        prepare(agent)
     update = fast.make_update(update_step, agent, opt, mode, precision)
     torch.manual_seed(1)
     history = []
@@ -246,14 +249,15 @@ def split_k(linear: torch.nn.Linear):
     return forward
 
 
+def split_twohot_heads(agent: Agent) -> None:
+    for head in (agent.reward, agent.critic, agent.slow_critic):
+        head.out.forward = split_k(head.out)
+
+
 def eager_updates(settled: bool, split: bool, warm: int = WARM):
-    agent, opt = make(warm=warm, settled=settled)
-    if split:
-        for head in (agent.reward, agent.critic, agent.slow_critic):
-            head.out.forward = split_k(head.out)
-    update = fast.make_update(update_step, agent, opt, "eager")
-    torch.manual_seed(1)
-    return agent, [{n: v.clone() for n, v in update(batch(k))[0].items()} for k in range(K)]
+    prepare = split_twohot_heads if split else None
+    agent, history, _ = run_updates("eager", warm=warm, settled=settled, prepare=prepare)
+    return agent, [metrics for metrics, _ in history]
 
 
 def test_the_warm_comparisons_pass_a_correct_gemm_that_rounds_mirrored_bins_apart():
