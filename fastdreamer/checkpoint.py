@@ -45,11 +45,27 @@ def save(path: str | Path, payload: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        # A full disk or a file-size limit reaches torch's zip writer as an OSError, which it answers with a
+        # RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos"): one OSError line instead.
+        reason = _os_error(e)
+        if reason is None:
+            raise
+        raise OSError(f"checkpoint {path} could not be written ({reason}); the file there is unchanged") from None
     _fsync_dir(path.parent)  # the rename itself is durable only once the directory entry is on disk
+
+
+def _os_error(e: BaseException) -> str | None:
+    """The reason of the first OSError in e's chain (e itself, its cause or its context), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e.strerror or str(e) or type(e).__name__
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -71,6 +87,8 @@ def load(
     """Loads a checkpoint written by `save` and checks payload["meta"] against `expect` (e.g. env, size). mmap: the
     tensors stay in the file, mapped, and are read where they are used (eval reads the weights, not the replay)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; name the file in it (checkpoint.pt)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 
 from . import fast
@@ -83,7 +84,7 @@ class Config:
     samples (the reference's replay.online)."""
     env_kwargs: str = ""
     """Keyword arguments of the env's constructor (envpool.make or gymnasium.make) as a JSON object, e.g.
-    '{"is_slippery": false}' for FrozenLake-v1."""
+    '{"max_episode_steps": 200}' for CartPole-v1, '{"episodic_life": true}' for Pong-v5."""
     image_size: int = 64
 
     unimix: float = 0.01
@@ -236,7 +237,9 @@ def env_kwargs(cfg: Config) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"--env-kwargs is not JSON ({e.msg} at character {e.pos}): {cfg.env_kwargs}") from None
     if not isinstance(kwargs, dict):
-        raise ValueError(f"--env-kwargs must be a JSON object like '{{\"is_slippery\": false}}', got {cfg.env_kwargs}")
+        raise ValueError(
+            f"--env-kwargs must be a JSON object like '{{\"max_episode_steps\": 200}}', got {cfg.env_kwargs}"
+        )
     return kwargs
 
 
@@ -266,8 +269,17 @@ def validate(cfg: Config) -> None:
         lr=cfg.lr,
     )
     for name, value in positive.items():
-        if not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+    if cfg.batch_length < 2:
+        raise ValueError("--batch-length must be at least 2 (the replay-value return needs a next step), got 1")
+    if cfg.image_size % 16 or not 48 <= cfg.image_size <= 256:
+        raise ValueError(
+            f"--image-size must be a multiple of 16 from 48 to 256 (four stride-2 stages to 3..16 pixels), got "
+            f"{cfg.image_size}"
+        )
+    if not 0 <= cfg.seed < 2**31:
+        raise ValueError(f"--seed must be in [0, 2**31), got {cfg.seed}")
     if cfg.eval_episodes < 0 or cfg.video_episodes < 0:
         raise ValueError(
             f"--eval-episodes and --video-episodes must be 0 (none) or positive, got {cfg.eval_episodes} and "

@@ -109,10 +109,15 @@ def make_env(
             )
             return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
     if ":" in env_id or env_id in gymnasium.registry:
-        envs = gymnasium.vector.SyncVectorEnv(
-            [(lambda: gymnasium.make(env_id, **env_kwargs)) for _ in range(num_envs)],
-            autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
-        )
+        try:
+            envs = gymnasium.vector.SyncVectorEnv(
+                [(lambda: gymnasium.make(env_id, **env_kwargs)) for _ in range(num_envs)],
+                autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
+            )
+        # A module:Env id whose module or env does not exist, or an env whose dependency is missing (box2d, ...).
+        except (gymnasium.error.Error, ImportError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{env_id} cannot be made: {reason}") from None
         return VecEnv(_GymBackend(envs, seed), env_id, num_envs, device, image_size)
     raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
 

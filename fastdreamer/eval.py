@@ -215,6 +215,16 @@ def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
     return agent, cfg
 
 
+def check_video_path(video: Path, checkpoint: Path) -> None:
+    """ValueError with one line unless `video` can take a GIF: a .gif name, not a directory, not the checkpoint."""
+    if video.is_dir():
+        raise ValueError(f"--video {video} is a directory; name the GIF to write")
+    if video.suffix.lower() != ".gif":
+        raise ValueError(f"--video {video} must name a .gif file (the video is written as a GIF)")
+    if video.exists() and checkpoint.exists() and video.samefile(checkpoint):
+        raise ValueError(f"--video {video} is the checkpoint being evaluated")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate a fastdreamer checkpoint; prints JSON.")
     parser.add_argument("--checkpoint", required=True, help="path to checkpoint.pt")
@@ -231,17 +241,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--video-episodes", type=int, default=4)
     parser.add_argument("--video-frames", type=int, default=500, help="at most this many frames (25 per second)")
     args = parser.parse_args(argv)
+    result = None
     try:
         for name in ("episodes", "video_episodes", "video_frames"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         from .train import resolve_device
 
-        if args.video and Path(args.video).is_dir():
-            raise ValueError(f"--video {args.video} is a directory; name the GIF to write")
+        if args.video:
+            check_video_path(Path(args.video), Path(args.checkpoint))
         device = resolve_device(args.device)
         agent, cfg = load_agent(args.checkpoint, device)
         result = evaluate(agent, env_id(cfg), cfg, args.episodes, device, args.seed, args.greedy)
+        result["env"] = env_id(cfg)
         if args.video:
             result["video"] = record(
                 agent,
@@ -254,13 +266,11 @@ def main(argv: list[str] | None = None) -> None:
                 greedy=args.greedy,
                 max_frames=args.video_frames,
             )
-    except (ValueError, CheckpointError) as e:
+    except (ValueError, CheckpointError, OSError) as e:  # OSError: the video cannot be written where --video says
+        if result is not None:  # the evaluation finished and its result stands; the video failed
+            print(json.dumps(result))
         print(f"fastdreamer: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # the video cannot be written where --video says
-        print(f"fastdreamer: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    result["env"] = env_id(cfg)
+        sys.exit(1 if isinstance(e, OSError) else 2)
     print(json.dumps(result))
 
 

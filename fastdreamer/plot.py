@@ -9,23 +9,27 @@ import sys
 from pathlib import Path
 
 
-def read_curve(logdir: Path, key: str) -> tuple[list[int], list[float]]:
-    steps, values = [], []
+def read_rows(logdir: Path) -> list[dict]:
+    rows = []
     for line in (logdir / "metrics.jsonl").read_text().splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut short by a crash, or a run still writing it
             continue
-        if isinstance(row, dict) and key in row:
-            steps.append(row["step"])
-            values.append(row[key])
-    return steps, values
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_curve(logdir: Path, key: str) -> tuple[list[int], list[float]]:
+    rows = [row for row in read_rows(logdir) if key in row]
+    return [row["step"] for row in rows], [row[key] for row in rows]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
-    parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--out", type=Path, required=True, help="image to write: curve.png (or .pdf, .svg)")
     parser.add_argument("--key", default="episode/return")
     parser.add_argument("--title", default="")
     args = parser.parse_args(argv)
@@ -35,14 +39,19 @@ def main(argv: list[str] | None = None) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("fastdreamer: error: plotting needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
-        sys.exit(2)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+        fail("plotting needs matplotlib: pip install -e '.[plot]'")
+    if args.out.is_dir() or not args.out.suffix:
+        fail(f"--out {args.out} must name an image file, such as curve.png")
+    curves = {}
     for run in args.runs:
         if not (run / "metrics.jsonl").is_file():
-            print(f"fastdreamer: error: {run} has no metrics.jsonl", file=sys.stderr)
-            sys.exit(2)
-        steps, values = read_curve(run, args.key)
+            fail(f"{run} has no metrics.jsonl")
+        curves[run] = read_curve(run, args.key)
+    if not any(steps for steps, _ in curves.values()):
+        logged = sorted({k for row in read_rows(args.runs[0]) for k in row} - {"step"})
+        fail(f"no run logged {args.key!r}; {args.runs[0]}'s metrics.jsonl has {', '.join(logged)}")
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for run, (steps, values) in curves.items():
         ax.plot(steps, values, label=run.name, linewidth=1.2)
     ax.set_xlabel("env steps")
     ax.set_ylabel(args.key)
@@ -54,9 +63,15 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.out)
     except OSError as e:
-        print(f"fastdreamer: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 1)
+    except ValueError as e:  # a format matplotlib does not write
+        fail(f"--out {args.out}: {e}")
     print(args.out)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"fastdreamer: error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -443,10 +443,48 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
     return {**state, "path": path}
 
 
+class _LogdirLock:
+    """An exclusive lock on a run directory for as long as a run uses it (flock on LOGDIR/.lock, released by the OS
+    if the process dies): a second trainer started on the same --logdir is refused with one line instead of writing
+    into the first one's logs and checkpoint. Making the directory and the lock file here also finds a logdir that
+    cannot be written before anything is built."""
+
+    NAME = ".lock"
+
+    def __init__(self, logdir: Path):
+        self.path = logdir / self.NAME
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise ValueError(
+                f"{self.path.parent} is in use by another fastdreamer run (pid {holder}); wait for it to finish or "
+                f"choose another --logdir"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock; the file stays, unlocked, for the next run
+
+
 def train(cfg: Config, log=print) -> Trainer:
     # The settings, the logdir and the checkpoint are checked before the envs, the agent and the replay are built.
     check_run(cfg)
     logdir = Path(cfg.resolved_logdir())
+    with _LogdirLock(logdir):
+        return _train(cfg, logdir, log)
+
+
+def _train(cfg: Config, logdir: Path, log) -> Trainer:
     state = None
     if cfg.resume:
         state = read_checkpoint(logdir / CHECKPOINT, cfg)

@@ -1,4 +1,6 @@
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -43,6 +45,30 @@ def test_crash_during_write_keeps_old_checkpoint_and_leaves_no_temp_files(tmp_pa
     assert path.read_bytes() == old_bytes
     assert torch.equal(load(path)["model"]["w"], torch.full((3, 4), 1.0))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_a_file_size_limit_mid_save_is_one_oserror_line_and_keeps_the_old_checkpoint(tmp_path):
+    """A real write failure from the kernel (EFBIG under RLIMIT_FSIZE, as ENOSPC on a full disk), in a child process:
+    torch's zip writer answers the OSError with a RuntimeError, which save turns into one OSError line."""
+    path = tmp_path / "ckpt.pt"
+    save(path, payload(1.0))
+    old_bytes = path.read_bytes()
+    code = f"""
+import resource, signal, torch
+from fastdreamer import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing the process
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    checkpoint.save({str(path)!r}, {{"meta": {{}}, "big": torch.zeros(1 << 20)}})
+except OSError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr[-2000:]
+    assert (
+        proc.stdout.strip() == f"checkpoint {path} could not be written (File too large); the file there is unchanged"
+    )
+    assert path.read_bytes() == old_bytes and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_a_temp_file_left_by_a_killed_save_is_removed_by_the_next(tmp_path):

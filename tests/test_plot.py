@@ -23,3 +23,21 @@ def test_plot_refuses_a_dir_without_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         plot.main([str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert exc.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_refuses_an_out_that_is_not_an_image_file_and_a_key_no_run_logged(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "episode/return": 1.0, "loss/dyn": 2.0}) + "\n")
+    for args, message in [
+        (["--out", str(tmp_path)], f"--out {tmp_path} must name an image file"),  # matplotlib would write tmp.png
+        (["--out", str(tmp_path / "curve")], "must name an image file, such as curve.png"),
+        (["--out", str(tmp_path / "c.png"), "--key", "nosuch"], "no run logged 'nosuch'; "),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            plot.main([str(run), *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert "has episode/return, loss/dyn" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

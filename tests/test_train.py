@@ -344,6 +344,13 @@ def main_exit(main, args, capsys):
     [
         (["--env", "CartPol-v1"], "did you mean"),
         (["--train-ratio", "-1"], "--train-ratio must be positive"),
+        (["--train-ratio", "inf"], "--train-ratio must be positive and finite, got inf"),
+        (["--lr", "nan"], "--lr must be positive and finite, got nan"),
+        (["--batch-length", "1"], "--batch-length must be at least 2"),
+        (["--image-size", "63"], "--image-size must be a multiple of 16 from 48 to 256"),
+        (["--seed", "-1"], "--seed must be in [0, 2**31)"),
+        (["--env", "math:Foo-v0"], "math:Foo-v0 cannot be made: Environment `Foo` doesn't exist"),
+        (["--env", "nosuchmodule.sub:Baz-v0"], "cannot be made: No module named 'nosuchmodule'"),
         (["--size", "13m"], "unknown size '13m'"),
         (["--threads", "-1"], "--threads must be 0"),
         (["--report-context", "0"], "--report-context at least 1"),
@@ -404,6 +411,28 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "(--loss-rep 0.1 -> 5.0, --lr 0.0003 -> 0.01)" in err and len(err.strip().splitlines()) == 1
     code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt), "--video", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(tmp_path)], capsys)
+    assert code == 2 and f"checkpoint {tmp_path} is a directory" in err and len(err.strip().splitlines()) == 1
+    # The video is a GIF: another name is refused, and so is the checkpoint itself (it would be overwritten).
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt), "--video", str(tmp_path / "v.txt")], capsys)
+    assert code == 2 and "must name a .gif file" in err and len(err.strip().splitlines()) == 1
+    gif_named = tmp_path / "run.gif"
+    gif_named.write_bytes(b"checkpoint bytes")
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(gif_named), "--video", str(gif_named)], capsys)
+    assert code == 2 and "is the checkpoint being evaluated" in err and gif_named.read_bytes() == b"checkpoint bytes"
+
+
+def test_a_second_trainer_on_a_logdir_in_use_is_refused(tmp_path, capsys):
+    logdir = tmp_path / "run"
+    with train_mod._LogdirLock(logdir):  # as a trainer running there holds it
+        code, err = main_exit(train_mod.main, [*TINY, "--steps", "40", "--logdir", str(logdir)], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{logdir} is in use by another fastdreamer run (pid {os.getpid()})" in err, err
+        assert sorted(p.name for p in logdir.iterdir()) == [".lock"]  # nothing of the refused run was written
+    # Released with the run: the same logdir trains, and the lock is free again after it.
+    train(tiny_config(tmp_path, steps=40, logdir=str(logdir)), log=lambda *_: None)
+    with train_mod._LogdirLock(logdir):
+        pass
 
 
 def test_a_resume_is_checked_before_anything_is_built_and_makes_its_envs_once(tmp_path, monkeypatch):

@@ -76,6 +76,14 @@ def test_eval_writes_the_video_it_reports(checkpoints, tmp_path):
     assert gif.size == (2 * VIDEO_HEIGHT * 600 // 400, VIDEO_HEIGHT)
     bad = run("fastdreamer.eval", *args, "--video-frames", "0")
     assert bad.returncode == 2 and bad.stderr.strip() == "fastdreamer: error: --video-frames must be at least 1, got 0"
+    # A video that cannot be written (its folder would be a file) fails with one line, and the evaluation that
+    # finished before it still prints its result.
+    blocked = ["--checkpoint", str(checkpoints["cartpole"]), "--episodes", "2", "--video", str(path / "x.gif")]
+    failed = run("fastdreamer.eval", *blocked, "--video-episodes", "1", "--video-frames", "5")
+    assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr[-2000:]
+    assert "Not a directory" in failed.stderr or "File exists" in failed.stderr, failed.stderr
+    shown = json.loads(failed.stdout)
+    assert shown["episodes"] == 2 and shown["mean"] == result["mean"] and "video" not in shown
 
 
 @pytest.mark.skipif("WalkerWalk-v1" not in envpool.list_all_envs(), reason="this envpool build has no dm_control")
