@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ from .config import (
     PRESETS,
     SIZES,
     Config,
+    config_from_dict,
     env_id,
     env_kwargs,
     preset_defaults,
@@ -92,12 +94,30 @@ def parse(argv: list[str] | None = None) -> Config:
     pre.add_argument("--env", default=Config.env)
     known, _ = pre.parse_known_args(argv)
     presets = ", ".join(f"{k} ({p.env_id})" for k, p in PRESETS.items())
-    return tyro.cli(
-        Config,
-        default=preset_defaults(known.env),
-        args=argv,
-        description=f"Train DreamerV3. Presets: {presets}. Sizes: {', '.join(SIZES)}.",
-    )
+
+    def cli(default: Config) -> Config:
+        description = f"Train DreamerV3. Presets: {presets}. Sizes: {', '.join(SIZES)}."
+        return tyro.cli(Config, default=default, args=argv, description=description)
+
+    cfg = cli(preset_defaults(known.env))
+    if cfg.resume:
+        # A resumed run starts from the settings its logdir recorded (config.json, the last start's), so that
+        # `--logdir L --resume` continues it and `--resume --steps N` extends it; flags given here still override
+        # (and read_checkpoint refuses those that change what the run computes).
+        saved = saved_config(Path(cfg.resolved_logdir()))
+        if saved is not None:
+            cfg = cli(saved)
+    return cfg
+
+
+def saved_config(logdir: Path) -> Config | None:
+    """The Config in logdir/config.json, or None where there is none that reads (the checkpoint's checks then
+    report what is wrong)."""
+    try:
+        saved = json.loads((logdir / "config.json").read_text())
+        return config_from_dict(saved) if isinstance(saved, dict) else None
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def resolve_device(name: str) -> torch.device:

@@ -422,6 +422,20 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "is the checkpoint being evaluated" in err and gif_named.read_bytes() == b"checkpoint bytes"
 
 
+def test_a_resume_starts_from_the_settings_its_logdir_recorded(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40)
+    train(cfg, log=lambda *_: None)
+    # Only where, how long and a changed run setting are given: everything else is the run's, not cartpole's preset.
+    resumed = train_mod.parse(["--logdir", cfg.logdir, "--resume", "--steps", "80", "--log-every", "5"])
+    assert resumed == dataclasses.replace(cfg, resume=True, steps=80, log_every=5.0)
+    train_mod.main(["--logdir", cfg.logdir, "--resume", "--steps", "80"])
+    state = checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")
+    assert state["counters"]["env_steps"] == 80 and state["config"]["batch_size"] == cfg.batch_size
+    # Without a config.json that reads, the preset's defaults as before (and the checkpoint's checks say what differs).
+    (Path(cfg.logdir) / "config.json").write_text("{not json")
+    assert train_mod.parse(["--logdir", cfg.logdir, "--resume"]).size == preset_defaults("cartpole").size
+
+
 def test_a_second_trainer_on_a_logdir_in_use_is_refused(tmp_path, capsys):
     logdir = tmp_path / "run"
     with train_mod._LogdirLock(logdir):  # as a trainer running there holds it
