@@ -50,21 +50,24 @@ def save(path: str | Path, payload: dict) -> None:
             os.unlink(tmp)
         # A full disk or a file-size limit reaches torch's zip writer as an OSError, which it answers with a
         # RuntimeError ("[enforce fail at inline_container.cc:...] unexpected pos"): one OSError line instead.
-        reason = _os_error(e)
-        if reason is None:
+        cause = _os_error(e)
+        if cause is None:
             raise
-        raise OSError(f"checkpoint {path} could not be written ({reason}); the file there is unchanged") from None
+        kept = "the previous checkpoint is kept" if path.exists() else "nothing was written"
+        error = OSError(f"checkpoint {path} could not be written ({cause.strerror or cause}); {kept}")
+        error.errno = cause.errno
+        raise error from None
     _fsync_dir(path.parent)  # the rename itself is durable only once the directory entry is on disk
 
 
-def _os_error(e: BaseException) -> str | None:
-    """The reason of the first OSError in e's chain (e itself, its cause or its context), or None."""
+def _os_error(e: BaseException) -> OSError | None:
+    """The first OSError in e's chain (e, then its cause or unsuppressed context, and so on), or None."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
-            return e.strerror or str(e) or type(e).__name__
+            return e
         seen.add(id(e))
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
     return None
 
 

@@ -107,7 +107,7 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
     try:
         kwargs = {**env_kwargs(cfg), "render_mode": "rgb_array"}
         env = make_env(env_name, n, seed, device, env_kwargs=kwargs, gymnasium_only=True)
-    except (gymnasium.error.Error, TypeError) as e:  # an env that takes no render_mode
+    except (gymnasium.error.Error, TypeError, ValueError) as e:  # an env that takes no render_mode, cannot be made
         raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)}") from None
     got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim, env.spec.act_classes)
     if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim, spec.act_classes):

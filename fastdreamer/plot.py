@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         logged = sorted({k for row in read_rows(args.runs[0]) for k in row} - {"step"})
         fail(f"no run logged {args.key!r}; {args.runs[0]}'s metrics.jsonl has {', '.join(logged)}")
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    formats = fig.canvas.get_supported_filetypes()
+    if args.out.suffix.lstrip(".").lower() not in formats:
+        fail(f"--out {args.out}: matplotlib writes {', '.join(sorted(formats))}, not {args.out.suffix}")
     for run, (steps, values) in curves.items():
         ax.plot(steps, values, label=run.name, linewidth=1.2)
     ax.set_xlabel("env steps")
@@ -64,8 +67,6 @@ def main(argv: list[str] | None = None) -> None:
         fig.savefig(args.out)
     except OSError as e:
         fail(str(e), 1)
-    except ValueError as e:  # a format matplotlib does not write
-        fail(f"--out {args.out}: {e}")
     print(args.out)
 
 

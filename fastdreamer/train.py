@@ -7,12 +7,15 @@ batch, update, and write the refreshed latents back to replay; log once per inte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -104,20 +107,34 @@ def parse(argv: list[str] | None = None) -> Config:
         # A resumed run starts from the settings its logdir recorded (config.json, the last start's), so that
         # `--logdir L --resume` continues it and `--resume --steps N` extends it; flags given here still override
         # (and read_checkpoint refuses those that change what the run computes).
-        saved = saved_config(Path(cfg.resolved_logdir()))
+        try:
+            logdir = cfg.resolved_logdir()
+        except ValueError:  # a bad --logdir template: validate reports it in one line
+            return cfg
+        saved = saved_config(Path(logdir))
         if saved is not None:
             cfg = cli(saved)
     return cfg
 
 
+# Where and how a run computes on this machine: a resumed run takes this start's (auto unless given), not the
+# recorded ones, which may name a device or a mode the machine it resumes on does not have.
+MACHINE_FIELDS = ("device", "threads", "mode", "precision", "gru_impl")
+
+
 def saved_config(logdir: Path) -> Config | None:
-    """The Config in logdir/config.json, or None where there is none that reads (the checkpoint's checks then
-    report what is wrong)."""
+    """The Config in logdir/config.json, with logdir set to the folder it was read from (a moved or copied run
+    continues where it is) and MACHINE_FIELDS at their defaults; None where there is none that reads (the
+    checkpoint's checks then report what is wrong)."""
     try:
         saved = json.loads((logdir / "config.json").read_text())
-        return config_from_dict(saved) if isinstance(saved, dict) else None
+        if not isinstance(saved, dict):
+            return None
+        cfg = config_from_dict(saved)
     except (OSError, ValueError, TypeError):
         return None
+    machine = {name: getattr(Config(), name) for name in MACHINE_FIELDS}
+    return dataclasses.replace(cfg, logdir=str(logdir), **machine)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -464,35 +481,50 @@ def read_checkpoint(path: Path, cfg: Config) -> dict:
 
 
 class _LogdirLock:
-    """An exclusive lock on a run directory for as long as a run uses it (flock on LOGDIR/.lock, released by the OS
-    if the process dies): a second trainer started on the same --logdir is refused with one line instead of writing
-    into the first one's logs and checkpoint. Making the directory and the lock file here also finds a logdir that
-    cannot be written before anything is built."""
+    """An exclusive lock on a run directory while `train` uses it (flock on LOGDIR/.lock, released by the OS if the
+    process dies): a second trainer started on the same --logdir is refused with one line instead of writing into
+    the first one's logs and checkpoint. Making the directory and the lock file here also finds a logdir that cannot
+    be written before anything is built. A start that fails before writing anything removes what it made; a
+    filesystem without locks (some NFS, Lustre or FUSE mounts) runs without the guard, with a warning."""
 
     NAME = ".lock"
+    UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
-    def __init__(self, logdir: Path):
-        self.path = logdir / self.NAME
+    def __init__(self, logdir: Path, warn=print):
+        self.logdir, self.path, self.warn = logdir, logdir / self.NAME, warn
 
     def __enter__(self):
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.created = not self.logdir.exists()
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children (PEP 446)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            holder = os.pread(self.fd, 128, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             raise ValueError(
-                f"{self.path.parent} is in use by another fastdreamer run (pid {holder}); wait for it to finish or "
-                f"choose another --logdir"
+                f"{self.logdir} is in use by another fastdreamer run ({holder}); wait for it to finish or choose "
+                f"another --logdir"
             ) from None
+        except OSError as e:
+            if e.errno not in self.UNSUPPORTED:
+                os.close(self.fd)
+                raise
+            self.warn(
+                f"fastdreamer: warning: {self.logdir} cannot be locked ({e.strerror}); nothing stops a second run there"
+            )
         os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         return self
 
     def __exit__(self, *exc):
+        # A start that failed before writing anything (an unknown env, a refused resume) leaves no empty run behind.
+        if self.created and [p.name for p in self.logdir.iterdir()] == [self.NAME]:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                self.logdir.rmdir()
         os.close(self.fd)  # releases the lock; the file stays, unlocked, for the next run
 
 
@@ -500,7 +532,7 @@ def train(cfg: Config, log=print) -> Trainer:
     # The settings, the logdir and the checkpoint are checked before the envs, the agent and the replay are built.
     check_run(cfg)
     logdir = Path(cfg.resolved_logdir())
-    with _LogdirLock(logdir):
+    with _LogdirLock(logdir, warn=log):
         return _train(cfg, logdir, log)
 
 

@@ -33,6 +33,7 @@ def test_plot_refuses_an_out_that_is_not_an_image_file_and_a_key_no_run_logged(t
     for args, message in [
         (["--out", str(tmp_path)], f"--out {tmp_path} must name an image file"),  # matplotlib would write tmp.png
         (["--out", str(tmp_path / "curve")], "must name an image file, such as curve.png"),
+        (["--out", str(tmp_path / "new" / "c.xyz")], "matplotlib writes "),  # and no folder "new" is made
         (["--out", str(tmp_path / "c.png"), "--key", "nosuch"], "no run logged 'nosuch'; "),
     ]:
         with pytest.raises(SystemExit) as exc:

@@ -1,10 +1,13 @@
 """The train and eval commands end to end: presets, exact resume, divergence, and bad input."""
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -427,8 +430,15 @@ def test_a_resume_starts_from_the_settings_its_logdir_recorded(tmp_path):
     train(cfg, log=lambda *_: None)
     # Only where, how long and a changed run setting are given: everything else is the run's, not cartpole's preset.
     resumed = train_mod.parse(["--logdir", cfg.logdir, "--resume", "--steps", "80", "--log-every", "5"])
-    assert resumed == dataclasses.replace(cfg, resume=True, steps=80, log_every=5.0)
-    train_mod.main(["--logdir", cfg.logdir, "--resume", "--steps", "80"])
+    # Where and how it runs on this machine is this start's (the defaults here), not the recorded --mode eager.
+    machine = {name: getattr(Config(), name) for name in train_mod.MACHINE_FIELDS}
+    assert cfg.mode == "eager" and machine["mode"] == "auto"
+    assert resumed == dataclasses.replace(cfg, resume=True, steps=80, log_every=5.0, **machine)
+    # A run moved or copied elsewhere continues where it is, not in the folder its config.json names.
+    moved = tmp_path / "moved"
+    shutil.copytree(cfg.logdir, moved)
+    assert train_mod.parse(["--logdir", str(moved), "--resume"]).resolved_logdir() == str(moved)
+    train_mod.main(["--logdir", cfg.logdir, "--resume", "--steps", "80", "--mode", "eager"])
     state = checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")
     assert state["counters"]["env_steps"] == 80 and state["config"]["batch_size"] == cfg.batch_size
     # Without a config.json that reads, the preset's defaults as before (and the checkpoint's checks say what differs).
@@ -436,13 +446,32 @@ def test_a_resume_starts_from_the_settings_its_logdir_recorded(tmp_path):
     assert train_mod.parse(["--logdir", cfg.logdir, "--resume"]).size == preset_defaults("cartpole").size
 
 
+def test_a_logdir_that_cannot_be_locked_trains_with_a_warning(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, op):  # what flock answers on an NFS mount without a lock daemon
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lines = []
+    cfg = tiny_config(tmp_path, steps=40)
+    train(cfg, log=lines.append)
+    assert f"fastdreamer: warning: {cfg.logdir} cannot be locked (No locks available)" in lines[0], lines
+    assert checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")["counters"]["env_steps"] == 40
+
+
 def test_a_second_trainer_on_a_logdir_in_use_is_refused(tmp_path, capsys):
     logdir = tmp_path / "run"
     with train_mod._LogdirLock(logdir):  # as a trainer running there holds it
         code, err = main_exit(train_mod.main, [*TINY, "--steps", "40", "--logdir", str(logdir)], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
-        assert f"{logdir} is in use by another fastdreamer run (pid {os.getpid()})" in err, err
+        holder = f"pid {os.getpid()} on {socket.gethostname()}"
+        assert f"{logdir} is in use by another fastdreamer run ({holder})" in err, err
         assert sorted(p.name for p in logdir.iterdir()) == [".lock"]  # nothing of the refused run was written
+    # A start refused after the lock (here the env) leaves no folder behind where it made one.
+    other = tmp_path / "other"
+    code, err = main_exit(train_mod.main, [*TINY, "--env", "CartPol-v1", "--logdir", str(other)], capsys)
+    assert code == 2 and "did you mean" in err and not other.exists(), err
     # Released with the run: the same logdir trains, and the lock is free again after it.
     train(tiny_config(tmp_path, steps=40, logdir=str(logdir)), log=lambda *_: None)
     with train_mod._LogdirLock(logdir):
