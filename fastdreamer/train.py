@@ -93,6 +93,7 @@ def parse(argv: list[str] | None = None) -> Config:
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    unknown_flags(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--env", default=Config.env)
     known, _ = pre.parse_known_args(argv)
@@ -100,7 +101,7 @@ def parse(argv: list[str] | None = None) -> Config:
 
     def cli(default: Config) -> Config:
         description = f"Train DreamerV3. Presets: {presets}. Sizes: {', '.join(SIZES)}."
-        return tyro.cli(Config, default=default, args=argv, description=description)
+        return tyro.cli(Config, default=default, args=argv, description=description, prog="fastdreamer.train")
 
     cfg = cli(preset_defaults(known.env))
     if cfg.resume:
@@ -115,6 +116,21 @@ def parse(argv: list[str] | None = None) -> Config:
         if saved is not None:
             cfg = cli(saved)
     return cfg
+
+
+def unknown_flags(argv: list[str]) -> None:
+    """A mistyped flag is one line naming the closest ones and exit code 2 (tyro's answer is a box of ten)."""
+    fields = dataclasses.fields(Config)
+    flags = {f"--{f.name.replace('_', '-')}" for f in fields}
+    flags |= {f"--no-{f.name.replace('_', '-')}" for f in fields if f.type in (bool, "bool")}
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        spelled = "--" + flag[2:].replace("_", "-")  # tyro takes --batch_size as --batch-size
+        if flag.startswith("--") and spelled not in flags | {"--help"}:
+            close = difflib.get_close_matches(spelled, sorted(flags), 3, 0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; --help lists them"
+            print(f"fastdreamer: error: unknown flag {flag}{hint}", file=sys.stderr)
+            sys.exit(2)
 
 
 # Where and how a run computes on this machine: a resumed run takes this start's (auto unless given), not the

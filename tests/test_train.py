@@ -346,6 +346,8 @@ def main_exit(main, args, capsys):
     "args,message",
     [
         (["--env", "CartPol-v1"], "did you mean"),
+        (["--bach-size", "3"], "unknown flag --bach-size; did you mean --batch-size"),
+        (["--no-progres"], "unknown flag --no-progres; did you mean --no-progress"),
         (["--train-ratio", "-1"], "--train-ratio must be positive"),
         (["--train-ratio", "inf"], "--train-ratio must be positive and finite, got inf"),
         (["--lr", "nan"], "--lr must be positive and finite, got nan"),
