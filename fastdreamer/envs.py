@@ -71,6 +71,23 @@ def _envpool_call(env_id: str, fn, *args, **kwargs):
         raise ValueError(f"envpool could not make {env_id}: {first}") from None
 
 
+class EnvError(RuntimeError):
+    """An env raised while it reset or stepped: a bug in the env, raised from the env's own exception so that its
+    traceback shows (not bad input to this trainer)."""
+
+
+class EnvDataError(ValueError):
+    """An env returned an observation outside its space (non-finite, a discrete value out of range), as the
+    reference's CheckSpaces refuses; one line."""
+
+
+def env_seeds(seed: int, num_envs: int) -> list[int]:
+    """Env i's seed in a run of `seed`: a hash of (seed, i), as the reference seeds its envs, so that runs of
+    adjacent seeds share no env stream (seed + i, what envpool and Gymnasium do with one seed, gives seeds 0 and 1
+    all envs but one in common). 31 bits: envpool takes int32."""
+    return [int(x) >> 1 for x in np.random.SeedSequence(seed).generate_state(num_envs)]
+
+
 def make_env(
     env_id: str,
     num_envs: int,
@@ -105,9 +122,15 @@ def make_env(
         with warnings.catch_warnings():  # envpool builds float64 Box bounds that gymnasium warns about casting
             warnings.filterwarnings("ignore", message=".*precision lowered.*")
             pool = _envpool_call(
-                env_id, envpool.make, env_id, env_type="gymnasium", num_envs=num_envs, seed=seed, **env_kwargs
+                env_id,
+                envpool.make,
+                env_id,
+                env_type="gymnasium",
+                num_envs=num_envs,
+                env_seed=env_seeds(seed, num_envs),
+                **env_kwargs,
             )
-            return VecEnv(_EnvpoolBackend(pool, seed), env_id, num_envs, device, image_size)
+            return VecEnv(_EnvpoolBackend(pool), env_id, num_envs, device, image_size)
     if ":" in env_id or env_id in gymnasium.registry:
         try:
             envs = gymnasium.vector.SyncVectorEnv(
@@ -118,7 +141,7 @@ def make_env(
         except (gymnasium.error.Error, ImportError) as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{env_id} cannot be made: {reason}") from None
-        return VecEnv(_GymBackend(envs, seed), env_id, num_envs, device, image_size)
+        return VecEnv(_GymBackend(envs, env_seeds(seed, num_envs)), env_id, num_envs, device, image_size)
     raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
 
 
@@ -126,7 +149,7 @@ class _EnvpoolBackend:
     """send() returns at once and envpool's worker threads step the envs while the caller works (measured on the
     2-core CPU, 16 Pong envs: recv waits 3.1 ms right after send, 0.05 ms after 5 ms of other work)."""
 
-    def __init__(self, pool: Any, seed: int):
+    def __init__(self, pool: Any):
         self.pool, self.obs_space, self.act_space = pool, pool.observation_space, pool.action_space
         self.ids = np.arange(pool.config["num_envs"], dtype=np.int32)
 
@@ -148,8 +171,8 @@ class _EnvpoolBackend:
 
 
 class _GymBackend:
-    def __init__(self, envs: gymnasium.vector.VectorEnv, seed: int):
-        self.envs, self.seed = envs, seed
+    def __init__(self, envs: gymnasium.vector.VectorEnv, seeds: list[int]):
+        self.envs, self.seed = envs, seeds
         self.obs_space, self.act_space = envs.single_observation_space, envs.single_action_space
 
     def reset(self) -> Any:
@@ -178,6 +201,7 @@ class _Field:
     chw: bool = False  # source image is CHW
     gray: bool = False  # source image is (H, W): one channel added
     start: Any = 0  # a discrete space's first value (Discrete.start, MultiDiscrete.start), subtracted
+    classes: Any = None  # a discrete space's number of values per element (nvec), to check what the env returns
 
 
 def _label(path: tuple) -> str:
@@ -204,7 +228,7 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             nvec = np.asarray(sub.nvec if isinstance(sub, gymnasium.spaces.MultiDiscrete) else sub.n).reshape(-1)
             width = len(nvec)
             start = np.asarray(sub.start).reshape(-1)  # per element; broadcasts over the (N, width) columns
-            fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start))
+            fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start, classes=nvec))
             disc_cols += width
             classes = max(classes, int(nvec.max()))
             continue
@@ -341,8 +365,9 @@ class VecEnv:
             # would overflow.
             bounded = (np.abs(low) < 1e30) & (np.abs(high) < 1e30)
             # a in [-1, 1] -> low + (a + 1) / 2 * (high - low); unbounded dims pass through the clipped value.
-            self._act_scale = np.where(bounded, (high - low) / 2, 1.0)
-            self._act_shift = np.where(bounded, (high + low) / 2, 0.0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the unbounded dims, not used
+                self._act_scale = np.where(bounded, (high - low) / 2, 1.0)
+                self._act_shift = np.where(bounded, (high + low) / 2, 0.0)
             self._act_shape, self._act_dtype = tuple(act.shape), act.dtype
             self._act_buf = np.empty((num_envs, act_dim), np.float64)
             if np.issubdtype(act.dtype, np.integer):  # the rounded action is clipped to what the cast can hold
@@ -362,7 +387,7 @@ class VecEnv:
     def reset(self) -> dict[str, torch.Tensor]:
         if self.pending:
             raise RuntimeError("reset called while a step_async is in flight; call step_wait first")
-        obs = self.backend.reset()
+        obs = self._call("reset", self.backend.reset)
         self._done[:] = False
         self._ep_return[:] = 0
         self._ep_length[:] = 0
@@ -384,13 +409,13 @@ class VecEnv:
         envpool the envs step on its threads in between, so the trainer runs its updates there."""
         if self.pending:
             raise RuntimeError("step_async called twice without step_wait")
-        self.backend.send(self._host_action(action))
+        self._call("step", self.backend.send, self._host_action(action))
         self.pending = True
 
     def step_wait(self) -> dict[str, torch.Tensor]:
         if not self.pending:
             raise RuntimeError("step_wait called without a step_async before it")
-        obs, reward, terminated, truncated = self.backend.recv()
+        obs, reward, terminated, truncated = self._call("step", self.backend.recv)
         self.pending = False
         first = self._done  # these envs ignored the action and returned a reset observation
         last = terminated | truncated
@@ -412,6 +437,12 @@ class VecEnv:
                 self._episodes.append((float(self._ep_return[i]), int(self._ep_length[i])))
         self._done = ended.copy()
         return self._upload()
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise EnvError(f"{self.spec.env_id} raised {type(e).__name__} in {what}: {e}") from e
 
     def pop_episodes(self) -> list[tuple[float, int]]:
         """(return, length) of the episodes that ended since the last call; length counts env transitions."""
@@ -460,15 +491,27 @@ class VecEnv:
             if f.key == "image":
                 np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
             elif f.key == "discrete":
-                np.copyto(out["discrete"][:, f.cols], np.reshape(src, (n, -1)) - f.start, casting="unsafe")
+                values = out["discrete"][:, f.cols]
+                np.copyto(values, np.reshape(src, (n, -1)) - f.start, casting="unsafe")
+                bad = ((values < 0) | (values >= f.classes)).any(-1)  # their one-hots would be all zeros
+                if bad.any():
+                    self._bad_obs(f, src, bad, f"outside its space ({f.classes.tolist()} values from {f.start})")
             else:
                 np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
+                bad = ~np.isfinite(out["vector"][:, f.cols]).all(-1)  # in float32, as training reads it
+                if bad.any():
+                    self._bad_obs(f, src, bad, "that is not finite (in float32)")
+
+    def _bad_obs(self, f: _Field, src, bad: np.ndarray, why: str) -> None:
+        i = int(np.flatnonzero(bad)[0])
+        value = np.array2string(np.reshape(src, (self.num_envs, -1))[i], threshold=8)
+        raise EnvDataError(f"{self.spec.env_id} (env {i}) returned {_label(f.src)} {value} {why}")
 
     def _upload(self) -> dict[str, torch.Tensor]:
         data = self._staging.upload()
         if self._resize:
             size = self.spec.obs["image"][0][:2]
             img = data["image"].permute(0, 3, 1, 2).float()  # (N, C, H, W)
-            img = F.interpolate(img, size=size, mode="area")
+            img = F.interpolate(img, size=size, mode="nearest-exact")  # the reference's ResizeImage: PIL's NEAREST
             data["image"] = img.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
         return data

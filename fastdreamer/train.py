@@ -39,7 +39,7 @@ from .config import (
     resume_differences,
     validate,
 )
-from .envs import make_env
+from .envs import EnvDataError, EnvError, make_env
 from .kernels import block_gru
 from .logger import Logger, to_host
 from .optim import LaProp
@@ -194,6 +194,8 @@ def make_env_or_explain(cfg: Config, device: torch.device, seed: int | None = No
     try:
         return make_env(env_id(cfg), cfg.num_envs, seed, device, image_size=cfg.image_size, env_kwargs=env_kwargs(cfg))
     except TypeError as e:  # gymnasium.make's or envpool's answer to a keyword the env does not take
+        if not cfg.env_kwargs:  # none given: the env itself is broken (spaces that are not spaces, ...)
+            raise ValueError(f"{env_id(cfg)} cannot be made: {e}") from None
         raise ValueError(f"{env_id(cfg)} does not take --env-kwargs {cfg.env_kwargs}: {e}") from None
     except ValueError as e:
         close = difflib.get_close_matches(cfg.env.lower(), PRESETS, 3, 0.6)
@@ -626,8 +628,13 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
                         f"stopped at {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint "
                         f"{path}: continue with --resume"
                     )
-                if trainer.env_steps >= cfg.steps:
+                try:  # the step in flight: where an env that fails does, the state is an update boundary's
                     trainer.observe()
+                except (EnvError, EnvDataError):
+                    path = trainer.save()
+                    log(f"fastdreamer: the env failed; checkpoint {path}: fix it, then continue with --resume")
+                    raise
+                if trainer.env_steps >= cfg.steps:
                     break
                 trainer.act()
                 if time.time() - last["time"] >= cfg.log_every:

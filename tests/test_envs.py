@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from fastdreamer.envs import ATARI_DEFAULTS, make_env
+from fastdreamer.envs import ATARI_DEFAULTS, env_seeds, make_env
 
 # Raw envpool (the reference in several tests) builds float64 Box bounds that gymnasium warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:.*precision lowered")
@@ -178,7 +179,26 @@ TINY_ENVS = textwrap.dedent(
                 "pair": (np.array([t, -t], np.float32), {"bit": np.array([t % 2], np.int8)}),
             }
 
+    class Bad(Clock):
+        # Misbehaves from step `at` on: "raise" in step, "nan" in a vector observation, "disc" a Discrete(3)
+        # observation of 5.
+        observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (2,), np.float32), "k": gym.spaces.Discrete(3)})
+
+        def __init__(self, how="raise", at=3):
+            self.how, self.at = how, at
+
+        def obs(self):
+            bad = self.t >= self.at
+            return {"x": np.array([np.nan if bad and self.how == "nan" else 0.5, 0.0], np.float32),
+                    "k": 5 if bad and self.how == "disc" else 1}
+
+        def step(self, action):
+            if self.t + 1 >= self.at and self.how == "raise":
+                raise KeyError("level 3 is missing")
+            return super().step(action)
+
     gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
+    gym.register("FdTinyBad-v0", entry_point=Bad)
     gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
     gym.register("FdTinyMixed-v0", entry_point=Mixed, max_episode_steps=50)
     gym.register("FdTinyPair-v0", entry_point=Pair)
@@ -260,7 +280,9 @@ def test_envpool_cartpole_flags_terminal_vs_truncated_and_autoreset():
     assert terminated > 0 and truncated > 0, "the rollout must exercise both endings"
     assert env.pop_episodes() == []
     # The same seed and actions on raw envpool: our flags are its flags, and its auto-reset step is elapsed_step 0.
-    pool = envpool.make("CartPole-v1", env_type="gymnasium", num_envs=n, seed=3, max_episode_steps=limit)
+    pool = envpool.make(
+        "CartPole-v1", env_type="gymnasium", num_envs=n, env_seed=env_seeds(3, n), max_episode_steps=limit
+    )
     obs, info = pool.reset()
     assert np.array_equal(out["vector"][0].numpy(), obs)
     for t, act in enumerate(actions, start=1):
@@ -443,7 +465,13 @@ def test_pong_is_64x64_gray_hwc_with_the_reference_settings():
     out, _ = _rollout(env, 3)
     assert out["image"].shape == (4, 2, 64, 64, 1) and out["image"].float().std() > 0
     pool = envpool.make(
-        "Pong-v5", env_type="gymnasium", num_envs=2, seed=0, img_height=64, img_width=64, **ATARI_DEFAULTS
+        "Pong-v5",
+        env_type="gymnasium",
+        num_envs=2,
+        env_seed=env_seeds(0, 2),
+        img_height=64,
+        img_width=64,
+        **ATARI_DEFAULTS,
     )
     obs, _ = pool.reset()  # (N, C, H, W)
     assert np.array_equal(out["image"][0].numpy(), obs.transpose(0, 2, 3, 1))
@@ -464,11 +492,11 @@ def test_carracing_is_resized_to_64x64x3():
     assert env.spec.obs == {"image": ((64, 64, 3), torch.uint8)} and not env.spec.discrete and env.spec.act_dim == 3
     out, _ = _rollout(env, 2)
     assert out["image"].shape == (3, 2, 64, 64, 3) and out["image"].dtype == torch.uint8
-    pool = envpool.make("CarRacing-v3", env_type="gymnasium", num_envs=2, seed=0)
+    pool = envpool.make("CarRacing-v3", env_type="gymnasium", num_envs=2, env_seed=env_seeds(0, 2))
     obs, _ = pool.reset()  # (N, 96, 96, 3)
-    ref = F.interpolate(torch.from_numpy(obs).permute(0, 3, 1, 2).float(), size=(64, 64), mode="area")
-    ref = ref.round().to(torch.uint8).permute(0, 2, 3, 1)
-    assert torch.equal(out["image"][0], ref)
+    # The reference's ResizeImage: PIL's NEAREST.
+    ref = np.stack([np.asarray(Image.fromarray(o).resize((64, 64), Image.NEAREST)) for o in obs])
+    assert torch.equal(out["image"][0], torch.from_numpy(ref))
     env.close()
     pool.close()
 
@@ -485,7 +513,7 @@ def test_walker_walk_flattens_proprio_in_sorted_key_order():
     assert env.spec.obs == {"vector": ((24,), torch.float32)} and not env.spec.discrete and env.spec.act_dim == 6
     out, _ = _rollout(env, 2)
     assert out["vector"].shape == (3, 2, 24) and out["vector"].dtype == torch.float32
-    pool = envpool.make("WalkerWalk-v1", env_type="gymnasium", num_envs=2, seed=0)
+    pool = envpool.make("WalkerWalk-v1", env_type="gymnasium", num_envs=2, env_seed=env_seeds(0, 2))
     obs, _ = pool.reset()
     flat = np.concatenate([obs[k].reshape(2, -1) for k in ("height", "orientations", "velocity")], axis=1)
     np.testing.assert_allclose(out["vector"][0].numpy(), flat.astype(np.float32))
@@ -510,7 +538,9 @@ def test_dmc_auto_reset_step_has_reward_zero_although_envpool_repeats_the_last_r
     out, actions = _rollout(env, 8)
     _check_flags(out, env.pop_episodes(), 3)
     assert out["is_first"][4].all() and not out["is_terminal"].any(), "DMC's time limit is a truncation"
-    pool = envpool.make("WalkerWalk-v1", env_type="gymnasium", num_envs=2, seed=0, max_episode_steps=3)
+    pool = envpool.make(
+        "WalkerWalk-v1", env_type="gymnasium", num_envs=2, env_seed=env_seeds(0, 2), max_episode_steps=3
+    )
     pool.reset()
     raw = [pool.step(act.numpy().astype(np.float64))[1] for act in actions]
     assert (raw[3] != 0).all(), "if envpool stops repeating the reward, this test no longer guards anything"
@@ -637,3 +667,64 @@ def test_videos_of_envs_that_cannot_be_filmed_alike_are_one_clear_line(tiny_envs
     other = dataclasses.replace(spec, obs={"vector": ((5,), torch.float32)})
     with pytest.raises(ValueError, match="the agent was trained on"):
         check_video("CartPole-v1", Config(), other)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Gymnasium's passive checker sees the bad observations too
+def test_an_env_that_fails_or_returns_what_its_space_does_not_hold_is_named(tiny_envs):
+    """A NaN or an out-of-range class is refused as it arrives (the reference's CheckSpaces), in one line naming the
+    env, the env index and the observation; an env that raises is an EnvError from the env's own exception."""
+    from fastdreamer.envs import EnvDataError, EnvError
+
+    cases = [
+        ("nan", EnvDataError, "(env 0) returned observation 'x' [nan  0.] that is not finite (in float32)"),
+        ("disc", EnvDataError, "(env 0) returned observation 'k' [5] outside its space"),
+        ("raise", EnvError, "FdTinyBad-v0 raised KeyError in step: 'level 3 is missing'"),
+    ]
+    for how, error, message in cases:
+        env = make_env(f"{tiny_envs}:FdTinyBad-v0", 2, 0, "cpu", env_kwargs={"how": how, "at": 2})
+        env.reset()
+        env.step(torch.zeros(2, dtype=torch.int64))
+        with pytest.raises(error) as e:
+            env.step(torch.zeros(2, dtype=torch.int64))
+        assert message in str(e.value) and "\n" not in str(e.value), (how, str(e.value))
+        if error is EnvError:
+            assert isinstance(e.value.__cause__, KeyError)  # the env's traceback is kept
+        env.close()
+
+
+def test_an_env_that_fails_mid_run_leaves_a_checkpoint_of_the_last_update_boundary(tiny_envs, tmp_path):
+    from test_train import tiny_config
+
+    from fastdreamer import checkpoint
+    from fastdreamer.envs import EnvError
+    from fastdreamer.train import train
+
+    lines = []
+    cfg = tiny_config(tmp_path, env=f"{tiny_envs}:FdTinyBad-v0", env_kwargs='{"how": "raise", "at": 30}', steps=100)
+    with pytest.raises(EnvError, match="raised KeyError in step"):
+        train(cfg, log=lines.append)
+    path = tmp_path / "run" / "checkpoint.pt"
+    assert any(line.startswith(f"fastdreamer: the env failed; checkpoint {path}") for line in lines), lines
+    state = checkpoint.load(path)
+    # 2 envs, 30 steps sent, as a checkpoint at that update boundary counts them (the 30th is the one that raised:
+    # in flight, not part of the state, as for an interrupted run).
+    assert state["counters"]["env_steps"] == 2 * 30 and state["counters"]["updates"] > 0
+
+
+@pytest.mark.parametrize("gymnasium_only", [False, True], ids=["envpool", "gymnasium"])
+def test_runs_of_adjacent_seeds_share_no_env_stream(gymnasium_only):
+    """Env i of a run of seed s is seeded by a hash of (s, i), as the reference's; seed + i (what one seed gives
+    in envpool and Gymnasium) made runs of seeds s and s + 1 share all envs but one."""
+    from fastdreamer.envs import env_seeds
+
+    starts = {}
+    for seed in (1, 2):
+        env = make_env("CartPole-v1", 4, seed, "cpu", gymnasium_only=gymnasium_only)
+        starts[seed] = env.reset()["vector"]
+        env.close()
+    assert not any(torch.equal(a, b) for a in starts[1] for b in starts[2])
+    assert len(set(env_seeds(1, 4)) | set(env_seeds(2, 4))) == 8 and all(0 <= x < 2**31 for x in env_seeds(1, 4))
+    # The same seed is the same run (test_video checks that env i starts as Gymnasium's env seeded env_seeds(s, n)[i]).
+    env = make_env("CartPole-v1", 4, 1, "cpu", gymnasium_only=gymnasium_only)
+    assert torch.equal(env.reset()["vector"], starts[1])
+    env.close()

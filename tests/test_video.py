@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_train import run, tiny_config
 
 from fastdreamer.config import Config
-from fastdreamer.envs import make_env
+from fastdreamer.envs import env_seeds, make_env
 from fastdreamer.eval import VIDEO_HEIGHT, _video_env, film, load_agent
 from fastdreamer.train import train
 
@@ -41,9 +41,9 @@ def test_a_rendered_video_shows_each_env_and_holds_ended_episodes_still(checkpoi
     assert info["frames"] == max(info["lengths"]) + 1  # the first observation's frame, then one per step
     for i, length in enumerate(info["lengths"]):
         panel = video[:, :, i * width : (i + 1) * width]
-        # Frame 0 is env i's start: Gymnasium's vector env seeds env i with seed + i.
+        # Frame 0 is env i's start: env i is seeded with env_seeds(seed, n)[i].
         env = gymnasium.make("CartPole-v1", render_mode="rgb_array")
-        env.reset(seed=3 + i)
+        env.reset(seed=env_seeds(3, 3)[i])
         start = np.asarray(Image.fromarray(env.render()).resize((width, VIDEO_HEIGHT), Image.BILINEAR))
         env.close()
         assert np.array_equal(panel[0], start), i
