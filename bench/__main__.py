@@ -17,7 +17,6 @@ import contextlib
 import functools
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -32,13 +31,20 @@ from fastdreamer.train import update_step
 from . import end_to_end, parts
 from .bench_block_gru import write_json
 from .common import (
+    count_arg,
+    cpu_name,
+    device_arg,
+    git_info,
+    json_arg,
     make_agent,
     make_config,
     random_batch,
     random_obs,
     rollout_close,
     rollout_starts,
+    size_arg,
     sync,
+    threads_arg,
     timeit,
 )
 
@@ -331,18 +337,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def meta(args, device) -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError):
-            name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     try:
         import triton
 
@@ -355,8 +350,7 @@ def meta(args, device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        **git_info(),
         "size": args.size,
         "obs": args.obs,
         "cpu_threads": torch.get_num_threads(),
@@ -394,17 +388,19 @@ def table(rows: list[dict], modes: list[str]) -> str:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--size", default="12m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--size", default="12m", type=size_arg)
     p.add_argument("--obs", default="vector", choices=("vector", "image"))
-    p.add_argument("--json", default=None, help="write {meta, rows} here")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
-    p.add_argument("--repeat", type=int, default=10, help="timed calls per cell (median and middle-half spread)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--json", default=None, type=json_arg, help="write {meta, rows} here")
+    p.add_argument(
+        "--modes", default=None, help="comma-separated subset of " + ",".join(MODES) + " (default: those that run here)"
+    )
+    p.add_argument("--repeat", type=count_arg, default=10, help="timed calls per cell (median and middle-half spread)")
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS, help="matmul precision of the fast modes")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--batch-length", type=int, default=None)
-    p.add_argument("--imag-length", type=int, default=None)
+    p.add_argument("--batch-size", type=count_arg, default=None)
+    p.add_argument("--batch-length", type=count_arg, default=None)
+    p.add_argument("--imag-length", type=count_arg, default=None)
     p.add_argument(
         "--components", default=None, help="comma-separated subset of " + ",".join(COMPONENTS) + " (default: all)"
     )
@@ -416,6 +412,23 @@ def parse(argv=None):
     }
     args.components = select_components(args.components, args.no_env)
     return args
+
+
+def select_modes(spec: str | None, device: torch.device) -> list[str]:
+    """The modes to time. Refused before anything runs: unknown names, a mode asked for that cannot run on this
+    device, and fast modes without eager (the baseline that checks and rates them). Without --modes: every mode
+    that runs here."""
+    if spec is None:
+        return [m for m in MODES if available(m, device)]
+    modes = [m for m in spec.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"bench: unknown mode(s) {bad}; choose from {','.join(MODES)}")
+    if cannot := [m for m in modes if not available(m, device)]:
+        raise SystemExit(f"bench: {','.join(cannot)} cannot run on {device.type} here (graphs needs CUDA, triton too)")
+    if any(m != "eager" for m in modes) and "eager" not in modes:
+        raise SystemExit("bench: the eager baseline is needed to check and rate the other modes; add eager to --modes")
+    return modes
 
 
 def select_components(spec: str | None, no_env: bool) -> list[str]:
@@ -448,10 +461,7 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False  # eager stays the fp32 reference, its convolutions too
         torch.backends.cudnn.allow_tf32 = False
     tuned_allocator = device.type == "cpu" and fast.tune_cpu_allocator()  # as train does, for every mode
-    modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise SystemExit(f"bench: unknown mode(s) {bad}; choose from {MODES}")
+    modes = select_modes(args.modes, device)
     info = meta(args, device)
     bench = Bench(args)
     cfg = bench.cfg
@@ -478,10 +488,6 @@ def main(argv=None) -> dict:
     # checked against eager is the graph that is timed.
     with inductor_config.patch(fallback_random=True):
         for mode in modes:
-            if mode != "eager" and "eager" not in modes:
-                raise SystemExit("bench: the eager baseline is needed to check and rate the other modes")
-            if not available(mode, device):
-                continue
             with gru_impl(mode):
                 for names, run in (
                     (("wm_update", "ac_update"), bench.parts),

@@ -55,15 +55,20 @@ def write_json(path: str, obj) -> None:
     by `timeout` mid-write, sees the previous whole file or the new one, never a truncated one. Stdlib only, so that
     `python -m bench` shares it."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as e:  # a file where the folder should be, no permission, a full disk: one line
+        raise SystemExit(f"bench: cannot write {path} ({e.strerror or e})") from None
     try:
         os.fchmod(fd, 0o644)  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"bench: cannot write {path} ({e.strerror or e})") from None
         raise
 
 
@@ -122,10 +127,12 @@ def meta(args, torch, triton):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
+        "git_commit": git("rev-parse", "HEAD") or None,  # None: not a checkout, or no git
         "git_dirty": bool(
             git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench", ":(exclude)bench/results")
-        ),
+        )
+        if git("rev-parse", "HEAD")
+        else None,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "date_utc": time.strftime("%Y-%m-%dT%H:%MZ"),
         "args": vars(args),
@@ -140,6 +147,9 @@ def main(argv=None):
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     sys.path.insert(0, ROOT)
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_block_gru: --device cuda (the default) asked for, but CUDA is not available here")
     import triton
     from fastdreamer.kernels.block_gru import fused, reference
     from fastdreamer.kernels.block_gru.reference import TAP_SITES, BlockGRUWeights

@@ -24,6 +24,100 @@ OBS = {
 }
 
 
+def size_arg(value: str) -> str:
+    """argparse type of --size: one of the model sizes, or a one-line usage error."""
+    import argparse
+
+    from fastdreamer.config import SIZES
+
+    if value not in SIZES:
+        raise argparse.ArgumentTypeError(f"unknown size {value!r}; choose one of {', '.join(SIZES)}")
+    return value
+
+
+def device_arg(value: str) -> str:
+    """argparse type of --device: cpu, cuda or cuda:N, and CUDA only where it is available."""
+    import argparse
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value} asked for, but CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{value}: these benchmarks run on cpu or cuda")
+    return value
+
+
+def count_arg(value: str) -> int:
+    """argparse type of a count (--repeat, --rounds, --batch-size, ...): an integer of at least 1."""
+    import argparse
+
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def threads_arg(value: str) -> int:
+    """argparse type of --threads: 0 (torch's default) or a positive count."""
+    import argparse
+
+    try:
+        return 0 if value.strip() == "0" else count_arg(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 0 (torch's default) or a positive count, got {value!r}") from None
+
+
+def json_arg(value: str) -> str:
+    """argparse type of --json: a file path whose folder is or can be a folder (checked before the run, not after)."""
+    import argparse
+    from pathlib import Path
+
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a directory; name the JSON file to write")
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: {parent} is a file, not a folder")
+    return value
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    import contextlib
+    import platform
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    return name
+
+
+def git_info() -> dict:
+    """The commit of the code that runs (this checkout, from wherever the command is started) and whether its tracked
+    files differ from it; None for both where git cannot tell (not a checkout, no git)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*cmd):
+        try:
+            run = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10, check=True)
+            return run.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
+
+
 def ab_parser(description: str, repeat: int, what: str):
     """The argument parser of an A/B script (observe_ab, rollout_ab) with the arguments they share; `repeat`: the
     default number of timed calls of `what` per variant and round."""
@@ -32,18 +126,18 @@ def ab_parser(description: str, repeat: int, what: str):
     from fastdreamer import fast
 
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="debug")
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--size", default="debug", type=size_arg)
     p.add_argument("--obs", default="vector", choices=["vector", "image"])
     p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=repeat, help=f"timed {what} per variant and round")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--batch-length", type=int, default=None)
-    p.add_argument("--imag-length", type=int, default=None)
-    p.add_argument("--json", default=None)
+    p.add_argument("--rounds", type=count_arg, default=3)
+    p.add_argument("--repeat", type=count_arg, default=repeat, help=f"timed {what} per variant and round")
+    p.add_argument("--threads", type=threads_arg, default=0)
+    p.add_argument("--batch-size", type=count_arg, default=None)
+    p.add_argument("--batch-length", type=count_arg, default=None)
+    p.add_argument("--imag-length", type=count_arg, default=None)
+    p.add_argument("--json", default=None, type=json_arg)
     return p
 
 
@@ -218,6 +312,8 @@ def sync(device: torch.device) -> None:
 
 def timeit(fn, device: torch.device, warmup: int = 2, repeat: int = 10, min_time: float = 0.0):
     """Median and spread (max - min over the middle half) in ms of `repeat` timed calls after `warmup` calls."""
+    if repeat < 1:
+        raise ValueError(f"timeit needs at least one timed call, got repeat={repeat}")
     device = torch.device(device)
     for _ in range(warmup):
         fn()

@@ -80,7 +80,7 @@ from fastdreamer.agent import Agent
 from fastdreamer.optim import LaProp
 from fastdreamer.train import update_step
 
-from .common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
+from .common import TINY_CFG, TINY_SPEC, device_arg, json_arg, threads_arg, tiny_agent, tiny_batch
 
 SPEC, CFG = TINY_SPEC, TINY_CFG
 VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer", "resync")
@@ -327,7 +327,7 @@ def run_variant(
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--mode", default="compile", choices=["compile", "graphs"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
@@ -359,8 +359,8 @@ def parser() -> argparse.ArgumentParser:
         help="CPU only: compile inductor's C++ kernels with -ffp-contract=fast, fusing multiplies and adds into FMAs "
         "as GPU code does (the CPU default keeps them apart): GPU-like rounding on a CPU",
     )
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=threads_arg, default=0)
+    p.add_argument("--json", default=None, type=json_arg)
     return p
 
 

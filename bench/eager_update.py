@@ -8,25 +8,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import statistics
-import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fastdreamer.config import preset_defaults
-from fastdreamer.train import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: bench is a package of the checkout
+from bench.common import count_arg, cpu_name, device_arg, git_info, size_arg, threads_arg  # noqa: E402
+from fastdreamer.config import preset_defaults  # noqa: E402
+from fastdreamer.train import Trainer  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--env", default="cartpole")
-    p.add_argument("--size", default="debug")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--size", default="debug", type=size_arg)
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--repeats", type=count_arg, default=5)
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--json", default="", help="append the result as one JSON line to this file")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     # The reference's batch (16 x 64) whatever the preset trains with, so sizes and envs compare.
     cfg = dataclasses.replace(
         preset_defaults(args.env),
@@ -53,7 +58,6 @@ def main() -> None:
         sync()
         times.append(time.perf_counter() - t)
     trainer.close()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     row = {
         "env": args.env,
         "size": args.size,
@@ -65,8 +69,8 @@ def main() -> None:
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "commit": commit,
+        "cpu": cpu_name(),
+        **git_info(),
     }
     print(
         f"{args.env} {args.size} eager update ({row['batch']}, {row['device']}, {row['threads']} threads): "

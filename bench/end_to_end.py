@@ -25,7 +25,7 @@ from fastdreamer import fast
 from fastdreamer.config import preset_defaults
 from fastdreamer.train import Trainer
 
-from .common import sync
+from .common import count_arg, device_arg, size_arg, sync, threads_arg
 
 
 def iteration(trainer: Trainer, overlap: bool) -> None:
@@ -140,15 +140,15 @@ def measure(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.end_to_end", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="pong")
-    p.add_argument("--size", default="12m")
+    p.add_argument("--size", default="12m", type=size_arg)
     p.add_argument("--mode", default="compile", choices=("eager", "compile", "graphs"))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--gru-impl", default="torch", choices=("torch", "triton"))
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
     p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--batch-length", type=int, default=None)
+    p.add_argument("--threads", type=threads_arg, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--batch-size", type=count_arg, default=None)
+    p.add_argument("--batch-length", type=count_arg, default=None)
     p.add_argument("--no-overlap", action="store_true", help="also measure the loop with blocking env steps")
     args = p.parse_args(argv)
     if args.threads:

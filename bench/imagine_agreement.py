@@ -22,7 +22,7 @@ import torch._inductor.config as inductor_config
 from fastdreamer import fast
 
 from .bench_block_gru import write_json
-from .common import make_agent, make_config, rollout_starts
+from .common import device_arg, json_arg, make_agent, make_config, rollout_starts, size_arg
 
 
 def agreement(got, want, deter: int) -> dict[str, list[float]]:
@@ -38,12 +38,12 @@ def agreement(got, want, deter: int) -> dict[str, list[float]]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", default="12m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--size", default="12m", type=size_arg)
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     p.add_argument("--modes", nargs="+", default=["compile"], choices=("compile", "graphs"))
     p.add_argument("--starts", type=int, default=1024, help="rollout starts (B*T in an update)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_arg)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -24,7 +24,7 @@ from fastdreamer.optim import LaProp
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import make_agent, make_config, timeit
+from .common import count_arg, device_arg, json_arg, make_agent, make_config, size_arg, threads_arg, timeit
 
 # One step from the same state, compiled against eager: the parameters' displacement. The compiled norms sum in
 # another order (~1e-6 relative on the clip factors); a wrong formula is off by O(1).
@@ -53,13 +53,13 @@ def graphed(step, device: torch.device):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="12m")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=20, help="timed steps per variant and round")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--size", default="12m", type=size_arg)
+    p.add_argument("--rounds", type=count_arg, default=3)
+    p.add_argument("--repeat", type=count_arg, default=20, help="timed steps per variant and round")
+    p.add_argument("--threads", type=threads_arg, default=0)
     p.add_argument("--tensors", type=int, default=0, help="only the first N parameter tensors (a quick run)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_arg)
     p.set_defaults(obs="vector")  # the parameters of the vector-observation agent (meta() records it)
     args = p.parse_args(argv)
     device = torch.device(args.device)

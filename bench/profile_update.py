@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from fastdreamer import fast
 from fastdreamer.train import update_step
 
-from .common import make_agent, make_config, random_batch, sync
+from .common import device_arg, make_agent, make_config, random_batch, size_arg, sync
 
 # The ATen ops whose CPU-side calls --attribute counts on a CPU (on CUDA: every kernel of the "other" group).
 CPU_OPS = ("aten::fill_", "aten::zero_", "aten::copy_", "aten::add_", "aten::add")
@@ -104,8 +104,8 @@ def format_attribution(rows, top: int | None = None) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--size", default="12m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--size", default="12m", type=size_arg)
     p.add_argument("--obs", default="vector", choices=("vector", "image"))
     p.add_argument("--mode", default="compile", choices=("eager", "compile"))
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)

@@ -21,22 +21,33 @@ from fastdreamer.train import update_step
 
 from .__main__ import meta
 from .bench_block_gru import write_json
-from .common import OBS, make_agent, make_config, random_batch, timeit
+from .common import (
+    OBS,
+    count_arg,
+    device_arg,
+    json_arg,
+    make_agent,
+    make_config,
+    random_batch,
+    size_arg,
+    threads_arg,
+    timeit,
+)
 
 REPORT_EVERY_S = 300.0  # Config.report_every's default
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="1m")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--size", default="1m", type=size_arg)
     p.add_argument("--obs", default="vector", choices=sorted(OBS))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--length", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per variant and round")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--rounds", type=count_arg, default=3)
+    p.add_argument("--repeat", type=count_arg, default=3, help="timed calls per variant and round")
+    p.add_argument("--threads", type=threads_arg, default=0)
+    p.add_argument("--json", default=None, type=json_arg)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

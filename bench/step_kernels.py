@@ -23,7 +23,7 @@ from torch._inductor.utils import run_and_get_code
 
 from fastdreamer import fast
 
-from .common import make_agent, make_config, rollout_starts
+from .common import device_arg, make_agent, make_config, rollout_starts, size_arg
 from .observe_ab import VARIANTS, set_flags
 
 LAUNCH = re.compile(
@@ -146,8 +146,8 @@ def rollout_launches(size: str, device: str, precision: str) -> dict[str, dict[s
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--size", default="debug")
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.add_argument("--size", default="debug", type=size_arg)
     p.add_argument("--precision", default="auto", choices=fast.PRECISIONS)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rollout", action="store_true", help="count the imagination rollout's launches instead")

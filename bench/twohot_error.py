@@ -31,6 +31,7 @@ from fastdreamer import dists
 
 from .__main__ import meta
 from .bench_block_gru import write_json
+from .common import device_arg, json_arg
 
 PATHS = ("eager", "compiled", "compiled_fma", "autocast")
 
@@ -104,13 +105,13 @@ def table(rows: list[dict]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="cpu", type=device_arg)
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--scales", default="1e-6,1e-4,1e-2,1,10", help="comma-separated logit scales s")
     p.add_argument("--bins", type=int, default=255)
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, type=json_arg)
     return p
 
 

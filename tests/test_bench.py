@@ -100,6 +100,55 @@ def test_select_components_refuses(spec, no_env, error):
         select_components(spec, no_env)
 
 
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        (["--size", "huge"], "argument --size: unknown size 'huge'; choose one of debug"),
+        (["--repeat", "0"], "argument --repeat: must be at least 1, got 0"),
+        (["--threads", "-1"], "argument --threads: must be 0 (torch's default) or a positive count"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1"),
+        (["--json", "."], "argument --json: . is a directory"),
+        (["--json", "bench/common.py/x.json"], "bench/common.py is a file, not a folder"),
+        (["--device", "tpu"], "argument --device: unknown device 'tpu'"),
+        (["--device", "meta"], "argument --device: meta: these benchmarks run on cpu or cuda"),
+        (["--modes", "compile"], "the eager baseline is needed"),
+    ],
+)
+def test_bad_bench_arguments_are_one_line_before_anything_runs(args, error, capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cpu", *args])
+    err = capsys.readouterr().err + (exc.value.code if isinstance(exc.value.code, str) else "")
+    assert exc.value.code != 0 and error in err, err
+    assert "Traceback" not in err
+
+
+def test_a_mode_asked_for_that_cannot_run_here_is_refused_not_dropped():
+    import torch
+
+    from bench.__main__ import MODES, select_modes
+
+    cpu = torch.device("cpu")
+    assert select_modes(None, cpu) == ["eager", "compile"]  # the default: what runs here
+    with pytest.raises(SystemExit, match="graphs cannot run on cpu"):
+        select_modes("eager,graphs", cpu)
+    assert select_modes(",".join(MODES[:2]), cpu) == ["eager", "compile"]
+
+
+def test_the_commit_recorded_is_the_code_s_from_any_folder(tmp_path):
+    """git runs in the checkout the bench code is in, not in the folder the command starts from."""
+    code = "import json; from bench.common import git_info; print(json.dumps(git_info()))"
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert here.returncode == 0 and there.returncode == 0, here.stderr + there.stderr
+    assert json.loads(there.stdout) == json.loads(here.stdout)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's fresh clone is one)
+        assert json.loads(here.stdout)["git_commit"] == head.stdout.strip()
+
+
 def test_select_components_keeps_table_order_and_no_env_drops_the_env_rows():
     assert select_components("act_step,imagine", False) == ["imagine", "act_step"]
     assert select_components(None, True) == ["wm_update", "imagine", "ac_update", "full_update", "act_step"]
