@@ -66,8 +66,9 @@ def test_bench_full_update(benchmark, mode):
         want, _ = update_step(ref, ref_opt, data)
     torch.manual_seed(0)
     got, _ = update(data)
-    for key in (k for k in want if k.startswith("loss/")):
-        torch.testing.assert_close(got[key], want[key], **tol(mode))
+    # The losses check the forward; the gradient's norm and the step's size, the backward and LaProp (as the table).
+    for key in [k for k in want if k.startswith("loss/")] + ["opt/grad_norm", "opt/update_rms"]:
+        torch.testing.assert_close(got[key], want[key], **tol(mode), msg=lambda m, key=key: f"{key}: {m}")
     benchmark.pedantic(synced(update), args=(data,), rounds=10, warmup_rounds=1)
 
 
@@ -85,7 +86,8 @@ def test_bench_imagine(benchmark, mode):
     torch.manual_seed(0)
     got = imagine(deter, stoch)
     if fast.resolve_precision("auto", mode, DEVICE) == "fp32":
-        torch.testing.assert_close(got[0], want[0], **tol(mode))
+        torch.testing.assert_close(got[0], want[0], **tol(mode))  # the features
+        torch.testing.assert_close(got[1], want[1], **tol(mode))  # and the actions drawn in them
     else:  # bf16 rounding can tip a sampled draw (bench/common.py)
         ok, outside = rollout_close(got, want, tol(mode))
         assert ok, f"{outside:.2%} of the rollout outside bf16 tolerance"
@@ -98,4 +100,13 @@ def test_bench_act_step(benchmark, mode):
     obs = random_obs(agent, CFG.num_envs, DEVICE)
     carry = agent.initial(CFG.num_envs, DEVICE)
     act = fast.make_act(agent, mode)
+    ref = fresh()[0]
+    torch.manual_seed(6)
+    with fast.autocast(DEVICE, mode):
+        want_action, want_carry = ref.act(carry, obs)
+    torch.manual_seed(6)
+    got_action, got_carry = act(carry, obs)
+    torch.testing.assert_close(got_carry[0], want_carry[0], **tol(mode))  # the deter state after the observation
+    if DEVICE.type == "cpu" and fast.resolve_precision("auto", mode, DEVICE) == "fp32":
+        assert torch.equal(got_action, want_action)  # bf16 or CUDA kernels can tip a draw (bench/common.py)
     benchmark.pedantic(synced(act), args=(carry, obs), rounds=50, warmup_rounds=2)
