@@ -1,5 +1,6 @@
 """`python -m bench --device cpu|cuda --size SIZE [--obs vector|image] --json PATH`: one table of component times per
-execution mode, each fast mode checked against eager before it is timed (a failed check prints FAIL, no time).
+execution mode, each fast mode checked against eager before it is timed (a failed check prints FAIL, no time, and
+the command exits 1 once the table and JSON are written; a mode that crashes is a FAIL row with its "error").
 
 Rows: env_step (envpool batch step of the preset's N envs, host copy and upload included), replay_sample (B sequences
 on the device), wm_update / ac_update (bench/parts.py: the two halves of the loss with their backward), imagine
@@ -545,4 +546,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    failed = [f"{r['component']}/{r['mode']}" for r in result["rows"] if not r["ok"]]
+    if failed:  # the table and the JSON are written; the exit status says a check failed or a mode crashed
+        print(f"bench: {len(failed)} row(s) failed (see FAIL above): {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)
