@@ -55,7 +55,9 @@ def test_compiled_updates_with_gpu_like_rounding_do_not_diverge_from_eager(tmp_p
         assert all(update["rng"].values()), f"update {k}: the generators differ"
 
 
-def test_fp_contract_is_refused_off_the_cpu():
+def test_fp_contract_is_refused_off_the_cpu(monkeypatch):
+    # As on a machine with CUDA (--device cuda is refused first where there is none): the flag is what is refused.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(SystemExit, match="fp-contract"):
         divergence.main(["--device", "cuda", "--fp-contract", "fast"])
 
