@@ -105,6 +105,8 @@ def make_env(
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}")
     env_kwargs = dict(env_kwargs or {})
+    if seeded := sorted({"seed", "env_seed"} & set(env_kwargs)):
+        raise ValueError(f"--env-kwargs cannot set {', '.join(seeded)}: the envs are seeded from --seed")
     pool_ids = [] if gymnasium_only else _envpool_ids()
     if env_id in pool_ids:
         import envpool
@@ -344,6 +346,10 @@ class VecEnv:
     def __init__(self, backend: Any, env_id: str, num_envs: int, device: torch.device | str, image_size: int):
         self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
         self._fields, staged, final, classes = _layout_obs(backend.obs_space, image_size)
+        disc = [f for f in self._fields if f.key == "discrete"]
+        self._classes = (
+            np.concatenate([np.broadcast_to(f.classes, (f.cols.stop - f.cols.start,)) for f in disc]) if disc else None
+        )
         act = backend.act_space
         act_classes = ()
         groups = _action_groups(act)
@@ -491,21 +497,23 @@ class VecEnv:
             if f.key == "image":
                 np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
             elif f.key == "discrete":
-                values = out["discrete"][:, f.cols]
-                np.copyto(values, np.reshape(src, (n, -1)) - f.start, casting="unsafe")
-                bad = ((values < 0) | (values >= f.classes)).any(-1)  # their one-hots would be all zeros
-                if bad.any():
-                    self._bad_obs(f, src, bad, f"outside its space ({f.classes.tolist()} values from {f.start})")
+                np.copyto(out["discrete"][:, f.cols], np.reshape(src, (n, -1)) - f.start, casting="unsafe")
             else:
                 np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
-                bad = ~np.isfinite(out["vector"][:, f.cols]).all(-1)  # in float32, as training reads it
-                if bad.any():
-                    self._bad_obs(f, src, bad, "that is not finite (in float32)")
+        # One check per kind over all fields (the field at fault is looked for only when one fails): a class out of
+        # range would be an all-zero one-hot, a non-finite value (in float32, as training reads it) a NaN loss.
+        if "discrete" in out and ((out["discrete"] < 0) | (out["discrete"] >= self._classes)).any():
+            self._bad_obs(out, "discrete", lambda v, f: (v < 0) | (v >= f.classes), "outside its space")
+        if "vector" in out and not np.isfinite(out["vector"]).all():
+            self._bad_obs(out, "vector", lambda v, f: ~np.isfinite(v), "that is not finite (in float32)")
 
-    def _bad_obs(self, f: _Field, src, bad: np.ndarray, why: str) -> None:
-        i = int(np.flatnonzero(bad)[0])
-        value = np.array2string(np.reshape(src, (self.num_envs, -1))[i], threshold=8)
-        raise EnvDataError(f"{self.spec.env_id} (env {i}) returned {_label(f.src)} {value} {why}")
+    def _bad_obs(self, out: dict[str, np.ndarray], kind: str, is_bad, why: str) -> None:
+        for f in self._fields:
+            values = out[kind][:, f.cols] if f.key == kind else None
+            if values is not None and (bad := is_bad(values, f).any(-1)).any():
+                i = int(np.flatnonzero(bad)[0])
+                shown = np.array2string(values[i] + (f.start if kind == "discrete" else 0), threshold=8)
+                raise EnvDataError(f"{self.spec.env_id} (env {i}) returned {_label(f.src)} {shown} {why}")
 
     def _upload(self) -> dict[str, torch.Tensor]:
         data = self._staging.upload()

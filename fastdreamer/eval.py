@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("episodes", "video_episodes", "video_frames"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be 0 or positive, got {args.seed}")
         from .train import resolve_device
 
         if args.video:

@@ -126,7 +126,7 @@ def unknown_flags(argv: list[str]) -> None:
     for arg in argv:
         flag = arg.split("=", 1)[0]
         spelled = "--" + flag[2:].replace("_", "-")  # tyro takes --batch_size as --batch-size
-        if flag.startswith("--") and spelled not in flags | {"--help"}:
+        if flag.startswith("--") and spelled not in flags | {"--help"} and not flag.startswith("--tyro-"):
             close = difflib.get_close_matches(spelled, sorted(flags), 3, 0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else "; --help lists them"
             print(f"fastdreamer: error: unknown flag {flag}{hint}", file=sys.stderr)
@@ -350,13 +350,14 @@ class Trainer:
         self.observe()
         action, self.carry = self.act_fn(self.carry, self.obs)
         deter, stoch, _ = self.carry
+        # Sent first: an env that fails on it does so before the replay or the counters change.
+        self.env.step_async(action)  # one-hots (discrete) become indices in the env, on the device
         if self.restarted:  # not at the restore: until a new step is stored, the updates are the uninterrupted run's
             self.replay.end_episodes()
             self.restarted = False
         self.replay.add(
             {**self.obs, "action": action, "deter": deter.to(torch.bfloat16), "stoch": stoch.argmax(-1).to(torch.uint8)}
         )
-        self.env.step_async(action)  # one-hots (discrete) become indices in the env, on the device
         self.env_steps += self.cfg.num_envs
         if self.replay.windows() >= self.train_after:
             self.updates_due += self.updates_per_step
@@ -628,15 +629,20 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
                         f"stopped at {trainer.env_steps:,} env steps and {trainer.updates:,} updates; checkpoint "
                         f"{path}: continue with --resume"
                     )
-                try:  # the step in flight: where an env that fails does, the state is an update boundary's
+                # An env that fails does so receiving its step (the state is then this update boundary's, as an
+                # interrupted run keeps it) or taking the next one (act() sends it before the replay and the counters
+                # change; only the policy step's draws are spent): a checkpoint of either resumes consistently.
+                try:
                     trainer.observe()
+                    if trainer.env_steps >= cfg.steps:
+                        break
+                    trainer.act()
                 except (EnvError, EnvDataError):
-                    path = trainer.save()
-                    log(f"fastdreamer: the env failed; checkpoint {path}: fix it, then continue with --resume")
+                    with contextlib.suppress(Exception):  # neither may hide the env's error
+                        write_log()
+                        path = trainer.save()
+                        log(f"fastdreamer: the env failed; checkpoint {path}: fix it, then continue with --resume")
                     raise
-                if trainer.env_steps >= cfg.steps:
-                    break
-                trainer.act()
                 if time.time() - last["time"] >= cfg.log_every:
                     write_log()
                 if cfg.report_every and trainer.updates and time.time() - last["report"] >= cfg.report_every:

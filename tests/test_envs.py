@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import sys
 import textwrap
 
@@ -700,12 +701,17 @@ def test_an_env_that_fails_mid_run_leaves_a_checkpoint_of_the_last_update_bounda
     from fastdreamer.train import train
 
     lines = []
-    cfg = tiny_config(tmp_path, env=f"{tiny_envs}:FdTinyBad-v0", env_kwargs='{"how": "raise", "at": 30}', steps=100)
+    cfg = tiny_config(
+        tmp_path, env=f"{tiny_envs}:FdTinyBad-v0", env_kwargs='{"how": "raise", "at": 30}', steps=100, log_every=1e9
+    )  # no log line before the failure: the one it writes is the only one
     with pytest.raises(EnvError, match="raised KeyError in step"):
         train(cfg, log=lines.append)
     path = tmp_path / "run" / "checkpoint.pt"
     assert any(line.startswith(f"fastdreamer: the env failed; checkpoint {path}") for line in lines), lines
     state = checkpoint.load(path)
+    # What the run did since its last log line is logged before the checkpoint (a resume cannot log it later).
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == state["counters"]["env_steps"] and "loss/dyn" in rows[0], rows
     # 2 envs, 30 steps sent, as a checkpoint at that update boundary counts them (the 30th is the one that raised:
     # in flight, not part of the state, as for an interrupted run).
     assert state["counters"]["env_steps"] == 2 * 30 and state["counters"]["updates"] > 0

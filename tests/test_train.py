@@ -348,6 +348,7 @@ def main_exit(main, args, capsys):
         (["--env", "CartPol-v1"], "did you mean"),
         (["--bach-size", "3"], "unknown flag --bach-size; did you mean --batch-size"),
         (["--no-progres"], "unknown flag --no-progres; did you mean --no-progress"),
+        (["--env-kwargs", '{"seed": 3}'], "--env-kwargs cannot set seed: the envs are seeded from --seed"),
         (["--train-ratio", "-1"], "--train-ratio must be positive"),
         (["--train-ratio", "inf"], "--train-ratio must be positive and finite, got inf"),
         (["--lr", "nan"], "--lr must be positive and finite, got nan"),
@@ -416,6 +417,8 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     assert code == 2 and "(--loss-rep 0.1 -> 5.0, --lr 0.0003 -> 0.01)" in err and len(err.strip().splitlines()) == 1
     code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt), "--video", str(tmp_path)], capsys)
     assert code == 2 and "is a directory" in err and len(err.strip().splitlines()) == 1
+    code, err = main_exit(eval_mod.main, ["--checkpoint", str(corrupt), "--seed", "-1"], capsys)
+    assert code == 2 and "--seed must be 0 or positive, got -1" in err and len(err.strip().splitlines()) == 1
     code, err = main_exit(eval_mod.main, ["--checkpoint", str(tmp_path)], capsys)
     assert code == 2 and f"checkpoint {tmp_path} is a directory" in err and len(err.strip().splitlines()) == 1
     # The video is a GIF: another name is refused, and so is the checkpoint itself (it would be overwritten).
@@ -425,6 +428,10 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     gif_named.write_bytes(b"checkpoint bytes")
     code, err = main_exit(eval_mod.main, ["--checkpoint", str(gif_named), "--video", str(gif_named)], capsys)
     assert code == 2 and "is the checkpoint being evaluated" in err and gif_named.read_bytes() == b"checkpoint bytes"
+
+
+def test_flags_tyro_answers_itself_are_not_taken_for_typos():
+    train_mod.unknown_flags(["--tyro-print-completion", "bash", "--help", "--batch_size=3", "--no-progress"])
 
 
 def test_a_resume_starts_from_the_settings_its_logdir_recorded(tmp_path):
