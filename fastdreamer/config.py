@@ -285,7 +285,9 @@ def validate(cfg: Config) -> None:
             f"--eval-episodes and --video-episodes must be 0 (none) or positive, got {cfg.eval_episodes} and "
             f"{cfg.video_episodes}"
         )
-    if cfg.report_every < 0 or cfg.report_context < 1:
+    if not (math.isfinite(cfg.log_every) and cfg.log_every >= 0):
+        raise ValueError(f"--log-every must be 0 (every step) or a positive number of seconds, got {cfg.log_every}")
+    if not cfg.report_every >= 0 or cfg.report_context < 1:  # not >= 0: NaN too
         raise ValueError(
             f"--report-every must be 0 (no reports) or positive and --report-context at least 1, got "
             f"{cfg.report_every} and {cfg.report_context}"

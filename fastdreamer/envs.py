@@ -429,6 +429,9 @@ class VecEnv:
         self._fill_obs(out, obs)
         np.copyto(out["reward"], reward, casting="unsafe")
         out["reward"][first] = 0
+        if not np.isfinite(out["reward"]).all():  # as an observation: it would end as a NaN loss, not named
+            i = int(np.flatnonzero(~np.isfinite(out["reward"]))[0])
+            raise EnvDataError(f"{self.spec.env_id} (env {i}) returned a reward of {out['reward'][i]}, not finite")
         np.copyto(out["is_first"], first)
         np.copyto(out["is_last"], last & ~first)
         np.copyto(out["is_terminal"], terminated & ~first)

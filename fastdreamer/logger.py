@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import Self
@@ -27,6 +28,10 @@ class Logger:
         path = self.logdir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             _truncate_jsonl(path, resume_step)
+        if resume_step is not None:  # the GIFs the run wrote after its checkpoint go with its rows and events
+            for gif in self.logdir.glob("videos/*/*.gif"):
+                if gif.stem.isdigit() and int(gif.stem) > resume_step:
+                    gif.unlink(missing_ok=True)
         purge = None if resume_step is None else resume_step + 1
         self.writer = SummaryWriter(str(self.logdir), purge_step=purge)
         # Held open for the run; append so a resumed run continues the file.
@@ -34,7 +39,9 @@ class Logger:
 
     def log(self, step: int, metrics: dict[str, float | int]) -> None:
         step = int(step)
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        # JSON has no NaN or Infinity: a non-finite value is written as null (TensorBoard keeps it as it is).
+        row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)

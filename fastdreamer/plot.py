@@ -23,7 +23,7 @@ def read_rows(logdir: Path) -> list[dict]:
 
 def read_curve(logdir: Path, key: str) -> tuple[list[int], list[float]]:
     rows = [row for row in read_rows(logdir) if key in row]
-    return [row["step"] for row in rows], [row[key] for row in rows]
+    return [row["step"] for row in rows], [float("nan") if row[key] is None else row[key] for row in rows]  # null
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -584,6 +584,8 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
 
     def write_log() -> None:
         nonlocal latest_return
+        if trainer.env_steps == last["steps"] and trainer.updates == last["updates"]:
+            return  # nothing happened since the last row: no second row at its step
         now = time.time()
         metrics = trainer.read_metrics()
         dt = max(now - last["time"], 1e-9)
@@ -619,6 +621,7 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
                 # have performed next (its env restarts; the in-flight step is not part of the state).
                 while trainer.updates_due >= 1 and stop.signal is None:
                     if trainer.updates - last_save >= cfg.save_every:
+                        write_log()  # logged up to the checkpoint: a resume from it leaves no hole in the rows
                         trainer.save()
                         last_save = trainer.updates
                     trainer.update()
@@ -643,7 +646,7 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
                         path = trainer.save()
                         log(f"fastdreamer: the env failed; checkpoint {path}: fix it, then continue with --resume")
                     raise
-                if time.time() - last["time"] >= cfg.log_every:
+                if time.time() - last["time"] >= cfg.log_every and trainer.env_steps < cfg.steps:  # else: the last row
                     write_log()
                 if cfg.report_every and trainer.updates and time.time() - last["report"] >= cfg.report_every:
                     write_report()

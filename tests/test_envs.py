@@ -196,7 +196,9 @@ TINY_ENVS = textwrap.dedent(
         def step(self, action):
             if self.t + 1 >= self.at and self.how == "raise":
                 raise KeyError("level 3 is missing")
-            return super().step(action)
+            obs, _, terminated, truncated, info = super().step(action)
+            reward = np.inf if self.t >= self.at and self.how == "reward" else 0.0
+            return obs, reward, terminated, truncated, info
 
     gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
     gym.register("FdTinyBad-v0", entry_point=Bad)
@@ -679,6 +681,7 @@ def test_an_env_that_fails_or_returns_what_its_space_does_not_hold_is_named(tiny
     cases = [
         ("nan", EnvDataError, "(env 0) returned observation 'x' [nan  0.] that is not finite (in float32)"),
         ("disc", EnvDataError, "(env 0) returned observation 'k' [5] outside its space"),
+        ("reward", EnvDataError, "(env 0) returned a reward of inf, not finite"),
         ("raise", EnvError, "FdTinyBad-v0 raised KeyError in step: 'level 3 is missing'"),
     ]
     for how, error, message in cases:

@@ -67,3 +67,24 @@ def test_to_host_transfers_once(monkeypatch):
     assert host == {"loss/dyn": 1.5, "step": 7.0, "x": 2.0}
     assert all(type(v) is float for v in host.values())
     assert to_host({}) == {}
+
+
+def test_non_finite_values_are_null_in_the_jsonl_which_stays_strict_json(tmp_path):
+    with Logger(tmp_path, {}) as log:
+        log.log(1, {"episode/return": float("inf"), "loss/dyn": float("nan"), "updates": 3, "fps/env": 2.5})
+
+    def refuse(name):  # what a strict JSON reader (JavaScript, jq) does with NaN and Infinity
+        raise ValueError(f"not JSON: {name}")
+
+    row = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert row == {"step": 1, "episode/return": None, "loss/dyn": None, "updates": 3, "fps/env": 2.5}
+
+
+def test_a_resumed_run_drops_the_videos_written_after_its_checkpoint(tmp_path):
+    import numpy as np
+
+    frames = np.zeros((2, 4, 4, 3), np.uint8)
+    with Logger(tmp_path, {}) as log:
+        kept, dropped = log.video(10, "openloop/image", frames), log.video(20, "openloop/image", frames)
+    Logger(tmp_path, {}, resume_step=10).close()
+    assert kept.exists() and not dropped.exists()

@@ -349,6 +349,8 @@ def main_exit(main, args, capsys):
         (["--bach-size", "3"], "unknown flag --bach-size; did you mean --batch-size"),
         (["--no-progres"], "unknown flag --no-progres; did you mean --no-progress"),
         (["--env-kwargs", '{"seed": 3}'], "--env-kwargs cannot set seed: the envs are seeded from --seed"),
+        (["--log-every", "-5"], "--log-every must be 0 (every step) or a positive number of seconds"),
+        (["--report-every", "nan"], "--report-every must be 0 (no reports) or positive"),
         (["--train-ratio", "-1"], "--train-ratio must be positive"),
         (["--train-ratio", "inf"], "--train-ratio must be positive and finite, got inf"),
         (["--lr", "nan"], "--lr must be positive and finite, got nan"),
@@ -428,6 +430,24 @@ def test_bad_checkpoints_are_one_clear_line(tmp_path, capsys):
     gif_named.write_bytes(b"checkpoint bytes")
     code, err = main_exit(eval_mod.main, ["--checkpoint", str(gif_named), "--video", str(gif_named)], capsys)
     assert code == 2 and "is the checkpoint being evaluated" in err and gif_named.read_bytes() == b"checkpoint bytes"
+
+
+def test_training_rows_have_one_step_each_and_reach_every_checkpoint(tmp_path):
+    """Rows of the training loop (those with fps/env): no step twice, also at the end and across a resume; and a row
+    at each checkpoint (logged before it), so that a run killed after a checkpoint and resumed from it has no hole."""
+    cfg = tiny_config(tmp_path, steps=40, log_every=0.0, save_every=7)
+    train(cfg, log=lambda *_: None)
+    train(dataclasses.replace(cfg, resume=True, steps=80), log=lambda *_: None)
+    rows = [json.loads(line) for line in (Path(cfg.logdir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "fps/env" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 80, steps
+    logged = {(r["step"], r["updates"]) for r in rows if "fps/env" in r}
+    state = checkpoint.load(Path(cfg.logdir) / "checkpoint.pt")
+    assert (state["counters"]["env_steps"], state["counters"]["updates"]) in logged
+    quiet = tiny_config(tmp_path / "quiet", steps=40, log_every=1e9, save_every=2)
+    train(quiet, log=lambda *_: None)
+    rows = [json.loads(line) for line in (Path(quiet.logdir) / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "fps/env" in r]) >= 2  # one per periodic checkpoint, and the last
 
 
 def test_flags_tyro_answers_itself_are_not_taken_for_typos():
