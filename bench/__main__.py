@@ -26,6 +26,7 @@ import torch._inductor.config as inductor_config
 from fastdreamer.kernels import block_gru
 
 from fastdreamer import fast
+from fastdreamer.checkpoint import first_line
 from fastdreamer.config import PRESETS
 from fastdreamer.train import update_step
 
@@ -503,7 +504,7 @@ def main(argv=None) -> dict:
                     try:
                         run(mode)
                     except Exception as e:  # a mode that cannot run is a FAIL cell, not a lost table
-                        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                        first = first_line(e)[:200]
                         print(f"bench: {component} in {mode} failed: {type(e).__name__}: {first}", file=sys.stderr)
                         done = {(r["component"], r["mode"]) for r in bench.rows}
                         for name in names:

@@ -113,6 +113,8 @@ def meta(args, torch, triton):
         except Exception:  # noqa: BLE001 (no git is not an error for a benchmark)
             return ""
 
+    commit = git("rev-parse", "HEAD") or None  # None: not a checkout, or no git
+    scope = ("--", "kernels", "bench", ":(exclude)bench/results")
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -127,12 +129,8 @@ def meta(args, torch, triton):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD") or None,  # None: not a checkout, or no git
-        "git_dirty": bool(
-            git("status", "--porcelain", "--untracked-files=no", "--", "kernels", "bench", ":(exclude)bench/results")
-        )
-        if git("rev-parse", "HEAD")
-        else None,
+        "git_commit": commit,
+        "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no", *scope)),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "date_utc": time.strftime("%Y-%m-%dT%H:%MZ"),
         "args": vars(args),

@@ -22,6 +22,11 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name where it has none): for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def save(path: str | Path, payload: dict) -> None:
     """Writes payload to path atomically: a crash leaves either the old file or the new one, never a torn one.
 
@@ -101,7 +106,7 @@ def load(
     # torch.load raises RuntimeError, UnpicklingError, EOFError, ValueError, ... for truncated zips, garbage bytes and
     # foreign pickles; all mean the same to the user.
     except Exception as e:  # noqa: BLE001
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastdreamer checkpoint ({reason})") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("meta"), dict):
         raise CheckpointError(f"checkpoint {path} is corrupt or not a fastdreamer checkpoint (no meta dict)")

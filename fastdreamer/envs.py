@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import first_line
+
 _ALIGN = 16  # byte alignment of each field inside the staging buffer, so any dtype can view its slice
 
 # DreamerV3 reference Atari settings (danijar/dreamerv3 configs.yaml env.atari: repeat 4, sticky, gray, noops 30,
@@ -67,8 +69,7 @@ def _envpool_call(env_id: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RuntimeError, ImportError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"envpool could not make {env_id}: {first}") from None
+        raise ValueError(f"envpool could not make {env_id}: {first_line(e)}") from None
 
 
 class EnvError(RuntimeError):
@@ -141,8 +142,7 @@ def make_env(
             )
         # A module:Env id whose module or env does not exist, or an env whose dependency is missing (box2d, ...).
         except (gymnasium.error.Error, ImportError) as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"{env_id} cannot be made: {reason}") from None
+            raise ValueError(f"{env_id} cannot be made: {first_line(e)}") from None
         return VecEnv(_GymBackend(envs, env_seeds(seed, num_envs)), env_id, num_envs, device, image_size)
     raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
 

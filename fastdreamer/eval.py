@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint
 from .agent import Agent
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, first_line
 from .config import Config, config_from_dict, env_id, env_kwargs
 from .envs import make_env
 from .logger import encode_gif, write_gif
@@ -108,7 +108,7 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
         kwargs = {**env_kwargs(cfg), "render_mode": "rgb_array"}
         env = make_env(env_name, n, seed, device, env_kwargs=kwargs, gymnasium_only=True)
     except (gymnasium.error.Error, TypeError, ValueError) as e:  # an env that takes no render_mode, cannot be made
-        raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)}") from None
+        raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {first_line(e)}") from None
     got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim, env.spec.act_classes)
     if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim, spec.act_classes):
         env.close()
@@ -124,7 +124,7 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
             frames = env.render(n)
         except (gymnasium.error.Error, ImportError, OSError, RuntimeError) as e:  # no pygame, no OpenGL, ...
             raise ValueError(
-                f"a video of {env_name} renders through Gymnasium, which failed: {_first_line(e)} (classic control "
+                f"a video of {env_name} renders through Gymnasium, which failed: {first_line(e)} (classic control "
                 "and Box2D render with pygame: pip install -e '.[video]')"
             ) from None
         if not all(isinstance(f, np.ndarray) and f.ndim == 3 and f.dtype == np.uint8 for f in frames):
@@ -134,10 +134,6 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
         return np.stack([np.asarray(f.resize((width, VIDEO_HEIGHT), Image.BILINEAR)) for f in shots])
 
     return env, shoot
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def check_video(env_name: str, cfg: Config, spec=None) -> None:
@@ -210,7 +206,7 @@ def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
         agent = Agent(cfg, spec).to(device)
         agent.load_state_dict(state["agent"])
     except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path} does not hold a fastdreamer agent: {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {path} does not hold a fastdreamer agent: {first_line(e)}") from None
     agent.eval()
     return agent, cfg
 

@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint
 from .agent import Agent
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, first_line
 from .config import (
     PRESETS,
     SIZES,
@@ -464,8 +464,7 @@ class Trainer:
             counters = state["counters"]
             checkpoint.set_rng_state(state["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {path} does not fit this run: {first}") from None
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {first_line(e)}") from None
         self.env_steps, self.updates = counters["env_steps"], counters["updates"]
         self.updates_due, self.episodes = counters["updates_due"], counters["episodes"]
         # The envs were made for the resume (envpool cannot save them), seeded by the resume point, so that they do
