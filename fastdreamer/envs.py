@@ -141,7 +141,8 @@ def make_env(
                 autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
             )
         # A module:Env id whose module or env does not exist, or an env whose dependency is missing (box2d, ...).
-        except (gymnasium.error.Error, ImportError) as e:
+        # AttributeError: an env without an observation or action space (Gymnasium's checker says which).
+        except (gymnasium.error.Error, ImportError, AttributeError) as e:
             raise ValueError(f"{env_id} cannot be made: {first_line(e)}") from None
         return VecEnv(_GymBackend(envs, env_seeds(seed, num_envs)), env_id, num_envs, device, image_size)
     raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
@@ -219,6 +220,12 @@ def _leaves(space: gymnasium.Space, path: tuple = ()) -> list[tuple[tuple, gymna
     return [(path, space)]
 
 
+# Discrete observations are one-hot in the encoder over the widest element's classes (and categorical logits in the
+# decoder): Taxi's 500 classes are 500 inputs. Past this many the layers are hundreds of MB, and a space of 2^31
+# values or more would not fit the int32 indices.
+MAX_OBS_ONE_HOT = 1 << 16
+
+
 def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, int]:
     """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
     C), CHW or (H, W)); Discrete and MultiDiscrete elements as class indices (one-hot in the encoder, categorical in
@@ -253,6 +260,13 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
                 f"{_label(name)} {sub} is neither a uint8 image (H, W, C) nor of rank <= 2 (a vector); wrap the env "
                 "to flatten or render it"
             )
+    if classes * disc_cols > MAX_OBS_ONE_HOT:  # the encoder's one-hot input and the decoder's logits
+        widest = max((f for f in fields if f.key == "discrete"), key=lambda f: int(f.classes.max()))
+        raise ValueError(
+            f"{_label(widest.src)} has {int(widest.classes.max()):,} classes: {disc_cols} discrete observation "
+            f"elements one-hot to {classes * disc_cols:,} encoder inputs, more than this trainer takes "
+            f"({MAX_OBS_ONE_HOT:,}); wrap the env to return it as a Box"
+        )
     staged, final = {}, {}
     if disc_cols:
         staged["discrete"] = final["discrete"] = ((disc_cols,), torch.int32)
@@ -505,6 +519,9 @@ class VecEnv:
                 np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
         # One check per kind over all fields (the field at fault is looked for only when one fails): a class out of
         # range would be an all-zero one-hot, a non-finite value (in float32, as training reads it) a NaN loss.
+        # Box bounds are not checked, unlike the reference's CheckSpaces: envpool declares low 0 for DMC's signed
+        # observations (walker's orientations) and float32's smallest normal for Box2D's, so such a check would
+        # refuse the walker preset (random rollouts of 3,000 steps, session 20).
         if "discrete" in out and ((out["discrete"] < 0) | (out["discrete"] >= self._classes)).any():
             self._bad_obs(out, "discrete", lambda v, f: (v < 0) | (v >= f.classes), "outside its space")
         if "vector" in out and not np.isfinite(out["vector"]).all():

@@ -200,6 +200,16 @@ TINY_ENVS = textwrap.dedent(
             reward = np.inf if self.t >= self.at and self.how == "reward" else 0.0
             return obs, reward, terminated, truncated, info
 
+    class Spaceless(gym.Env):
+        def reset(self, *, seed=None, options=None):
+            return np.zeros(2, np.float32), {}
+
+    class Huge(Clock):
+        # A Discrete observation too wide to one-hot (2^31 values would not fit int32 indices either).
+        observation_space = gym.spaces.Dict({"k": gym.spaces.Discrete(2**31), "x": gym.spaces.Box(-1, 1, (2,))})
+
+    gym.register("FdTinySpaceless-v0", entry_point=Spaceless)
+    gym.register("FdTinyHuge-v0", entry_point=Huge)
     gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
     gym.register("FdTinyBad-v0", entry_point=Bad)
     gym.register("FdTinyCount-v0", entry_point=Count, max_episode_steps=5)
@@ -694,6 +704,23 @@ def test_an_env_that_fails_or_returns_what_its_space_does_not_hold_is_named(tiny
         if error is EnvError:
             assert isinstance(e.value.__cause__, KeyError)  # the env's traceback is kept
         env.close()
+
+
+@pytest.mark.parametrize(
+    "env_name, message",
+    [
+        ("FdTinySpaceless-v0", r"FdTinySpaceless-v0 cannot be made: The environment must specify an action space"),
+        (
+            "FdTinyHuge-v0",
+            r"^observation 'k' has 2,147,483,648 classes: 1 discrete observation elements one-hot to "
+            r"2,147,483,648 encoder inputs, more than this trainer takes \(65,536\)",
+        ),
+    ],
+)
+def test_an_env_without_spaces_or_with_too_many_observation_classes_is_one_clear_line(tiny_envs, env_name, message):
+    with pytest.raises(ValueError, match=message) as e:
+        make_env(f"{tiny_envs}:{env_name}", 1, 0, "cpu")
+    assert "\n" not in str(e.value)
 
 
 def test_an_env_that_fails_mid_run_leaves_a_checkpoint_of_the_last_update_boundary(tiny_envs, tmp_path):
