@@ -28,15 +28,14 @@ from fastdreamer.kernels import block_gru
 from fastdreamer import fast
 from fastdreamer.checkpoint import first_line
 from fastdreamer.config import PRESETS
+from fastdreamer.provenance import cpu_name, git_info
 from fastdreamer.train import update_step
 
 from . import end_to_end, parts
 from .bench_block_gru import write_json
 from .common import (
     count_arg,
-    cpu_name,
     device_arg,
-    git_info,
     json_arg,
     make_agent,
     make_config,

@@ -87,37 +87,6 @@ def json_arg(value: str) -> str:
     return value
 
 
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    import contextlib
-    import platform
-
-    name = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
-    return name
-
-
-def git_info() -> dict:
-    """The commit of the code that runs (this checkout, from wherever the command is started) and whether its tracked
-    files differ from it; None for both where git cannot tell (not a checkout, no git)."""
-    import subprocess
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd):
-        try:
-            run = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10, check=True)
-            return run.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"git_commit": commit, "git_dirty": None if status is None else bool(status)}
-
-
 def ab_parser(description: str, repeat: int, what: str):
     """The argument parser of an A/B script (observe_ab, rollout_ab) with the arguments they share; `repeat`: the
     default number of timed calls of `what` per variant and round."""

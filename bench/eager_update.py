@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: bench is a package of the checkout
-from bench.common import count_arg, cpu_name, device_arg, git_info, size_arg, threads_arg  # noqa: E402
+from bench.common import count_arg, device_arg, size_arg, threads_arg  # noqa: E402
 from fastdreamer.config import preset_defaults  # noqa: E402
+from fastdreamer.provenance import cpu_name, git_info  # noqa: E402
 from fastdreamer.train import Trainer  # noqa: E402
 
 

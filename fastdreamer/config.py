@@ -74,8 +74,8 @@ class Config:
     batch_length: int = 64
     replay_context: int = 1
     """Steps of stored latent state that start each training sequence (0 or 1). With 0, each sequence starts from
-    the zero state and action; the reference instead carries the previous update's final state over, which
-    belongs to another, randomly drawn sequence."""
+    the zero state and action, as in the reference, whose sampler marks every batch's first step is_first, so the
+    state it carries over from the previous update is reset."""
     replay_size: int = 1_000_000
     """Replay capacity in environment steps (all envs together). A run of fewer --steps allocates only those: the
     ring never fills, so it trains on the same windows either way."""

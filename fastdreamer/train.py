@@ -266,6 +266,11 @@ class Trainer:
             fast.tune_cpu_allocator()
         seed_everything(cfg.seed)
         impl = block_gru.set_impl(cfg.gru_impl, self.device)
+        from .provenance import machine
+
+        # What this start resolved `auto` to, and what it runs on: config.json records it beside the settings.
+        self.resolved = {"device": str(self.device), "mode": self.mode, "precision": self.precision, "gru_impl": impl}
+        self.resolved |= machine(self.device)
         env_seed = None if resume is None else resume_seed(cfg.seed, resume["counters"]["env_steps"])
         self.env = make_env_or_explain(cfg, self.device, seed=env_seed)
         try:
@@ -571,7 +576,8 @@ def _train(cfg: Config, logdir: Path, log) -> Trainer:
         path = logdir / CHECKPOINT
         log(f"fastdreamer: resumed from {path} at {trainer.env_steps:,} env steps, {trainer.updates:,} updates")
     # A resumed run's logs continue from its checkpoint: what the run logged after it is dropped, not repeated.
-    logger = Logger(logdir, dataclasses.asdict(cfg), resume_step=trainer.env_steps if cfg.resume else None)
+    config = {**dataclasses.asdict(cfg), "resolved": trainer.resolved}
+    logger = Logger(logdir, config, resume_step=trainer.env_steps if cfg.resume else None)
     bar = None
     if cfg.progress:
         from tqdm import tqdm

@@ -6,6 +6,7 @@ unnoticed would cost one.)"""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,8 +138,8 @@ def test_a_mode_asked_for_that_cannot_run_here_is_refused_not_dropped():
 
 
 def test_the_commit_recorded_is_the_code_s_from_any_folder(tmp_path):
-    """git runs in the checkout the bench code is in, not in the folder the command starts from."""
-    code = "import json; from bench.common import git_info; print(json.dumps(git_info()))"
+    """git runs in the checkout the code is in, not in the folder the command starts from."""
+    code = "import json; from fastdreamer.provenance import git_info; print(json.dumps(git_info()))"
     env = {**ENV, "PYTHONPATH": str(ROOT)}
     here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -147,6 +148,26 @@ def test_the_commit_recorded_is_the_code_s_from_any_folder(tmp_path):
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a checkout (CI's fresh clone is one)
         assert json.loads(here.stdout)["git_commit"] == head.stdout.strip()
+
+
+def test_code_installed_inside_another_repository_records_no_commit(tmp_path):
+    """A copy installed in a folder of some other checkout (a virtual environment in a user's project) is not that
+    checkout's commit: only a checkout's top is asked."""
+    from fastdreamer.provenance import git_info
+
+    if shutil.which("git") is None:
+        pytest.skip("no git here")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "venv" / "site-packages").mkdir(parents=True)
+    assert git_info(tmp_path) == {"git_commit": head, "git_dirty": False}
+    assert git_info(tmp_path / "venv" / "site-packages") == {"git_commit": None, "git_dirty": None}
+    (tmp_path / "f").write_text("y")
+    assert git_info(tmp_path)["git_dirty"] is True
 
 
 def test_select_components_keeps_table_order_and_no_env_drops_the_env_rows():

@@ -92,6 +92,12 @@ def test_cli_trains_every_preset_at_debug_size(preset, tmp_path):
     assert (logdir / "checkpoint.pt").is_file()
     config = json.loads((logdir / "config.json").read_text())
     assert config["env"] == preset and config["size"] == "debug"
+    # Beside the settings as given (device "auto"), what this start resolved them to and what it ran on.
+    resolved = config["resolved"]
+    assert resolved["device"] == "cpu" and resolved["mode"] in ("eager", "compile") and resolved["gru_impl"] == "torch"
+    assert resolved["torch"] == torch.__version__ and resolved["envpool"] == envpool.__version__
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert resolved["git_commit"] == (head.stdout.strip() if head.returncode == 0 else None)
     lines = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
     assert lines and all("step" in line for line in lines)
     logs = [line for line in lines if "updates" in line]
