@@ -85,7 +85,8 @@ class Agent(nn.Module):
         self.act_groups = len(groups)
         padded = spec.discrete and min(groups) < spec.act_dim // self.act_groups
         self.register_buffer("act_counts", torch.tensor(groups) if padded else None, persistent=False)
-        self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth, classes=spec.classes)
+        classes = spec.obs_classes or spec.classes  # each discrete element's count, or one for all
+        self.encoder = Encoder(spec.obs, size.units, cfg.enc_layers, size.depth, classes=classes)
         self.rssm = RSSM(
             self.encoder.out_dim,
             spec.act_dim,
@@ -108,7 +109,7 @@ class Agent(nn.Module):
             cfg.dec_layers,
             size.depth,
             bspace=cfg.bspace,
-            classes=spec.classes,
+            classes=classes,
         )
         self.reward = Head(fdim, size.units, cfg.head_layers, cfg.bins, 0.0)
         self.cont = Head(fdim, size.units, cfg.head_layers, 1, 1.0)
@@ -253,8 +254,8 @@ class Agent(nn.Module):
             if key in self.decoder.img_keys:
                 losses[key] = image_recon_loss(recon, obs[key])
             elif key in self.decoder.disc_keys:  # categorical over each element's classes, summed over elements
-                logp = torch.log_softmax(recon.float(), -1)
-                losses[key] = -(logp * dists.one_hot(obs[key].long(), self.decoder.classes)).sum((-2, -1))
+                logp = torch.log_softmax(recon.float(), -1)  # the padding's -inf logits are log 0, never the target
+                losses[key] = -logp.gather(-1, obs[key].long().unsqueeze(-1)).squeeze(-1).sum(-1)
             else:
                 losses[key] = (recon - dists.symlog(obs[key].float())).square().sum(-1)
         losses["rew"] = dists.twohot_loss(rew_logits, obs["reward"].float(), self.bins)

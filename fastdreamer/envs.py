@@ -45,8 +45,9 @@ class EnvSpec:
     discrete: bool
     act_dim: int  # number of discrete actions (G groups of K, concatenated one-hots), or continuous action dims
     env_id: str  # resolved id
-    classes: int = 0  # classes of every element of 'discrete' (the largest of its spaces' counts)
+    classes: int = 0  # the largest count of classes of the elements of 'discrete'
     act_classes: tuple[int, ...] = ()  # discrete: each group's count of actions (a MultiDiscrete's nvec), K the max
+    obs_classes: tuple[int, ...] = ()  # each element of 'discrete''s count of classes; () is `classes` for all
 
 
 def _envpool_ids() -> list[str]:
@@ -220,31 +221,57 @@ def _leaves(space: gymnasium.Space, path: tuple = ()) -> list[tuple[tuple, gymna
     return [(path, space)]
 
 
-# Discrete observations are one-hot in the encoder over the widest element's classes (and categorical logits in the
-# decoder): Taxi's 500 classes are 500 inputs. Past this many the layers are hundreds of MB, and a space of 2^31
-# values or more would not fit the int32 indices.
+# Integer-valued observations are categorical, as the reference reads them: one-hot in the encoder, one softmax per
+# element over its own classes in the decoder (Taxi's 500 classes are 500 inputs). Past this many one-hot inputs in
+# all, the layers are hundreds of MB (and a space of 2^31 values or more would not fit the int32 indices).
 MAX_OBS_ONE_HOT = 1 << 16
+# An integer Box (or bool Box, MultiBinary) whose one-hot would take more than this is read as numbers (a vector)
+# instead: BabyAI's 512-byte mission string would be 131,072 inputs. The reference one-hots any of them.
+MAX_INT_BOX_ONE_HOT = MAX_OBS_ONE_HOT // 2
 
 
-def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, int]:
+def _obs_classes(sub: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
+    """(classes, first value) per element of an observation space the encoder reads as categorical, else None.
+    Discrete and MultiDiscrete always; an integer or bool Box, or a MultiBinary, where its one-hot is at most
+    MAX_INT_BOX_ONE_HOT wide (the reference takes every integer and bool Box as categorical). A Box's high is its
+    last value, as Gymnasium defines it: Box(0, 255) has 256 classes (the reference counts high - low, 255, and
+    reads 255 as an all-zero one-hot)."""
+    if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
+        groups = _action_groups(sub)
+    elif isinstance(sub, gymnasium.spaces.MultiBinary | gymnasium.spaces.Box) and (
+        np.issubdtype(sub.dtype, np.integer) or np.issubdtype(sub.dtype, np.bool_)
+    ):
+        groups = _action_groups(sub)
+        if groups is not None and int(groups[0].sum()) > MAX_INT_BOX_ONE_HOT:
+            return None
+    else:
+        return None
+    if groups is None:
+        return None
+    nvec, start = groups
+    return np.asarray(nvec, np.int64).reshape(-1), np.asarray(start, np.int64).reshape(-1)
+
+
+def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, np.ndarray]:
     """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
-    C), CHW or (H, W)); Discrete and MultiDiscrete elements as class indices (one-hot in the encoder, categorical in
-    the decoder); every other Box or MultiBinary of rank <= 2 flattened into one float vector. Dict and Tuple
-    spaces hold any mix, nested to any depth. Returns (fields, staged spec, final spec, classes)."""
-    fields, vec_cols, disc_cols, classes, image = [], 0, 0, 0, None
+    C), CHW or (H, W)); integer-valued elements (Discrete, MultiDiscrete, integer or bool Box of rank <= 2) as class
+    indices (one-hot in the encoder, categorical in the decoder); every other Box of rank <= 2 flattened into one
+    float vector. Dict and Tuple spaces hold any mix, nested to any depth. Returns (fields, staged spec, final
+    spec, classes of each discrete element)."""
+    fields, vec_cols, disc_cols, image = [], 0, 0, None
     for name, sub in _leaves(space):
-        if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
-            nvec = np.asarray(sub.nvec if isinstance(sub, gymnasium.spaces.MultiDiscrete) else sub.n).reshape(-1)
+        shape = tuple(int(d) for d in np.atleast_1d(sub.shape)) if sub.shape is not None else ()
+        is_image = sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16))
+        groups = None if is_image or len(shape) > 2 else _obs_classes(sub)
+        if groups is not None:
+            nvec, start = groups
             width = len(nvec)
-            start = np.asarray(sub.start).reshape(-1)  # per element; broadcasts over the (N, width) columns
             fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start, classes=nvec))
             disc_cols += width
-            classes = max(classes, int(nvec.max()))
             continue
         if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
             raise ValueError(f"{_label(name)} has unsupported space {sub}")
-        shape = tuple(int(d) for d in np.atleast_1d(sub.shape))
-        if sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16)):
+        if is_image:
             if image is not None:
                 raise ValueError(f"more than one image observation in {space}")
             gray = len(shape) == 2
@@ -260,12 +287,14 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
                 f"{_label(name)} {sub} is neither a uint8 image (H, W, C) nor of rank <= 2 (a vector); wrap the env "
                 "to flatten or render it"
             )
-    if classes * disc_cols > MAX_OBS_ONE_HOT:  # the encoder's one-hot input and the decoder's logits
-        widest = max((f for f in fields if f.key == "discrete"), key=lambda f: int(f.classes.max()))
+    disc = [f for f in fields if f.key == "discrete"]
+    classes = np.concatenate([f.classes for f in disc]) if disc else np.zeros(0, np.int64)
+    if classes.sum() > MAX_OBS_ONE_HOT:  # the encoder's one-hot input and the decoder's logits
+        widest = max(disc, key=lambda f: int(f.classes.max()))
         raise ValueError(
-            f"{_label(widest.src)} has {int(widest.classes.max()):,} classes: {disc_cols} discrete observation "
-            f"elements one-hot to {classes * disc_cols:,} encoder inputs, more than this trainer takes "
-            f"({MAX_OBS_ONE_HOT:,}); wrap the env to return it as a Box"
+            f"{_label(widest.src)} has {int(widest.classes.max()):,} classes: the discrete observations one-hot to "
+            f"{int(classes.sum()):,} encoder inputs, more than this trainer takes ({MAX_OBS_ONE_HOT:,}); wrap the env "
+            "to return them as a float Box"
         )
     staged, final = {}, {}
     if disc_cols:
@@ -360,10 +389,7 @@ class VecEnv:
     def __init__(self, backend: Any, env_id: str, num_envs: int, device: torch.device | str, image_size: int):
         self.backend, self.num_envs, self.device = backend, num_envs, torch.device(device)
         self._fields, staged, final, classes = _layout_obs(backend.obs_space, image_size)
-        disc = [f for f in self._fields if f.key == "discrete"]
-        self._classes = (
-            np.concatenate([np.broadcast_to(f.classes, (f.cols.stop - f.cols.start,)) for f in disc]) if disc else None
-        )
+        self._classes = classes  # per column of 'discrete'
         act = backend.act_space
         act_classes = ()
         groups = _action_groups(act)
@@ -394,7 +420,8 @@ class VecEnv:
                 self._act_limits = _cast_limits(act.dtype, low, high)
         else:
             raise ValueError(f"unsupported action space {act}")
-        self.spec = EnvSpec(final, discrete, act_dim, env_id, classes, act_classes)
+        obs_classes = tuple(int(c) for c in classes)
+        self.spec = EnvSpec(final, discrete, act_dim, env_id, max(obs_classes, default=0), act_classes, obs_classes)
         self._resize = "image" in staged and staged["image"][0] != final["image"][0]
         flags = {"reward": ((), torch.float32), **{k: ((), torch.bool) for k in ("is_first", "is_last", "is_terminal")}}
         self._staging = _Staging({**staged, **flags}, num_envs, self.device)

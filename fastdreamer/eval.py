@@ -109,12 +109,13 @@ def _video_env(env_name: str, n: int, seed: int, device: torch.device, cfg: Conf
         env = make_env(env_name, n, seed, device, env_kwargs=kwargs, gymnasium_only=True)
     except (gymnasium.error.Error, TypeError, ValueError) as e:  # an env that takes no render_mode, cannot be made
         raise ValueError(f"a video of {env_name} renders through Gymnasium, which failed: {first_line(e)}") from None
-    got = (env.spec.obs, env.spec.classes, env.spec.discrete, env.spec.act_dim, env.spec.act_classes)
-    if spec is not None and got != (spec.obs, spec.classes, spec.discrete, spec.act_dim, spec.act_classes):
+    fields = ("obs", "classes", "obs_classes", "discrete", "act_dim", "act_classes")
+    if spec is not None and any(getattr(env.spec, f) != getattr(spec, f) for f in fields):
         env.close()
         raise ValueError(
-            f"Gymnasium's {env_name}, which a video renders, observes {got[0]} and acts {got[3]} {got[4]}; the "
-            f"agent was trained on {spec.obs} and {spec.act_dim} {spec.act_classes}"
+            f"Gymnasium's {env_name}, which a video renders, observes {env.spec.obs} (classes {env.spec.obs_classes}) "
+            f"and acts {env.spec.act_dim} {env.spec.act_classes}; the agent was trained on {spec.obs} (classes "
+            f"{spec.obs_classes}) and {spec.act_dim} {spec.act_classes}"
         )
 
     from PIL import Image  # as in logger.encode_gif: only videos need Pillow

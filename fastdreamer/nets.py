@@ -132,25 +132,42 @@ def vector_keys(obs_spec: dict) -> tuple[list[str], list[str]]:
     ]
 
 
+def class_runs(obs_spec: dict, disc_keys: list[str], classes) -> list[list[tuple[int, int, int]]]:
+    """Per discrete key, its elements as runs (first, end, classes) of consecutive elements with the same count of
+    classes. `classes`: one count for every element, or each element's (the keys' elements in order)."""
+    sizes = [obs_spec[k][0][0] for k in disc_keys]
+    counts = [int(classes)] * sum(sizes) if isinstance(classes, int) else [int(c) for c in classes]
+    if len(counts) != sum(sizes) or (counts and min(counts) < 1):
+        raise ValueError(f"discrete observations {disc_keys} of {sizes} elements need their classes, got {classes}")
+    runs, i = [], 0
+    for size in sizes:
+        key_runs = []
+        for j in range(size):
+            if key_runs and key_runs[-1][2] == counts[i + j]:
+                key_runs[-1] = (key_runs[-1][0], j + 1, counts[i + j])
+            else:
+                key_runs.append((j, j + 1, counts[i + j]))
+        runs.append(key_runs)
+        i += size
+    return runs
+
+
 class Encoder(nn.Module):
-    """Vector obs: symlog, discrete obs (class indices): one-hot of `classes`, concatenated -> MLP (the reference's
-    DictConcat). Image obs (uint8 HWC): /255 - 0.5 -> [conv5 -> maxpool2 -> norm -> silu] x 4. Returns the
-    concatenated token (..., E)."""
+    """Vector obs: symlog, discrete obs (class indices): each element one-hot of its own classes, concatenated ->
+    MLP (the reference's DictConcat). Image obs (uint8 HWC): /255 - 0.5 -> [conv5 -> maxpool2 -> norm -> silu] x 4.
+    Returns the concatenated token (..., E). classes: one count for every discrete element, or each element's."""
 
     def __init__(
-        self, obs_spec: dict, units: int, layers: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5, classes: int = 0
+        self, obs_spec: dict, units: int, layers: int, depth: int, mults=(2, 3, 4, 4), kernel: int = 5, classes=0
     ):
         super().__init__()
         self.vec_keys, self.disc_keys = vector_keys(obs_spec)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
-        self.classes = classes
-        if self.disc_keys and classes < 1:
-            raise ValueError(f"discrete observations {self.disc_keys} need their number of classes, got {classes}")
+        self.disc_runs = class_runs(obs_spec, self.disc_keys, classes) if self.disc_keys else []
         self.out_dim = 0
         if self.vec_keys or self.disc_keys:
-            fin = sum(obs_spec[k][0][0] for k in self.vec_keys) + classes * sum(
-                obs_spec[k][0][0] for k in self.disc_keys
-            )
+            fin = sum(obs_spec[k][0][0] for k in self.vec_keys)
+            fin += sum((b - a) * n for runs in self.disc_runs for a, b, n in runs)
             self.mlp = MLP(fin, units, layers)
             self.out_dim += self.mlp.out_dim
         if self.img_keys:
@@ -173,7 +190,11 @@ class Encoder(nn.Module):
         bshape = None
         if self.vec_keys or self.disc_keys:
             parts = [symlog(torch.cat([obs[k].float() for k in self.vec_keys], -1))] if self.vec_keys else []
-            parts += [one_hot(obs[k].long(), self.classes).flatten(-2) for k in self.disc_keys]
+            parts += [
+                one_hot(obs[k][..., a:b].long(), n).flatten(-2)
+                for k, runs in zip(self.disc_keys, self.disc_runs)
+                for a, b, n in runs
+            ]
             x = torch.cat(parts, -1)
             bshape = x.shape[:bdims]
             outs.append(self.mlp(x).reshape(*bshape, -1))
@@ -189,7 +210,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Reconstructions from feat = (deter, stoch). Vector: MLP -> linear (symlog MSE target); discrete: the same
-    MLP -> linear logits (..., M, classes) (categorical target). Image: the
+    MLP -> linear logits, each element's over its own classes, padded with -inf to the largest count (..., M,
+    classes) (categorical target). Image: the
     reference's block-space projection of deter plus an MLP of stoch, then [upsample -> conv5 -> norm -> silu]
     and a sigmoid output."""
 
@@ -204,20 +226,21 @@ class Decoder(nn.Module):
         mults=(2, 3, 4, 4),
         kernel: int = 5,
         bspace: int = 8,
-        classes: int = 0,
+        classes=0,
     ):
         super().__init__()
         self.vec_keys, self.disc_keys = vector_keys(obs_spec)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
-        self.classes = classes
+        self.disc_runs = class_runs(obs_spec, self.disc_keys, classes) if self.disc_keys else []
+        self.classes = max((n for runs in self.disc_runs for _, _, n in runs), default=0)  # the padded count
         if self.vec_keys or self.disc_keys:
             self.mlp = MLP(deter + stoch_flat, units, layers)
         if self.vec_keys:
             self.vec_sizes = [obs_spec[k][0][0] for k in self.vec_keys]
             self.vec_out = Linear(self.mlp.out_dim, sum(self.vec_sizes))
         if self.disc_keys:
-            self.disc_sizes = [obs_spec[k][0][0] for k in self.disc_keys]
-            self.disc_out = Linear(self.mlp.out_dim, sum(self.disc_sizes) * classes)
+            self.disc_widths = [sum((b - a) * n for a, b, n in runs) for runs in self.disc_runs]
+            self.disc_out = Linear(self.mlp.out_dim, sum(self.disc_widths))
         if self.img_keys:
             H, W, _ = obs_spec[self.img_keys[0]][0]
             self.img_chans = [obs_spec[k][0][2] for k in self.img_keys]
@@ -254,9 +277,15 @@ class Decoder(nn.Module):
             for k, v in zip(self.vec_keys, torch.split(self.vec_out(h), self.vec_sizes, -1)):
                 out[k] = v
         if self.disc_keys:
-            logits = self.disc_out(h).unflatten(-1, (-1, self.classes))  # (..., sum M, classes)
-            for k, v in zip(self.disc_keys, torch.split(logits, self.disc_sizes, -2)):
-                out[k] = v
+            for k, flat, runs in zip(
+                self.disc_keys, torch.split(self.disc_out(h), self.disc_widths, -1), self.disc_runs
+            ):
+                parts, i = [], 0
+                for a, b, n in runs:  # (..., b - a, n), padded to (..., b - a, classes): those classes never happen
+                    run = flat[..., i : i + (b - a) * n].unflatten(-1, (b - a, n))
+                    parts.append(F.pad(run, (0, self.classes - n), value=-math.inf) if n < self.classes else run)
+                    i += (b - a) * n
+                out[k] = torch.cat(parts, -2) if len(parts) > 1 else parts[0]
         if self.img_keys:
             h, w = self.minres
             g, c = self.bspace, self.depth_last

@@ -130,6 +130,10 @@ TINY_ENVS = textwrap.dedent(
                 "grid": gym.spaces.Box(-np.inf, np.inf, (2, 2), np.float32),
                 "bits": gym.spaces.MultiBinary(3),
                 "frame": gym.spaces.Box(0, 255, (32, 32), np.uint8),
+                "level": gym.spaces.Box(-1, 3, (2,), np.int32),
+                "flag": gym.spaces.Box(0, 1, (1,), np.bool_),
+                # An integer Box too wide to one-hot (200 x 256 classes): numbers, like a float Box.
+                "mission": gym.spaces.Box(0, 255, (200,), np.uint8),
             }
         )
 
@@ -142,6 +146,9 @@ TINY_ENVS = textwrap.dedent(
                 "grid": np.full((2, 2), 0.5 * t, np.float32),
                 "bits": np.array([t % 2, 1, 0], np.int8),
                 "frame": np.full((32, 32), 10 * t % 256, np.uint8),
+                "level": np.array([t % 5 - 1, 3], np.int32),
+                "flag": np.array([t % 2 == 1]),
+                "mission": np.full(200, t, np.uint8),
             }
 
     class Pair(gym.Env):
@@ -597,20 +604,24 @@ def test_step_async_and_wait_refuse_to_run_out_of_turn():
 
 
 def test_every_kind_of_observation_lands_in_its_field(tiny_envs):
-    """Discrete and MultiDiscrete as class indices (start subtracted), Box of rank <= 2 and MultiBinary flattened into
-    the vector in sorted key order, a 2-D uint8 array as a one-channel image (resized like any image)."""
+    """Integer-valued spaces as class indices (start or low subtracted), as the reference reads them: Discrete,
+    MultiDiscrete, MultiBinary, integer and bool Box; float Boxes of rank <= 2 and an integer Box too wide to one-hot
+    flattened into the vector; keys in sorted order; a 2-D uint8 array as a one-channel image (resized like any
+    image)."""
     env = make_env(f"{tiny_envs}:FdTinyMixed-v0", 2, 0, "cpu")
     assert env.spec.obs == {
-        "discrete": ((4,), torch.int32),
-        "vector": ((7,), torch.float32),
+        "discrete": ((10,), torch.int32),
+        "vector": ((204,), torch.float32),
         "image": ((64, 64, 1), torch.uint8),
     }
-    assert env.spec.classes == 5
+    # bits, cell, dice, flag, level (Box(-1, 3): 5 values), one
+    assert env.spec.obs_classes == (2, 2, 2, 5, 3, 4, 2, 5, 5, 4) and env.spec.classes == 5
     out, _ = _rollout(env, 6)
     env.close()
     for t in range(7):
-        assert out["discrete"][t].tolist() == [[t % 5, t % 3, (t + 1) % 4, t % 4]] * 2, t  # cell - 2, dice - start, one
-        assert out["vector"][t].tolist() == [[t % 2, 1, 0, *[0.5 * t] * 4]] * 2, t  # bits, then grid
+        disc = [t % 2, 1, 0, t % 5, t % 3, (t + 1) % 4, t % 2, t % 5, 4, t % 4]
+        assert out["discrete"][t].tolist() == [disc] * 2, t
+        assert out["vector"][t].tolist() == [[*[0.5 * t] * 4, *[t] * 200]] * 2, t  # grid, then mission
         assert (out["image"][t] == 10 * t % 256).all(), t
 
 
@@ -625,18 +636,19 @@ def test_a_tuple_observation_is_read_by_position(tiny_envs):
 
 def test_nested_dict_and_tuple_observations_are_read_leaf_by_leaf(tiny_envs):
     env = make_env(f"{tiny_envs}:FdTinyNested-v0", 2, 0, "cpu")
-    assert env.spec.obs == {"discrete": ((2,), torch.int32), "vector": ((3,), torch.float32)}
-    assert env.spec.classes == 6
+    assert env.spec.obs == {"discrete": ((3,), torch.int32), "vector": ((2,), torch.float32)}
+    assert env.spec.classes == 6 and env.spec.obs_classes == (2, 6, 4)
     out, _ = _rollout(env, 5)
     env.close()
     for t in range(6):  # sorted keys at every level, Tuple items by position: pair/0, pair/1/bit, pos/col, pos/row
-        assert out["discrete"][t].tolist() == [[(t + 3) % 6, t % 4]] * 2, t
-        assert out["vector"][t].tolist() == [[t, -t, t % 2]] * 2, t
-    if (
-        "Maze-v0" in envpool.list_all_envs()
-    ):  # envpool's own nested Dict: agent and target positions as discrete elements
+        assert out["discrete"][t].tolist() == [[t % 2, (t + 3) % 6, t % 4]] * 2, t
+        assert out["vector"][t].tolist() == [[t, -t]] * 2, t
+    if "Maze-v0" in envpool.list_all_envs():
+        # envpool's own nested Dict: the action mask and the 10 x 10 walls (MultiBinary) as two classes each, the
+        # agent's and the target's positions and the step count (Discrete) as their own counts; all categorical.
         maze = make_env("Maze-v0", 1, 0, "cpu")
-        assert maze.spec.obs["discrete"] == ((5,), torch.int32)
+        assert maze.spec.obs == {"discrete": ((109,), torch.int32)}
+        assert maze.spec.obs_classes == (2,) * 4 + (10, 10, 101, 10, 10) + (2,) * 100
         maze.close()
 
 
@@ -712,7 +724,7 @@ def test_an_env_that_fails_or_returns_what_its_space_does_not_hold_is_named(tiny
         ("FdTinySpaceless-v0", r"FdTinySpaceless-v0 cannot be made: The environment must specify an action space"),
         (
             "FdTinyHuge-v0",
-            r"^observation 'k' has 2,147,483,648 classes: 1 discrete observation elements one-hot to "
+            r"^observation 'k' has 2,147,483,648 classes: the discrete observations one-hot to "
             r"2,147,483,648 encoder inputs, more than this trainer takes \(65,536\)",
         ),
     ],

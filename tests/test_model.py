@@ -402,8 +402,43 @@ def test_discrete_observations_are_one_hot_in_and_categorical_out():
     loss = agent.prediction_losses(recon, rew, con, fields)["discrete"]
     want = F.cross_entropy(recon["discrete"].flatten(0, 2), idx.long().flatten(), reduction="none").view(3, 5, 2)
     torch.testing.assert_close(loss, want.sum(-1), rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="need their number of classes"):
+    with pytest.raises(ValueError, match="need their classes"):
         Agent(Config(size="debug"), EnvSpec(obs=obs, discrete=True, act_dim=3, env_id="t", classes=0))
+
+
+def test_discrete_observation_elements_of_unequal_classes_are_each_their_own_categorical():
+    """Elements of 2, 2, 5 and 3 classes (the reference's separate keys): the encoder reads 2 + 2 + 5 + 3 one-hot
+    inputs, no always-zero columns that would enlarge its fan-in; the decoder's softmax of each element is over its own
+    classes only, so its log-likelihood is F.cross_entropy's over those logits."""
+    torch.manual_seed(0)
+    counts = (2, 2, 5, 3)
+    obs = {"discrete": ((4,), torch.int32)}
+    spec = EnvSpec(obs=obs, discrete=True, act_dim=3, env_id="test", classes=5, obs_classes=counts)
+    agent = Agent(Config(size="debug", batch_size=3, batch_length=6, imag_length=4), spec)
+    assert agent.encoder.mlp[0].linear.in_features == sum(counts)
+    idx = torch.stack([torch.randint(0, n, (3, 5)) for n in counts], -1).to(torch.int32)
+    onehots = [F.one_hot(idx[..., i].long(), n).float() for i, n in enumerate(counts)]
+    want = agent.encoder.mlp(torch.cat(onehots, -1))
+    torch.testing.assert_close(agent.encoder({"discrete": idx}), want, rtol=0, atol=0)
+
+    deter, stoch = torch.randn(3, 5, 32), torch.randn(3, 5, 4 * 4)
+    recon = agent.decoder(deter, stoch)["discrete"]
+    assert recon.shape == (3, 5, 4, 5)
+    flat = agent.decoder.disc_out(agent.decoder.mlp(torch.cat([stoch, deter], -1)))
+    fields = {"discrete": idx, "reward": torch.zeros(3, 5), "is_terminal": torch.zeros(3, 5, dtype=bool)}
+    loss = agent.prediction_losses({"discrete": recon}, torch.zeros(3, 5, 255), torch.zeros(3, 5), fields)["discrete"]
+    want, i = 0, 0
+    for e, n in enumerate(counts):  # each element's logits are the next n outputs
+        torch.testing.assert_close(recon[..., e, :n], flat[..., i : i + n], rtol=0, atol=0)
+        assert (recon[..., e, n:] == -torch.inf).all()
+        want = want + F.cross_entropy(
+            flat[..., i : i + n].flatten(0, 1), idx[..., e].long().flatten(), reduction="none"
+        )
+        i += n
+    torch.testing.assert_close(loss, want.view(3, 5), rtol=1e-6, atol=1e-6)
+    loss.sum().backward()
+    grads = [p.grad for p in agent.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_reward_and_critic_start_at_zero():
