@@ -147,8 +147,9 @@ class Config:
     report_every: float = 300.0
     """Seconds between open-loop reports of the world model, and one at the end of training (0: none): metrics
     openloop/* and, for image observations, a video in <logdir>/videos and TensorBoard (fastdreamer/report.py)."""
-    report_context: int = 8
-    """Observed steps before a report's open-loop prediction (at most half the batch length), as the reference."""
+    report_context: int = 16
+    """Observed steps before a report's open-loop prediction of as many (at most half the batch length each): 16 and
+    16, as the reference's report of 32 steps."""
     progress: bool = True
     """Show a progress bar."""
 

@@ -1,6 +1,6 @@
 """The world model's open-loop report (the reference's `report`): how far ahead it predicts without observations.
 
-A replay batch is observed for its first K steps (the posterior, as in training), then imagined for the rest from
+A replay batch is observed for its first K steps (the posterior, as in training), then imagined for K more from
 the last posterior state under the actions that were actually taken (the prior, no observations). Every step is
 decoded, and the prediction losses of the imagined steps are the report: `openloop/{key}_loss` for each decoded
 key, `openloop/rew_loss`, `openloop/con_loss` (the same per-step losses as training's `loss/{key}`, which observes
@@ -81,18 +81,20 @@ def line_chart(truth: torch.Tensor, model: torch.Tensor, observed: int) -> torch
 
 @torch.no_grad()
 def openloop(
-    agent, data: dict[str, torch.Tensor], context: int = 8, seed: int = 0, videos: int = VIDEOS, horizon: int = 0
+    agent, data: dict[str, torch.Tensor], context: int = 16, seed: int = 0, videos: int = VIDEOS, horizon: int = 0
 ):
-    """The open-loop report on a replay batch (B, T + replay context, ...): observe min(context, T // 2) steps, imagine
-    the rest. Returns ({name: device scalar}, {image key: (T, 3H, V*W, C) uint8 video with V = min(videos, B),
-    vector key: (1, H, W, 3) uint8 line_chart of the first sequence}).
+    """The open-loop report on a replay batch (B, T + replay context, ...): observe K = min(context, T // 2) steps,
+    then imagine as many. Returns ({name: device scalar}, {image key: (2K, 3H, V*W, C) uint8 video with V =
+    min(videos, B), vector key: (1, H, W, 3) uint8 line_chart of the first sequence}).
     horizon > 0 (the trainer passes the imagination length) adds `openloop/{key}_loss_h{horizon}`: the same losses
     over the first `horizon` predicted steps only, the reach the actor and critic train on."""
     if context < 1:
         raise ValueError(f"the open-loop report needs at least 1 observed step, got context {context}")
     deter, stoch, prevact, obs = agent.sequence_start(data)
+    K = min(context, obs["is_first"].shape[1] // 2)
+    # As the reference's report: its first half observed, its second predicted (16 and 16 of its 32 steps by default).
+    obs, prevact = {k: v[:, : 2 * K] for k, v in obs.items()}, prevact[:, : 2 * K]
     B, T = obs["is_first"].shape
-    K = min(context, T // 2)
     rssm, device = agent.rssm, deter.device
     u = torch.rand((T, B, rssm.stoch, 1), generator=torch.Generator(device).manual_seed(seed), device=device)
     tokens = agent.encoder({k: v[:, :K] for k, v in obs.items()})

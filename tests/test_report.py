@@ -68,11 +68,14 @@ def test_openloop_predicts_from_the_context_and_the_actions_only():
 
 def test_openloop_losses_are_a_plain_observe_then_imagine():
     """The report's losses against a rollout written here from the training path's pieces: RSSM.observe over the K
-    observed steps (the loss's own observe), then img_step, with the same uniforms."""
+    observed steps (the loss's own observe), then img_step for K more (the reference's report: half observed, half
+    predicted; the batch's last T - 2K steps are not used), with the same uniforms."""
     agent, data = case(1)
     metrics, videos = openloop(agent, data, context=K, seed=9, horizon=2)
 
     deter0, stoch0, prevact, obs = agent.sequence_start(data)
+    T = 2 * K
+    obs, prevact = {k: v[:, :T] for k, v in obs.items()}, prevact[:, :T]
     B = obs["is_first"].shape[0]
     rssm = agent.rssm
     u = torch.rand((T, B, rssm.stoch, 1), generator=torch.Generator().manual_seed(9))
@@ -140,9 +143,9 @@ def test_openloop_charts_each_vector_key_in_the_observations_units():
     agent, data = case(5)
     _, charts = openloop(agent, data, context=K, seed=0)
     _, _, _, obs = agent.sequence_start(data)
-    assert charts["vector"].shape == (1, 4 * PANEL, T * STEP, 3)  # make_agent's vector has 4 dimensions
+    assert charts["vector"].shape == (1, 4 * PANEL, 2 * K * STEP, 3)  # 4 dimensions, K observed and K predicted
     # The truth's dots sit where a chart of the raw observations puts them.
-    want = line_chart(obs["vector"][0], obs["vector"][0], K)[0]
+    want = line_chart(obs["vector"][0, : 2 * K], obs["vector"][0, : 2 * K], K)[0]
     got = charts["vector"][0]
     truth_dots = (want == torch.tensor(TRUTH, dtype=torch.uint8)).all(-1)
     assert (
