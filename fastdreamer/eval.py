@@ -4,7 +4,6 @@ so short episodes are not over-counted. `--video PATH` also films a few episodes
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import torch
 from . import checkpoint
 from .agent import Agent
 from .checkpoint import CheckpointError, first_line
+from .cli import Parser
 from .config import Config, config_from_dict, env_id, env_kwargs
 from .envs import make_env
 from .logger import encode_gif, write_gif
@@ -223,7 +223,7 @@ def check_video_path(video: Path, checkpoint: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Evaluate a fastdreamer checkpoint; prints JSON.")
+    parser = Parser(prog="fastdreamer.eval", description="Evaluate a fastdreamer checkpoint; prints JSON.")
     parser.add_argument("--checkpoint", required=True, help="path to checkpoint.pt")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--device", default="auto")

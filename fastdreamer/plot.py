@@ -3,10 +3,11 @@ Needs matplotlib (`pip install -e ".[plot]"`)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from .cli import Parser
 
 
 def read_rows(logdir: Path) -> list[dict]:
@@ -27,7 +28,7 @@ def read_curve(logdir: Path, key: str) -> tuple[list[int], list[float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = Parser(prog="fastdreamer.plot", description=__doc__)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories holding metrics.jsonl")
     parser.add_argument("--out", type=Path, required=True, help="image to write: curve.png (or .pdf, .svg)")
     parser.add_argument("--key", default="episode/return")

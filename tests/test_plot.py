@@ -42,3 +42,15 @@ def test_plot_refuses_an_out_that_is_not_an_image_file_and_a_key_no_run_logged(t
         assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert "has episode/return, loss/dyn" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("command", ["plot", "eval"])
+def test_a_usage_error_of_plot_or_eval_is_one_line_and_exit_2(command, capsys):
+    from fastdreamer import eval as evaluate
+
+    main = plot.main if command == "plot" else evaluate.main
+    args = ["--out"] if command == "plot" else ["--checkpoint", "c.pt", "--episodes", "x"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"fastdreamer.{command}: error: ") and err.count("\n") == 1, err
