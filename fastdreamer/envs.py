@@ -206,6 +206,7 @@ class _Field:
     gray: bool = False  # source image is (H, W): one channel added
     start: Any = 0  # a discrete space's first value (Discrete.start, MultiDiscrete.start), subtracted
     classes: Any = None  # a discrete space's number of values per element (nvec), to check what the env returns
+    shape: tuple = ()  # the space's shape (one env's)
 
 
 def _label(path: tuple) -> str:
@@ -225,15 +226,18 @@ def _leaves(space: gymnasium.Space, path: tuple = ()) -> list[tuple[tuple, gymna
 # element over its own classes in the decoder (Taxi's 500 classes are 500 inputs). Past this many one-hot inputs in
 # all, the layers are hundreds of MB (and a space of 2^31 values or more would not fit the int32 indices).
 MAX_OBS_ONE_HOT = 1 << 16
-# An integer Box (or bool Box, MultiBinary) whose one-hot would take more than this is read as numbers (a vector)
-# instead: BabyAI's 512-byte mission string would be 131,072 inputs. The reference one-hots any of them.
+# An integer Box (or bool Box, MultiBinary) whose one-hot would take more than this, or of more than
+# MAX_ACTION_CLASSES values per element, is read as numbers (a vector) instead: BabyAI's 512-byte mission string
+# would be 131,072 inputs. The reference one-hots any of them. MiniGrid's 96-byte mission is 24,576 inputs, which
+# doubles a 12m model's parameters (the encoder's first layer and the decoder's logits).
 MAX_INT_BOX_ONE_HOT = MAX_OBS_ONE_HOT // 2
 
 
 def _obs_classes(sub: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
     """(classes, first value) per element of an observation space the encoder reads as categorical, else None.
-    Discrete and MultiDiscrete always; an integer or bool Box, or a MultiBinary, where its one-hot is at most
-    MAX_INT_BOX_ONE_HOT wide (the reference takes every integer and bool Box as categorical). A Box's high is its
+    Discrete and MultiDiscrete always; an integer or bool Box, or a MultiBinary, of at most MAX_ACTION_CLASSES
+    values per element and a one-hot at most MAX_INT_BOX_ONE_HOT wide (the reference takes every integer and bool
+    Box as categorical). A Box's high is its
     last value, as Gymnasium defines it: Box(0, 255) has 256 classes (the reference counts high - low, 255, and
     reads 255 as an all-zero one-hot)."""
     if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
@@ -266,7 +270,9 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
         if groups is not None:
             nvec, start = groups
             width = len(nvec)
-            fields.append(_Field("discrete", name, slice(disc_cols, disc_cols + width), start=start, classes=nvec))
+            fields.append(
+                _Field("discrete", name, slice(disc_cols, disc_cols + width), start=start, classes=nvec, shape=shape)
+            )
             disc_cols += width
             continue
         if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
@@ -277,10 +283,10 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             gray = len(shape) == 2
             chw = not gray and shape[0] < min(shape[1:])  # channels first, e.g. (3, 84, 84) or 4 stacked (12, 84, 84)
             image = shape + (1,) if gray else shape[1:] + shape[:1] if chw else shape  # (H, W, C)
-            fields.append(_Field("image", name, None, chw, gray))
+            fields.append(_Field("image", name, None, chw, gray, shape=shape))
         elif len(shape) <= 2:
             width = int(np.prod(shape))
-            fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width)))
+            fields.append(_Field("vector", name, slice(vec_cols, vec_cols + width), shape=shape))
             vec_cols += width
         else:
             raise ValueError(
@@ -435,6 +441,7 @@ class VecEnv:
         if self.pending:
             raise RuntimeError("reset called while a step_async is in flight; call step_wait first")
         obs = self._call("reset", self.backend.reset)
+        self._check_shapes(obs)
         self._done[:] = False
         self._ep_return[:] = 0
         self._ep_length[:] = 0
@@ -550,17 +557,43 @@ class VecEnv:
         # observations (walker's orientations) and float32's smallest normal for Box2D's, so such a check would
         # refuse the walker preset (random rollouts of 3,000 steps, session 20).
         if "discrete" in out and ((out["discrete"] < 0) | (out["discrete"] >= self._classes)).any():
-            self._bad_obs(out, "discrete", lambda v, f: (v < 0) | (v >= f.classes), "outside its space")
+            self._bad_obs(out, "discrete", lambda v, f: (v < 0) | (v >= f.classes), "")
         if "vector" in out and not np.isfinite(out["vector"]).all():
-            self._bad_obs(out, "vector", lambda v, f: ~np.isfinite(v), "that is not finite (in float32)")
+            self._bad_obs(out, "vector", lambda v, f: ~np.isfinite(v), "not finite (in float32)")
+
+    def _check_shapes(self, obs: Any) -> None:
+        """Each observation leaf holds one array per env, of its space's shape (at reset: they do not change)."""
+        n = self.num_envs
+        for f in self._fields:
+            src = obs
+            for key in f.src:
+                src = src[key]
+            got = tuple(np.shape(src))
+            if got[1:] != f.shape or got[:1] != (n,):
+                per = got[0] // n if got and got[0] > n and got[0] % n == 0 else 0
+                hint = f" ({per} per env: one per player? multi-agent envs are not supported)" if per else ""
+                raise EnvDataError(
+                    f"{self.spec.env_id} returned {_label(f.src)} of shape {got} for {n} envs, not {(n, *f.shape)} as "
+                    f"its space says{hint}"
+                )
 
     def _bad_obs(self, out: dict[str, np.ndarray], kind: str, is_bad, why: str) -> None:
+        """Name the first env, observation and element at fault, its value and what the space allows."""
         for f in self._fields:
             values = out[kind][:, f.cols] if f.key == kind else None
-            if values is not None and (bad := is_bad(values, f).any(-1)).any():
-                i = int(np.flatnonzero(bad)[0])
-                shown = np.array2string(values[i] + (f.start if kind == "discrete" else 0), threshold=8)
-                raise EnvDataError(f"{self.spec.env_id} (env {i}) returned {_label(f.src)} {shown} {why}")
+            if values is None or not (bad := is_bad(values, f)).any():
+                continue
+            i, j = (int(x[0]) for x in np.nonzero(bad))
+            where = list(np.unravel_index(j, f.shape)) if len(f.shape) > 0 else []
+            at = f" at {[int(x) for x in where]}" if np.prod(f.shape, dtype=int) > 1 else ""
+            if kind == "discrete":
+                start, classes = (np.broadcast_to(x, values.shape[1:])[j] for x in (f.start, f.classes))
+                value, allowed = values[i, j] + start, f"{start}..{start + classes - 1}"
+                raise EnvDataError(
+                    f"{self.spec.env_id} (env {i}) returned {_label(f.src)} with {value}{at}, outside its space "
+                    f"({allowed})"
+                )
+            raise EnvDataError(f"{self.spec.env_id} (env {i}) returned {_label(f.src)} with {values[i, j]}{at}, {why}")
 
     def _upload(self) -> dict[str, torch.Tensor]:
         data = self._staging.upload()

@@ -190,15 +190,23 @@ TINY_ENVS = textwrap.dedent(
     class Bad(Clock):
         # Misbehaves from step `at` on: "raise" in step, "nan" in a vector observation, "disc" a Discrete(3)
         # observation of 5.
-        observation_space = gym.spaces.Dict({"x": gym.spaces.Box(-1, 1, (2,), np.float32), "k": gym.spaces.Discrete(3)})
+        observation_space = gym.spaces.Dict(
+            {
+                "x": gym.spaces.Box(-1, 1, (2,), np.float32),
+                "k": gym.spaces.Discrete(3),
+                "g": gym.spaces.Box(0, 2, (10, 10), np.int8),
+            }
+        )
 
         def __init__(self, how="raise", at=3):
             self.how, self.at = how, at
 
         def obs(self):
             bad = self.t >= self.at
+            grid = np.zeros((10, 10), np.int8)
+            grid[5, 5] = 7 if bad and self.how == "grid" else 1
             return {"x": np.array([np.nan if bad and self.how == "nan" else 0.5, 0.0], np.float32),
-                    "k": 5 if bad and self.how == "disc" else 1}
+                    "k": 5 if bad and self.how == "disc" else 1, "g": grid}
 
         def step(self, action):
             if self.t + 1 >= self.at and self.how == "raise":
@@ -701,8 +709,9 @@ def test_an_env_that_fails_or_returns_what_its_space_does_not_hold_is_named(tiny
     from fastdreamer.envs import EnvDataError, EnvError
 
     cases = [
-        ("nan", EnvDataError, "(env 0) returned observation 'x' [nan  0.] that is not finite (in float32)"),
-        ("disc", EnvDataError, "(env 0) returned observation 'k' [5] outside its space"),
+        ("nan", EnvDataError, "(env 0) returned observation 'x' with nan at [0], not finite (in float32)"),
+        ("disc", EnvDataError, "(env 0) returned observation 'k' with 5, outside its space (0..2)"),
+        ("grid", EnvDataError, "(env 0) returned observation 'g' with 7 at [5, 5], outside its space (0..2)"),
         ("reward", EnvDataError, "(env 0) returned a reward of inf, not finite"),
         ("raise", EnvError, "FdTinyBad-v0 raised KeyError in step: 'level 3 is missing'"),
     ]
@@ -733,6 +742,22 @@ def test_an_env_without_spaces_or_with_too_many_observation_classes_is_one_clear
     with pytest.raises(ValueError, match=message) as e:
         make_env(f"{tiny_envs}:{env_name}", 1, 0, "cpu")
     assert "\n" not in str(e.value)
+
+
+def test_a_multi_player_env_is_one_line_at_reset():
+    """envpool's two-player games return one observation per player: (2N, ...) for N envs."""
+    from fastdreamer.envs import EnvDataError
+
+    if "KuhnPoker-v1" not in envpool.list_all_envs():
+        pytest.skip("this envpool build has no KuhnPoker-v1")
+    env = make_env("KuhnPoker-v1", 2, 0, "cpu")
+    with pytest.raises(
+        EnvDataError,
+        match=r"^KuhnPoker-v1 returned the observation of shape \(4, 7\) for 2 envs, "
+        r"not \(2, 7\) as its space says \(2 per env: one per player\? multi-agent envs are not",
+    ):
+        env.reset()
+    env.close()
 
 
 def test_an_env_that_fails_mid_run_leaves_a_checkpoint_of_the_last_update_boundary(tiny_envs, tmp_path):
