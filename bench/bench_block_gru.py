@@ -113,7 +113,9 @@ def meta(args, torch, triton):
         except Exception:  # noqa: BLE001 (no git is not an error for a benchmark)
             return ""
 
-    commit = git("rev-parse", "HEAD") or None  # None: not a checkout, or no git
+    # None: no git, or ROOT is not a checkout's top (a copy inside another repository is not that one's commit)
+    top = git("rev-parse", "--show-toplevel")
+    commit = (git("rev-parse", "HEAD") or None) if top and os.path.realpath(top) == os.path.realpath(ROOT) else None
     scope = ("--", "kernels", "bench", ":(exclude)bench/results")
     cpu = platform.processor()
     try:

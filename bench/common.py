@@ -242,6 +242,9 @@ def random_batch(agent: Agent, batch: int, length: int, device: torch.device | s
     for key, (shape, dtype) in spec.obs.items():
         if dtype == torch.uint8:
             data[key] = torch.randint(0, 256, (B, L, *shape), generator=gen, dtype=torch.uint8)
+        elif not dtype.is_floating_point:  # class indices, each element below its own count
+            counts = torch.tensor(spec.obs_classes or [spec.classes] * shape[0])
+            data[key] = (torch.rand((B, L, *shape), generator=gen) * counts).long().to(dtype)
         else:
             data[key] = torch.randn((B, L, *shape), generator=gen)
     act = torch.randint(0, spec.act_dim, (B, L), generator=gen)

@@ -40,6 +40,8 @@ def wm_losses(agent, data: dict[str, torch.Tensor]):
     for key, recon in agent.decoder(deters, stochs.flatten(-2)).items():
         if key in agent.decoder.img_keys:
             losses[key] = (recon - obs[key].float() / 255.0).square().sum((-3, -2, -1))
+        elif key in agent.decoder.disc_keys:
+            losses[key] = agent.decoder.discrete_nll(key, recon, obs[key])
         else:
             losses[key] = (recon - symlog(obs[key].float())).square().sum(-1)
     losses["rew"] = dists.twohot_loss(agent.reward(repfeat), obs["reward"].float(), agent.bins)

@@ -254,8 +254,7 @@ class Agent(nn.Module):
             if key in self.decoder.img_keys:
                 losses[key] = image_recon_loss(recon, obs[key])
             elif key in self.decoder.disc_keys:  # categorical over each element's classes, summed over elements
-                logp = torch.log_softmax(recon.float(), -1)  # the padding's -inf logits are log 0, never the target
-                losses[key] = -logp.gather(-1, obs[key].long().unsqueeze(-1)).squeeze(-1).sum(-1)
+                losses[key] = self.decoder.discrete_nll(key, recon, obs[key])
             else:
                 losses[key] = (recon - dists.symlog(obs[key].float())).square().sum(-1)
         losses["rew"] = dists.twohot_loss(rew_logits, obs["reward"].float(), self.bins)

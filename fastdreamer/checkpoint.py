@@ -27,6 +27,27 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """module.load_state_dict(state), or a CheckpointError of one line naming the first weight that differs: the
+    checkpoint's model was built for other observations, actions or sizes (torch's error puts that on later lines,
+    which a one-line message drops)."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} holds no model weights")
+    own = module.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != own[k].shape]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(
+            f"checkpoint {path} holds a model of another layout: {k} is {tuple(state[k].shape)} there, "
+            f"{tuple(own[k].shape)} here (another env, observation layout or --size; {len(shapes)} weights differ)"
+        )
+    if missing or extra:
+        which = f"{missing[0]} missing" if missing else f"{extra[0]} unexpected"
+        raise CheckpointError(f"checkpoint {path} holds a model of another layout: {which}")
+    module.load_state_dict(state)
+
+
 def save(path: str | Path, payload: dict) -> None:
     """Writes payload to path atomically: a crash leaves either the old file or the new one, never a torn one.
 

@@ -142,8 +142,11 @@ def make_env(
                 autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP,
             )
         # A module:Env id whose module or env does not exist, or an env whose dependency is missing (box2d, ...).
-        # AttributeError: an env without an observation or action space (Gymnasium's checker says which).
-        except (gymnasium.error.Error, ImportError, AttributeError) as e:
+        except (gymnasium.error.Error, ImportError) as e:
+            raise ValueError(f"{env_id} cannot be made: {first_line(e)}") from None
+        except AttributeError as e:  # an env without an observation or action space: Gymnasium's checker says which
+            if "must specify" not in str(e):
+                raise  # a bug in the env's own code: its traceback
             raise ValueError(f"{env_id} cannot be made: {first_line(e)}") from None
         return VecEnv(_GymBackend(envs, env_seeds(seed, num_envs)), env_id, num_envs, device, image_size)
     raise _unknown_id_error(env_id, pool_ids + list(gymnasium.registry))
@@ -235,38 +238,59 @@ MAX_INT_BOX_ONE_HOT = MAX_OBS_ONE_HOT // 2
 
 def _obs_classes(sub: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None:
     """(classes, first value) per element of an observation space the encoder reads as categorical, else None.
-    Discrete and MultiDiscrete always; an integer or bool Box, or a MultiBinary, of at most MAX_ACTION_CLASSES
-    values per element and a one-hot at most MAX_INT_BOX_ONE_HOT wide (the reference takes every integer and bool
-    Box as categorical). A Box's high is its
-    last value, as Gymnasium defines it: Box(0, 255) has 256 classes (the reference counts high - low, 255, and
-    reads 255 as an all-zero one-hot)."""
-    if isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
-        groups = _action_groups(sub)
-    elif isinstance(sub, gymnasium.spaces.MultiBinary | gymnasium.spaces.Box) and (
-        np.issubdtype(sub.dtype, np.integer) or np.issubdtype(sub.dtype, np.bool_)
-    ):
-        groups = _action_groups(sub)
-        if groups is not None and int(groups[0].sum()) > MAX_INT_BOX_ONE_HOT:
+    Discrete and MultiDiscrete always (of any rank); an integer or bool Box, or a MultiBinary, of rank <= 2, of at
+    most MAX_ACTION_CLASSES values per element and with a one-hot at most MAX_INT_BOX_ONE_HOT wide (the reference
+    takes every integer and bool Box as categorical). A Box's high is its last value, as Gymnasium defines it:
+    Box(0, 255) has 256 classes (the reference counts high - low, 255, and reads 255 as an all-zero one-hot)."""
+    if not isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete):
+        if not isinstance(sub, gymnasium.spaces.MultiBinary | gymnasium.spaces.Box) or len(sub.shape) > 2:
             return None
-    else:
-        return None
+        if not (np.issubdtype(sub.dtype, np.integer) or np.issubdtype(sub.dtype, np.bool_)):
+            return None
+    groups = _action_groups(sub)
     if groups is None:
         return None
-    nvec, start = groups
-    return np.asarray(nvec, np.int64).reshape(-1), np.asarray(start, np.int64).reshape(-1)
+    nvec, start = (np.asarray(x, np.int64).reshape(-1) for x in groups)
+    if not isinstance(sub, gymnasium.spaces.Discrete | gymnasium.spaces.MultiDiscrete) and (
+        sum(map(int, nvec)) > MAX_INT_BOX_ONE_HOT
+    ):
+        return None
+    return nvec, start
+
+
+def _one_line(space: gymnasium.Space) -> str:
+    return " ".join(str(space).split())  # a MultiDiscrete of rank >= 2 prints its nvec over several lines
 
 
 def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], dict, dict, np.ndarray]:
     """Map an observation space to staging fields, as the reference's encoder reads them: one uint8 image ((H, W,
     C), CHW or (H, W)); integer-valued elements (Discrete, MultiDiscrete, integer or bool Box of rank <= 2) as class
     indices (one-hot in the encoder, categorical in the decoder); every other Box of rank <= 2 flattened into one
-    float vector. Dict and Tuple spaces hold any mix, nested to any depth. Returns (fields, staged spec, final
-    spec, classes of each discrete element)."""
-    fields, vec_cols, disc_cols, image = [], 0, 0, None
+    float vector. Dict and Tuple spaces hold any mix, nested to any depth. Where the categorical elements would
+    one-hot to more than MAX_OBS_ONE_HOT inputs, the integer and bool Boxes among them are read as numbers; past
+    that, refused. Returns (fields, staged spec, final spec, classes of each discrete element)."""
+    leaves = []  # (path, space, shape, image, (classes, start) or None)
     for name, sub in _leaves(space):
         shape = tuple(int(d) for d in np.atleast_1d(sub.shape)) if sub.shape is not None else ()
         is_image = sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16))
-        groups = None if is_image or len(shape) > 2 else _obs_classes(sub)
+        leaves.append((name, sub, shape, is_image, None if is_image else _obs_classes(sub)))
+
+    discrete = (gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete)
+    if sum(sum(map(int, leaf[4][0])) for leaf in leaves if leaf[4] is not None) > MAX_OBS_ONE_HOT:
+        # The integer Boxes as numbers; the Discrete spaces alone must fit.
+        leaves = [(n, sub, sh, img, g if isinstance(sub, discrete) else None) for n, sub, sh, img, g in leaves]
+        total = sum(sum(map(int, leaf[4][0])) for leaf in leaves if leaf[4] is not None)
+        if total > MAX_OBS_ONE_HOT:
+            name, _, _, _, (nvec, _) = max(
+                (leaf for leaf in leaves if leaf[4] is not None), key=lambda leaf: int(leaf[4][0].max())
+            )
+            raise ValueError(
+                f"{_label(name)} has {int(nvec.max()):,} classes: the discrete observations one-hot to {total:,} "
+                f"encoder inputs, more than this trainer takes ({MAX_OBS_ONE_HOT:,}); wrap the env to return them as "
+                "a float Box"
+            )
+    fields, vec_cols, disc_cols, image = [], 0, 0, None
+    for name, sub, shape, is_image, groups in leaves:
         if groups is not None:
             nvec, start = groups
             width = len(nvec)
@@ -276,10 +300,10 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             disc_cols += width
             continue
         if not isinstance(sub, gymnasium.spaces.Box | gymnasium.spaces.MultiBinary):
-            raise ValueError(f"{_label(name)} has unsupported space {sub}")
+            raise ValueError(f"{_label(name)} has unsupported space {_one_line(sub)}")
         if is_image:
             if image is not None:
-                raise ValueError(f"more than one image observation in {space}")
+                raise ValueError(f"more than one image observation in {_one_line(space)}")
             gray = len(shape) == 2
             chw = not gray and shape[0] < min(shape[1:])  # channels first, e.g. (3, 84, 84) or 4 stacked (12, 84, 84)
             image = shape + (1,) if gray else shape[1:] + shape[:1] if chw else shape  # (H, W, C)
@@ -290,18 +314,11 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
             vec_cols += width
         else:
             raise ValueError(
-                f"{_label(name)} {sub} is neither a uint8 image (H, W, C) nor of rank <= 2 (a vector); wrap the env "
-                "to flatten or render it"
+                f"{_label(name)} {_one_line(sub)} is neither a uint8 image (H, W, C) nor of rank <= 2 (a vector); wrap "
+                "the env to flatten or render it"
             )
     disc = [f for f in fields if f.key == "discrete"]
     classes = np.concatenate([f.classes for f in disc]) if disc else np.zeros(0, np.int64)
-    if classes.sum() > MAX_OBS_ONE_HOT:  # the encoder's one-hot input and the decoder's logits
-        widest = max(disc, key=lambda f: int(f.classes.max()))
-        raise ValueError(
-            f"{_label(widest.src)} has {int(widest.classes.max()):,} classes: the discrete observations one-hot to "
-            f"{int(classes.sum()):,} encoder inputs, more than this trainer takes ({MAX_OBS_ONE_HOT:,}); wrap the env "
-            "to return them as a float Box"
-        )
     staged, final = {}, {}
     if disc_cols:
         staged["discrete"] = final["discrete"] = ((disc_cols,), torch.int32)
@@ -373,7 +390,7 @@ def _action_groups(act: gymnasium.Space) -> tuple[np.ndarray, np.ndarray] | None
     ):
         return np.full(act.shape, 2, np.int64), np.zeros(act.shape, np.int64)
     if isinstance(act, gymnasium.spaces.Box) and np.issubdtype(act.dtype, np.integer):
-        span = act.high.astype(np.float64) - act.low.astype(np.float64) + 1  # float: int64's extremes would wrap
+        span = np.asarray(act.high.astype(object) - act.low.astype(object) + 1)  # Python ints: no int64 wrap
         if span.max() <= MAX_ACTION_CLASSES:
             return span.astype(np.int64), act.low.astype(np.int64)
     return None
@@ -548,7 +565,8 @@ class VecEnv:
             if f.key == "image":
                 np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
             elif f.key == "discrete":
-                np.copyto(out["discrete"][:, f.cols], np.reshape(src, (n, -1)) - f.start, casting="unsafe")
+                index = np.reshape(src, (n, -1)).astype(np.int64, copy=False) - f.start  # uint64 - int64 is float
+                np.copyto(out["discrete"][:, f.cols], index, casting="unsafe")
             else:
                 np.copyto(out["vector"][:, f.cols], np.reshape(src, (n, -1)), casting="unsafe")
         # One check per kind over all fields (the field at fault is looked for only when one fails): a class out of

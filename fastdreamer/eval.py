@@ -205,7 +205,7 @@ def load_agent(path: str, device: torch.device) -> tuple[Agent, Config]:
         spec = env.spec
         env.close()
         agent = Agent(cfg, spec).to(device)
-        agent.load_state_dict(state["agent"])
+        checkpoint.load_weights(agent, state.get("agent"), path)
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} does not hold a fastdreamer agent: {first_line(e)}") from None
     agent.eval()

@@ -6,6 +6,7 @@ Images are stored and passed as uint8 HWC; convolutions run NCHW internally.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +137,7 @@ def class_runs(obs_spec: dict, disc_keys: list[str], classes) -> list[list[tuple
     """Per discrete key, its elements as runs (first, end, classes) of consecutive elements with the same count of
     classes. `classes`: one count for every element, or each element's (the keys' elements in order)."""
     sizes = [obs_spec[k][0][0] for k in disc_keys]
-    counts = [int(classes)] * sum(sizes) if isinstance(classes, int) else [int(c) for c in classes]
+    counts = [int(classes)] * sum(sizes) if isinstance(classes, numbers.Integral) else [int(c) for c in classes]
     if len(counts) != sum(sizes) or (counts and min(counts) < 1):
         raise ValueError(f"discrete observations {disc_keys} of {sizes} elements need their classes, got {classes}")
     runs, i = [], 0
@@ -210,8 +211,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Reconstructions from feat = (deter, stoch). Vector: MLP -> linear (symlog MSE target); discrete: the same
-    MLP -> linear logits, each element's over its own classes, padded with -inf to the largest count (..., M,
-    classes) (categorical target). Image: the
+    MLP -> linear logits, each element's over its own classes, concatenated (..., sum of the classes) (categorical
+    target: `discrete_nll`). Image: the
     reference's block-space projection of deter plus an MLP of stoch, then [upsample -> conv5 -> norm -> silu]
     and a sigmoid output."""
 
@@ -232,7 +233,6 @@ class Decoder(nn.Module):
         self.vec_keys, self.disc_keys = vector_keys(obs_spec)
         self.img_keys = sorted(k for k, (shape, _) in obs_spec.items() if len(shape) == 3)
         self.disc_runs = class_runs(obs_spec, self.disc_keys, classes) if self.disc_keys else []
-        self.classes = max((n for runs in self.disc_runs for _, _, n in runs), default=0)  # the padded count
         if self.vec_keys or self.disc_keys:
             self.mlp = MLP(deter + stoch_flat, units, layers)
         if self.vec_keys:
@@ -266,9 +266,21 @@ class Decoder(nn.Module):
             self.img_out = Conv(cin, sum(self.img_chans), kernel)
             self.depth_last = c
 
+    def discrete_nll(self, key: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The negative log-likelihood of class indices target (..., M) under the logits (..., sum of the classes)
+        of discrete key `key`: a softmax per element over its own classes, summed over the elements -> (...).
+        Computed per run of elements with equal counts, so no element's softmax is padded to another's count."""
+        runs = self.disc_runs[self.disc_keys.index(key)]
+        nll, i = 0.0, 0
+        for a, b, n in runs:
+            logp = torch.log_softmax(logits[..., i : i + (b - a) * n].float().unflatten(-1, (b - a, n)), -1)
+            nll = nll - logp.gather(-1, target[..., a:b].long().unsqueeze(-1)).squeeze(-1).sum(-1)
+            i += (b - a) * n
+        return nll
+
     def forward(self, deter: torch.Tensor, stoch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) symlog space, 'discrete': (..., M, classes) logits,
-        'image': (..., H, W, C) in [0, 1]}."""
+        """deter (..., D), stoch (..., S*C) -> {'vector': (..., O) symlog space, 'discrete': (..., sum of the
+        classes) logits, 'image': (..., H, W, C) in [0, 1]}."""
         bshape = deter.shape[:-1]
         out = {}
         if self.vec_keys or self.disc_keys:
@@ -277,15 +289,8 @@ class Decoder(nn.Module):
             for k, v in zip(self.vec_keys, torch.split(self.vec_out(h), self.vec_sizes, -1)):
                 out[k] = v
         if self.disc_keys:
-            for k, flat, runs in zip(
-                self.disc_keys, torch.split(self.disc_out(h), self.disc_widths, -1), self.disc_runs
-            ):
-                parts, i = [], 0
-                for a, b, n in runs:  # (..., b - a, n), padded to (..., b - a, classes): those classes never happen
-                    run = flat[..., i : i + (b - a) * n].unflatten(-1, (b - a, n))
-                    parts.append(F.pad(run, (0, self.classes - n), value=-math.inf) if n < self.classes else run)
-                    i += (b - a) * n
-                out[k] = torch.cat(parts, -2) if len(parts) > 1 else parts[0]
+            for k, v in zip(self.disc_keys, torch.split(self.disc_out(h), self.disc_widths, -1)):
+                out[k] = v
         if self.img_keys:
             h, w = self.minres
             g, c = self.bspace, self.depth_last

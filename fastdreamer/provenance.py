@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -52,11 +51,11 @@ def version(package: str) -> str | None:
 
 
 def machine(device: torch.device) -> dict:
-    """The device's name, the host, the thread count and the versions of what computes and what simulates."""
+    """The device's name, the thread counts and the versions of what computes and what simulates (not the host's
+    name: run configs get published)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "device_name": name,
-        "host": socket.gethostname(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),

@@ -459,8 +459,8 @@ class Trainer:
         """Agent, optimizer, replay, counters and generators from a checkpoint's state (read_checkpoint), into a
         trainer whose envs were just made (seeded by the resume point) and reset: __init__'s `resume`."""
         cfg, path = self.cfg, state["path"]
+        checkpoint.load_weights(self.agent, state.get("agent"), path)
         try:
-            self.agent.load_state_dict(state["agent"])
             self.opt.load_state_dict(state["opt"])
             length = self.replay.length
             self.replay.load_state_dict(state["replay"])

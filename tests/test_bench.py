@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace as Ev
 
 import pytest
+import torch
 
 from bench.__main__ import COMPONENTS, select_components
 from bench.bench_block_gru import write_json
@@ -157,7 +158,7 @@ def test_code_installed_inside_another_repository_records_no_commit(tmp_path):
 
     if shutil.which("git") is None:
         pytest.skip("no git here")
-    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "f").write_text("x")
     subprocess.run([*git, "add", "f"], check=True)
@@ -168,6 +169,22 @@ def test_code_installed_inside_another_repository_records_no_commit(tmp_path):
     assert git_info(tmp_path / "venv" / "site-packages") == {"git_commit": None, "git_dirty": None}
     (tmp_path / "f").write_text("y")
     assert git_info(tmp_path)["git_dirty"] is True
+
+
+def test_the_bench_s_world_model_parts_agree_with_the_loss_on_discrete_observations():
+    """bench/parts.py restates Agent.loss's world-model terms; discrete observations of unequal counts included."""
+    from bench.common import make_config, random_batch
+    from bench.parts import check_parts
+    from fastdreamer.agent import Agent
+    from fastdreamer.envs import EnvSpec
+
+    obs = {"vector": ((3,), torch.float32), "discrete": ((3,), torch.int32)}
+    spec = EnvSpec(obs=obs, discrete=True, act_dim=2, env_id="t", classes=7, obs_classes=(2, 7, 7))
+    torch.manual_seed(0)
+    agent = Agent(make_config("debug"), spec)
+    data = random_batch(agent, 2, 6, "cpu", seed=1)
+    assert (data["discrete"] < torch.tensor([2, 7, 7])).all() and data["discrete"][..., 0].max() == 1
+    check_parts(agent, data)
 
 
 def test_select_components_keeps_table_order_and_no_env_drops_the_env_rows():

@@ -135,3 +135,25 @@ def test_rng_state_round_trip_through_a_checkpoint_reproduces_draws(tmp_path):
     assert draws() != first  # the generators do advance, so equality below is not vacuous
     set_rng_state(load(path)["rng"])
     assert draws() == first
+
+
+def test_weights_of_another_model_layout_name_the_first_weight_that_differs():
+    """An agent saved before the observation layout changed (discrete elements of unequal counts were padded to the
+    largest, so the encoder read 2 x 5 one-hot inputs where it now reads 2 + 5): one line that says which weight."""
+    from fastdreamer.agent import Agent
+    from fastdreamer.config import Config
+    from fastdreamer.envs import EnvSpec
+
+    obs = {"discrete": ((2,), torch.int32)}
+    old = Agent(Config(size="debug"), EnvSpec(obs=obs, discrete=True, act_dim=2, env_id="t", classes=5))
+    new = Agent(Config(size="debug"), EnvSpec(obs, True, 2, "t", classes=5, obs_classes=(2, 5)))
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_weights(new, old.state_dict(), "c.pt")
+    assert str(e.value).startswith(
+        "checkpoint c.pt holds a model of another layout: encoder.mlp.0.linear.weight is (16, 10) there, (16, 7) here"
+    ), str(e.value)
+    state = old.state_dict()
+    del state["reward.out.weight"]
+    with pytest.raises(CheckpointError, match="another layout: reward.out.weight missing$"):
+        checkpoint.load_weights(old, state, "c.pt")
+    checkpoint.load_weights(old, old.state_dict(), "c.pt")  # the same layout loads

@@ -223,6 +223,21 @@ TINY_ENVS = textwrap.dedent(
         # A Discrete observation too wide to one-hot (2^31 values would not fit int32 indices either).
         observation_space = gym.spaces.Dict({"k": gym.spaces.Discrete(2**31), "x": gym.spaces.Box(-1, 1, (2,))})
 
+    class BrokenInit(Clock):
+        observation_space = gym.spaces.Discrete(3)
+
+        def __init__(self):
+            self.size = None.size  # a bug in the env's own code
+
+    class BigInt(Clock):
+        # An integer Box far from zero: its 4 classes must be counted exactly (float64 cannot tell 2^60 from 2^60 + 3).
+        observation_space = gym.spaces.Box(2**60, 2**60 + 3, (2,), np.uint64)
+
+        def obs(self):
+            return np.array([2**60 + 3, 2**60 + self.t % 4], np.uint64)
+
+    gym.register("FdTinyBrokenInit-v0", entry_point=BrokenInit)
+    gym.register("FdTinyBigInt-v0", entry_point=BigInt)
     gym.register("FdTinySpaceless-v0", entry_point=Spaceless)
     gym.register("FdTinyHuge-v0", entry_point=Huge)
     gym.register("FdTinyNested-v0", entry_point=Nested, max_episode_steps=50)
@@ -742,6 +757,43 @@ def test_an_env_without_spaces_or_with_too_many_observation_classes_is_one_clear
     with pytest.raises(ValueError, match=message) as e:
         make_env(f"{tiny_envs}:{env_name}", 1, 0, "cpu")
     assert "\n" not in str(e.value)
+
+
+def test_integer_boxes_are_numbers_where_all_categoricals_would_not_fit_and_discrete_spaces_of_any_rank_are_read():
+    from gymnasium import spaces
+
+    from fastdreamer.envs import MAX_OBS_ONE_HOT, _layout_obs
+
+    def layout(**leaves):
+        fields, _, final, classes = _layout_obs(spaces.Dict(leaves), 64)
+        return {f.key for f in fields}, final, classes
+
+    byte = spaces.Box(0, 255, (100,), np.uint8)  # 25,600 one-hot inputs each: two fit, three do not
+    assert layout(a=byte, b=byte)[1] == {"discrete": ((200,), torch.int32)}
+    keys, final, classes = layout(a=byte, b=byte, c=byte, d=spaces.Discrete(9))
+    assert final == {"discrete": ((1,), torch.int32), "vector": ((300,), torch.float32)} and classes.tolist() == [9]
+    cube = spaces.MultiDiscrete(np.full((2, 2, 2), 3))  # rank 3: eight categoricals, as before integer Boxes were
+    assert layout(m=cube)[1] == {"discrete": ((8,), torch.int32)}
+    huge = spaces.Discrete(2**62)  # two of them sum past int64: still refused
+    with pytest.raises(ValueError, match=f"more than this trainer takes \\({MAX_OBS_ONE_HOT:,}\\)"):
+        layout(a=huge, b=huge)
+    image = spaces.Box(0, 255, (16, 16, 3), np.uint8)
+    with pytest.raises(ValueError, match="^more than one image observation in Dict") as e:
+        layout(a=image, b=image, m=spaces.MultiDiscrete(np.full((2, 2), 3)))  # its nvec prints over two lines
+    assert "\n" not in str(e.value)
+
+
+def test_an_integer_box_far_from_zero_counts_its_classes_exactly(tiny_envs):
+    env = make_env(f"{tiny_envs}:FdTinyBigInt-v0", 1, 0, "cpu")
+    assert env.spec.obs_classes == (4, 4)
+    out, _ = _rollout(env, 5)
+    env.close()
+    assert out["discrete"][:, 0].tolist() == [[3, t % 4] for t in range(6)]
+
+
+def test_a_bug_in_a_user_env_s_constructor_keeps_its_traceback(tiny_envs):
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'size'"):
+        make_env(f"{tiny_envs}:FdTinyBrokenInit-v0", 1, 0, "cpu")
 
 
 def test_a_multi_player_env_is_one_line_at_reset():
