@@ -82,9 +82,11 @@ def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, t
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:
-    """No-grad multi-step entry with given inputs: stoch (B, T, S*C), action (B, T, A) -> (B, T, D)."""
+    """No-grad multi-step entry with given inputs: stoch (B, T, S*C), action (B, T, A) -> (B, T, D), under either
+    implementation (the reference's would otherwise record a graph the fused one does not)."""
     if _impl == "triton":
         from . import fused
 
         return fused.rollout(deter, stoch, action, w, bf16=_bf16_autocast(deter.device))
-    return reference.rollout(deter, stoch, action, w)
+    with torch.no_grad():
+        return reference.rollout(deter, stoch, action, w)

@@ -197,7 +197,10 @@ def forward(
     RB, BJ, BKB, BI, BK = (tiles[k] for k in ("BB", "BJ", "BKB", "BI", "BK"))
     nb = triton.cdiv(B, RB)
     NJ = triton.cdiv(DG, BJ)
-    prec = {"BF16": bf16, "DOT_BF16": bf16 and dev.type == "cuda"}  # the interpreter emulates the bf16 dots
+    # Tensor-core bf16 dots natively; the interpreter (on CPU tensors or CUDA ones) emulates them in fp32, because
+    # its bf16 tl.dot returns garbage (README).
+    native = dev.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    prec = {"BF16": bf16, "DOT_BF16": bf16 and native}
     pre = _empty((B, 3 * K), dev)
     hpre = _empty((B, D), dev)
     part = _empty((B, G * NJ), dev)
@@ -576,6 +579,8 @@ def rollout(
             f"block_gru fused rollout: expected stoch (B, T, S*C) and action (B, T, A), got "
             f"{tuple(stoch.shape)}, {tuple(action.shape)}"
         )
+    if stoch.shape[1] < 1:
+        raise ValueError(f"block_gru fused rollout: no steps: stoch {tuple(stoch.shape)}")
     validate(deter, stoch[:, 0], action[:, 0], w)
     if max(stoch.numel(), action.numel(), stoch.shape[0] * stoch.shape[1] * deter.shape[1]) >= 2**31:
         raise ValueError(f"block_gru fused rollout: offsets are int32; stoch {tuple(stoch.shape)} is too long")

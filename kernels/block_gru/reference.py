@@ -89,13 +89,22 @@ def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool =
 
 
 def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
-    """Raise ValueError naming the shape when inputs and weights disagree."""
+    """Raise ValueError naming the shape when inputs and weights disagree, or a width is 0 (the fused backward
+    writes a branch's gradient from its input tiles, of which a width of 0 has none)."""
+    if not all(isinstance(t, torch.Tensor) for t in (deter, stoch, action)):
+        kinds = [type(t).__name__ for t in (deter, stoch, action)]
+        raise ValueError(f"block_gru: deter, stoch and action must be tensors, got {kinds}")
     if deter.dim() != 2 or stoch.dim() != 2 or action.dim() != 2:
         raise ValueError(
             f"block_gru: expected 2-d deter, stoch, action; got {tuple(deter.shape)}, "
             f"{tuple(stoch.shape)}, {tuple(action.shape)}"
         )
     B, D = deter.shape
+    if min(B, D, stoch.shape[1], action.shape[1]) < 1:
+        raise ValueError(
+            f"block_gru: batch and widths must be >= 1: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
+            f"action {tuple(action.shape)}"
+        )
     if stoch.shape[0] != B or action.shape[0] != B:
         raise ValueError(
             f"block_gru: mismatched batch: deter {tuple(deter.shape)}, stoch {tuple(stoch.shape)}, "
@@ -103,8 +112,8 @@ def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor,
         )
     if w.wh.dim() != 3 or w.wh.shape[0] < 1:
         raise ValueError(f"block_gru: wh must be (G, D/G + 3K, D/G) with G >= 1, got {tuple(w.wh.shape)}")
-    if w.w0.dim() != 2:
-        raise ValueError(f"block_gru: w0 must be (D, K), got {tuple(w.w0.shape)}")
+    if w.w0.dim() != 2 or w.w0.shape[1] < 1:
+        raise ValueError(f"block_gru: w0 must be (D, K) with K >= 1, got {tuple(w.w0.shape)}")
     G = w.wh.shape[0]
     K = w.w0.shape[1]
     if D % G != 0:

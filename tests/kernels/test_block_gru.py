@@ -14,9 +14,12 @@ import sys
 
 import pytest
 import torch
-from fastdreamer.kernels import block_gru
-from fastdreamer.kernels.block_gru import fused, reference
-from fastdreamer.kernels.block_gru.reference import BlockGRUWeights
+
+pytest.importorskip("triton")  # the fused kernels' module imports it; setup.py installs it where wheels exist
+
+from fastdreamer.kernels import block_gru  # noqa: E402
+from fastdreamer.kernels.block_gru import fused, reference  # noqa: E402
+from fastdreamer.kernels.block_gru.reference import BlockGRUWeights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OUT_TOL = {"atol": 2e-5, "rtol": 1e-5}
@@ -308,13 +311,64 @@ def test_rollout_matches_reference_rollout(dtype):
     torch.testing.assert_close(out, ref, **OUT_TOL)  # errors do not grow: each step is a contraction mix
 
 
-def test_switch_dispatches_to_the_fused_kernels():
+def test_switch_dispatches_to_the_fused_kernels(monkeypatch):
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=6)
+    calls = []
+    for name in ("step", "rollout"):  # count the calls that reach the fused entries
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     assert block_gru.set_impl("triton") == "triton"
     with torch.no_grad():
         torch.testing.assert_close(
             block_gru.step(deter, stoch, action, w), reference.step(deter, stoch, action, w), **OUT_TOL
         )
+        block_gru.rollout(deter, stoch[:, None], action[:, None], w)
+    assert calls == ["step", "rollout"]
+    block_gru.set_impl("torch")
+    block_gru.step(deter, stoch, action, w)
+    assert calls == ["step", "rollout"]
+
+
+def test_rollout_is_no_grad_under_either_implementation():
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=9)
+    deter.requires_grad_()
+    for impl in block_gru.IMPLS:
+        block_gru.set_impl(impl)
+        assert not block_gru.rollout(deter, stoch[:, None], action[:, None], w).requires_grad, impl
+
+
+def test_set_impl_without_triton_installed_falls_back_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    with caplog.at_level(logging.WARNING, logger="fastdreamer"):
+        assert block_gru.set_impl("triton") == "torch"
+    assert len(caplog.records) == 1 and "triton is not installed" in caplog.records[0].getMessage()
+
+
+def test_backward_reads_inputs_of_any_row_stride():
+    """Inputs that are column slices of wider buffers (row stride > width), as the RSSM's slices of concatenated
+    features can be: the kernels take them without a copy, and the gradients land in the right columns."""
+    B, D, G, K, SC, A = 5, 24, 4, 20, 15, 6
+    deter, stoch, action, w, dout = make_case(B, D, G, K, SC, A, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    wide = [torch.randn(B, n + 9, generator=gen).to(DEVICE) for n in (D, SC, A)]
+    for buf, t in zip(wide, (deter, stoch, action)):
+        buf[:, : t.shape[1]] = t
+
+    def run(fn):
+        bufs = [b.clone().requires_grad_() for b in wide]
+        ws = [t.clone().requires_grad_() for t in w]
+        views = [b[:, : t.shape[1]] for b, t in zip(bufs, (deter, stoch, action))]
+        assert all(v.stride(0) == v.shape[1] + 9 for v in views)
+        out = fn(*views, BlockGRUWeights(*ws))
+        return out, torch.autograd.grad(out, bufs + ws, dout)
+
+    out, grads = run(fused.step)
+    ref, ref_grads = run(reference.step)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg in zip(NAMES, grads, ref_grads):
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+        if name in ("deter", "stoch", "action"):
+            assert (g[:, -9:] == 0).all(), name  # nothing lands in the columns the view leaves out
 
 
 def test_set_impl_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
@@ -353,6 +407,14 @@ def _bad(kind):
         w = w._replace(wh=w.wh.bfloat16())
     elif kind == "int_action":
         action = action.long()
+    elif kind == "no_action":
+        action = None
+    elif kind == "zero_batch":
+        deter, stoch, action = deter[:0], stoch[:0], action[:0]
+    elif kind == "zero_action":  # the fused backward would leave that branch's gradients unwritten
+        action, w = action[:, :0], w._replace(w2=w.w2[:0])
+    elif kind == "zero_stoch":
+        stoch, w = stoch[:, :0], w._replace(w1=w.w1[:0])
     return deter, stoch, action, w
 
 
@@ -366,6 +428,10 @@ def _bad(kind):
         ("float64", r"weights must share one dtype"),
         ("mixed_dtypes", r"weights must share one dtype"),
         ("int_action", r"action \(3, 6\) has dtype torch.int64"),
+        ("no_action", r"must be tensors, got \['Tensor', 'Tensor', 'NoneType'\]"),
+        ("zero_batch", r"batch and widths must be >= 1: deter \(0, 24\)"),
+        ("zero_action", r"batch and widths must be >= 1: .*action \(3, 0\)"),
+        ("zero_stoch", r"batch and widths must be >= 1: .*stoch \(3, 0\)"),
     ],
 )
 def test_unsupported_inputs_raise_value_error_naming_the_shape(kind, match):
@@ -386,6 +452,8 @@ def test_rollout_rejects_mismatched_sequences():
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=8)
     with pytest.raises(ValueError, match=r"got \(3, 2, 15\), \(3, 3, 6\)"):
         fused.rollout(deter, stoch[:, None].expand(3, 2, 15), action[:, None].expand(3, 3, 6), w)
+    with pytest.raises(ValueError, match=r"no steps: stoch \(3, 0, 15\)"):
+        fused.rollout(deter, stoch[:, None, :][:, :0], action[:, None, :][:, :0], w)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile every kernel natively")
