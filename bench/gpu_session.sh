@@ -184,8 +184,10 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   # from a warm state (WARM eager updates first: LaProp's step continuous in g), predicted to pass in fp32 and bf16.
   # Session 18 settled the warm state's two-hot heads (values well-conditioned; bench.common.settle_twohot_heads):
   # predicted to pass warm in fp32 and bf16 if session 17's ill-conditioning finding is the cause.
-  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_fast.py tests/test_report.py \
-    -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda) or openloop_on_cuda" || rc=1
+  # --continue-on-collection-errors: a module test_report.py imports and the carried wheels lack must not stop the
+  # test_fast.py ones.
+  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/test_fast.py \
+    tests/test_report.py -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda) or openloop_on_cuda" || rc=1
   # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
   # this checkout, then the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
   # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).

@@ -260,6 +260,9 @@ class Trainer:
         self.logdir = Path(cfg.resolved_logdir())
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # fp32 means fp32: cuDNN would otherwise run fp32 convolutions in TF32 (matmuls already default to fp32), so
+        # eager, the reference, would not be on a GPU; bf16 runs cast under autocast and are unaffected.
+        torch.backends.cudnn.allow_tf32 = False
         from . import fast
 
         if self.device.type == "cpu":
