@@ -50,6 +50,7 @@ class Config:
     num_envs: int = 16
     """Parallel environments."""
     seed: int = 0
+    """Seeds the agent's initialisation, the replay's sampling and (hashed per env) the envs."""
     device: str = "auto"
     """auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
     threads: int = 0
@@ -64,14 +65,17 @@ class Config:
     autocast). torch is the default until GPU timings show triton faster (kernels/block_gru/README.md)."""
     mode: str = "auto"
     """Execution mode of the update and acting step: eager (the reference), compile, graphs (CUDA), or auto (the
-    fastest mode measured to work on the device: graphs on CUDA, compile on a CPU)."""
+    fastest mode measured to work on the device: graphs on CUDA, compile on a CPU, eager on a CPU without a C++
+    compiler)."""
     precision: str = "auto"
     """Matmul precision of the fast modes: bf16 (autocast; weights, norms and losses stay fp32, like the reference's
     bfloat16 compute), fp32, or auto (bf16 where the device has native bf16: CUDA, CPUs with AVX512-BF16 or AMX).
     Eager is always fp32."""
 
     batch_size: int = 16
+    """Sequences per update."""
     batch_length: int = 64
+    """Steps per training sequence (after the replay-context step)."""
     replay_context: int = 1
     """Steps of stored latent state that start each training sequence (0 or 1). With 0, each sequence starts from
     the zero state and action, as in the reference, whose sampler marks every batch's first step is_first, so the
@@ -86,6 +90,7 @@ class Config:
     """Keyword arguments of the env's constructor (envpool.make or gymnasium.make) as a JSON object, e.g.
     '{"max_episode_steps": 200}' for CartPole-v1, '{"episodic_life": true}' for Pong-v5."""
     image_size: int = 64
+    """Image observations are resized to image_size x image_size (a multiple of 16 in 48..256)."""
 
     unimix: float = 0.01
     """Uniform mix of the RSSM's prior and posterior categoricals."""
@@ -93,45 +98,77 @@ class Config:
     """Uniform mix of the discrete actor: configs.yaml's policy.unimix. Some versions of main's Head.categorical
     drop it (danijar/dreamerv3 issue #219, open); 0 reproduces those."""
     free_nats: float = 1.0
+    """Free bits: each KL loss is at least this many nats per step (summed over the latents first)."""
     imglayers: int = 2
+    """Layers of the prior's MLP (deter -> stochastic logits)."""
     obslayers: int = 1
+    """Layers of the posterior's MLP (deter and token -> stochastic logits)."""
     enc_layers: int = 3
+    """Layers of the encoder's MLP over vector and discrete observations."""
     dec_layers: int = 3
+    """Layers of the decoder's MLP for vector and discrete observations."""
     head_layers: int = 1
     """Layers of the reward and continue heads."""
     ac_layers: int = 3
     """Layers of the actor and critic."""
     bins: int = 255
+    """Two-hot bins of the reward and critic heads (symexp-spaced over -20..20 in symlog)."""
     bspace: int = 8
     """Blocks of the image decoder's spatial projection."""
     loss_rec: float = 1.0
+    """Scale of each decoded observation key's loss."""
     loss_rew: float = 1.0
+    """Scale of the reward head's loss."""
     loss_con: float = 1.0
+    """Scale of the continue head's loss."""
     loss_dyn: float = 1.0
+    """Scale of the dynamics KL loss (prior towards the stop-gradient posterior)."""
     loss_rep: float = 0.1
+    """Scale of the representation KL loss (posterior towards the stop-gradient prior)."""
 
     imag_length: int = 15
+    """Imagination horizon: steps imagined from every posterior state of a batch."""
     horizon: int = 333
+    """Discount horizon: the discount is 1 - 1/horizon."""
     lam: float = 0.95
+    """Lambda of the lambda-returns."""
     actent: float = 3e-4
+    """Actor entropy regulariser scale."""
     minstd: float = 0.1
+    """Continuous actions: the policy's smallest standard deviation."""
     maxstd: float = 1.0
+    """Continuous actions: the policy's largest standard deviation."""
     slow_rate: float = 0.02
+    """Rate of the slow critic's exponential moving average, per update."""
     slowreg: float = 1.0
+    """Scale of the critic's regulariser towards the slow critic."""
     retnorm_rate: float = 0.01
+    """Rate of the return normaliser's moving percentiles."""
     retnorm_limit: float = 1.0
+    """Returns are divided by max(retnorm_limit, high - low percentile)."""
     retnorm_lo: float = 5.0
+    """Return normaliser's low percentile."""
     retnorm_hi: float = 95.0
+    """Return normaliser's high percentile."""
     loss_policy: float = 1.0
+    """Scale of the actor's loss."""
     loss_value: float = 1.0
+    """Scale of the critic's loss on imagined returns."""
     loss_repval: float = 0.3
+    """Scale of the critic's loss on replayed returns (repval)."""
 
     lr: float = 4e-5
+    """Learning rate of LaProp (one optimizer for the world model, actor and critic)."""
     agc: float = 0.3
+    """Adaptive gradient clipping: each tensor's gradient norm at most agc x max(1e-3, its parameter norm)."""
     eps: float = 1e-20
+    """LaProp's epsilon."""
     beta1: float = 0.9
+    """LaProp's momentum decay."""
     beta2: float = 0.999
+    """LaProp's second-moment decay."""
     warmup: int = 1000
+    """Updates over which the learning rate rises linearly from 0."""
 
     log_every: float = 30.0
     """Seconds between metric logs."""
@@ -146,7 +183,8 @@ class Config:
     needs pygame: pip install -e '.[video]'), checked before training starts."""
     report_every: float = 300.0
     """Seconds between open-loop reports of the world model, and one at the end of training (0: none): metrics
-    openloop/* and, for image observations, a video in <logdir>/videos and TensorBoard (fastdreamer/report.py)."""
+    openloop/* and a GIF in <logdir>/videos and TensorBoard: for image observations a video, for vector ones a chart
+    (fastdreamer/report.py)."""
     report_context: int = 16
     """Observed steps before a report's open-loop prediction of as many (at most half the batch length each): 16 and
     16, as the reference's report of 32 steps."""

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.out.suffix.lstrip(".").lower() not in formats:
         fail(f"--out {args.out}: matplotlib writes {', '.join(sorted(formats))}, not {args.out.suffix}")
     for run, (steps, values) in curves.items():
-        ax.plot(steps, values, label=run.name, linewidth=1.2)
+        # Markers where a run logged the key a few times (eval/return once at the end): a lone point has no line.
+        ax.plot(steps, values, label=run.name, linewidth=1.2, marker="o" if len(steps) <= 20 else None, markersize=3)
     ax.set_xlabel("env steps")
     ax.set_ylabel(args.key)
     ax.set_title(args.title)
