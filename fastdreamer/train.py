@@ -169,7 +169,8 @@ def resolve_device(name: str) -> torch.device:
             raise ValueError(
                 f"device {name!r} asked for, but this machine has {torch.cuda.device_count()} CUDA devices"
             )
-        torch.cuda.set_device(device)
+        if device.index is not None:  # set_device refuses a device without an index ("cuda": the current one)
+            torch.cuda.set_device(device.index)
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 

@@ -157,3 +157,19 @@ def test_weights_of_another_model_layout_name_the_first_weight_that_differs():
     with pytest.raises(CheckpointError, match="another layout: reward.out.weight missing$"):
         checkpoint.load_weights(old, state, "c.pt")
     checkpoint.load_weights(old, old.state_dict(), "c.pt")  # the same layout loads
+
+
+def test_cuda_generators_round_trip_through_a_checkpoint_for_the_devices_both_runs_have(tmp_path, monkeypatch):
+    """The CUDA generators' part of the RNG state (a GPU run's exact resume), with torch.cuda faked on the CPU: saved
+    for every device, restored for as many as the resuming machine has."""
+    states = [torch.tensor([1, 2], dtype=torch.uint8), torch.tensor([3, 4], dtype=torch.uint8)]
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # the resuming machine has one GPU
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(device, s.clone()))
+    save(tmp_path / "c.pt", {"rng": rng_state()})
+    state = load(tmp_path / "c.pt")["rng"]
+    assert [s.tolist() for s in state["cuda"]] == [[1, 2], [3, 4]]
+    set_rng_state(state)
+    assert list(restored) == [0] and restored[0].tolist() == [1, 2]

@@ -603,3 +603,24 @@ def test_a_logdir_with_logs_but_no_checkpoint_is_refused(tmp_path):
     (Path(cfg.logdir) / "metrics.jsonl").write_text('{"step": 10}\n')  # a run that died before its first save
     with pytest.raises(ValueError, match="stopped before its first checkpoint"):
         train(cfg, log=lambda *_: None)
+
+
+def test_a_cuda_device_becomes_the_current_one(monkeypatch):
+    """--device cuda:1 makes GPU 1 current (a capture or stream that names no device takes the current one), and
+    --device cuda or auto takes the current one, with torch.cuda faked on the CPU; a GPU the machine lacks is one
+    line. (torch.cuda.set_device("cuda") raises: every GPU run since 639dff1 would have stopped at start.)"""
+    from torch.cuda._utils import _get_device_index
+
+    current = [0]
+
+    def set_device(device):  # what torch.cuda.set_device reads of its argument: it refuses "cuda" without an index
+        current[0] = _get_device_index(device)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    assert train_mod.resolve_device("cuda:1") == torch.device("cuda", 1) and current == [1]
+    assert train_mod.resolve_device("auto") == torch.device("cuda", 1)  # "cuda": the current one
+    with pytest.raises(ValueError, match=r"^device 'cuda:2' asked for, but this machine has 2 CUDA devices$"):
+        train_mod.resolve_device("cuda:2")
