@@ -216,6 +216,13 @@ def _label(path: tuple) -> str:
     return f"observation {'/'.join(map(str, path))!r}" if path else "the observation"
 
 
+def _leaf(obs: Any, path: tuple) -> Any:
+    """The array at `path` (Dict keys and Tuple indices) in a batch of observations."""
+    for key in path:
+        obs = obs[key]
+    return obs
+
+
 def _leaves(space: gymnasium.Space, path: tuple = ()) -> list[tuple[tuple, gymnasium.Space]]:
     """(path, space) of every array in a space: Dict keys sorted, Tuple items by position, nested to any depth."""
     if isinstance(space, gymnasium.spaces.Dict):
@@ -275,11 +282,14 @@ def _layout_obs(space: gymnasium.Space, image_size: int) -> tuple[list[_Field], 
         is_image = sub.dtype == np.uint8 and (len(shape) == 3 or (len(shape) == 2 and min(shape) >= 16))
         leaves.append((name, sub, shape, is_image, None if is_image else _obs_classes(sub)))
 
+    def one_hot_width() -> int:  # exact Python ints: a sum of 2^62-class spaces must not wrap
+        return sum(sum(map(int, g[0])) for *_, g in leaves if g is not None)
+
     discrete = (gymnasium.spaces.Discrete, gymnasium.spaces.MultiDiscrete)
-    if sum(sum(map(int, leaf[4][0])) for leaf in leaves if leaf[4] is not None) > MAX_OBS_ONE_HOT:
+    if one_hot_width() > MAX_OBS_ONE_HOT:
         # The integer Boxes as numbers; the Discrete spaces alone must fit.
         leaves = [(n, sub, sh, img, g if isinstance(sub, discrete) else None) for n, sub, sh, img, g in leaves]
-        total = sum(sum(map(int, leaf[4][0])) for leaf in leaves if leaf[4] is not None)
+        total = one_hot_width()
         if total > MAX_OBS_ONE_HOT:
             name, _, _, _, (nvec, _) = max(
                 (leaf for leaf in leaves if leaf[4] is not None), key=lambda leaf: int(leaf[4][0].max())
@@ -559,9 +569,7 @@ class VecEnv:
     def _fill_obs(self, out: dict[str, np.ndarray], obs: Any) -> None:
         n = self.num_envs
         for f in self._fields:
-            src = obs
-            for key in f.src:
-                src = src[key]
+            src = _leaf(obs, f.src)
             if f.key == "image":
                 np.copyto(out["image"], src.transpose(0, 2, 3, 1) if f.chw else src[..., None] if f.gray else src)
             elif f.key == "discrete":
@@ -583,9 +591,7 @@ class VecEnv:
         """Each observation leaf holds one array per env, of its space's shape (at reset: they do not change)."""
         n = self.num_envs
         for f in self._fields:
-            src = obs
-            for key in f.src:
-                src = src[key]
+            src = _leaf(obs, f.src)
             got = tuple(np.shape(src))
             if got[1:] != f.shape or got[:1] != (n,):
                 per = got[0] // n if got and got[0] > n and got[0] % n == 0 else 0
@@ -602,8 +608,7 @@ class VecEnv:
             if values is None or not (bad := is_bad(values, f)).any():
                 continue
             i, j = (int(x[0]) for x in np.nonzero(bad))
-            where = list(np.unravel_index(j, f.shape)) if len(f.shape) > 0 else []
-            at = f" at {[int(x) for x in where]}" if np.prod(f.shape, dtype=int) > 1 else ""
+            at = f" at {[int(x) for x in np.unravel_index(j, f.shape)]}" if np.prod(f.shape, dtype=int) > 1 else ""
             if kind == "discrete":
                 start, classes = (np.broadcast_to(x, values.shape[1:])[j] for x in (f.start, f.classes))
                 value, allowed = values[i, j] + start, f"{start}..{start + classes - 1}"
