@@ -126,32 +126,25 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # The next session's plan, in priority order (a step that does not fit the budget is skipped; the last ones
-  # first). Session 11's results: bench/results/h200_2026-11-26_s11, bench/LOG.md. Session 11 took 529 s for quick
-  # (cuda_tests 143, bench 127, e2e 131, observe_ab 96, optim 25) and 186 s for diag (rollout_ab 43, profile 74,
-  # gru_defer 34, cuda_tests 31). Session 11 found a regression (the defer base 13.83 -> 17.47 ms since session 8,
-  # ~2,400 new small fill/copy/add kernels per update) and 5 CUDA fast-vs-eager tests failing after one update; this
-  # plan looks for both causes first, then at pong's image update.
-  # 1. Who launches the new small kernels (op, autograd node or compiled graph, frames), and the kernel table
-  #    (session 11's profile step took 74 s, 55 of them the warm-up; stacks add recording time: one update).
-  step attribute 130 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
+  # Session 21's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
+  # Session 11 (bench/results/h200_2026-11-26_s11) is the last GPU run; sessions 12-20 changed the two-hot heads,
+  # the warm test state, observations and the device choice (resolve_device: --device cuda stopped every GPU run at
+  # start since 639dff1) without a GPU.
+  # 1. Correct first: every CUDA-only test (fast vs eager from a fresh and a warm state in fp32 and bf16, the sync
+  #    debug mode, graphed noise, the Triton core in a graphed update and its kernel tests, the open-loop report on
+  #    CUDA). Session 11: 5 of 13 failed after one update; sessions 12 and 18 predicted the fp32 ones pass.
+  step cuda_tests 200 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors --durations=8 \
+    tests/test_fast.py tests/test_report.py tests/test_defer.py tests/kernels -k "cuda or graphed or tensor_cores" \
+    || rc=1
+  # 2. The headline at this commit: 12m vector, eager and graphs (session 11: full update 14.82 ms, eager 223.7).
+  step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
+    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
+  # 3. Who launches the ~2,000 small fills, copies and adds that came between session 8 and 11 (op, autograd node
+  #    or compiled graph, frames); the compiled graphs are cached by step 2.
+  step attribute 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
     --updates 1 --out "$OUT/profile_attr_12m.txt" || rc=1
-  # 2. The first state where eager and the fast mode part ways, lever by lever, in the failing fp32 tests' config
-  #    (compile mode failed as graphs did; eager runs twice first: does CUDA eager repeat itself?). Gradient sign
-  #    flips and zero-on-one-side elements are counted: LaProp's first step is lr * sign(g). resync starts update 1
-  #    from eager's state: agreement there and not in default means drift, not a wrong computation. Three updates:
-  #    on the CPU with GPU-like rounding (--fp-contract fast) the former twohot_pred parted at resync's update 2
-  #    (session 12, fixed): does anything part on the GPU now?
-  step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
-    --variants default,resync,no_defer,no_merge,unmerged_rollout --updates 3 --json "$OUT/divergence_cuda.json" ||
-    rc=1
-  # 3. Pong's image update (35 ms in the loop, ~1 ms of arithmetic): channels_last against base, fwd+bwd over B*T
-  #    images, checked then timed; then the same with cuDNN's benchmark mode, in its own process (cuDNN's plan cache
-  #    ignores the flag: bench/conv_ab.py).
-  step conv_ab 130 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
-    --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  step conv_ab_bench 100 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --cudnn-benchmark \
-    --variants base,channels_last --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
+  # 4. Which commit slowed the deferred core step (compile_defer 120 us at ad4fe04, 160 us at baf65cf).
+  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
@@ -173,32 +166,17 @@ gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at 
 }
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
-  # fast-vs-eager CUDA tests (correct first), the divergence from a warm state, the block GRU at older commits,
-  # then the 12m image update (never finished in a session yet)
+  # goal row of issue 4 (pong end to end), then the image update's convolutions that bound it (session 11: the
+  # image update 34.95 ms in the loop against 14.8 ms for the vector one)
   local rc=0
   summary=""
   begin || return 1
-  # The fast-vs-eager CUDA tests that failed in session 11 after one update (fp32: value loss 2.6e-4 relative; bf16:
-  # policy loss -0.065 vs -0.0002). Session 12 fixed two two-hot numerics issues the CPU could show (bench/LOG.md):
-  # predicted to pass in fp32; bf16 may still part (LaProp's first step on flipped signs). Session 14 added each
-  # from a warm state (WARM eager updates first: LaProp's step continuous in g), predicted to pass in fp32 and bf16.
-  # Session 18 settled the warm state's two-hot heads (values well-conditioned; bench.common.settle_twohot_heads):
-  # predicted to pass warm in fp32 and bf16 if session 17's ill-conditioning finding is the cause.
-  # --continue-on-collection-errors: a module test_report.py imports and the carried wheels lack must not stop the
-  # test_fast.py ones.
-  step cuda_tests 180 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/test_fast.py \
-    tests/test_report.py -k "fp32_fast_updates_match_eager_on_cuda or (bf16_fast_updates_match and cuda) or openloop_on_cuda" || rc=1
-  # The block GRU's deferred training step (compile_defer: 120 us in session 8 at ad4fe04, 160 us in session 11) at
-  # this checkout, then the commits that touched the core or defer since, oldest first, from the carried trees (.bisect/REV, made here
-  # by `bash bench/gpu_session.sh bisect-trees`); a row per tree in the log, no JSON (8 files come back).
-  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
-  # quick's divergence step from the warm state without settling (its compiled graphs are cached by then): if CUDA's
-  # compiled GEMM rounds a bin and its mirror apart, value and policy losses part there while the others agree
-  # within ~1e-7 (the ill-conditioning finding, tested against the settled warm tests above).
-  step divergence_warm 70 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
-    --variants default,resync --updates 3 --warm 8 --unsettled --json "$OUT/divergence_cuda_warm.json" || rc=1
-  step image 140 python3 -m bench --device cuda --size 12m --obs image --components full_update --modes eager,graphs \
-    --no-env --repeat 5 --json "$OUT/fast_cuda_12m_image.json" || rc=1
+  step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
+  step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
+    --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+  step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
+    --variants default,resync --updates 3 --json "$OUT/divergence_cuda.json" || rc=1
+  rm -f "$OUT"/*.tmp
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
 }
