@@ -15,7 +15,7 @@
 # one (exit code 1 if any failed). 540 s + 10 s kill grace stays under the 580 s call limit; with the start, ~10 of
 # the 15 minutes. Everything is logged to $OUT/quick.log, and the JSON files are rewritten after every row, so a
 # step cut by its timeout keeps its finished rows (the device returns at most 8 files). The steps are rewritten for
-# each GPU session from the last one's results: bench/results/h200_2026-11-26{,_s8,_s11} and bench/LOG.md. `diag`
+# each GPU session from the last one's results: bench/results/h200_2026-11-26{,_s8,_s11}, h200_2026-11-27_s21 and bench/LOG.md. `diag`
 # is the follow-up call on the warm machine, issued at once after quick with BUDGET = the device time left minus
 # ~25 s and timeout_s = BUDGET + 25 (session 11: BUDGET=265): the CUDA fast-vs-eager tests from a fresh and a warm
 # state, the warm divergence, the block GRU at older commits, the image update (DRY counts each step at its cap, so
@@ -126,25 +126,24 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # Session 21's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
-  # Session 11 (bench/results/h200_2026-11-26_s11) is the last GPU run; sessions 12-20 changed the two-hot heads,
-  # the warm test state, observations and the device choice (resolve_device: --device cuda stopped every GPU run at
-  # start since 639dff1) without a GPU.
-  # 1. Correct first: every CUDA-only test (fast vs eager from a fresh and a warm state in fp32 and bf16, the sync
-  #    debug mode, graphed noise, the Triton core in a graphed update and its kernel tests, the open-loop report on
-  #    CUDA). Session 11: 5 of 13 failed after one update; sessions 12 and 18 predicted the fp32 ones pass.
-  step cuda_tests 200 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors --durations=8 \
-    tests/test_fast.py tests/test_report.py tests/test_defer.py tests/kernels -k "cuda or graphed or tensor_cores" \
-    || rc=1
-  # 2. The headline at this commit: 12m vector, eager and graphs (session 11: full update 14.82 ms, eager 223.7).
+  # Session 22's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
+  # Session 21 (bench/results/h200_2026-11-27_s21, bench/LOG.md) found the regression since session 8: torch 2.11's
+  # dynamo broke the compiled observe step's graph at reference._branch (fixed since). Predicted: compile_defer ~115
+  # us per step (163 before), the full update 15.0 -> ~12-12.5 ms.
+  # 1. Every graph break of compile mode on this torch (dynamo's eager backend: seconds): 0 unplanned predicted.
+  step graph_breaks 60 python3 -m bench.graph_breaks --device cuda --precision bf16 || rc=1
+  # 2. The headline (session 21: full update 15.28 / 14.99 ms, imagine 2.36, act 0.200).
   step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. Who launches the ~2,000 small fills, copies and adds that came between session 8 and 11 (op, autograd node
-  #    or compiled graph, frames); the compiled graphs are cached by step 2.
-  step attribute 110 python3 -m bench.profile_update --device cuda --size 12m --mode compile --attribute --top 40 \
-    --updates 1 --out "$OUT/profile_attr_12m.txt" || rc=1
-  # 4. Which commit slowed the deferred core step (compile_defer 120 us at ad4fe04, 160 us at baf65cf).
-  step gru_bisect 110 bash bench/gpu_session.sh gru-bisect || rc=1
+  # 3. The block GRU's deferred training step at this commit (session 21: 162.8 us; 115.0 before 37a1153).
+  step gru 60 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
+    --modes compile_defer triton_defer --repeats 20 --json "$OUT/block_gru_defer_12m.json" || rc=1
+  # 4. The CUDA-only tests session 21 did not reach, and the bf16 ones that failed there from a fresh state (with
+  #    their messages this time: -rfE --tb=short). Session 21 passed the 4 fp32 comparisons, the sync debug mode and
+  #    the fast noise tests.
+  step cuda_tests 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors \
+    tests/test_fast.py tests/test_report.py tests/test_defer.py tests/kernels -k "(cuda or graphed or tensor_cores) \
+    and not fp32_fast_updates_match and not never_sync and not noise_drawn_up_front" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
@@ -166,16 +165,17 @@ gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at 
 }
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
-  # goal row of issue 4 (pong end to end), then the image update's convolutions that bound it (session 11: the
-  # image update 34.95 ms in the loop against 14.8 ms for the vector one)
+  # goal row of issue 4 (pong end to end; session 11: 861 env steps/s), then the image update's convolutions that
+  # bound it (session 11: the image update 34.95 ms in the loop against 14.8 ms for the vector one), then where the
+  # bf16 fast modes part from eager (session 21: the fresh bf16 tests fail)
   local rc=0
   summary=""
   begin || return 1
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
     --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision fp32 \
-    --variants default,resync --updates 3 --json "$OUT/divergence_cuda.json" || rc=1
+  step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
+    --variants default,resync --updates 3 --json "$OUT/divergence_cuda_bf16.json" || rc=1
   rm -f "$OUT"/*.tmp
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

@@ -439,3 +439,27 @@ def test_the_full_update_check_fails_a_fast_mode_whose_backward_is_wrong(tmp_pat
     argv = [*TINY, "--modes", "eager,compile", "--precision", "fp32", "--no-env", "--components", "full_update"]
     result = bench_main.main([*argv, "--json", str(tmp_path / "b.json")])
     assert [(r["mode"], r["ok"]) for r in result["rows"]] == [("eager", True), ("compile", False)]
+
+
+def test_the_fast_modes_compile_with_only_their_planned_graph_breaks():
+    """bench.graph_breaks on this torch (the GPU's may differ: torch 2.11 broke the compiled observe step where 2.13
+    does not, bench/LOG.md session 21): one update, acting step and rollout in compile mode under bf16 autocast (the
+    GPU's precision, with the deferred observe loop), and no break but the three torch.compiler.disable ones."""
+    out = run("-m", "bench.graph_breaks", "--precision", "bf16")
+    assert out.returncode == 0, out.stdout + out.stderr
+    planned = [line for line in out.stdout.splitlines() if line.split()[1:2] == ["expected"]]
+    # observe's loop, the noise, and _graph_break's wrapper twice (the update's rollout, make_imagine's)
+    assert "(0 unexpected)" in out.stdout and len(planned) == 4, out.stdout
+
+
+def test_graph_breaks_fails_on_a_break_in_the_observe_step():
+    """The census is not blind: a data-dependent branch in the core's RMSNorm (called by every observe, rollout and
+    acting step) is reported as UNEXPECTED, with exit code 1."""
+    code = (
+        "import sys, torch; from fastdreamer.kernels.block_gru import reference as r; real = r.rms_normalize\n"
+        "def branching(x):\n    return real(x) if x.sum() > 0 else real(-x)\n"
+        "r.rms_normalize = branching\nfrom bench import graph_breaks\nsys.exit(graph_breaks.main([]))"
+    )
+    out = run("-c", code)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "UNEXPECTED  Data-dependent branching" in out.stdout, out.stdout

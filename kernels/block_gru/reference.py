@@ -169,10 +169,17 @@ def tap_widths(w: BlockGRUWeights) -> dict[str, int]:
     return {"x0": K, "n0": K, "x1": K, "n1": K, "x2": K, "n2": K, "h": D, "nh": D, "g": 3 * D}
 
 
+def _no_tap(site: str, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y
+
+
 def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0, prod=None) -> torch.Tensor:
     """silu(rms(inp @ wt + b) * s), one input branch; tap(site, value, factor) adds the taps of step(). prod: inp @ wt
     computed by the caller (step's x0p)."""
-    tap = tap or (lambda site, y, x: y)
+    # `is None`, not `tap or ...`: torch 2.11's dynamo cannot take the truth of a closure (2.13's can) and broke the
+    # compiled observe step's graph there on the H200 (bench/LOG.md, session 21; bench/graph_breaks.py shows it on
+    # any machine with torch 2.11).
+    tap = _no_tap if tap is None else tap
     prod = _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
     pre = tap(f"x{i}", prod + b.float(), inp)
     n = rms_normalize(pre)
