@@ -85,6 +85,8 @@ def main(argv=None) -> int:
         mark = "UNEXPECTED" if reason in bad else "expected"
         head, _, context = reason.partition("Developer debug context:")
         print(f"  {count:4d}  {mark:10s}  {head.split(' Explanation:')[0]} | {context.split(' For more')[0].strip()}")
+    if bad:
+        print("where: rerun with TORCH_LOGS=graph_breaks (each break's file, line and user stack)")
     return 1 if bad else 0
 
 
