@@ -186,6 +186,26 @@ def compile_agent(agent) -> None:
     agent._fast_compiled = True
 
 
+# The graph breaks compile_agent plans (each a torch.compiler.disable: observe's Python loop, the noise drawn up
+# front, _graph_break's wrapper that keeps the rollout its own graph), as dynamo names them in its break reasons.
+PLANNED_BREAKS = ("RSSM.observe at", "Agent.noise at", "_graph_break.<locals>.call at")
+
+
+def unplanned_graph_breaks() -> dict[str, int]:
+    """{reason: count} of the graph breaks dynamo recorded in this process other than the planned ones. A break
+    changes no result, only speed: on the H200's torch 2.11 one in the block GRU's reference step split every
+    compiled observe step into several graphs (+2 ms per 12m update; bench/LOG.md, session 21) where the CPU's torch
+    traced it whole. `python -m bench.graph_breaks` runs the census on any machine."""
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for reason, count in counters["graph_break"].items():
+        text = " ".join(str(reason).split())
+        if not ("torch.compiler.disable" in text and any(p in text for p in PLANNED_BREAKS)):
+            out[text] = count
+    return out
+
+
 def compile_optimizer(opt) -> None:
     """Route LaProp.step through torch.compile, in place (idempotent). Eager, the step is ~14 foreach passes over
     every parameter-sized list (multi_tensor_apply kernels, ~0.45 ms of a 12m update on an H200 and bound by memory

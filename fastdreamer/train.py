@@ -395,6 +395,23 @@ class Trainer:
         self.metric_count += 1
         self.updates += 1
         self.updates_due -= 1
+        if self.updates == 1 and self.mode != "eager":
+            self._warn_graph_breaks()
+
+    def _warn_graph_breaks(self) -> None:
+        """Once, after the first fast update (everything an update and an acting step compile is traced by then): a
+        line if dynamo broke a graph that compile mode means to be whole. Same results, less speed; it happens on some
+        torch versions only (fastdreamer.fast.unplanned_graph_breaks)."""
+        from . import fast
+
+        breaks = fast.unplanned_graph_breaks()
+        if breaks:
+            first = next(iter(breaks)).split(" Explanation:")[0]
+            self.log(
+                f"fastdreamer: warning: torch {torch.__version__} broke the compiled graphs {sum(breaks.values())} "
+                f"times more than planned (slower, same results; first: {first}); `python -m bench.graph_breaks` "
+                "lists them"
+            )
 
     def read_metrics(self) -> dict[str, float]:
         """Means since the last read (one host transfer); raises TrainingDiverged naming a non-finite loss."""

@@ -624,3 +624,33 @@ def test_a_cuda_device_becomes_the_current_one(monkeypatch):
     assert train_mod.resolve_device("auto") == torch.device("cuda", 1)  # "cuda": the current one
     with pytest.raises(ValueError, match=r"^device 'cuda:2' asked for, but this machine has 2 CUDA devices$"):
         train_mod.resolve_device("cuda:2")
+
+
+def test_a_compile_run_warns_once_when_torch_breaks_a_graph_it_means_whole(tmp_path, monkeypatch):
+    """The trainer's check after its first fast update (fastdreamer.fast.unplanned_graph_breaks): a data-dependent
+    branch planted in the core's RMSNorm breaks every compiled step that runs the core, and the run says so in one
+    line, once. Dynamo's eager backend stands in for inductor (the check reads dynamo's counters, which both fill)."""
+    import torch._dynamo
+    from fastdreamer.kernels.block_gru import reference
+
+    real_compile, real_norm = torch.compile, reference.rms_normalize
+
+    def eager_backend(fn=None, **kwargs):
+        kwargs["backend"] = "eager"
+        return real_compile(**kwargs) if fn is None else real_compile(fn, **kwargs)
+
+    def branching(x):
+        return real_norm(x) if x.sum() > 0 else real_norm(-x)
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    monkeypatch.setattr(reference, "rms_normalize", branching)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    lines = []
+    try:
+        train(tiny_config(tmp_path, steps=40, mode="compile"), log=lines.append)
+    finally:
+        torch._dynamo.reset()
+    warned = [x for x in lines if "broke the compiled graphs" in x]
+    assert len(warned) == 1 and "Data-dependent branching" in warned[0], lines
+    assert "python -m bench.graph_breaks" in warned[0], warned
