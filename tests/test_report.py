@@ -50,7 +50,10 @@ def test_openloop_predicts_from_the_context_and_the_actions_only():
     assert not torch.equal(got["image"][:, :H], base["image"][:, :H])  # the true frames did change
 
     # Data index d is trained step d - 1 (1 replay-context step); data action d is taken before trained step d.
-    # Each change must move the model's frames from its own step on, and none before it.
+    # Each change must move the model's frames from its own step on, and none before it. An observation reaches a
+    # frame only through its sampled latents, and at init a changed frame may flip none of them for one draw (torch
+    # 2.11 drew one such, where 2.13 did not): so "moves" is asked of at least one of three draws, "none before" of
+    # every draw.
     for key, data_steps, first in (
         ("image", slice(1, 1 + K), 0),  # the observed steps
         ("image", slice(K, K + 1), K - 1),  # the last observed step
@@ -60,10 +63,14 @@ def test_openloop_predicts_from_the_context_and_the_actions_only():
         changed = {k: v.clone() for k, v in data.items()}
         x = changed[key][:, data_steps]
         changed[key][:, data_steps] = 255 - x if key == "image" else -x - 1
-        _, got = openloop(agent, changed, context=K, seed=5)
-        got, want = model_frames(got["image"]), model_frames(base["image"])
-        assert torch.equal(got[:first], want[:first]), (key, data_steps)
-        assert not torch.equal(got[first], want[first]), (key, data_steps)
+        moved = []
+        for seed in (5, 6, 7):
+            _, got = openloop(agent, changed, context=K, seed=seed)
+            _, want = openloop(agent, data, context=K, seed=seed)
+            got, want = model_frames(got["image"]), model_frames(want["image"])
+            assert torch.equal(got[:first], want[:first]), (key, data_steps, seed)
+            moved.append(not torch.equal(got[first], want[first]))
+        assert any(moved), (key, data_steps)
 
 
 def test_openloop_losses_are_a_plain_observe_then_imagine():
