@@ -191,19 +191,23 @@ def compile_agent(agent) -> None:
 PLANNED_BREAKS = ("RSSM.observe at", "Agent.noise at", "_graph_break.<locals>.call at")
 
 
-def unplanned_graph_breaks() -> dict[str, int]:
-    """{reason: count} of the graph breaks dynamo recorded in this process other than the planned ones. A break
-    changes no result, only speed: on the H200's torch 2.11 one in the block GRU's reference step split every
-    compiled observe step into several graphs (+2 ms per 12m update; bench/LOG.md, session 21) where the CPU's torch
-    traced it whole. `python -m bench.graph_breaks` runs the census on any machine."""
+def graph_breaks() -> dict[str, int]:
+    """{reason, on one line: count} of the graph breaks dynamo recorded in this process."""
     from torch._dynamo.utils import counters
 
-    out = {}
-    for reason, count in counters["graph_break"].items():
-        text = " ".join(str(reason).split())
-        if not ("torch.compiler.disable" in text and any(p in text for p in PLANNED_BREAKS)):
-            out[text] = count
-    return out
+    return {" ".join(str(reason).split()): count for reason, count in counters["graph_break"].items()}
+
+
+def unplanned_graph_breaks() -> dict[str, int]:
+    """graph_breaks() less the planned ones. A break changes no result, only speed: on the H200's torch 2.11 one in
+    the block GRU's reference step split every compiled observe step into several graphs (+2 ms per 12m update;
+    bench/LOG.md, session 21) where the CPU's torch traced it whole. `python -m bench.graph_breaks` runs the census
+    on any machine."""
+    return {
+        reason: count
+        for reason, count in graph_breaks().items()
+        if not ("torch.compiler.disable" in reason and any(p in reason for p in PLANNED_BREAKS))
+    }
 
 
 def compile_optimizer(opt) -> None:

@@ -633,22 +633,21 @@ def test_a_compile_run_warns_once_when_torch_breaks_a_graph_it_means_whole(tmp_p
     import torch._dynamo
     from fastdreamer.kernels.block_gru import reference
 
-    real_compile, real_norm = torch.compile, reference.rms_normalize
+    from bench.graph_breaks import eager_compile
 
-    def eager_backend(fn=None, **kwargs):
-        kwargs["backend"] = "eager"
-        return real_compile(**kwargs) if fn is None else real_compile(fn, **kwargs)
+    real_norm = reference.rms_normalize
 
     def branching(x):
         return real_norm(x) if x.sum() > 0 else real_norm(-x)
 
-    monkeypatch.setattr(torch, "compile", eager_backend)
     monkeypatch.setattr(reference, "rms_normalize", branching)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    cfg = tiny_config(tmp_path, steps=40, mode="compile")
     lines = []
     try:
-        train(tiny_config(tmp_path, steps=40, mode="compile"), log=lines.append)
+        with eager_compile():
+            train(cfg, log=lines.append)
     finally:
         torch._dynamo.reset()
     warned = [x for x in lines if "broke the compiled graphs" in x]
