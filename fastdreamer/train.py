@@ -331,6 +331,8 @@ class Trainer:
         )
         self.env_steps = 0
         self.updates = 0
+        # Compile and graphs: _warn_graph_breaks after this process's first update (a resume included).
+        self.breaks_checked = self.mode == "eager"
         self.updates_due = 0.0
         # Updates owed per step of all N envs: train_ratio replayed steps per env step, B*T replayed per update.
         self.updates_per_step = cfg.num_envs * cfg.train_ratio / (cfg.batch_size * cfg.batch_length)
@@ -395,7 +397,8 @@ class Trainer:
         self.metric_count += 1
         self.updates += 1
         self.updates_due -= 1
-        if self.updates == 1 and self.mode != "eager":
+        if not self.breaks_checked:  # once per process: a resumed run starts from the checkpoint's update count
+            self.breaks_checked = True
             self._warn_graph_breaks()
 
     def _warn_graph_breaks(self) -> None:

@@ -644,12 +644,15 @@ def test_a_compile_run_warns_once_when_torch_breaks_a_graph_it_means_whole(tmp_p
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     cfg = tiny_config(tmp_path, steps=40, mode="compile")
-    lines = []
+    lines, resumed = [], []
     try:
         with eager_compile():
             train(cfg, log=lines.append)
+            # A resumed run starts from the checkpoint's update count and warns after its own first update too.
+            train(dataclasses.replace(cfg, resume=True, steps=80), log=resumed.append)
     finally:
         torch._dynamo.reset()
     warned = [x for x in lines if "broke the compiled graphs" in x]
     assert len(warned) == 1 and "Data-dependent branching" in warned[0], lines
     assert "python -m bench.graph_breaks" in warned[0], warned
+    assert len([x for x in resumed if "broke the compiled graphs" in x]) == 1, resumed
