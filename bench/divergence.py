@@ -81,6 +81,7 @@ from fastdreamer.optim import LaProp
 from fastdreamer.train import update_step
 
 from .common import TINY_CFG, TINY_SPEC, device_arg, json_arg, threads_arg, tiny_agent, tiny_batch
+from .draws import DrawTape
 
 SPEC, CFG = TINY_SPEC, TINY_CFG
 VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer", "resync")
@@ -280,14 +281,17 @@ def restore(agent: Agent, opt: LaProp, snap: dict, device) -> None:
         torch.cuda.set_rng_state(snap["rng"]["cuda"], device)
 
 
-def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, before=None) -> list[dict]:
+def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, before=None, draws=None) -> list[dict]:
     """`updates` updates from seed 1 (tests/test_fast.py's run_updates), a snapshot after each; `ctx` makes the
-    context each update runs in (eager's autocast in bf16); before(k), if given, runs before each update k > 0."""
+    context each update runs in (eager's autocast in bf16); before(k), if given, runs before each update k > 0;
+    draws(k), if given, before each update (a DrawTape's next_update or load)."""
     torch.manual_seed(1)
     snaps = []
     for k in range(updates):
         if before is not None and k > 0:
             before(k)
+        if draws is not None:
+            draws(k)
         if ctx is None:
             metrics, latents = update(batch(k, device))
         else:
@@ -297,15 +301,32 @@ def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, befor
     return snaps
 
 
+def no_free_bits(agent: Agent, tape: DrawTape | None) -> Agent:
+    """With --taped: `agent` without free bits (tests/test_fast.py's taped_updates says why)."""
+    if tape is not None:
+        agent.rssm.free_nats = 0.0
+    return agent
+
+
 def run_variant(
-    variant: str, device, mode: str, precision: str, updates: int, want: list[dict], warm: int = 0, settled=True
+    variant: str,
+    device,
+    mode: str,
+    precision: str,
+    updates: int,
+    want: list[dict],
+    warm: int = 0,
+    settled=True,
+    tape: DrawTape | None = None,
 ) -> list[dict]:
     """An agent from make()'s seed (after `warm` eager updates, its two-hot heads `settled`: bench.common.
     warm_state), its update in `mode` with
     `variant`'s change, `updates` snapshots; `want`: the reference's snapshots (resync starts each update from the
-    reference's state after the one before)."""
+    reference's state after the one before); `tape`: the reference's recorded draws, replayed (--taped)."""
     torch._dynamo.reset()  # each variant compiles its own graphs, none left by the last one
     agent, opt = make(device, warm=warm, settled=settled)
+    if tape is not None:
+        tape.replay(no_free_bits(agent, tape))  # before make_update: compile_agent wraps the tape's methods
     patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
     if patch is not None:
         with patch:
@@ -322,7 +343,8 @@ def run_variant(
     def resync(k: int) -> None:
         restore(agent, opt, want[k - 1], device)
 
-    return run(agent, opt, update, device, updates, before=resync if variant == "resync" else None)
+    before = resync if variant == "resync" else None
+    return run(agent, opt, update, device, updates, before=before, draws=tape.load if tape is not None else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -358,6 +380,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["off", "fast"],
         help="CPU only: compile inductor's C++ kernels with -ffp-contract=fast, fusing multiplies and adds into FMAs "
         "as GPU code does (the CPU default keeps them apart): GPU-like rounding on a CPU",
+    )
+    p.add_argument(
+        "--taped",
+        action="store_true",
+        help="the reference records its latent and action draws, each moved to the middle of a wide class interval "
+        "(bench/draws.py), and the repeat and every variant replay them; all without free bits. For bf16, where two "
+        "correct computations from one seed pick other classes and clamp other KLs (bench/LOG.md, session 22)",
     )
     p.add_argument("--threads", type=threads_arg, default=0)
     p.add_argument("--json", default=None, type=json_arg)
@@ -402,6 +431,7 @@ def main(argv=None) -> dict:
         updates=args.updates,
         warm=args.warm,
         settled=not args.unsettled,
+        taped=args.taped,
         defer_setting=args.defer,
         fp_contract=args.fp_contract,
         batch_size=CFG.batch_size,
@@ -417,14 +447,25 @@ def main(argv=None) -> dict:
         f"defer {fast.defer_on(device)}, {args.updates} updates"
         + (f" after {args.warm} warm" + (" (heads unsettled)" if args.unsettled else "") if args.warm else "")
         + (f", fp-contract {args.fp_contract}" if device.type == "cpu" else "")
+        + (", taped draws, no free bits" if args.taped else "")
     )
 
     with inductor_config.patch({"fallback_random": True, "cpp.enable_floating_point_contract_flag": args.fp_contract}):
         ctx = (lambda: fast.autocast(device, mode, "bf16")) if precision == "bf16" else None
 
+        tape = DrawTape() if args.taped else None
+
         def eager():
+            """The reference; with --taped the first call records the tape, the repeat replays it."""
             agent, opt = make(device, warm=args.warm, settled=not args.unsettled)
-            return run(agent, opt, fast.make_update(update_step, agent, opt, "eager"), device, args.updates, ctx)
+            record = tape is not None and not tape.updates
+            if tape is not None and not record:
+                tape.replay(no_free_bits(agent, tape))
+            update = fast.make_update(update_step, no_free_bits(agent, tape), opt, "eager")
+            if not record:
+                return run(agent, opt, update, device, args.updates, ctx, draws=tape.load if tape else None)
+            with tape.recording(agent):
+                return run(agent, opt, update, device, args.updates, ctx, draws=lambda k: tape.next_update())
 
         t0 = time.perf_counter()
         want = eager()
@@ -450,7 +491,9 @@ def main(argv=None) -> dict:
                 continue
             t0 = time.perf_counter()
             try:
-                got = run_variant(variant, device, mode, precision, args.updates, want, args.warm, not args.unsettled)
+                got = run_variant(
+                    variant, device, mode, precision, args.updates, want, args.warm, not args.unsettled, tape
+                )
             except Exception as e:  # noqa: BLE001 (a variant that cannot run is an error row; the others still run)
                 why = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{variant}: ERROR {why}")

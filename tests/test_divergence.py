@@ -168,3 +168,10 @@ def test_the_warm_start_is_one_state_for_every_agent_and_leaves_the_generators_a
     assert not out["meta"]["settled"]
     with pytest.raises(SystemExit, match="--unsettled .* needs --warm"):
         divergence.main(["--variants", "", "--unsettled"])
+
+
+def test_taped_draws_replay_the_reference_bit_for_bit():
+    """--taped (bench/draws.py): the reference records its draws and the repeat replays them; the repeat is the
+    reference bit for bit, generators included (a replay still makes and drops each draw)."""
+    out = divergence.main(["--variants", "", "--updates", "2", "--precision", "bf16", "--taped"])
+    assert out["meta"]["taped"] and out["reference"]["eager_repeat"]["bitwise"], out["reference"]

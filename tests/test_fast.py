@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fastdreamer.kernels import block_gru
 
 from bench.common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
+from bench.draws import DrawTape
 from fastdreamer import defer, fast
 from fastdreamer.agent import Agent
 from fastdreamer.dists import twohot_pred
@@ -130,6 +131,80 @@ def assert_updates_close(label, got, want, agent, ref_agent, loss_tol, param_tol
         if p_e.grad is not None and not name.startswith(skip):
             err = (p_f.grad - p_e.grad).norm() / p_e.grad.norm().clamp_min(1e-12)
             assert err < grad_rel_tol, f"{label} gradient of {name}: relative error {err:.3g}"
+
+
+def taped_updates(agent, opt, device, mode, precision, tape: DrawTape, record: bool, ctx=contextlib.nullcontext):
+    """K updates' metrics of `agent` in `mode` at `precision` (eager: under `ctx`), without free bits, their draws
+    recorded on `tape` (record: eager, each draw moved to the middle of a wide class interval) or replayed from it.
+    For comparing two bf16 computations: where rounding ~1e-2 apart in log-probs meets a discontinuity, two correct
+    computations from one seed part by more than any bound a wrong gradient would fail (bench/LOG.md, session 22):
+    - a draw: a uniform within ~5e-3 of a class edge picks another class in one of them, which moved the world
+      model's gradients 20-30% (bench/draws.py). Replayed from the tape, every draw is far from an edge.
+    - free bits: a step's KL within ~1e-2 of free_nats is clamped in one and not in the other, and its gradient is
+      all the prior gets from the few unclamped steps (measured: 1 of 32 at 0.993, the prior's gradients 2-10x
+      apart). free_nats 0: every step's KL trains the prior, a fuller check of its backward; the fp32 comparisons
+      check the clamp."""
+    agent.rssm.free_nats = 0.0
+    if not record:
+        tape.replay(agent)  # before make_update: compile_agent wraps the tape's methods
+    update = fast.make_update(update_step, agent, opt, mode, precision)
+    torch.manual_seed(1)
+    metrics = []
+    with tape.recording(agent) if record else contextlib.nullcontext(), ctx():
+        for k in range(K):
+            tape.next_update() if record else tape.load(k)
+            metrics.append({n: v.clone() for n, v in update(batch(k, device))[0].items()})
+    return metrics
+
+
+def perturb_logits(agent: Agent, std: float = 1e-2) -> None:
+    """Every categorical's logits (latent posterior and prior, actor) plus noise of `std`, from a generator of its
+    own: a second computation that rounds like bf16 where the first does not (compiled bf16 posterior log-probs were
+    up to 1e-2 from eager bf16's, torch 2.11 and 2.13 alike)."""
+    gen = torch.Generator().manual_seed(5)
+
+    def hook(module, args, out):
+        return out + std * torch.randn(out.shape, generator=gen)
+
+    for layer in (agent.rssm.obs_logit, agent.rssm.img_logit, agent.actor.out):
+        layer.register_forward_hook(hook)
+
+
+def test_a_draw_tape_keeps_bf16_sized_rounding_from_changing_a_draw():
+    """DrawTape (bench/draws.py), on eager fp32 and the same agent with its logits perturbed as bf16 would round
+    them: from one seed the perturbation picks other latent classes (the check can fail); with the perturbed run
+    replaying the first one's tape, every latent class is the same. Replayed by the unperturbed agent, the tape gives
+    the recorded run bit for bit: it serves every draw the update makes."""
+
+    def latents(agent, opt, tape=None, record=False):
+        agent.rssm.free_nats = 0.0
+        if tape is not None and not record:
+            tape.replay(agent)
+        update = fast.make_update(update_step, agent, opt, "eager")
+        torch.manual_seed(1)
+        out = []
+        with tape.recording(agent) if record else contextlib.nullcontext():
+            for k in range(K):
+                if tape is not None:
+                    tape.next_update() if record else tape.load(k)
+                metrics, lat = update(batch(k))
+                out.append((metrics, lat["stoch"]))
+        return out
+
+    def perturbed():
+        agent, opt = make()
+        perturb_logits(agent)
+        return agent, opt
+
+    plain = latents(*make())
+    assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(plain, latents(*perturbed()))), "no draw changed"
+    tape = DrawTape()
+    recorded = latents(*make(), tape, record=True)
+    assert tape.moved > 0, "no draw was moved to a wider class"
+    for (_, a), (_, b) in zip(recorded, latents(*perturbed(), tape), strict=True):
+        assert torch.equal(a, b), f"{(a != b).sum()} latent classes differ under the tape"
+    for (m_a, a), (m_b, b) in zip(recorded, latents(*make(), tape), strict=True):
+        assert torch.equal(a, b) and all(torch.equal(m_a[n], m_b[n]) for n in m_a), "a replay is not the recording"
 
 
 def test_auto_is_eager_on_a_cpu_without_a_compiler(monkeypatch):
@@ -533,17 +608,18 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
 def test_bf16_fast_updates_match_eager_under_the_same_autocast(
     device, mode, defer_on, warm, fallback_random, monkeypatch
 ):
-    # Eager under the same bf16 autocast as the fast mode, so the check is of compile/capture, not of precision.
-    # On a CPU without native bf16 oneDNN emulates it: slower, same check. On the CPU both observe-loop gradient paths
+    # Eager under the same bf16 autocast as the fast mode, so the check is of compile/capture, not of precision;
+    # eager records its draws and the fast mode replays them, both without free bits (taped_updates says why). On a
+    # CPU without native bf16 oneDNN emulates it: slower, same check. On the CPU both observe-loop gradient paths
     # (fastdreamer/defer.py and fan_out), on CUDA the default (defer).
     if defer_on is not None:
         monkeypatch.setattr(fast, "DEFER", defer_on)
+    tape = DrawTape()
     agent, opt = make(device, warm=warm)
-    update = fast.make_update(update_step, agent, opt, "eager")
-    torch.manual_seed(1)
-    with fast.autocast(torch.device(device), mode, "bf16"):
-        want = [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
-    fast_agent, fast_hist, _ = run_updates(mode, device, "bf16", warm)
+    autocast = lambda: fast.autocast(torch.device(device), mode, "bf16")  # noqa: E731
+    want = taped_updates(agent, opt, device, "eager", "auto", tape, record=True, ctx=autocast)
+    fast_agent, fast_opt = make(device, warm=warm)
+    history = taped_updates(fast_agent, fast_opt, device, mode, "bf16", tape, record=False)
     # Gradients: parameter moves (~lr) hide under BF16_TOL, so the gradient check is the one that sees a wrong
     # backward. bf16 against fp32 eager differs by <= 2.3% (median 0.7%) at this config on the CPU, and compiled bf16
     # against eager bf16 likewise; a dropped or flipped term is O(1). Not the actor's: in these first updates its
@@ -553,13 +629,12 @@ def test_bf16_fast_updates_match_eager_under_the_same_autocast(
     # 19): with the reward head tilted to imagined advantages of std 0.24-0.39 (an actor gradient 100x larger) the
     # actor's gradients stayed 12-43% apart between bf16 and fp32 eager, with the same imagined actions, and 3-47%
     # between compiled and eager bf16.
-    history = [h[0] for h in fast_hist]
     assert_updates_close(mode, history, want, fast_agent, agent, BF16_TOL, BF16_TOL, GRAD_REL_TOL, skip=("actor.",))
     # bf16 really ran: the same update in fp32 eager gives other losses (bf16 keeps ~3 digits per matmul).
     agent32, opt32 = make(device, warm=warm)
     torch.manual_seed(1)
     fp32 = fast.make_update(update_step, agent32, opt32, "eager")(batch(0, device))[0]
-    assert not torch.equal(fp32["loss/vector"], fast_hist[0][0]["loss/vector"]), "bf16 autocast did not apply"
+    assert not torch.equal(fp32["loss/vector"], history[0]["loss/vector"]), "bf16 autocast did not apply"
 
 
 @pytest.mark.parametrize(
@@ -583,19 +658,23 @@ def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precisio
     bf16 = precision == "bf16"
     ctx = (lambda: fast.autocast(torch.device(device), "compile", "bf16")) if bf16 else contextlib.nullcontext
 
-    def updates(agent, opt, update_mode):
+    tape = DrawTape()
+
+    def updates(agent, opt, update_mode, record):
         # eager runs under the autocast set here; a fast mode sets its own from `precision`.
-        update = fast.make_update(update_step, agent, opt, update_mode, "auto" if update_mode == "eager" else precision)
+        update_precision = "auto" if update_mode == "eager" else precision
+        if bf16:  # two bf16 computations: the draws and free bits as taped_updates says
+            return taped_updates(agent, opt, device, update_mode, update_precision, tape, record, ctx)
+        update = fast.make_update(update_step, agent, opt, update_mode, update_precision)
         torch.manual_seed(1)
-        with ctx():
-            return [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
+        return [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
 
     agent, opt = make(device)
-    want = updates(agent, opt, "eager")
+    want = updates(agent, opt, "eager", record=True)
     assert block_gru.set_impl("triton") == "triton"
     try:
         fused_agent, fused_opt = make(device)
-        got = updates(fused_agent, fused_opt, mode)
+        got = updates(fused_agent, fused_opt, mode, record=False)
     finally:
         block_gru.set_impl("torch")
     tols = (BF16_TOL, BF16_TOL, GRAD_REL_TOL, ("actor.",)) if bf16 else (LOSS_TOL, PARAM_TOL, 1e-4, ())
