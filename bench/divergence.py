@@ -81,7 +81,7 @@ from fastdreamer.optim import LaProp
 from fastdreamer.train import update_step
 
 from .common import TINY_CFG, TINY_SPEC, device_arg, json_arg, threads_arg, tiny_agent, tiny_batch
-from .draws import DrawTape
+from .draws import DrawTape, taped
 
 SPEC, CFG = TINY_SPEC, TINY_CFG
 VARIANTS = ("default", "no_defer", "no_emit", "no_hoist", "no_merge", "unmerged_rollout", "eager_optimizer", "resync")
@@ -284,7 +284,7 @@ def restore(agent: Agent, opt: LaProp, snap: dict, device) -> None:
 def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, before=None, draws=None) -> list[dict]:
     """`updates` updates from seed 1 (tests/test_fast.py's run_updates), a snapshot after each; `ctx` makes the
     context each update runs in (eager's autocast in bf16); before(k), if given, runs before each update k > 0;
-    draws(k), if given, before each update (a DrawTape's next_update or load)."""
+    draws(k), if given, before each update (bench.draws.taped's)."""
     torch.manual_seed(1)
     snaps = []
     for k in range(updates):
@@ -299,13 +299,6 @@ def run(agent: Agent, opt: LaProp, update, device, updates: int, ctx=None, befor
                 metrics, latents = update(batch(k, device))
         snaps.append(snapshot(agent, opt, metrics, latents))
     return snaps
-
-
-def no_free_bits(agent: Agent, tape: DrawTape | None) -> Agent:
-    """With --taped: `agent` without free bits (tests/test_fast.py's taped_updates says why)."""
-    if tape is not None:
-        agent.rssm.free_nats = 0.0
-    return agent
 
 
 def run_variant(
@@ -325,26 +318,24 @@ def run_variant(
     reference's state after the one before); `tape`: the reference's recorded draws, replayed (--taped)."""
     torch._dynamo.reset()  # each variant compiles its own graphs, none left by the last one
     agent, opt = make(device, warm=warm, settled=settled)
-    if tape is not None:
-        tape.replay(no_free_bits(agent, tape))  # before make_update: compile_agent wraps the tape's methods
-    patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
-    if patch is not None:
-        with patch:
+    with taped(agent, tape) as draws:  # before make_update: compile_agent wraps the tape's methods
+        patch = mock.patch.object(fast, "compile_optimizer", lambda opt: None) if variant == "eager_optimizer" else None
+        if patch is not None:
+            with patch:
+                update = fast.make_update(update_step, agent, opt, mode, precision)
+        else:
             update = fast.make_update(update_step, agent, opt, mode, precision)
-    else:
-        update = fast.make_update(update_step, agent, opt, mode, precision)
-    if variant in FLAG_OFF:
-        setattr(agent.rssm, FLAG_OFF[variant], False)  # before the first call: graphs captures with it
-    if variant == "unmerged_rollout":
-        agent.rollout = fast._graph_break(torch.compile(functools.partial(Agent.rollout, agent), dynamic=False))
-    if variant == "eager_optimizer":
-        assert not getattr(opt, "_fast_compiled", False), "compile_optimizer was not patched out"
+        if variant in FLAG_OFF:
+            setattr(agent.rssm, FLAG_OFF[variant], False)  # before the first call: graphs captures with it
+        if variant == "unmerged_rollout":
+            agent.rollout = fast._graph_break(torch.compile(functools.partial(Agent.rollout, agent), dynamic=False))
+        if variant == "eager_optimizer":
+            assert not getattr(opt, "_fast_compiled", False), "compile_optimizer was not patched out"
 
-    def resync(k: int) -> None:
-        restore(agent, opt, want[k - 1], device)
+        def resync(k: int) -> None:
+            restore(agent, opt, want[k - 1], device)
 
-    before = resync if variant == "resync" else None
-    return run(agent, opt, update, device, updates, before=before, draws=tape.load if tape is not None else None)
+        return run(agent, opt, update, device, updates, before=resync if variant == "resync" else None, draws=draws)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -458,14 +449,9 @@ def main(argv=None) -> dict:
         def eager():
             """The reference; with --taped the first call records the tape, the repeat replays it."""
             agent, opt = make(device, warm=args.warm, settled=not args.unsettled)
-            record = tape is not None and not tape.updates
-            if tape is not None and not record:
-                tape.replay(no_free_bits(agent, tape))
-            update = fast.make_update(update_step, no_free_bits(agent, tape), opt, "eager")
-            if not record:
-                return run(agent, opt, update, device, args.updates, ctx, draws=tape.load if tape else None)
-            with tape.recording(agent):
-                return run(agent, opt, update, device, args.updates, ctx, draws=lambda k: tape.next_update())
+            with taped(agent, tape) as draws:
+                update = fast.make_update(update_step, agent, opt, "eager")
+                return run(agent, opt, update, device, args.updates, ctx, draws=draws)
 
         t0 = time.perf_counter()
         want = eager()

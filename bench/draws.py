@@ -78,44 +78,51 @@ class DrawTape:
         agent.noise, agent.rssm.observe = tape_noise, tape_observe
 
     @contextlib.contextmanager
-    def recording(self, agent):
-        """Eager updates of `agent` inside this record their draws, each moved as the module docstring says. Call
-        next_update() before each."""
+    def attached(self, agent):
+        """While entered, `agent`'s draws go through the tape: an empty tape records them (eager updates; each draw
+        moved as the module docstring says), a recorded one replays them from buffers, still making and dropping
+        each draw so that the generators end where the recording's did. Yields before(k), to call before update k.
+        Enter it before fast.make_update: compile_agent wraps the methods it sets."""
+        record = not self.updates
 
         def draw(kind, make):
-            if kind in self.updates[-1]:
-                raise RuntimeError(f"DrawTape: two {kind} draws in one update")
-            self.updates[-1][kind] = make()
-            return self.updates[-1][kind]
+            if record:
+                if kind in self.updates[-1]:
+                    raise RuntimeError(f"DrawTape: two {kind} draws in one update")
+                self.updates[-1][kind] = make()
+                return self.updates[-1][kind]
+            if kind not in self._buffers:
+                raise RuntimeError(f"DrawTape: a {kind} draw the recorded updates did not make")
+            make()  # drawn and dropped: the generators advance as in the recorded run
+            return self._buffers[kind]
 
         saved = agent.noise, agent.rssm.observe
         with contextlib.ExitStack() as stack:
             stack.callback(lambda: setattr(agent, "noise", saved[0]))
             stack.callback(lambda: setattr(agent.rssm, "observe", saved[1]))
             self._wrap(agent, draw)
-            original = dists.sample_onehot
-            dists.sample_onehot = self._safe(original)
-            stack.callback(lambda: setattr(dists, "sample_onehot", original))
-            yield self
+            if record:
+                original = dists.sample_onehot
+                dists.sample_onehot = self._safe(original)
+                stack.callback(lambda: setattr(dists, "sample_onehot", original))
+            yield (lambda k: self.updates.append({})) if record else self._load
 
-    def next_update(self) -> None:
-        self.updates.append({})
-
-    def replay(self, agent) -> None:
-        """Route `agent`'s draws (for good) to buffers that load(k) fills with update k's recorded draws. The draws
-        are still made, and dropped, so that the generators end where the recorded run's did."""
-
-        def draw(kind, make):
-            if kind not in self._buffers:
-                raise RuntimeError(f"DrawTape: a {kind} draw the recorded updates did not make")
-            make()  # drawn and dropped: the generators advance as in the recorded run
-            return self._buffers[kind]
-
-        self._wrap(agent, draw)
-
-    def load(self, k: int) -> None:
-        """Make the replaying agents' next update draw what recorded update k drew."""
+    def _load(self, k: int) -> None:
+        """Make the replaying agent's next update draw what recorded update k drew."""
         for kind, recorded in self.updates[k].items():
             if kind not in self._buffers:
                 self._buffers[kind] = torch.empty_like(recorded)
             self._buffers[kind].copy_(recorded)
+
+
+@contextlib.contextmanager
+def taped(agent, tape: DrawTape | None):
+    """What a comparison of two bf16 computations runs under: `agent` without free bits (a KL within rounding of
+    free_nats is clamped in one and not the other; bench/LOG.md, session 22) and its draws on `tape` (attached).
+    Yields before(k), to call before update k; without a tape, nothing changes and before(k) does nothing."""
+    if tape is None:
+        yield lambda k: None
+        return
+    agent.rssm.free_nats = 0.0
+    with tape.attached(agent) as before:
+        yield before

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fastdreamer.kernels import block_gru
 
 from bench.common import TINY_CFG, TINY_SPEC, tiny_agent, tiny_batch
-from bench.draws import DrawTape
+from bench.draws import DrawTape, taped
 from fastdreamer import defer, fast
 from fastdreamer.agent import Agent
 from fastdreamer.dists import twohot_pred
@@ -133,9 +133,10 @@ def assert_updates_close(label, got, want, agent, ref_agent, loss_tol, param_tol
             assert err < grad_rel_tol, f"{label} gradient of {name}: relative error {err:.3g}"
 
 
-def taped_updates(agent, opt, device, mode, precision, tape: DrawTape, record: bool, ctx=contextlib.nullcontext):
-    """K updates' metrics of `agent` in `mode` at `precision` (eager: under `ctx`), without free bits, their draws
-    recorded on `tape` (record: eager, each draw moved to the middle of a wide class interval) or replayed from it.
+def taped_updates(agent, opt, device, mode, precision, tape: DrawTape | None, ctx=contextlib.nullcontext):
+    """K updates of `agent` in `mode` at `precision` (eager: under `ctx`), [(metrics, latents)], under
+    bench.draws.taped: without free bits, the draws recorded on `tape` if it is empty (eager; each draw moved to the
+    middle of a wide class interval), else replayed from it; tape None: as they come, with free bits.
     For comparing two bf16 computations: where rounding ~1e-2 apart in log-probs meets a discontinuity, two correct
     computations from one seed part by more than any bound a wrong gradient would fail (bench/LOG.md, session 22):
     - a draw: a uniform within ~5e-3 of a class edge picks another class in one of them, which moved the world
@@ -144,17 +145,15 @@ def taped_updates(agent, opt, device, mode, precision, tape: DrawTape, record: b
       all the prior gets from the few unclamped steps (measured: 1 of 32 at 0.993, the prior's gradients 2-10x
       apart). free_nats 0: every step's KL trains the prior, a fuller check of its backward; the fp32 comparisons
       check the clamp."""
-    agent.rssm.free_nats = 0.0
-    if not record:
-        tape.replay(agent)  # before make_update: compile_agent wraps the tape's methods
-    update = fast.make_update(update_step, agent, opt, mode, precision)
-    torch.manual_seed(1)
-    metrics = []
-    with tape.recording(agent) if record else contextlib.nullcontext(), ctx():
+    with taped(agent, tape) as before, ctx():
+        update = fast.make_update(update_step, agent, opt, mode, precision)  # after attached: compile_agent wraps it
+        torch.manual_seed(1)
+        history = []
         for k in range(K):
-            tape.next_update() if record else tape.load(k)
-            metrics.append({n: v.clone() for n, v in update(batch(k, device))[0].items()})
-    return metrics
+            before(k)
+            metrics, latents = update(batch(k, device))
+            history.append(({n: v.clone() for n, v in metrics.items()}, {n: v.clone() for n, v in latents.items()}))
+    return history
 
 
 def perturb_logits(agent: Agent, std: float = 1e-2) -> None:
@@ -176,20 +175,8 @@ def test_a_draw_tape_keeps_bf16_sized_rounding_from_changing_a_draw():
     replaying the first one's tape, every latent class is the same. Replayed by the unperturbed agent, the tape gives
     the recorded run bit for bit: it serves every draw the update makes."""
 
-    def latents(agent, opt, tape=None, record=False):
-        agent.rssm.free_nats = 0.0
-        if tape is not None and not record:
-            tape.replay(agent)
-        update = fast.make_update(update_step, agent, opt, "eager")
-        torch.manual_seed(1)
-        out = []
-        with tape.recording(agent) if record else contextlib.nullcontext():
-            for k in range(K):
-                if tape is not None:
-                    tape.next_update() if record else tape.load(k)
-                metrics, lat = update(batch(k))
-                out.append((metrics, lat["stoch"]))
-        return out
+    def latents(agent, opt, tape=None):
+        return [(metrics, lat["stoch"]) for metrics, lat in taped_updates(agent, opt, "cpu", "eager", "fp32", tape)]
 
     def perturbed():
         agent, opt = make()
@@ -199,7 +186,7 @@ def test_a_draw_tape_keeps_bf16_sized_rounding_from_changing_a_draw():
     plain = latents(*make())
     assert any(not torch.equal(a, b) for (_, a), (_, b) in zip(plain, latents(*perturbed()))), "no draw changed"
     tape = DrawTape()
-    recorded = latents(*make(), tape, record=True)
+    recorded = latents(*make(), tape)
     assert tape.moved > 0, "no draw was moved to a wider class"
     for (_, a), (_, b) in zip(recorded, latents(*perturbed(), tape), strict=True):
         assert torch.equal(a, b), f"{(a != b).sum()} latent classes differ under the tape"
@@ -617,9 +604,9 @@ def test_bf16_fast_updates_match_eager_under_the_same_autocast(
     tape = DrawTape()
     agent, opt = make(device, warm=warm)
     autocast = lambda: fast.autocast(torch.device(device), mode, "bf16")  # noqa: E731
-    want = taped_updates(agent, opt, device, "eager", "auto", tape, record=True, ctx=autocast)
+    want = [m for m, _ in taped_updates(agent, opt, device, "eager", "auto", tape, autocast)]
     fast_agent, fast_opt = make(device, warm=warm)
-    history = taped_updates(fast_agent, fast_opt, device, mode, "bf16", tape, record=False)
+    history = [m for m, _ in taped_updates(fast_agent, fast_opt, device, mode, "bf16", tape)]
     # Gradients: parameter moves (~lr) hide under BF16_TOL, so the gradient check is the one that sees a wrong
     # backward. bf16 against fp32 eager differs by <= 2.3% (median 0.7%) at this config on the CPU, and compiled bf16
     # against eager bf16 likewise; a dropped or flipped term is O(1). Not the actor's: in these first updates its
@@ -660,21 +647,21 @@ def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precisio
 
     tape = DrawTape()
 
-    def updates(agent, opt, update_mode, record):
+    def updates(agent, opt, update_mode):
         # eager runs under the autocast set here; a fast mode sets its own from `precision`.
         update_precision = "auto" if update_mode == "eager" else precision
-        if bf16:  # two bf16 computations: the draws and free bits as taped_updates says
-            return taped_updates(agent, opt, device, update_mode, update_precision, tape, record, ctx)
+        if bf16:  # two bf16 computations: the draws and free bits as taped_updates says (eager records, first)
+            return [m for m, _ in taped_updates(agent, opt, device, update_mode, update_precision, tape, ctx)]
         update = fast.make_update(update_step, agent, opt, update_mode, update_precision)
         torch.manual_seed(1)
         return [{n: v.clone() for n, v in update(batch(k, device))[0].items()} for k in range(K)]
 
     agent, opt = make(device)
-    want = updates(agent, opt, "eager", record=True)
+    want = updates(agent, opt, "eager")
     assert block_gru.set_impl("triton") == "triton"
     try:
         fused_agent, fused_opt = make(device)
-        got = updates(fused_agent, fused_opt, mode, record=False)
+        got = updates(fused_agent, fused_opt, mode)
     finally:
         block_gru.set_impl("torch")
     tols = (BF16_TOL, BF16_TOL, GRAD_REL_TOL, ("actor.",)) if bf16 else (LOSS_TOL, PARAM_TOL, 1e-4, ())
