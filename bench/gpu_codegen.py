@@ -1,0 +1,232 @@
+"""The kernels a GPU would launch for the fast modes' compiled graphs, generated on a CPU: inductor's Triton code
+generator instead of its C++ one, nothing compiled for or run on a device.
+
+On a CPU, inductor writes C++ loops and fuses them its own way (bench/step_kernels.py: the C++ kernels fuse the
+observe step's is_first masks, the H200's Triton kernels did not). With `config.cpu_backend = "triton"` the CPU's
+graphs go through the same scheduler and fusion rules as CUDA's (SIMD scheduling: Triton pointwise, reduction and
+persistent-reduction kernels, matmuls as extern calls) and the generated wrapper lists, in order, every kernel the
+graph launches. `triton_codegen()` keeps that code and runs each graph eagerly instead (the FX graph inductor
+lowered, so results are right and the program goes on); the Triton kernels themselves are never compiled, so no
+GPU and no Triton backend for the CPU is needed.
+
+What it does not show: which matmul kernel cuBLAS picks, the launches outside compiled graphs (eager autograd, the
+optimizer when not compiled), and anything inductor decides per device (the CPU's decompositions and layouts where
+they differ from CUDA's). Kernel counts are a GPU's when the graphs are; times are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import operator
+import os
+import sys
+import types
+from unittest import mock
+
+import torch
+
+
+class Codes(list):
+    """The generated wrapper modules (source text), in compile order, and how often each was called (`calls`, by
+    index), and for each a label: the nearest frame of this project's code at its first call, `backward of` its
+    forward's for a backward graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[int] = []
+        self.backward: list[bool] = []
+        self.labels: list[str] = []
+
+
+OWN_CODE = ("/fastdreamer/", "/kernels/")
+
+
+def _caller() -> str:
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if any(m in name for m in OWN_CODE) and "/torch/" not in name:
+            return f"{name.rsplit('/', 1)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+class _Eager(torch.fx.Interpreter):
+    """Runs the graph inductor lowered, op by op. After inductor's reinplacing pass an in-place foreach op (the
+    compiled LaProp step's) returns None where its functional form returned a list, and the graph still indexes it
+    (results it no longer uses): those indexings give None."""
+
+    def call_function(self, target, args, kwargs):
+        if target is operator.getitem and args[0] is None:
+            return None
+        return super().call_function(target, args, kwargs)
+
+
+@contextlib.contextmanager
+def triton_codegen():
+    """Within: every torch.compile'd graph on the CPU is code-generated with inductor's Triton backend and then run
+    eagerly. Yields a Codes list the generated wrapper modules (source text) are appended to, in compile order; for
+    a graph with a backward, its backward comes right after its forward (compiled at once, not at the first
+    backward). Dynamo's caches are reset on entry and exit, so no graph compiled outside is reused inside or the
+    other way round."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    import torch.utils._triton as triton_utils
+    from torch._inductor.graph import GraphLowering
+
+    codes = Codes()
+
+    def lines(self, wrapper_code):
+        index = len(codes)
+        codes.append(wrapper_code.value)
+        codes.calls.append(0)
+        codes.backward.append(bool(self.is_backward))
+        codes.labels.append("")
+        run = _Eager(self.module)
+
+        def call(args):
+            if not codes.labels[index]:
+                # A backward graph is compiled right after its forward (force_non_lazy_backward_lowering).
+                own = index > 0 and codes.backward[index] and not codes.backward[index - 1]
+                codes.labels[index] = f"backward of {codes.labels[index - 1]}" if own else _caller()
+            codes.calls[index] += 1
+            out = run.run(*args)
+            args.clear()
+            return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+        return types.SimpleNamespace(call=call, __file__="<triton_codegen>", runner=None)
+
+    torch._dynamo.reset()
+    patches = (
+        inductor_config.patch(cpu_backend="triton", fx_graph_cache=False),
+        functorch_config.patch(enable_autograd_cache=False, force_non_lazy_backward_lowering=True),
+        # Inductor keys its Triton cache by the backend's hash; there is no CPU Triton backend to ask.
+        mock.patch.object(triton_utils, "triton_hash_with_backend", lambda: "triton_codegen"),
+        mock.patch.object(GraphLowering, "_compile_to_module_lines", lines),
+    )
+    try:
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            yield codes
+    finally:
+        torch._dynamo.reset()
+
+
+# Allocations the profiler lists outside the graphs besides step_kernels.NO_KERNEL's: no kernel on a GPU either.
+ALLOCATIONS = ("new_empty_strided", "new_empty")
+
+
+def census(
+    size: str, obs: str, precision: str, optimizer: str, updates: int = 1, dump: str | None = None, **overrides
+) -> dict:
+    """The launches of one full update as the GPU's fast path makes them (compiled agent, deferred observe loop;
+    `optimizer` compiled as in graphs mode, or eager as in compile mode), counted on the CPU: for each compiled
+    graph its Triton kernels and extern calls (code generated here) times its calls per update, and the ATen ops
+    between the graphs that launch a kernel on a GPU (the CPU profiler's leaf ops outside compiled regions, less
+    views and allocations: step_kernels.NO_KERNEL). The first update compiles; the next `updates` are counted.
+    dump: a folder to write each graph's generated code to (graphNN.py, in compile order). overrides: Config
+    fields (the tests' shorter sequences)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fastdreamer import fast
+    from fastdreamer.train import update_step
+
+    from .common import make_agent, make_config, random_batch
+    from .step_kernels import COMPILED_MARKS, NO_KERNEL, launches
+
+    cfg = make_config(size, **overrides)
+    agent, opt = make_agent(cfg, obs, "cpu")
+    data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, "cpu")
+    saved = fast.DEFER
+    fast.DEFER = True  # the GPU's observe loop (deferred weight gradients), here on the CPU
+    try:
+        with triton_codegen() as codes:
+            fast.compile_agent(agent)
+            if optimizer == "compiled":
+                fast.compile_optimizer(opt)
+            with fast.autocast("cpu", "compile", precision):
+                update_step(agent, opt, data)
+                codes.calls[:] = [0] * len(codes)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(updates):
+                        update_step(agent, opt, data)
+            between: dict[str, float] = {}
+            for e in prof.events():
+                name = e.name.removeprefix("aten::")
+                if not e.name.startswith("aten::") or name in NO_KERNEL or name in ALLOCATIONS:
+                    continue
+                chain, parent = [], e.cpu_parent
+                while parent is not None:
+                    chain.append(parent.name)
+                    parent = parent.cpu_parent
+                if any(c.startswith(COMPILED_MARKS) for c in chain):
+                    continue
+                if any(c.startswith("aten::") and c.removeprefix("aten::") not in NO_KERNEL for c in chain):
+                    continue  # inside another counted op
+                between[name] = between.get(name, 0) + 1 / updates
+    finally:
+        fast.DEFER = saved
+    graphs = []
+    for i, (code, calls, label) in enumerate(zip(codes, codes.calls, codes.labels, strict=True)):
+        n = launches(code)
+        graphs.append({"graph": label or "?", "calls": calls / updates, **n})
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            with open(os.path.join(dump, f"graph{i:02d}.py"), "w") as f:
+                f.write(f"# {label}, {calls / updates:g} calls per update\n{code}")
+    in_graphs = sum(g["calls"] * (g["fused"] + g["extern"] + g["aten"]) for g in graphs)
+    return {
+        "meta": {
+            **{"size": size, "obs": obs, "precision": precision, "optimizer": optimizer, **overrides},
+            **{"torch": torch.__version__, "batch_length": cfg.batch_length, "imag_length": cfg.imag_length},
+        },
+        "graphs": graphs,
+        "between": dict(sorted(between.items(), key=lambda kv: -kv[1])),
+        "in_graphs": in_graphs,
+        "total": in_graphs + sum(between.values()),
+    }
+
+
+def main(argv=None) -> dict:
+    from fastdreamer import fast
+
+    from .bench_block_gru import write_json
+    from .common import size_arg
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="debug", type=size_arg)
+    p.add_argument("--obs", default="vector", choices=("vector", "image"))
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="the GPU's is bf16")
+    p.add_argument(
+        "--optimizer",
+        default="compiled",
+        choices=("compiled", "eager"),
+        help="compiled: graphs mode's LaProp step; eager: compile mode's (what bench.profile_update profiles)",
+    )
+    p.add_argument("--updates", type=int, default=1, help="counted updates, after one that compiles")
+    p.add_argument("--json", default=None, help="also write the census here")
+    p.add_argument("--dump", default=None, help="a folder to write each graph's generated code to")
+    args = p.parse_args(argv)
+    fast.check_precision(args.precision, "compile")
+    out = census(args.size, args.obs, args.precision, args.optimizer, args.updates, args.dump)
+    m = out["meta"]
+    print(
+        f"gpu_codegen: one {m['size']} {m['obs']} update, {m['precision']}, optimizer {m['optimizer']}, torch "
+        f"{m['torch']}: {out['total']:.0f} launches ({out['in_graphs']:.0f} in compiled graphs, "
+        f"{out['total'] - out['in_graphs']:.0f} between them)"
+    )
+    print(f"  {'calls':>6s} {'triton':>6s} {'extern':>6s} {'aten':>4s} {'launches':>8s}  graph")
+    for g in sorted(out["graphs"], key=lambda g: -g["calls"] * (g["fused"] + g["extern"] + g["aten"])):
+        total = g["calls"] * (g["fused"] + g["extern"] + g["aten"])
+        print(f"  {g['calls']:6g} {g['fused']:6d} {g['extern']:6d} {g['aten']:4d} {total:8g}  {g['graph']}")
+    print("  between the graphs (ATen ops that launch a kernel on a GPU), per update:")
+    print("    " + ", ".join(f"{k} {v:g}" for k, v in out["between"].items()))
+    if args.json:
+        write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""bench/gpu_codegen.py: the Triton kernels a GPU would launch, generated on the CPU, and the graphs run eagerly."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch._inductor.utils import run_and_get_code
+
+from bench.gpu_codegen import triton_codegen
+from bench.step_kernels import LAUNCH, launches, step_code
+
+
+def masked_matmul(x, w, k):
+    return (torch.tanh((x * k[:, None]) @ w) * 2).sum()
+
+
+def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
+    """Within the context a compiled function gets Triton code (forward and, at once, backward; C++ outside it) and
+    still computes what eager does, forward and gradient (the same ATen ops: float32 reassociation at most, 1e-6),
+    with each graph's calls counted. The mask multiplies an operand of a matmul, which takes no prologue: on a GPU
+    it is a kernel of its own, so the forward launches the mask, the matmul and the tanh with its sum."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 32, generator=gen, requires_grad=True)
+    w, k = torch.randn(32, 8, generator=gen), (torch.rand(16, generator=gen) < 0.7).float()
+    want = masked_matmul(x, w, k)
+    (want_grad,) = torch.autograd.grad(want, x)
+    with triton_codegen() as codes:
+        fn = torch.compile(masked_matmul, dynamic=False)
+        for _ in range(2):
+            got = fn(x, w, k)
+            (got_grad,) = torch.autograd.grad(got, x)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-6)
+    assert len(codes) == 2 and codes.backward == [False, True] and codes.calls == [2, 2], codes.calls
+    assert codes.labels[1] == f"backward of {codes.labels[0]}"
+    assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
+    names = [m.group(2) for line in codes[0].splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
+    assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
+    # Outside, the CPU's own code again (no graph compiled inside is reused).
+    _, after = run_and_get_code(torch.compile(masked_matmul, dynamic=False), x.detach(), w, k)
+    assert "cpp_fused" in after[0] and "triton_" not in after[0]
+
+
+# The GPU's observe step (deferred gradients, the fast modes' flags on CUDA), bf16, at debug size: launches of its
+# forward and backward graphs as the Triton code generator makes them (torch 2.13: 16 Triton + 5 matmuls forward,
+# 12 + 5 backward). A graph break inside the step splits it into several graphs, and the masks of its carried state
+# become kernels of their own (torch 2.11 did that on the H200, session 21: 6 per step, a mask alone each).
+STEP_LAUNCHES = 38
+MASK_ALONE = re.compile(r"^triton_poi_fused__to_copy_bitwise_not_mul_unsqueeze(_view)?_\d+$")
+
+
+def test_the_gpus_observe_step_is_two_graphs_with_its_masks_fused():
+    codes = step_code("merge", "debug", "cpu", "bf16", "triton")
+    assert len(codes) == 2, f"the step compiled to {len(codes)} graphs (a graph break?)"
+    counts = [launches(c) for c in codes]
+    assert sum(sum(c.values()) for c in counts) <= STEP_LAUNCHES, counts
+    names = [m.group(2) for c in codes for line in c.splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
+    assert not [n for n in names if MASK_ALONE.match(n)], names
+
+
+def test_the_census_of_a_gpu_update_counts_each_graph_by_its_calls():
+    """bench.gpu_codegen.census at debug size with short sequences: the observe step's forward and backward graphs
+    are called once per step, every other graph once per update, and the total is the graphs' launches times their
+    calls plus the ops between the graphs. Between them no slice_backward (a graph break in the step left the taps'
+    slices to eager autograd: a zero-fill, a copy and an add per site and step on the H200; bench/LOG.md, session
+    21)."""
+    from bench.gpu_codegen import census
+
+    T = 6
+    out = census("debug", "vector", "bf16", "compiled", batch_length=T, imag_length=3)
+    by_label = {g["graph"]: g for g in out["graphs"]}
+    (step,) = [g for label, g in by_label.items() if label.endswith(" obs_step") and "backward" not in label]
+    assert step["calls"] == T and by_label[f"backward of {step['graph']}"]["calls"] == T, out["graphs"]
+    others = [g for g in out["graphs"] if "obs_step" not in g["graph"]]
+    assert others and all(g["calls"] == 1 for g in others), others
+    in_graphs = sum(g["calls"] * (g["fused"] + g["extern"] + g["aten"]) for g in out["graphs"])
+    assert out["in_graphs"] == in_graphs and out["total"] == in_graphs + sum(out["between"].values())
+    assert "slice_backward" not in out["between"], out["between"]
