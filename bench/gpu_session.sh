@@ -179,6 +179,11 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
     --json "$OUT/conv_ab_cuda_12m.json" || rc=1
   step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
     --variants default,resync --updates 3 --taped --json "$OUT/divergence_cuda_bf16.json" || rc=1
+  # Kernels per update (session 21: 6,293 with the graph break). Session 23's census of the fixed tree on the CPU
+  # (python -m bench.gpu_codegen: inductor's Triton code generator, bench/results/gpu_codegen_12m_torch211.json)
+  # predicts ~2,900-3,500.
+  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
+    --out "$OUT/profile_12m.txt" || rc=1
   rm -f "$OUT"/*.tmp
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
