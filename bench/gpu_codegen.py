@@ -1,8 +1,8 @@
 """The kernels a GPU would launch for the fast modes' compiled graphs, generated on a CPU: inductor's Triton code
 generator instead of its C++ one, nothing compiled for or run on a device.
 
-On a CPU, inductor writes C++ loops and fuses them its own way (bench/step_kernels.py: the C++ kernels fuse the
-observe step's is_first masks, the H200's Triton kernels did not). With `config.cpu_backend = "triton"` the CPU's
+On a CPU, inductor writes C++ loops and fuses them its own way (bench/step_kernels.py: the first H200 profile had
+~110 launches per observe step where the C++ code gave ~57). With `config.cpu_backend = "triton"` the CPU's
 graphs go through the same scheduler and fusion rules as CUDA's (SIMD scheduling: Triton pointwise, reduction and
 persistent-reduction kernels, matmuls as extern calls) and the generated wrapper lists, in order, every kernel the
 graph launches. `triton_codegen()` keeps that code and runs each graph eagerly instead (the FX graph inductor
@@ -10,8 +10,10 @@ lowered, so results are right and the program goes on); the Triton kernels thems
 GPU and no Triton backend for the CPU is needed.
 
 What it does not show: which matmul kernel cuBLAS picks, the launches outside compiled graphs (eager autograd, the
-optimizer when not compiled), and anything inductor decides per device (the CPU's decompositions and layouts where
-they differ from CUDA's). Kernel counts are a GPU's when the graphs are; times are not.
+optimizer when not compiled: census() counts those from the profiler), times, and what inductor decides by device
+type. Checked against an H200 profile of the same tree and torch (bench/LOG.md, session 23): matmuls and the ops
+between graphs within 3%, Triton kernels +30%, since for a CPU device inductor lowers `cat` to one copy kernel per
+input where a GPU fuses them, and leaves softmax without its GPU-only online rewrite.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Codes(list):
         self.calls: list[int] = []
         self.backward: list[bool] = []
         self.labels: list[str] = []
+        self.gpu_lowerings: list[str] = []
 
 
 OWN_CODE = ("/fastdreamer/", "/kernels/")
@@ -63,13 +66,50 @@ class _Eager(torch.fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
+def _swap_const(fn, old, new) -> bool:
+    """Replace the constant `old` of fn's code with `new`, in place; whether fn had it (once)."""
+    consts = fn.__code__.co_consts
+    if consts.count(old) != 1:
+        return False
+    fn.__code__ = fn.__code__.replace(co_consts=tuple(new if c == old else c for c in consts))
+    return True
+
+
 @contextlib.contextmanager
-def triton_codegen():
+def gpu_lowerings():
+    """Inductor's lowering choices that it makes by device type, made as for CUDA on the CPU's tensors (with the
+    Triton backend): `cat` (on a CPU always one copy kernel per input, a ConcatKernel; on a GPU fused into its
+    inputs' or its users' kernels where they are pointwise) and the online-softmax rewrite (GPU only: one reduction
+    pass for a softmax's max and sum). Each by swapping one constant of the function's code for the duration
+    (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Yields the
+    names of those swapped."""
+    import torch._inductor.lowering as lowering
+    from torch._inductor.fx_passes import post_grad
+
+    cat = getattr(lowering.lowerings.get(torch.ops.aten.cat.default), "__wrapped__", None)
+    swaps = [
+        ("cat", cat, "cpu", "cuda-like"),  # cpu_device = inputs[0].get_device().type == "cpu"
+        ("online_softmax", post_grad.prepare_softmax_extra_check, ("cuda", "xpu"), ("cuda", "xpu", "cpu")),
+    ]
+    done = []
+    try:
+        for name, fn, old, new in swaps:
+            if fn is not None and _swap_const(fn, old, new):
+                done.append((name, fn, old, new))
+        yield [name for name, *_ in done]
+    finally:
+        for _, fn, old, new in done:
+            _swap_const(fn, new, old)
+
+
+@contextlib.contextmanager
+def triton_codegen(gpu: bool = True):
     """Within: every torch.compile'd graph on the CPU is code-generated with inductor's Triton backend and then run
     eagerly. Yields a Codes list the generated wrapper modules (source text) are appended to, in compile order; for
     a graph with a backward, its backward comes right after its forward (compiled at once, not at the first
     backward). Dynamo's caches are reset on entry and exit, so no graph compiled outside is reused inside or the
-    other way round."""
+    other way round. gpu: lower as for CUDA where inductor decides by device type (gpu_lowerings; the names of
+    those it could set in `codes.gpu_lowerings`)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     import torch.utils._triton as triton_utils
@@ -109,6 +149,7 @@ def triton_codegen():
         with contextlib.ExitStack() as stack:
             for p in patches:
                 stack.enter_context(p)
+            codes.gpu_lowerings = stack.enter_context(gpu_lowerings()) if gpu else []
             yield codes
     finally:
         torch._dynamo.reset()
@@ -119,15 +160,22 @@ ALLOCATIONS = ("new_empty_strided", "new_empty")
 
 
 def census(
-    size: str, obs: str, precision: str, optimizer: str, updates: int = 1, dump: str | None = None, **overrides
+    size: str,
+    obs: str,
+    precision: str,
+    optimizer: str,
+    updates: int = 1,
+    dump: str | None = None,
+    gpu: bool = True,
+    **overrides,
 ) -> dict:
     """The launches of one full update as the GPU's fast path makes them (compiled agent, deferred observe loop;
     `optimizer` compiled as in graphs mode, or eager as in compile mode), counted on the CPU: for each compiled
     graph its Triton kernels and extern calls (code generated here) times its calls per update, and the ATen ops
     between the graphs that launch a kernel on a GPU (the CPU profiler's leaf ops outside compiled regions, less
     views and allocations: step_kernels.NO_KERNEL). The first update compiles; the next `updates` are counted.
-    dump: a folder to write each graph's generated code to (graphNN.py, in compile order). overrides: Config
-    fields (the tests' shorter sequences)."""
+    dump: a folder to write each graph's generated code to (graphNN.py, in compile order). gpu: triton_codegen's.
+    overrides: Config fields (the tests' shorter sequences)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fastdreamer import fast
@@ -142,7 +190,7 @@ def census(
     saved = fast.DEFER
     fast.DEFER = True  # the GPU's observe loop (deferred weight gradients), here on the CPU
     try:
-        with triton_codegen() as codes:
+        with triton_codegen(gpu) as codes:
             fast.compile_agent(agent)
             if optimizer == "compiled":
                 fast.compile_optimizer(opt)
@@ -181,6 +229,7 @@ def census(
         "meta": {
             **{"size": size, "obs": obs, "precision": precision, "optimizer": optimizer, **overrides},
             **{"torch": torch.__version__, "batch_length": cfg.batch_length, "imag_length": cfg.imag_length},
+            "gpu_lowerings": codes.gpu_lowerings,
         },
         "graphs": graphs,
         "between": dict(sorted(between.items(), key=lambda kv: -kv[1])),
@@ -208,13 +257,19 @@ def main(argv=None) -> dict:
     p.add_argument("--updates", type=int, default=1, help="counted updates, after one that compiles")
     p.add_argument("--json", default=None, help="also write the census here")
     p.add_argument("--dump", default=None, help="a folder to write each graph's generated code to")
+    p.add_argument(
+        "--cpu-lowerings",
+        action="store_true",
+        help="keep inductor's lowering choices for a CPU device (cat, softmax) instead of CUDA's (gpu_lowerings)",
+    )
     args = p.parse_args(argv)
     fast.check_precision(args.precision, "compile")
-    out = census(args.size, args.obs, args.precision, args.optimizer, args.updates, args.dump)
+    out = census(args.size, args.obs, args.precision, args.optimizer, args.updates, args.dump, not args.cpu_lowerings)
     m = out["meta"]
     print(
         f"gpu_codegen: one {m['size']} {m['obs']} update, {m['precision']}, optimizer {m['optimizer']}, torch "
-        f"{m['torch']}: {out['total']:.0f} launches ({out['in_graphs']:.0f} in compiled graphs, "
+        f"{m['torch']}, GPU lowerings {','.join(m['gpu_lowerings']) or 'none'}: {out['total']:.0f} launches "
+        f"({out['in_graphs']:.0f} in compiled graphs, "
         f"{out['total'] - out['in_graphs']:.0f} between them)"
     )
     print(f"  {'calls':>6s} {'triton':>6s} {'extern':>6s} {'aten':>4s} {'launches':>8s}  graph")

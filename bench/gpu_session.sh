@@ -181,7 +181,7 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
     --variants default,resync --updates 3 --taped --json "$OUT/divergence_cuda_bf16.json" || rc=1
   # Kernels per update (session 21: 6,293 with the graph break). Session 23's census of the fixed tree on the CPU
   # (python -m bench.gpu_codegen: inductor's Triton code generator, bench/results/gpu_codegen_12m_torch211.json)
-  # predicts ~2,900-3,500.
+  # predicts ~2,850-3,200.
   step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
     --out "$OUT/profile_12m.txt" || rc=1
   rm -f "$OUT"/*.tmp

@@ -35,6 +35,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert len(codes) == 2 and codes.backward == [False, True] and codes.calls == [2, 2], codes.calls
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
+    assert codes.gpu_lowerings == ["cat", "online_softmax"]  # the CI's torch has both constants
     names = [m.group(2) for line in codes[0].splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -43,10 +44,11 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
 
 
 # The GPU's observe step (deferred gradients, the fast modes' flags on CUDA), bf16, at debug size: launches of its
-# forward and backward graphs as the Triton code generator makes them (torch 2.13: 16 Triton + 5 matmuls forward,
-# 12 + 5 backward). A graph break inside the step splits it into several graphs, and the masks of its carried state
-# become kernels of their own (torch 2.11 did that on the H200, session 21: 6 per step, a mask alone each).
-STEP_LAUNCHES = 38
+# forward and backward graphs as the Triton code generator makes them with the GPU's lowerings (torch 2.13: 15
+# Triton + 5 matmuls forward, 12 + 5 backward; 38 with the CPU's). A graph break inside the step splits it into
+# several graphs, and the masks of its carried state become kernels of their own (torch 2.11 did that on the H200,
+# session 21: 6 per step, a mask alone each).
+STEP_LAUNCHES = 37
 MASK_ALONE = re.compile(r"^triton_poi_fused__to_copy_bitwise_not_mul_unsqueeze(_view)?_\d+$")
 
 
@@ -77,3 +79,25 @@ def test_the_census_of_a_gpu_update_counts_each_graph_by_its_calls():
     in_graphs = sum(g["calls"] * (g["fused"] + g["extern"] + g["aten"]) for g in out["graphs"])
     assert out["in_graphs"] == in_graphs and out["total"] == in_graphs + sum(out["between"].values())
     assert "slice_backward" not in out["between"], out["between"]
+
+
+def sin_cos_cat(a, b):
+    return torch.cat([a.sin(), b.cos()], 1) * 2
+
+
+def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
+    """With the GPU's lowerings a cat of two pointwise results and its pointwise user are one kernel (a GPU's
+    pointwise cat); with the CPU's, a copy kernel per input and one for the user. After the context inductor's own
+    functions have their constants back."""
+    import torch._inductor.lowering as lowering
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 4, generator=gen), torch.randn(8, 5, generator=gen)
+    counts = {}
+    for gpu in (True, False):
+        with triton_codegen(gpu) as codes:
+            out = torch.compile(sin_cos_cat, dynamic=False)(a, b)
+        torch.testing.assert_close(out, sin_cos_cat(a, b), rtol=1e-6, atol=1e-6)
+        (counts[gpu],) = [launches(c) for c in codes]
+    assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
+    assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
