@@ -155,10 +155,6 @@ def triton_codegen(gpu: bool = True):
         torch._dynamo.reset()
 
 
-# Allocations the profiler lists outside the graphs besides step_kernels.NO_KERNEL's: no kernel on a GPU either.
-ALLOCATIONS = ("new_empty_strided", "new_empty")
-
-
 def census(
     size: str,
     obs: str,
@@ -172,8 +168,8 @@ def census(
     """The launches of one full update as the GPU's fast path makes them (compiled agent, deferred observe loop;
     `optimizer` compiled as in graphs mode, or eager as in compile mode), counted on the CPU: for each compiled
     graph its Triton kernels and extern calls (code generated here) times its calls per update, and the ATen ops
-    between the graphs that launch a kernel on a GPU (the CPU profiler's leaf ops outside compiled regions, less
-    views and allocations: step_kernels.NO_KERNEL). The first update compiles; the next `updates` are counted.
+    between the graphs that launch a kernel on a GPU (step_kernels.kernel_ops). The first update compiles; the
+    next `updates` are counted.
     dump: a folder to write each graph's generated code to (graphNN.py, in compile order). gpu: triton_codegen's.
     overrides: Config fields (the tests' shorter sequences)."""
     from torch.profiler import ProfilerActivity, profile
@@ -182,7 +178,7 @@ def census(
     from fastdreamer.train import update_step
 
     from .common import make_agent, make_config, random_batch
-    from .step_kernels import COMPILED_MARKS, NO_KERNEL, launches
+    from .step_kernels import kernel_ops, launches
 
     cfg = make_config(size, **overrides)
     agent, opt = make_agent(cfg, obs, "cpu")
@@ -200,20 +196,7 @@ def census(
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
                     for _ in range(updates):
                         update_step(agent, opt, data)
-            between: dict[str, float] = {}
-            for e in prof.events():
-                name = e.name.removeprefix("aten::")
-                if not e.name.startswith("aten::") or name in NO_KERNEL or name in ALLOCATIONS:
-                    continue
-                chain, parent = [], e.cpu_parent
-                while parent is not None:
-                    chain.append(parent.name)
-                    parent = parent.cpu_parent
-                if any(c.startswith(COMPILED_MARKS) for c in chain):
-                    continue
-                if any(c.startswith("aten::") and c.removeprefix("aten::") not in NO_KERNEL for c in chain):
-                    continue  # inside another counted op
-                between[name] = between.get(name, 0) + 1 / updates
+            between = {name: n / updates for name, n in kernel_ops(prof.events()).items()}
     finally:
         fast.DEFER = saved
     graphs = []

@@ -100,9 +100,30 @@ NO_KERNEL = {
     *("squeeze", "t", "transpose", "unbind", "unflatten", "unsqueeze", "view", "view_as", "_unsafe_view", "split"),
     *("empty", "empty_like", "empty_strided", "lift_fresh", "_to_copy_noop", "result_type", "resolve_conj"),
     *("resolve_neg", "is_nonzero", "_has_compatible_shallow_copy_type", "to", "contiguous", "clone"),
+    *("new_empty", "new_empty_strided"),
 }
 # Inside a compiled graph (not its runtime wrapper, which copies strided gradients before the backward graph).
 COMPILED_MARKS = ("Torch-Compiled Region", "## Call CompiledFxGraph")
+
+
+def kernel_ops(events) -> dict[str, int]:
+    """{op: count} of the profiler's ATen ops outside compiled graphs that would launch a kernel on a GPU: leaf ops
+    only (a copy inside contiguous() counts once, as copy_), less NO_KERNEL's."""
+    ops: dict[str, int] = {}
+    for e in events:
+        name = e.name.removeprefix("aten::")
+        if not e.name.startswith("aten::") or name in NO_KERNEL:
+            continue
+        chain, p = [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            p = p.cpu_parent
+        if any(c.startswith(COMPILED_MARKS) for c in chain):
+            continue
+        if any(c.startswith("aten::") and c.removeprefix("aten::") not in NO_KERNEL for c in chain):
+            continue  # inside another counted op
+        ops[name] = ops.get(name, 0) + 1
+    return ops
 
 
 def between(variant: str, size: str, device: str, precision: str) -> dict[str, float]:
@@ -120,21 +141,7 @@ def between(variant: str, size: str, device: str, precision: str) -> dict[str, f
     for steps in (4, 8):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             run(steps)
-        ops: dict[str, int] = {}
-        for e in prof.events():
-            name = e.name.removeprefix("aten::")
-            if not e.name.startswith("aten::") or name in NO_KERNEL:
-                continue
-            chain, p = [], e.cpu_parent
-            while p is not None:
-                chain.append(p.name)
-                p = p.cpu_parent
-            if any(c.startswith(COMPILED_MARKS) for c in chain):
-                continue
-            if any(c.startswith("aten::") and c.removeprefix("aten::") not in NO_KERNEL for c in chain):
-                continue  # inside another counted op
-            ops[name] = ops.get(name, 0) + 1
-        counts.append(ops)
+        counts.append(kernel_ops(prof.events()))
     short, long = counts
     return {k: (long.get(k, 0) - short.get(k, 0)) / 4 for k in sorted(set(short) | set(long))}
 
