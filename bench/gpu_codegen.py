@@ -187,15 +187,14 @@ def census(
     fast.DEFER = True  # the GPU's observe loop (deferred weight gradients), here on the CPU
     try:
         with triton_codegen(gpu) as codes:
-            fast.compile_agent(agent)
-            if optimizer == "compiled":
+            update = fast.make_update(update_step, agent, opt, "compile", precision)
+            if optimizer == "compiled":  # as graphs mode does (CUDA only: it also captures)
                 fast.compile_optimizer(opt)
-            with fast.autocast("cpu", "compile", precision):
-                update_step(agent, opt, data)
-                codes.calls[:] = [0] * len(codes)
-                with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    for _ in range(updates):
-                        update_step(agent, opt, data)
+            update(data)
+            codes.calls[:] = [0] * len(codes)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(updates):
+                    update(data)
             between = {name: n / updates for name, n in kernel_ops(prof.events()).items()}
     finally:
         fast.DEFER = saved

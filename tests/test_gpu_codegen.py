@@ -11,6 +11,11 @@ from bench.gpu_codegen import triton_codegen
 from bench.step_kernels import LAUNCH, launches, step_code
 
 
+def kernel_names(code: str) -> list[str]:
+    """The Triton kernels a generated module's `call` launches, in order."""
+    return [m.group(2) for line in code.splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
+
+
 def masked_matmul(x, w, k):
     return (torch.tanh((x * k[:, None]) @ w) * 2).sum()
 
@@ -36,7 +41,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
     assert codes.gpu_lowerings == ["cat", "online_softmax"]  # the CI's torch has both constants
-    names = [m.group(2) for line in codes[0].splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
+    names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
     _, after = run_and_get_code(torch.compile(masked_matmul, dynamic=False), x.detach(), w, k)
@@ -57,7 +62,7 @@ def test_the_gpus_observe_step_is_two_graphs_with_its_masks_fused():
     assert len(codes) == 2, f"the step compiled to {len(codes)} graphs (a graph break?)"
     counts = [launches(c) for c in codes]
     assert sum(sum(c.values()) for c in counts) <= STEP_LAUNCHES, counts
-    names = [m.group(2) for c in codes for line in c.splitlines() if (m := LAUNCH.match(line)) and m.group(2)]
+    names = [n for c in codes for n in kernel_names(c)]
     assert not [n for n in names if MASK_ALONE.match(n)], names
 
 
