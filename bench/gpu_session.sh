@@ -135,9 +135,11 @@ quick() {
   # 2. The headline (session 21: full update 15.28 / 14.99 ms, imagine 2.36, act 0.200).
   step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
     --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. The block GRU's deferred training step at this commit (session 21: 162.8 us; 115.0 before 37a1153).
-  step gru 60 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
-    --modes compile_defer triton_defer --repeats 20 --json "$OUT/block_gru_defer_12m.json" || rc=1
+  # 3. Kernels per update (session 21: 6,293 with the graph break). Session 23's census of the fixed tree on the CPU
+  #    (python -m bench.gpu_codegen: inductor's Triton code generator, bench/results/gpu_codegen_12m_torch211.json)
+  #    predicts ~2,850-3,200.
+  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
+    --out "$OUT/profile_12m.txt" || rc=1
   # 4. The CUDA-only tests session 21 did not reach, and the bf16 ones that failed there from a fresh state (with
   #    their messages this time: -rfE --tb=short). Session 21 passed the 4 fp32 comparisons, the sync debug mode and
   #    the fast noise tests. Session 22 found two discontinuities that part two correct bf16 runs from one seed (a
@@ -175,15 +177,13 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   summary=""
   begin || return 1
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
+  # The block GRU's deferred training step at this commit (session 21: 162.8 us; 115.0 before 37a1153).
+  step gru 60 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
+    --modes compile_defer triton_defer --repeats 20 --json "$OUT/block_gru_defer_12m.json" || rc=1
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
     --json "$OUT/conv_ab_cuda_12m.json" || rc=1
   step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
     --variants default,resync --updates 3 --taped --json "$OUT/divergence_cuda_bf16.json" || rc=1
-  # Kernels per update (session 21: 6,293 with the graph break). Session 23's census of the fixed tree on the CPU
-  # (python -m bench.gpu_codegen: inductor's Triton code generator, bench/results/gpu_codegen_12m_torch211.json)
-  # predicts ~2,850-3,200.
-  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
-    --out "$OUT/profile_12m.txt" || rc=1
   rm -f "$OUT"/*.tmp
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

@@ -208,7 +208,7 @@ def test_openloop_on_cuda_leaves_the_generators_alone(impl):
         assert torch.equal(torch.cuda.get_rng_state(), cuda_rng) and torch.equal(torch.get_rng_state(), cpu_rng)
     finally:
         block_gru.set_impl(before, torch.device("cuda"))
-    assert videos["image"].shape == (T, 3 * H, 3 * H, 3) and videos["image"].is_cuda
+    assert videos["image"].shape == (2 * K, 3 * H, 3 * H, 3) and videos["image"].is_cuda  # K observed, K predicted
     for key, value in metrics.items():
         assert torch.isfinite(value) or key.endswith(("_pos_loss", "_pos_acc", "_neg_loss", "_neg_acc")), key
     torch.testing.assert_close(again["openloop/image_loss"], metrics["openloop/image_loss"], rtol=1e-5, atol=0)
