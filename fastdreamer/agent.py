@@ -44,12 +44,18 @@ def lambda_return(last, term, rew, boot, disc, lam):
     live = (1.0 - term.to(rew.dtype))[:, 1:] * disc
     cont = (1.0 - last.to(rew.dtype))[:, 1:] * lam
     interm = rew[:, 1:] + (1.0 - cont) * live * boot[:, 1:]
-    ret = boot[:, -1]
-    rets = []
-    for t in reversed(range(live.shape[1])):
-        ret = interm[:, t] + live[:, t] * cont[:, t] * ret
-        rets.append(ret)
-    return torch.stack(rets[::-1], 1)
+    # The recursion ret_t = interm_t + a_t ret_{t+1} (a = live * cont; ret_{L-1} = boot_{L-1}) unrolled:
+    # ret_t = sum_{k >= t} (a_t ... a_{k-1}) x_k with x = (interm, boot_{L-1}). A loop over the steps compiles to one
+    # kernel per step (each step's return is stacked and read by the next, so inductor stores each: 61 launches for
+    # the replay returns of a 64-step batch); the (N, L-1, L) products are a cumprod and the sum one reduction.
+    a = live * cont  # (N, L-1)
+    n = a.shape[1]
+    upper = torch.ones(n, n, dtype=torch.bool, device=a.device).triu()  # [t, j]: j >= t
+    prods = torch.where(upper, a[:, None, :], 1.0).cumprod(-1)  # [t, j] = a_t ... a_j for j >= t
+    prods = torch.cat([torch.ones_like(prods[..., :1]), prods], -1)  # [t, k] = a_t ... a_{k-1}
+    reach = torch.ones(n, n + 1, dtype=torch.bool, device=a.device).triu()  # [t, k]: k >= t
+    x = torch.cat([interm, boot[:, -1:]], 1)  # (N, L)
+    return (torch.where(reach, prods, 0.0) * x[:, None, :]).sum(-1)
 
 
 def percentiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:

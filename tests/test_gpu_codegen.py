@@ -142,3 +142,19 @@ def test_compiled_laprop_launches_do_not_grow_one_per_parameter():
     counts = launches(code)
     assert counts["fused"] + counts["extern"] + counts["aten"] < len(shapes), counts
     assert code.count("torch.ops.fastdreamer.norms") >= 3
+
+
+def test_compiled_lambda_return_is_a_few_kernels_at_any_length():
+    """As a loop over the steps, the replay returns of a 64-step batch compiled to one kernel per step (61 on a GPU);
+    unrolled into products they are a cumprod and a reduction whatever the length."""
+    from fastdreamer.agent import lambda_return
+
+    gen = torch.Generator().manual_seed(0)
+    rew, boot = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
+    term, last = torch.rand(16, 64, generator=gen) < 0.05, torch.rand(16, 64, generator=gen) < 0.05
+    torch._dynamo.reset()
+    with triton_codegen() as codes:
+        got = torch.compile(lambda *a: lambda_return(*a, 0.997, 0.95), dynamic=False)(last, term, rew, boot)
+    torch.testing.assert_close(got, lambda_return(last, term, rew, boot, 0.997, 0.95), rtol=0, atol=0)
+    ((code),) = codes
+    assert launches(code)["fused"] <= 4, launches(code)

@@ -202,6 +202,27 @@ def test_lambda_return_matches_a_plain_loop():
             assert out[n, t] == pytest.approx(g, rel=1e-12, abs=1e-12)
 
 
+def test_lambda_return_in_float32_over_a_replay_batch():
+    """The replay value loss's returns: 64 steps (the unrolled form's longest products), float32 inputs, against the
+    recursion in float64. Each return sums at most 64 rounded terms, so the bound is 64 float32 ulps of the largest
+    return; an off-by-one in the products moves returns by O(1)."""
+    gen = torch.Generator().manual_seed(1)
+    N, L, disc, lam = 16, 64, 1 - 1 / 333, 0.95
+    rew, boot = torch.randn(N, L, generator=gen), 10 * torch.randn(N, L, generator=gen)
+    term, last = torch.rand(N, L, generator=gen) < 0.05, torch.rand(N, L, generator=gen) < 0.05
+    got = lambda_return(last, term, rew, boot, disc, lam)
+    want = torch.empty(N, L - 1, dtype=torch.float64)
+    g = boot[:, -1].double()
+    for t in reversed(range(L - 1)):
+        lam_t = lam * (~last[:, t + 1]).double()
+        g = rew[:, t + 1].double() + disc * (~term[:, t + 1]).double() * (
+            (1 - lam_t) * boot[:, t + 1].double() + lam_t * g
+        )
+        want[:, t] = g
+    assert got.dtype == torch.float32 and got.shape == (N, L - 1)
+    assert (got.double() - want).abs().max() <= L * 2**-24 * want.abs().max()
+
+
 def test_percentiles_match_numpy():
     x = torch.randn(15361, generator=torch.Generator().manual_seed(0))
     got = percentiles(x, (5.0, 95.0, 0.0, 100.0, 50.0))
