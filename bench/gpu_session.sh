@@ -126,28 +126,26 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # Session 22's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
-  # Session 21 (bench/results/h200_2026-11-27_s21, bench/LOG.md) found the regression since session 8: torch 2.11's
-  # dynamo broke the compiled observe step's graph at reference._branch (fixed since). Predicted: compile_defer ~115
-  # us per step (163 before), the full update 15.0 -> ~12-12.5 ms.
-  # 1. Every graph break of compile mode on this torch (dynamo's eager backend: seconds): 0 unplanned predicted.
-  step graph_breaks 60 python3 -m bench.graph_breaks --device cuda --precision bf16 || rc=1
-  # 2. The headline (session 21: full update 15.28 / 14.99 ms, imagine 2.36, act 0.200).
-  step bench 150 python3 -m bench --device cuda --size 12m --components imagine,full_update,act_step \
-    --modes eager,graphs --no-env --repeat 10 --json "$OUT/fast_cuda_12m_quick.json" || rc=1
-  # 3. Kernels per update (session 21: 6,293 with the graph break). Session 23's census of the fixed tree on the CPU
-  #    (python -m bench.gpu_codegen: inductor's Triton code generator, bench/results/gpu_codegen_12m_torch211.json)
-  #    predicts ~2,850-3,200.
-  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
-    --out "$OUT/profile_12m.txt" || rc=1
-  # 4. The CUDA-only tests session 21 did not reach, and the bf16 ones that failed there from a fresh state (with
-  #    their messages this time: -rfE --tb=short). Session 21 passed the 4 fp32 comparisons, the sync debug mode and
-  #    the fast noise tests. Session 22 found two discontinuities that part two correct bf16 runs from one seed (a
-  #    draw near a class edge, a KL near free bits; bench/draws.py, tests/test_fast.py's taped_updates): the bf16
-  #    comparisons now replay eager's taped draws without free bits. Predicted: they pass.
-  step cuda_tests 200 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --continue-on-collection-errors \
-    tests/test_fast.py tests/test_report.py tests/test_defer.py tests/kernels -k "(cuda or graphed or tensor_cores) \
-    and not fp32_fast_updates_match and not never_sync and not noise_drawn_up_front" || rc=1
+  # Session 24's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
+  # Session 24 (bench/results/h200_2026-11-27_s24, bench/LOG.md) measured the full update at 10.46 ms (graphs, 30.1x
+  # eager), 3,223 kernels per update, pong 935 env steps/s with the image update at 31 ms inside the loop. Since: the
+  # compiled LaProp's 237 per-tensor stack copies are one custom op (fastdreamer::norms), and the replay returns'
+  # 61 per-step kernels are 3.
+  # 1. The headline: predicted full update 10.46 -> ~10.1-10.2 ms (session 24's bench step, first call 30 s).
+  step bench 130 python3 -m bench --device cuda --size 12m --components full_update --modes eager,graphs --no-env \
+    --repeat 10 --json "$OUT/fast_cuda_12m_graphs.json" || rc=1
+  # 2. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
+  #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
+  step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
+    --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
+  # 3. The convolutions' layouts, each checked against eager fp32 first (never run on a GPU yet).
+  step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
+    --variants base,channels_last,inductor_cl --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+  # 4. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
+  step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
+  # 5. The CUDA-only report tests (session 24: a stale T-frame assertion, fixed) and the kernels' CUDA-graph tests.
+  step cuda_tests 90 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_report.py \
+    tests/kernels -k "cuda or graphed" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
@@ -169,21 +167,19 @@ gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at 
 }
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
-  # goal row of issue 4 (pong end to end; session 11: 861 env steps/s), then the image update's convolutions that
-  # bound it (session 11: the image update 34.95 ms in the loop against 14.8 ms for the vector one), then where the
-  # bf16 fast modes part from eager (session 21: the fresh bf16 tests fail), with the draws taped (session 22: on
-  # the CPU under torch 2.11 that took the worst gradient from 31% to 3%)
+  # goal row of issue 4 (pong end to end; session 24: 935 env steps/s, its loop's update 30.98 ms), the kernel count
+  # (session 24: 3,223 per update in compile mode, predicted ~2,990 since: -237 stack copies only in graphs mode's
+  # compiled LaProp, -58 replay-return kernels), the graph breaks, then the block GRU's deferred step
   local rc=0
   summary=""
   begin || return 1
-  step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 10 || rc=1
+  step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 8 || rc=1
+  step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
+    --out "$OUT/profile_12m.txt" || rc=1
+  step graph_breaks 60 python3 -m bench.graph_breaks --device cuda --precision bf16 || rc=1
   # The block GRU's deferred training step at this commit (session 21: 162.8 us; 115.0 before 37a1153).
   step gru 60 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
     --modes compile_defer triton_defer --repeats 20 --json "$OUT/block_gru_defer_12m.json" || rc=1
-  step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base,channels_last \
-    --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  step divergence 140 python3 -m bench.divergence --device cuda --mode compile --precision bf16 \
-    --variants default,resync --updates 3 --taped --json "$OUT/divergence_cuda_bf16.json" || rc=1
   rm -f "$OUT"/*.tmp
   echo "== diag: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
