@@ -80,16 +80,21 @@ def gpu_lowerings():
     """Inductor's lowering choices that it makes by device type, made as for CUDA on the CPU's tensors (with the
     Triton backend): `cat` (on a CPU always one copy kernel per input, a ConcatKernel; on a GPU fused into its
     inputs' or its users' kernels where they are pointwise) and the online-softmax rewrite (GPU only: one reduction
-    pass for a softmax's max and sum). Each by swapping one constant of the function's code for the duration
+    pass for a softmax's max and sum) and the grouping of independent kernels into combo kernels (GPU only; what
+    a compile with `combo_kernels` gets). Each by swapping one constant of the function's code for the duration
     (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Yields the
     names of those swapped."""
     import torch._inductor.lowering as lowering
     from torch._inductor.fx_passes import post_grad
+    from torch._inductor.scheduler import ForeachKernelSchedulerNode
 
     cat = getattr(lowering.lowerings.get(torch.ops.aten.cat.default), "__wrapped__", None)
+    combo = getattr(ForeachKernelSchedulerNode, "_default_group_nodes_for_combo_kernels", None)
     swaps = [
         ("cat", cat, "cpu", "cuda-like"),  # cpu_device = inputs[0].get_device().type == "cpu"
         ("online_softmax", post_grad.prepare_softmax_extra_check, ("cuda", "xpu"), ("cuda", "xpu", "cpu")),
+        # Combo kernels (when the compile asks for them: fast.combo_kernels_on) skip nodes on a "cpu" or "mps" device.
+        ("combo_kernels", combo, "cpu", "cuda-like"),
     ]
     done = []
     try:
@@ -163,6 +168,7 @@ def census(
     updates: int = 1,
     dump: str | None = None,
     gpu: bool = True,
+    combo: bool = False,
     **overrides,
 ) -> dict:
     """The launches of one full update as the GPU's fast path makes them (compiled agent, deferred observe loop;
@@ -171,7 +177,8 @@ def census(
     between the graphs that launch a kernel on a GPU (step_kernels.kernel_ops). The first update compiles; the
     next `updates` are counted.
     dump: a folder to write each graph's generated code to (graphNN.py, in compile order). gpu: triton_codegen's.
-    overrides: Config fields (the tests' shorter sequences)."""
+    combo: compile with inductor's combo kernels (fast.COMBO_KERNELS). overrides: Config fields (the tests' shorter
+    sequences)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fastdreamer import fast
@@ -183,8 +190,9 @@ def census(
     cfg = make_config(size, **overrides)
     agent, opt = make_agent(cfg, obs, "cpu")
     data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, "cpu")
-    saved = fast.DEFER
+    saved = fast.DEFER, fast.COMBO_KERNELS
     fast.DEFER = True  # the GPU's observe loop (deferred weight gradients), here on the CPU
+    fast.COMBO_KERNELS = combo
     try:
         with triton_codegen(gpu) as codes:
             update = fast.make_update(update_step, agent, opt, "compile", precision)
@@ -197,7 +205,7 @@ def census(
                     update(data)
             between = {name: n / updates for name, n in kernel_ops(prof.events()).items()}
     finally:
-        fast.DEFER = saved
+        fast.DEFER, fast.COMBO_KERNELS = saved
     graphs = []
     for i, (code, calls, label) in enumerate(zip(codes, codes.calls, codes.labels, strict=True)):
         n = launches(code)
@@ -209,7 +217,8 @@ def census(
     in_graphs = sum(g["calls"] * (g["fused"] + g["extern"] + g["aten"]) for g in graphs)
     return {
         "meta": {
-            **{"size": size, "obs": obs, "precision": precision, "optimizer": optimizer, **overrides},
+            **{"size": size, "obs": obs, "precision": precision, "optimizer": optimizer, "combo_kernels": combo},
+            **overrides,
             **{"torch": torch.__version__, "batch_length": cfg.batch_length, "imag_length": cfg.imag_length},
             "gpu_lowerings": codes.gpu_lowerings,
         },
@@ -244,12 +253,25 @@ def main(argv=None) -> dict:
         action="store_true",
         help="keep inductor's lowering choices for a CPU device (cat, softmax) instead of CUDA's (gpu_lowerings)",
     )
+    p.add_argument(
+        "--combo-kernels", action="store_true", help="compile with inductor's combo kernels (FASTDREAMER_COMBO_KERNELS)"
+    )
     args = p.parse_args(argv)
     fast.check_precision(args.precision, "compile")
-    out = census(args.size, args.obs, args.precision, args.optimizer, args.updates, args.dump, not args.cpu_lowerings)
+    out = census(
+        args.size,
+        args.obs,
+        args.precision,
+        args.optimizer,
+        args.updates,
+        args.dump,
+        not args.cpu_lowerings,
+        args.combo_kernels,
+    )
     m = out["meta"]
+    combo = ", combo kernels" if m["combo_kernels"] else ""
     print(
-        f"gpu_codegen: one {m['size']} {m['obs']} update, {m['precision']}, optimizer {m['optimizer']}, torch "
+        f"gpu_codegen: one {m['size']} {m['obs']} update{combo}, {m['precision']}, optimizer {m['optimizer']}, torch "
         f"{m['torch']}, GPU lowerings {','.join(m['gpu_lowerings']) or 'none'}: {out['total']:.0f} launches "
         f"({out['in_graphs']:.0f} in compiled graphs, "
         f"{out['total'] - out['in_graphs']:.0f} between them)"

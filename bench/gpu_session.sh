@@ -131,9 +131,12 @@ quick() {
   # eager), 3,223 kernels per update, pong 935 env steps/s with the image update at 31 ms inside the loop. Since: the
   # compiled LaProp's 237 per-tensor stack copies are one custom op (fastdreamer::norms), and the replay returns'
   # 61 per-step kernels are 3.
-  # 1. The headline: predicted full update 10.46 -> ~10.1-10.2 ms (session 24's bench step, first call 30 s).
-  step bench 130 python3 -m bench --device cuda --size 12m --components full_update --modes eager,graphs --no-env \
-    --repeat 10 --json "$OUT/fast_cuda_12m_graphs.json" || rc=1
+  # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
+  #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~10.1-10.2 ms; the census counts
+  #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
+  #    so ~-0.5-1 ms if a combo launch costs what one of its parts did. Two compiles and captures: ~2 x 60 s cold.
+  step combo_ab 200 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
+    --json "$OUT/combo_ab_cuda_12m.json" || rc=1
   # 2. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
   #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
   step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
@@ -143,9 +146,6 @@ quick() {
     --variants base,channels_last,inductor_cl --json "$OUT/conv_ab_cuda_12m.json" || rc=1
   # 4. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
   step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
-  # 5. The CUDA-only report tests (session 24: a stale T-frame assertion, fixed) and the kernels' CUDA-graph tests.
-  step cuda_tests 90 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_report.py \
-    tests/kernels -k "cuda or graphed" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
@@ -174,6 +174,9 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   summary=""
   begin || return 1
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 8 || rc=1
+  # The CUDA-only report tests (session 24: a stale T-frame assertion, fixed) and the kernels' CUDA-graph tests.
+  step cuda_tests 90 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_report.py \
+    tests/kernels -k "cuda or graphed" || rc=1
   step profile 150 python3 -m bench.profile_update --device cuda --size 12m --mode compile --updates 1 --top 30 \
     --out "$OUT/profile_12m.txt" || rc=1
   step graph_breaks 60 python3 -m bench.graph_breaks --device cuda --precision bf16 || rc=1

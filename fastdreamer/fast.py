@@ -120,6 +120,8 @@ def _device(agent) -> torch.device:
 # (a bool, or "auto" for DEFER).
 FAN_OUT: bool | str = os.environ.get("FASTDREAMER_FAN_OUT", "1")
 DEFER: bool | str = os.environ.get("FASTDREAMER_DEFER", "auto")
+# Inductor's combo kernels in the compiled graphs (FASTDREAMER_COMBO_KERNELS=1|0), off until a GPU has measured them.
+COMBO_KERNELS: bool | str = os.environ.get("FASTDREAMER_COMBO_KERNELS", "0")
 
 
 def _switch(name: str, value: bool | str, auto: bool = False) -> bool | str:
@@ -129,6 +131,22 @@ def _switch(name: str, value: bool | str, auto: bool = False) -> bool | str:
     if value not in table:
         raise ValueError(f"{name}={value!r}: expected {' or '.join(table)}")
     return table[value]
+
+
+def combo_kernels_on() -> bool:
+    """Whether the fast modes' graphs are compiled with inductor's combo kernels (FASTDREAMER_COMBO_KERNELS=1|0): up
+    to 8 independent small kernels of a graph (weight casts, per-layer reductions, ...) launched as one. Inductor
+    forms them for GPU devices only. The census (`python -m bench.gpu_codegen --combo-kernels`) counts ~13% fewer
+    launches per debug update on the GPU's path; their speed and numerics on a GPU are unmeasured, hence off by
+    default (bench.combo_ab measures and checks them)."""
+    return bool(_switch("FASTDREAMER_COMBO_KERNELS", COMBO_KERNELS))
+
+
+def _compile(fn, **kwargs):
+    """torch.compile with one graph per shape (dynamic=False: the kernels stay specialised) and the fast modes'
+    inductor options."""
+    options = {"combo_kernels": True} if combo_kernels_on() else None
+    return torch.compile(fn, dynamic=False, options=options, **kwargs)
 
 
 def fan_out_on() -> bool:
@@ -153,9 +171,10 @@ def compile_agent(agent) -> None:
     if getattr(agent, "_fast_compiled", False):
         return
     rssm = agent.rssm
-    fan_out, defer = fan_out_on(), defer_on(_device(agent))  # first: a bad setting fails before any compile
+    # first: a bad setting fails before any compile
+    fan_out, defer, _ = fan_out_on(), defer_on(_device(agent)), combo_kernels_on()
     # One graph per batch shape (B in observe, N in act); dynamic=False keeps the kernels specialised.
-    rssm.obs_step = _same_grad_inputs(torch.compile(rssm.obs_step, dynamic=False))
+    rssm.obs_step = _same_grad_inputs(_compile(rssm.obs_step))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.
     rssm.observe = torch.compiler.disable(rssm.observe)
     # Under bf16 autocast, one weight cast and one gradient sum per update, not per step (fastdreamer/fanout.py).
@@ -169,20 +188,20 @@ def compile_agent(agent) -> None:
     # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; the torch core), compiled:
     # eager, its mask, norm and SiLU and their backward were ~30 small kernels per update.
     rssm.hoist_action = True
-    rssm.action_inputs = torch.compile(rssm.action_inputs, dynamic=False)
+    rssm.action_inputs = _compile(rssm.action_inputs)
     # One matmul of each step's new deter for its posterior and the next step's core (RSSM.merge_deter; under defer,
     # the torch core), with the posterior's token part for all steps before the loop, compiled as its own unit.
     rssm.merge_deter = True
-    rssm.deter_inputs = torch.compile(rssm.deter_inputs, dynamic=False)
+    rssm.deter_inputs = _compile(rssm.deter_inputs)
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.
     agent.noise = torch.compiler.disable(agent.noise)
     # The H-step no-grad rollout is one graph (H small, no backward); graph breaks keep it and its noise draw out
     # of the loss graph. It is the rollout with the matmuls that read one tensor merged (Agent.merged_rollout): two
     # matmuls fewer per step.
-    agent.rollout = _graph_break(torch.compile(agent.merged_rollout, dynamic=False))
+    agent.rollout = _graph_break(_compile(agent.merged_rollout))
     agent.imagine = _graph_break(agent.imagine)
-    agent.loss = torch.compile(agent.loss, dynamic=False)
-    agent.policy_step = torch.compile(agent.policy_step, dynamic=False)
+    agent.loss = _compile(agent.loss)
+    agent.policy_step = _compile(agent.policy_step)
     agent._fast_compiled = True
 
 
@@ -219,7 +238,7 @@ def compile_optimizer(opt) -> None:
     2026-11-26)."""
     if getattr(opt, "_fast_compiled", False):
         return
-    opt.step = torch.compile(opt.step, dynamic=False, fullgraph=True)  # one graph, or an error
+    opt.step = _compile(opt.step, fullgraph=True)  # one graph, or an error
     opt._fast_compiled = True
 
 

@@ -463,3 +463,44 @@ def test_graph_breaks_fails_on_a_break_in_the_observe_step():
     out = run("-c", code)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "UNEXPECTED  Data-dependent branching" in out.stdout, out.stdout
+
+
+def test_combo_ab_compiles_each_variant_with_its_own_options_and_checks_before_timing(tmp_path, monkeypatch):
+    """bench.combo_ab at a tiny shape on the CPU (where inductor forms no combo kernels, so both variants compute the
+    same): each variant's units are compiled with its own inductor options, the check passes, both are timed, and
+    the switch is back as it was. A combo variant whose gradients are wrong fails the check and exits 1."""
+    from bench import combo_ab
+    from fastdreamer import fast
+
+    seen = []
+    compile_ = fast._compile
+
+    def spy(fn, **kwargs):
+        seen.append(fast.combo_kernels_on())
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(fast, "_compile", spy)
+    out = tmp_path / "ab.json"
+    args = ["--size", "debug", "--precision", "fp32", "--rounds", "1", "--repeat", "1", "--threads", "1"]
+    args += ["--batch-size", "2", "--batch-length", "6", "--imag-length", "2"]
+    combo_ab.main([*args, "--json", str(out)])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["combo"]["ok"] and rows["combo"]["check_worst_rel"] < combo_ab.CHECK_REL["fp32"], rows
+    assert rows["plain"]["median_ms"] > 0 and rows["combo"]["median_ms"] > 0
+    assert seen and seen.index(True) > 0 and set(seen[: seen.index(True)]) == {False} and all(seen[seen.index(True) :])
+    assert fast.COMBO_KERNELS == "0" or fast.COMBO_KERNELS is False
+
+    update_step = combo_ab.update_step
+
+    def wrong(agent, opt, data):  # the combo agent's gradients doubled: a wrong update
+        result = update_step(agent, opt, data)
+        if fast.combo_kernels_on():
+            for q in agent.parameters():
+                if q.grad is not None:
+                    q.grad.mul_(2)
+        return result
+
+    monkeypatch.setattr(combo_ab, "update_step", wrong)
+    with pytest.raises(SystemExit) as exc:
+        combo_ab.main(args)
+    assert exc.value.code == 1

@@ -40,7 +40,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert len(codes) == 2 and codes.backward == [False, True] and codes.calls == [2, 2], codes.calls
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
-    assert codes.gpu_lowerings == ["cat", "online_softmax"]  # the CI's torch has both constants
+    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels"]  # the CI's torch has them all
     names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -158,3 +158,25 @@ def test_compiled_lambda_return_is_a_few_kernels_at_any_length():
     torch.testing.assert_close(got, lambda_return(last, term, rew, boot, 0.997, 0.95), rtol=0, atol=0)
     ((code),) = codes
     assert launches(code)["fused"] <= 4, launches(code)
+
+
+def sin_times_cos(a, b):
+    return a.sin() @ b.cos()
+
+
+def test_combo_kernels_switch_reaches_inductor_and_the_census_counts_it(monkeypatch):
+    """FASTDREAMER_COMBO_KERNELS=1 compiles the fast modes' units with inductor's combo kernels: the two independent
+    pointwise kernels feeding a matmul become one launch on a GPU (the census groups them as a GPU would), and the
+    result is still eager's."""
+    from fastdreamer import fast
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 16, generator=gen), torch.randn(16, 4, generator=gen)
+    counts = {}
+    for combo in (False, True):
+        monkeypatch.setattr(fast, "COMBO_KERNELS", combo)
+        with triton_codegen() as codes:
+            out = fast._compile(sin_times_cos)(a, b)
+        torch.testing.assert_close(out, sin_times_cos(a, b), rtol=1e-6, atol=1e-6)
+        (counts[combo],) = [launches(c) for c in codes]
+    assert counts == {False: {"fused": 2, "extern": 1, "aten": 0}, True: {"fused": 1, "extern": 1, "aten": 0}}
