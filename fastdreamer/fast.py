@@ -136,9 +136,9 @@ def _switch(name: str, value: bool | str, auto: bool = False) -> bool | str:
 def combo_kernels_on() -> bool:
     """Whether the fast modes' graphs are compiled with inductor's combo kernels (FASTDREAMER_COMBO_KERNELS=1|0): up
     to 8 independent small kernels of a graph (weight casts, per-layer reductions, ...) launched as one. Inductor
-    forms them for GPU devices only. The census (`python -m bench.gpu_codegen --combo-kernels`) counts ~13% fewer
-    launches per debug update on the GPU's path; their speed and numerics on a GPU are unmeasured, hence off by
-    default (bench.combo_ab measures and checks them)."""
+    forms them for GPU devices only. The census (`python -m bench.gpu_codegen --combo-kernels`) counts 11% fewer
+    launches per 12m update on the GPU's path (3,094 -> 2,748); their speed and numerics on a GPU are unmeasured,
+    hence off by default (bench.combo_ab measures and checks them)."""
     return bool(_switch("FASTDREAMER_COMBO_KERNELS", COMBO_KERNELS))
 
 

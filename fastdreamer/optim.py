@@ -19,12 +19,17 @@ from collections.abc import Iterable
 import torch
 
 
+def _stacked_norms(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each tensor of xs, stacked: (len(xs),) float32."""
+    return torch.stack(torch._foreach_norm(xs)).float()
+
+
 @torch.library.custom_op("fastdreamer::norms", mutates_args=())
 def norms(xs: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of each tensor of xs, stacked: (len(xs),) float32. One op to torch.compile, so that the compiled
-    step runs the eager foreach norm and stack (a few launches) where inductor wrote one copy kernel per tensor to
-    stack the norms: 3 x 79 launches per 12m LaProp step (bench/LOG.md, session 24)."""
-    return torch.stack(torch._foreach_norm(xs)).float()
+    """_stacked_norms as one op to torch.compile, so that the compiled step runs the eager foreach norm and stack (a
+    few launches) where inductor wrote one copy kernel per tensor to stack the norms: 3 x 79 launches per 12m LaProp
+    step (bench/LOG.md, session 24)."""
+    return _stacked_norms(xs)
 
 
 @norms.register_fake
@@ -33,10 +38,8 @@ def _(xs):
 
 
 def _norms(xs: list[torch.Tensor]) -> torch.Tensor:
-    """norms(xs) when torch.compile traces the step; the same two calls without the custom op's dispatch otherwise."""
-    if torch.compiler.is_compiling():
-        return norms(xs)
-    return torch.stack(torch._foreach_norm(xs)).float()
+    """norms(xs) when torch.compile traces the step; eager, the same without the custom op's dispatch."""
+    return norms(xs) if torch.compiler.is_compiling() else _stacked_norms(xs)
 
 
 class LaProp:
