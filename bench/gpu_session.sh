@@ -168,8 +168,9 @@ gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at 
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
   # goal row of issue 4 (pong end to end; session 24: 935 env steps/s, its loop's update 30.98 ms), the kernel count
-  # (session 24: 3,223 per update in compile mode, predicted ~2,990 since: -237 stack copies only in graphs mode's
-  # compiled LaProp, -58 replay-return kernels), the graph breaks, then the block GRU's deferred step
+  # (session 24: 3,223 per update in compile mode; predicted ~3,165 since: -58 replay-return kernels; the -237
+  # stack copies are graphs mode's compiled LaProp, which compile mode's profile does not run), the graph breaks,
+  # then the block GRU's deferred step
   local rc=0
   summary=""
   begin || return 1
