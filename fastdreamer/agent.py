@@ -48,12 +48,9 @@ def lambda_return(last, term, rew, boot, disc, lam):
     # ret_t = sum_{k >= t} (a_t ... a_{k-1}) x_k with x = (interm, boot_{L-1}). A loop over the steps compiles to one
     # kernel per step (each step's return is stacked and read by the next, so inductor stores each: 61 launches for
     # the replay returns of a 64-step batch); the (N, L-1, L) products are a cumprod and the sum one reduction.
-    a = live * cont  # (N, L-1)
-    n = a.shape[1]
-    upper = torch.ones(n, n, dtype=torch.bool, device=a.device).triu()  # [t, j]: j >= t
-    prods = torch.where(upper, a[:, None, :], 1.0).cumprod(-1)  # [t, j] = a_t ... a_j for j >= t
-    prods = torch.cat([torch.ones_like(prods[..., :1]), prods], -1)  # [t, k] = a_t ... a_{k-1}
-    reach = torch.ones(n, n + 1, dtype=torch.bool, device=a.device).triu()  # [t, k]: k >= t
+    a = torch.cat([torch.ones_like(live[:, :1]), live * cont], 1)  # (N, L): column k holds a_{k-1}
+    reach = torch.ones(a.shape[1] - 1, a.shape[1], dtype=torch.bool, device=a.device).triu()  # [t, k]: k >= t
+    prods = torch.where(reach.triu(1), a[:, None, :], 1.0).cumprod(-1)  # [t, k] = a_t ... a_{k-1} for k >= t
     x = torch.cat([interm, boot[:, -1:]], 1)  # (N, L)
     return (torch.where(reach, prods, 0.0) * x[:, None, :]).sum(-1)
 

@@ -156,7 +156,7 @@ def test_compiled_lambda_return_is_a_few_kernels_at_any_length():
     with triton_codegen() as codes:
         got = torch.compile(lambda *a: lambda_return(*a, 0.997, 0.95), dynamic=False)(last, term, rew, boot)
     torch.testing.assert_close(got, lambda_return(last, term, rew, boot, 0.997, 0.95), rtol=0, atol=0)
-    ((code),) = codes
+    (code,) = codes
     assert launches(code)["fused"] <= 4, launches(code)
 
 
