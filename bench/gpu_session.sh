@@ -130,7 +130,7 @@ quick() {
   # Session 24 (bench/results/h200_2026-11-27_s24, bench/LOG.md) measured the full update at 10.46 ms (graphs, 30.1x
   # eager), 3,223 kernels per update, pong 935 env steps/s with the image update at 31 ms inside the loop. Since: the
   # compiled LaProp's 237 per-tensor stack copies are one custom op (fastdreamer::norms), and the replay returns'
-  # 61 per-step kernels are 3.
+  # 61 per-step kernels are 2.
   # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
   #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~10.1-10.2 ms; the census counts
   #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
