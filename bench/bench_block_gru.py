@@ -192,14 +192,13 @@ def main(argv=None):
         impls["bf16"]["compile"] = torch.compile(autocast(reference.step), dynamic=False)
 
     def tapped(step, d, stoch, action, w, tap, sites):
-        """One deferred step as the trainer's compiled observe step runs it: the tap split into the sites' views
-        and the factors packed inside the compiled function (outside, each view's backward and each factor's zero
-        gradient would be launches of their own)."""
-        d, seen = step(d, stoch, action, w, taps=defer.split(tap, sites))
+        """One deferred step as the trainer's compiled observe step runs it: {site: tap} in, the factors packed
+        inside the compiled function (outside, each factor's zero gradient would be launches of their own)."""
+        d, seen = step(d, stoch, action, w, taps=tap)
         return d, defer.pack(seen, sites)
 
     # The *_defer modes compile the whole tapped step; the Triton kernels stay opaque custom ops and the torch ops
-    # around them (fused._seen, split, pack) fuse.
+    # around them (fused._seen, pack) fuse.
     for compute, steps in (("fp32", (reference.step, fused.step)), ("bf16", (autocast(reference.step), triton_bf16))):
         for mode, step in zip(("compile_defer", "triton_defer"), steps, strict=True):
             if mode in args.modes:

@@ -7,9 +7,11 @@ sum_t x_t^T g_t = X^T G, with X and G the T steps' inputs and output gradients s
 
 So the steps get the weights without gradient, and a zero "tap" tensor added at every site where a parameter enters
 (a matmul's output, a norm's scaled value): the tap's gradient is that site's output gradient g_t, and the steps
-return the site's other factor x_t. Per step, all sites' taps are views of one tensor (split) and all factors are
-packed into one (pack), so a compiled step takes one more input and gives one more output. After the loop's
-backward, each parameter's gradient is one reduction over all rows (Sites lists them):
+return the site's other factor x_t. Per step, each site's tap is a tensor of its own (the compiled step's backward
+then writes each site's gradient from the kernel that computes it) and all factors are packed into one (pack). A
+factor the loop has anyway (a step's input or output) need not be packed: a Record subclass whose factors() gathers
+it after the loop lets the steps pack only what they compute (the RSSM's observe loop, rssm._ObserveRecord). After
+the loop's backward, each parameter's gradient is one reduction over all rows (Sites lists them):
 
     mm      y = x @ w (+ b)                   dw = X^T G              (w (in, out))
     linear  y = F.linear(x, w, b)             dw = G^T X              (w (out, in))
@@ -79,15 +81,6 @@ def x_width(kind: str, w: torch.Tensor) -> int:
     return w.shape[0]
 
 
-def split(tap: torch.Tensor, sites: dict[str, Site]) -> dict[str, torch.Tensor]:
-    """One step's tap (B, sum of widths) as {site: (B, width) view}, in the order of `sites`."""
-    out, at = {}, 0
-    for name, s in sites.items():
-        out[name] = tap[:, at : at + s.width]
-        at += s.width
-    return out
-
-
 def pack(seen: dict[str, torch.Tensor], sites: dict[str, Site]) -> torch.Tensor:
     """One step's other factors as one (B, sum of x widths) tensor, in the order of `sites` (what Record takes): one
     output of a compiled step instead of one per site. Detached: no gradient flows through the factors, and a
@@ -103,6 +96,17 @@ class Record(list):
     def append(self, packed: torch.Tensor) -> None:
         super().append(packed.detach())
 
+    def factors(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Each site's other factor over all rows, {site: (steps * B, width)} float32, rows step-major (the taps'
+        gradients are stacked the same way), from the packed steps; widths: {site: x width}, in pack's order."""
+        x_all = torch.stack(list(self)).flatten(0, 1).float()
+        if x_all.shape[1] != sum(widths.values()):
+            raise RuntimeError(
+                f"defer: the record holds {x_all.shape[1]} columns of factors per row, the sites take "
+                f"{sum(widths.values())} ({widths})"
+            )
+        return dict(zip(widths, x_all.split(list(widths.values()), 1), strict=True))
+
 
 class _Taps(torch.autograd.Function):
     @staticmethod
@@ -110,16 +114,16 @@ class _Taps(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.sites, ctx.record = sites, record
         ctx.save_for_backward(*params)
-        zeros = params[0].new_zeros((batch, sum(s.width for s in sites.values())), dtype=torch.float32)
-        # One view of one zero buffer per step: T outputs.
-        return tuple(zeros.view_as(zeros) for _ in range(steps))
+        # One zero buffer per site, and a view of it for each step: steps * sites outputs, step-major.
+        zeros = [params[0].new_zeros((batch, s.width), dtype=torch.float32) for s in sites.values()]
+        return tuple(z.view_as(z) for _ in range(steps) for z in zeros)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         params = ctx.saved_tensors
         sites, record = ctx.sites, ctx.record
-        steps = len(grads)
+        steps = len(grads) // len(sites)
         if len(record) != steps:
             raise RuntimeError(f"defer: {len(record)} steps recorded their inputs, {steps} were tapped")
         out: list[torch.Tensor | None] = [None] * len(params)
@@ -127,21 +131,16 @@ class _Taps(torch.autograd.Function):
             return (None, None, None, None, *out)
         names = [p for s in sites.values() for p in s.params]
         with torch.autocast(params[0].device.type, enabled=False):
-            ref = next(g for g in grads if g is not None)
-            g_all = torch.stack([torch.zeros_like(ref) if g is None else g for g in grads]).flatten(0, 1).float()
-            x_all = torch.stack(list(record)).flatten(0, 1).float()
             at = [names.index(s.params[0]) for s in sites.values()]
-            widths = [x_width(s.kind, params[i]) for s, i in zip(sites.values(), at, strict=True)]
-            if x_all.shape[1] != sum(widths):
-                raise RuntimeError(
-                    f"defer: the record holds {x_all.shape[1]} columns of factors per row, the sites take "
-                    f"{sum(widths)} ({dict(zip(sites, widths, strict=True))})"
-                )
-            ga = xa = 0
-            for site, w_at, xw in zip(sites.values(), at, widths, strict=True):
+            widths = {name: x_width(s.kind, params[i]) for (name, s), i in zip(sites.items(), at, strict=True)}
+            xs = record.factors(widths)
+            batch = next(g for g in grads if g is not None).shape[0]
+            for j, ((name, site), w_at) in enumerate(zip(sites.items(), at, strict=True)):
                 w = params[w_at]
-                g, x = g_all[:, ga : ga + site.width], x_all[:, xa : xa + xw]
-                ga, xa = ga + site.width, xa + xw
+                per_step = grads[j :: len(sites)]
+                zero = None if all(g is not None for g in per_step) else _missing_grad(batch, site.width, w.device)
+                g = torch.stack([zero if g is None else g for g in per_step]).flatten(0, 1).float()
+                x = xs[name]
                 if site.kind == "block":
                     x = x.unflatten(1, (w.shape[0], w.shape[1]))
                 if site.bf16 and site.kind != "scale":
@@ -155,13 +154,20 @@ class _Taps(torch.autograd.Function):
         return (None, None, None, None, *out)
 
 
+def _missing_grad(batch: int, width: int, device) -> torch.Tensor:
+    """A step's missing tap gradient (autograd passes None for a tap that no output depended on)."""
+    return torch.zeros((batch, width), dtype=torch.float32, device=device)
+
+
 def taps(
     sites: dict[str, Site], params: dict[str, torch.Tensor], steps: int, batch: int, record: Record
-) -> list[torch.Tensor]:
-    """For each of `steps` steps, a (batch, sum of widths) float32 zero tensor; split() gives each site its view, to
-    add at that site. The caller runs the steps on the parameters without gradient and appends, per step, pack() of
-    {site: its other factor} to `record` (a Record, which detaches it). In the backward the gradient of every
-    parameter named in `sites` (taken from `params`) is then computed from the stacked tap gradients and `record`.
+) -> list[dict[str, torch.Tensor]]:
+    """For each of `steps` steps, {site: (batch, width) float32 zeros}, to add at that site: a tensor per site, not
+    views of one, so that a compiled step's backward writes each site's gradient from the kernel that computes it
+    (one tensor's gradient took one more kernel per step gathering them; bench/LOG.md, session 25). The caller runs
+    the steps on the parameters without gradient and appends, per step, pack() of {site: its other factor} to
+    `record` (a Record, which detaches it). In the backward the gradient of every parameter named in `sites` (taken
+    from `params`) is then computed from the stacked tap gradients and `record`.
     Once differentiable (no double backward)."""
     if not isinstance(record, Record):
         raise TypeError(f"defer: record must be a defer.Record (it detaches what the steps append), got {type(record)}")
@@ -171,4 +177,6 @@ def taps(
     for name, s in sites.items():
         if s.kind not in KINDS or not 1 <= len(s.params) <= (1 if s.kind == "scale" else 2):
             raise ValueError(f"defer: site {name!r} has kind {s.kind!r} with parameters {s.params}")
-    return list(_Taps.apply(sites, steps, batch, record, *(params[p] for p in names)))
+    flat = _Taps.apply(sites, steps, batch, record, *(params[p] for p in names))
+    n = len(sites)
+    return [dict(zip(sites, flat[t * n : (t + 1) * n], strict=True)) for t in range(steps)]

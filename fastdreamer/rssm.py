@@ -157,6 +157,7 @@ class RSSM(nn.Module):
         x1p=None,
         merged=None,
         token_x=None,
+        next_first=None,
     ):
         """The posterior step of obs_step: a module's forward so that torch.func.functional_call can run it on
         per-step parameter views (observe with fan_out or defer). taps: one step's zeros for all sites of
@@ -166,9 +167,13 @@ class RSSM(nn.Module):
         (hoist_action); then action is not read. merge_deter (with taps): x0p deter @ w0 (N, K) and x1p flat
         stoch @ w1 (N, K) from the previous step (this step masks them as it masks deter and stoch), merged the
         (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of its token part; the return then
-        has, after the factors, the next step's x0p and x1p."""
+        has, after the factors, the next step's x0p and x1p. next_first (N,) (merge_deter with emit): the next
+        step's is_first; this step then takes its deter masked already (by the step before, or by observe for the
+        first) and returns the new deter masked by next_first, its copy for the stack unmasked. The masked deter is
+        then an input of the compiled step, not a kernel of its own (the backward keeps it, and two kernels of other
+        shapes read it), and the mask is one more store of the kernel that computes the new deter."""
         merge = (x0p, x1p, merged, token_x)
-        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, merge)
+        out = self._posterior(deter, stoch, action, token, is_first, u, taps, action_x, merge, next_first is None)
         if not emit:
             return out
         out = (*out, out[0].clone(), out[1].clone())
@@ -177,12 +182,15 @@ class RSSM(nn.Module):
             # product comes as x1p) and the stack its copy, so no gradient reaches it; detached, the compiled
             # backward gets no zero-filled gradient for it each step.
             out = (out[0], out[1].detach(), *out[2:])
+        if next_first is not None:
+            out = (out[0] * (~next_first).to(out[0].dtype)[:, None], *out[1:])
         return out
 
-    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x, merge):
+    def _posterior(self, deter, stoch, action, token, is_first, u, taps, action_x, merge, mask_deter=True):
         x0p, x1p, merged, token_x = merge
         keep = (~is_first).to(deter.dtype)[:, None]
-        deter = deter * keep
+        if mask_deter:
+            deter = deter * keep
         if x0p is not None:
             x0p, x1p = x0p * keep, x1p * keep
         if action_x is None:
@@ -196,7 +204,6 @@ class RSSM(nn.Module):
             return deter, dists.sample_onehot(logp, u), logp
         hoisted = action_x is not None
         sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
-        taps = defer.split(taps, sites)
         core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
         deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p)
         seen = {f"core.{s}": x for s, x in core_seen.items()}
@@ -212,13 +219,21 @@ class RSSM(nn.Module):
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
         sample = dists.sample_onehot(logp, u)
-        out = deter, sample, logp, defer.pack(seen, sites)
+        packed = _ObserveRecord.pack(seen, sites, self.core) if self._own_factors() else defer.pack(seen, sites)
+        out = deter, sample, logp, packed
         if prod is None:
             return out
         # The next step's core products; contiguous: their gradients are, so they need no copy.
         return *out, prod[:, U:].contiguous(), sample.flatten(1) @ self.core.w1
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
+
+    @staticmethod
+    def _own_factors() -> bool:
+        """Whether the deferred observe steps record only the factors they compute (_ObserveRecord): with the torch
+        core, whose factors are the tensors it multiplies. The Triton core hands over its own rounded operands
+        (block_gru.fused), so its steps pack every factor (defer.pack)."""
+        return block_gru.get_impl() == "torch"
 
     def tap_sites(self, bf16: bool = False, check: bool = True, hoisted: bool = False) -> dict[str, defer.Site]:
         """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params().
@@ -267,6 +282,7 @@ class RSSM(nn.Module):
         (indexing tokens[:, t] costs, in the backward, a zero-filled (B, T, E) gradient and its accumulation per
         step; unbind's backward is one stack)."""
         B, T = tokens.shape[:2]
+        deter0, stoch0 = deter, stoch
         if u is None:
             u = torch.rand((T, B, self.stoch, 1), device=tokens.device)
         tokens_t, actions_t, first_t, u_t = tokens.unbind(1), actions.unbind(1), is_first.unbind(1), u.unbind(0)
@@ -276,11 +292,12 @@ class RSSM(nn.Module):
         grad = torch.is_grad_enabled()
         merge = self.merge_deter and self.defer and grad and block_gru.get_impl() == "torch" and len(self.obs_net) > 0
         x0p = x1p = merged = None
-        token_x = [None] * T
+        token_x = next_first = [None] * T
+        emit = self.emit_copies and grad
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params(hoist)
-            record = defer.Record()
+            record = _ObserveRecord(self) if self._own_factors() else defer.Record()
             taps = defer.taps(self.tap_sites(bool(dtypes), hoisted=hoist), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
@@ -289,9 +306,11 @@ class RSSM(nn.Module):
                 post = w["obs_net.0.linear.weight"], w["obs_net.0.linear.bias"]
                 merged, x0p, x1p, token_x = self.deter_inputs(deter, stoch, tokens, *post, w["core.w0"], w["core.w1"])
                 token_x = token_x.unbind(1)
+                if emit:
+                    next_first = torch.cat([is_first[:, 1:], torch.zeros_like(is_first[:, :1])], 1).unbind(1)
+                    deter = deter * (~first_t[0]).to(deter.dtype)[:, None]
         elif self.fan_out and grad and (dtypes := self.step_dtypes(deter.device)):  # bf16 autocast only: fanout.py
             per_step = fanout.fan_out(self.step_params(hoist), T, dtypes)
-        emit = self.emit_copies and grad
         deters, stochs, logps = [], [], []
         for t in range(T):
             out = self.obs_step(
@@ -309,6 +328,7 @@ class RSSM(nn.Module):
                 x1p=x1p,
                 merged=merged,
                 token_x=token_x[t],
+                next_first=next_first[t],
             )
             if record is not None:
                 record.append(out[3])  # a defer.Record: detaches
@@ -319,8 +339,12 @@ class RSSM(nn.Module):
             stochs.append(out[-1] if emit else stoch)
             logps.append(logp)
         if emit:
-            return stack_steps(deters), stack_steps(stochs), stack_steps(logps)
-        return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
+            out = stack_steps(deters), stack_steps(stochs), stack_steps(logps)
+        else:
+            out = torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(logps, 1)
+        if isinstance(record, _ObserveRecord):
+            record.close(deter0, stoch0, out[0], out[1], tokens, is_first)
+        return out
 
     def action_inputs(self, actions: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
         """The core's action branch for a whole sequence, what observe's steps take as action_x (hoist_action):
@@ -371,6 +395,66 @@ class RSSM(nn.Module):
         dyn = dyn.clamp_min(self.free_nats)
         rep = rep.clamp_min(self.free_nats)
         return dyn, rep
+
+
+class _ObserveRecord(defer.Record):
+    """The deferred observe loop's record (defer.Record) with the torch core: each step packs only the factors it
+    computes (pack), and the others are the loop's own inputs and outputs, gathered once after the loop (factors):
+    the core's deter and stoch branches multiply the step's masked deter and sample in, the posterior's first layer
+    concat(new deter, token), and the block hidden layer the blocks of the masked deter beside x = concat(x0, x1,
+    x2), which is the same for every block (the step packs x once, not the G copies the layer reads). Per 12m step
+    that is 5,632 packed columns instead of 18,176, and the step's graph writes them from the kernels that compute
+    them: no copy kernels for the inputs it repacked (bench/LOG.md, session 25)."""
+
+    # Sites whose whole factor is an input or output of the loop, and the block site whose deter part is.
+    OUTER = ("core.x0", "core.x1", "obs_net.0.x")
+    SPLIT = "core.h"
+
+    def __init__(self, rssm: RSSM):
+        super().__init__()
+        self.deter, self.blocks = rssm.deter, rssm.core.wh.shape[0]
+        self.loop = None  # close()'s tensors
+
+    def close(self, deter0, stoch0, deters, stochs, tokens, is_first) -> None:
+        """The loop's inputs and outputs, once it has run: the initial deter (B, D) and stoch (B, S, C), deters
+        (B, T, D), stochs (B, T, S, C), tokens (B, T, E), is_first (B, T). Detached, as append() detaches: the
+        record lives on the taps' autograd node, and a tensor here that carried the graph would keep it alive."""
+        self.loop = tuple(t.detach() for t in (deter0, stoch0, deters, stochs, tokens, is_first))
+
+    @classmethod
+    def pack(cls, seen: dict[str, torch.Tensor], sites: dict[str, defer.Site], core: BlockGRUCore) -> torch.Tensor:
+        """One step's own factors, (B, own width), in the order of `sites`: defer.pack less the OUTER sites, and of
+        the SPLIT site only x (block 0's columns after its deter part; seen's u is (B, G, D/G + 3K))."""
+        dg = core.wh.shape[2]
+        parts = [
+            seen[name][:, 0, dg:] if name == cls.SPLIT else seen[name].flatten(1)
+            for name in sites
+            if name not in cls.OUTER
+        ]
+        return torch.cat(parts, 1).detach()
+
+    def factors(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
+        if self.loop is None:
+            raise RuntimeError("defer: the observe loop's record was not closed (RSSM.observe closes it)")
+        deter0, stoch0, deters, stochs, tokens, is_first = self.loop
+        T, B = is_first.shape[1], is_first.shape[0]
+        D, G = self.deter, self.blocks
+        keep = (~is_first).to(deters.dtype).t()[..., None]  # (T, B, 1), as each step masks its inputs
+        deters, stochs = deters.movedim(1, 0), stochs.flatten(2).movedim(1, 0)  # (T, B, ...)
+        outer = {
+            "core.x0": torch.cat([deter0[None].to(deters.dtype), deters[:-1]]) * keep,
+            "core.x1": torch.cat([stoch0.flatten(1)[None].to(stochs.dtype), stochs[:-1]]) * keep,
+            "obs_net.0.x": torch.cat([deters, tokens.movedim(1, 0)], -1),
+        }
+        outer = {k: v.flatten(0, 1).float() for k, v in outer.items()}
+        own = {k: w for k, w in widths.items() if k not in self.OUTER}
+        own[self.SPLIT] = (own[self.SPLIT] - D) // G  # the steps packed x, not the G blocks of [deter part, x]
+        out = super().factors(own)
+        x = out[self.SPLIT]  # (T*B, 3K)
+        blocks = outer["core.x0"].view(T * B, G, D // G)
+        out[self.SPLIT] = torch.cat([blocks, x[:, None].expand(-1, G, -1)], -1).flatten(1)
+        out.update(outer)
+        return {k: out[k] for k in widths}
 
 
 class _StackSteps(torch.autograd.Function):

@@ -49,11 +49,13 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
 
 
 # The GPU's observe step (deferred gradients, the fast modes' flags on CUDA), bf16, at debug size: launches of its
-# forward and backward graphs as the Triton code generator makes them with the GPU's lowerings (torch 2.13: 15
-# Triton + 5 matmuls forward, 12 + 5 backward; 38 with the CPU's). A graph break inside the step splits it into
-# several graphs, and the masks of its carried state become kernels of their own (torch 2.11 did that on the H200,
-# session 21: 6 per step, a mask alone each).
-STEP_LAUNCHES = 37
+# forward and backward graphs as the Triton code generator makes them with the GPU's lowerings (torch 2.13: 11
+# Triton + 5 matmuls forward, 11 + 5 backward; 15 + 5 and 12 + 5 before session 25: the steps now pack only their
+# own factors, build the block layer's input in one kernel, take their deter masked by the step before, and get a
+# tap per site). A graph
+# break inside the step splits it into several graphs, and the masks of its carried state become kernels of their
+# own (torch 2.11 did that on the H200, session 21: 6 per step, a mask alone each).
+STEP_LAUNCHES = 32
 MASK_ALONE = re.compile(r"^triton_poi_fused__to_copy_bitwise_not_mul_unsqueeze(_view)?_\d+$")
 
 
@@ -106,6 +108,33 @@ def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
         (counts[gpu],) = [launches(c) for c in codes]
     assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
     assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
+
+
+def test_block_inputs_compiled_are_the_values_of_the_eager_cat():
+    """The core's block-layer input u_g = concat(deter_g, x) (block_gru.reference._block_inputs): compiled it is the
+    sum of the zero-padded parts (what makes it one kernel in the observe step: test_the_gpus_observe_step...),
+    eager the cat; the same values, cast to bf16 for the matmul too (bitwise but for a negative zero, which comes
+    out +0: the same number)."""
+    from fastdreamer.kernels.block_gru import reference
+
+    def fn(blocks, x):
+        u = reference._block_inputs(blocks * 2.0, torch.sigmoid(x) - 0.5)
+        return u, u.bfloat16()
+
+    gen = torch.Generator().manual_seed(5)
+    blocks, x = torch.randn(3, 4, 5, generator=gen), torch.randn(3, 7, generator=gen)
+    blocks[0, 0, 0] = -0.0
+    want = fn(blocks, x)
+    assert want[0][0, 0, 0].signbit()  # eager: the cat keeps the -0
+    with triton_codegen() as codes:
+        got = torch.compile(fn, dynamic=False)(blocks, x)
+    assert "constant_pad_nd" in " ".join(kernel_names(codes[0])), kernel_names(codes[0])  # the compiled branch ran
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+        assert torch.equal(
+            g.abs().view(torch.int32 if g.dtype == torch.float32 else torch.int16),
+            w.abs().view(torch.int32 if w.dtype == torch.float32 else torch.int16),
+        )
 
 
 def test_compiled_laprop_launches_do_not_grow_one_per_parameter():

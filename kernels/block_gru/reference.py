@@ -76,6 +76,20 @@ def _pin(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _block_inputs(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """u_g = concat(blocks_g, x) for every block g: blocks (B, G, D/G), x (B, 3K) -> (B, G, D/G + 3K). Compiled, it
+    is the sum of the two parts zero-padded to the full width: the same values (each element is one part plus an
+    exact zero; a -0 comes out +0, the same number to the matmul), as one pointwise expression that inductor writes
+    straight into the matmul's bf16 operand. A cat of an expand is a copy per part into the cat's buffer and then the
+    cast (with the observe step's lean record, rssm._ObserveRecord: 14 -> 10 forward launches per step in torch
+    2.13's GPU code, 11 -> 10 in torch 2.11's; bench/LOG.md, session 25)."""
+    B, G, _ = blocks.shape
+    xg = x[:, None, :].expand(B, G, x.shape[-1])
+    if torch.compiler.is_compiling():
+        return F.pad(blocks, (0, x.shape[-1])) + F.pad(xg, (blocks.shape[-1], 0))
+    return torch.cat([blocks, xg], -1)
+
+
 def rms_normalize(x: torch.Tensor) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim, in float32: rms(x) of the module docstring before its scale."""
     x = x.float()
@@ -230,7 +244,7 @@ def step(
     x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
     x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
     x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
-    u = torch.cat([deter.reshape(B, G, D // G), x[:, None, :].expand(B, G, x.shape[-1])], -1)  # (B, G, D/G+3K)
+    u = _block_inputs(deter.reshape(B, G, D // G), x)  # (B, G, D/G + 3K)
     nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
     h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
     hb = h.reshape(B, G, D // G)
