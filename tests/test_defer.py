@@ -524,3 +524,20 @@ def test_tap_sites_round_where_the_step_multiplied_in_bf16(impl):
     }
     assert {n for n, s in bf16.items() if s.bf16} == want
     assert len(want) == (3 + 5 if impl == "torch" else 3)
+
+
+def test_records_refuse_factors_they_do_not_hold():
+    """Record.factors splits the packed steps by the sites' widths and refuses widths that do not add up; the
+    observe loop's record refuses to gather before observe has closed it."""
+    from fastdreamer.rssm import _ObserveRecord
+
+    record = defer.Record()
+    for _ in range(3):
+        record.append(torch.arange(10.0).view(2, 5))
+    got = record.factors({"a": 2, "b": 3})
+    assert [tuple(t.shape) for t in got.values()] == [(6, 2), (6, 3)]
+    assert torch.equal(got["b"][1], torch.tensor([7.0, 8.0, 9.0]))  # step 0's second row, its last three columns
+    with pytest.raises(RuntimeError, match="holds 5 columns of factors per row, the sites take 6"):
+        record.factors({"a": 3, "b": 3})
+    with pytest.raises(RuntimeError, match="not closed"):
+        _ObserveRecord(make_rssm()).factors({})
