@@ -142,10 +142,50 @@ def combo_kernels_on() -> bool:
     return bool(_switch("FASTDREAMER_COMBO_KERNELS", COMBO_KERNELS))
 
 
+def _one_cast_each(graph: torch.fx.Graph) -> None:
+    """Inductor's post-grad pass (_compile): one cast of a tensor to a dtype per graph. Autocast casts a weight at
+    every use, and AOTAutograd merges identical ops (CSE) in the graphs it partitions for a backward only: the
+    no-grad rollout, H steps unrolled, cast each of its weights at each step (census, torch 2.11: ~100 of its 597
+    launches at 12m; bench/LOG.md, session 25). A cast is pure, so later ones of the same tensor to the same dtype
+    take the first's result."""
+    first = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
+            continue
+        key = (node.args, tuple(sorted(node.kwargs.items())))
+        try:
+            hash(key)
+        except TypeError:  # an argument that cannot be compared cheaply: leave that cast alone
+            continue
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+        else:
+            first[key] = node
+
+
+@functools.cache
+def _post_grad_pass():
+    """_one_cast_each as inductor takes a custom pass: with an id for its cache (this file's hash)."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+    class OneCastEach(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            _one_cast_each(graph)
+
+        def uuid(self):
+            return get_hash_for_files((__file__,))
+
+    return OneCastEach()
+
+
 def _compile(fn, **kwargs):
     """torch.compile with one graph per shape (dynamic=False: the kernels stay specialised) and the fast modes'
-    inductor options."""
-    options = {"combo_kernels": True} if combo_kernels_on() else None
+    inductor options: one cast per tensor and dtype in a graph (_one_cast_each), and combo kernels where switched
+    on."""
+    options = {"post_grad_custom_pre_pass": _post_grad_pass()}
+    if combo_kernels_on():
+        options["combo_kernels"] = True
     return torch.compile(fn, dynamic=False, options=options, **kwargs)
 
 
