@@ -132,9 +132,10 @@ quick() {
   # compiled LaProp's 237 per-tensor stack copies are one custom op (fastdreamer::norms), the replay returns'
   # 61 per-step kernels are 2, and (session 25) the observe step is 9 + 9 Triton kernels, not 11 + 10 (its lean
   # record, the block input in one kernel, the deter handed on masked, a tap per site: -176 launches per update in
-  # the census, bench/results/gpu_codegen_12m_graphs_torch211_s25.json).
+  # the census, bench/results/gpu_codegen_12m_graphs_torch211_s25.json) and the rollout casts each weight once,
+  # not at each step (fast._one_cast_each: -105).
   # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
-  #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~9.8-10.0 ms; the census counts
+  #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~9.7-9.9 ms; the census counts
   #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
   #    so ~-0.5-1 ms if a combo launch costs what one of its parts did. Two compiles and captures: ~2 x 60 s cold.
   step combo_ab 200 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
@@ -170,8 +171,8 @@ gru_bisect() {  # bench_block_gru's compile_defer row at this checkout, then at 
 
 diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the device time left - ~25 s): the
   # goal row of issue 4 (pong end to end; session 24: 935 env steps/s, its loop's update 30.98 ms), the kernel count
-  # (session 24: 3,223 per update in compile mode; predicted ~2,980 since: -58 replay-return kernels, -192 observe
-  # step kernels of session 25; the -237 stack copies are graphs mode's compiled LaProp, which compile mode's profile
+  # (session 24: 3,223 per update in compile mode; predicted ~2,870 since: -58 replay-return kernels, -192 observe
+  # step kernels and -105 rollout casts of session 25; the -237 stack copies are graphs mode's compiled LaProp, which compile mode's profile
   # does not run), the graph breaks,
   # then the block GRU's deferred step
   local rc=0
