@@ -30,6 +30,7 @@ def eager_compile():
 
     def eager_backend(fn=None, **kwargs):
         kwargs["backend"] = "eager"
+        kwargs.pop("options", None)  # inductor's (fast._compile's): the eager backend has none, and warns per graph
         return real(**kwargs) if fn is None else real(fn, **kwargs)
 
     torch.compile = eager_backend
