@@ -152,11 +152,7 @@ def _one_cast_each(graph: torch.fx.Graph) -> None:
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
             continue
-        key = (node.args, tuple(sorted(node.kwargs.items())))
-        try:
-            hash(key)
-        except TypeError:  # an argument that cannot be compared cheaply: leave that cast alone
-            continue
+        key = (node.args, tuple(node.kwargs.items()))  # (tensor, dtype): a node and an enum, both hashable
         if key in first:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)
