@@ -147,17 +147,44 @@ def _one_cast_each(graph: torch.fx.Graph) -> None:
     every use, and AOTAutograd merges identical ops (CSE) in the graphs it partitions for a backward only: the
     no-grad rollout, H steps unrolled, cast each of its weights at each step (census, torch 2.11: ~100 of its 597
     launches at 12m; bench/LOG.md, session 25). A cast is pure, so later ones of the same tensor to the same dtype
-    take the first's result."""
+    take the first's result. A cast often reads a view of the tensor, made anew at each step (the block GRU's
+    weights: unsqueeze, then view; census, torch 2.11: 16 more launches per 12m rollout, each writing a weight's bf16
+    copy again), so identical views of one tensor are merged first: a view computes nothing, and two views with the
+    same arguments are the same memory. The pass runs before inductor reinplaces anything; a graph that mutates
+    (copy_ into an input, say) is left as it is, so no cast is ever moved across a write."""
+    if any(_mutates(node) for node in graph.nodes):
+        return
     first = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.prims.convert_element_type.default:
+        if node.op != "call_function":
             continue
-        key = (node.args, tuple(node.kwargs.items()))  # (tensor, dtype): a node and an enum, both hashable
+        target = node.target
+        if target is not torch.ops.prims.convert_element_type.default and not getattr(target, "is_view", False):
+            continue
+        # (op, tensor, arguments): nodes, numbers, dtypes and tuples of them, all hashable
+        key = (target, node.args, tuple(node.kwargs.items()))
         if key in first:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)
         else:
             first[key] = node
+
+
+def _mutates(node: torch.fx.Node) -> bool:
+    """Whether a graph node writes into one of its arguments (an OpOverload whose schema says so, or an op inductor
+    cannot see into)."""
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    return schema.is_mutable if schema is not None else not _is_pure_python(node.target)
+
+
+def _is_pure_python(target) -> bool:
+    """The call_function targets of a post-grad graph that are not ATen/prims overloads and write nothing: Python's
+    operator.getitem (indexing an op's tuple of results)."""
+    import operator
+
+    return target is operator.getitem
 
 
 @functools.cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
@@ -139,11 +140,36 @@ def test_block_inputs_compiled_are_the_values_of_the_eager_cat():
         )
 
 
-def test_compiled_graphs_cast_a_weight_once_without_a_backward():
+def test_a_compiled_core_step_normalises_its_three_branches_in_one_kernel():
+    """Without taps (imagination, acting), a compiled core step normalises the three input branches as one (B, 3, K)
+    tensor (reference._joint_branches): one reduction kernel where each branch's norm had its own and a fourth kernel
+    joined them (census, 12m rollout: 4 -> 1 per step). Two reductions in all (the branches', the hidden layer's);
+    the values of the eager step, whose branches are normalised one by one (float32 reassociation at most)."""
+    from fastdreamer.kernels.block_gru import reference
+
+    gen = torch.Generator().manual_seed(3)
+    w = reference.random_weights(48, 4, 24, 20, 5, gen)
+    deter, stoch, action = torch.randn(7, 48, generator=gen), torch.randn(7, 20, generator=gen), torch.randn(7, 5)
+    want = reference.step(deter, stoch, action, w)
+    with torch.no_grad(), triton_codegen() as codes:
+        got = torch.compile(reference.step, dynamic=False)(deter, stoch, action, w)
+    reductions = [n for n in kernel_names(codes[0]) if n.startswith(("triton_red", "triton_per"))]
+    assert len(reductions) == 2 and "stack" in reductions[0], reductions
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    joint = reference._joint_branches((deter, stoch, action), w, False, (None, None, None))
+    apart = [
+        reference._branch(x, w[3 * i], w[3 * i + 1], w[3 * i + 2], False) for i, x in enumerate((deter, stoch, action))
+    ]
+    torch.testing.assert_close(joint, torch.cat(apart, -1), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["chain", "viewed"])
+def test_compiled_graphs_cast_a_weight_once_without_a_backward(name):
     """fast._compile's post-grad pass (_one_cast_each): under bf16 autocast a no-grad graph that multiplies by one
     weight at 4 unrolled steps casts it once, its 4 matmuls reading that one cast, where plain torch.compile writes a
     cast per step (AOTAutograd merges identical ops only in graphs with a backward; the rollout cast each weight at
-    each of its 15 steps). The same values."""
+    each of its 15 steps). Also when each step multiplies by a view of the weight made anew (`viewed`: the block
+    GRU's weights in the rollout). The same values."""
     from fastdreamer import fast
 
     def chain(x, w):
@@ -151,16 +177,22 @@ def test_compiled_graphs_cast_a_weight_once_without_a_backward():
             x = torch.tanh(x @ w)
         return x
 
+    def viewed(x, w):  # the block GRU's weights: a view made anew at each step, then cast
+        for _ in range(4):
+            x = torch.tanh(x @ w.unsqueeze(0).view(w.shape))
+        return x
+
+    fn = {"chain": chain, "viewed": viewed}[name]
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(4, 8, generator=gen), torch.randn(8, 8, generator=gen)
     operands, outs = {}, {}
-    for name, make in (("plain", lambda f: torch.compile(f, dynamic=False)), ("fast", fast._compile)):
+    for mode, make in (("plain", lambda f: torch.compile(f, dynamic=False)), ("fast", fast._compile)):
         torch._dynamo.reset()
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, cache_enabled=False), triton_codegen() as codes:
-            outs[name] = make(chain)(x, w)
+            outs[mode] = make(fn)(x, w)
         (code,) = codes
         mms = re.findall(r"extern_kernels\.mm\((\w+), (\w+),", code[code.find("def call(") :])
-        operands[name] = {b for _, b in mms}
+        operands[mode] = {b for _, b in mms}
         assert len(mms) == 4, mms
     torch._dynamo.reset()
     assert (len(operands["plain"]), len(operands["fast"])) == (4, 1), operands
@@ -183,6 +215,33 @@ def test_one_cast_each_keeps_one_cast_per_tensor_and_dtype():
     assert casts == [a, c, d], casts
     (add,) = [n for n in g.nodes if n.target is torch.ops.aten.add.Tensor]
     assert add.args == (a, a)
+
+
+def test_one_cast_each_merges_views_and_leaves_a_mutating_graph_alone():
+    """Two unsqueezes of x with the same arguments become one, so their casts become one too; an unsqueeze on another
+    dim stays. A graph with a copy_ into an input is not touched at all."""
+    from fastdreamer import fast
+
+    cast, unsq = torch.ops.prims.convert_element_type.default, torch.ops.aten.unsqueeze.default
+
+    def graph(mutate: bool) -> torch.fx.Graph:
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        views = [g.call_function(unsq, (x, d)) for d in (0, 0, 1)]
+        casts = [g.call_function(cast, (v, torch.bfloat16)) for v in views]
+        if mutate:
+            g.call_function(torch.ops.aten.copy_.default, (x, x))
+        g.output(tuple(casts))
+        return g
+
+    g = graph(mutate=False)
+    fast._one_cast_each(g)
+    assert [n.args[1] for n in g.nodes if n.target is unsq] == [0, 1]
+    assert len([n for n in g.nodes if n.target is cast]) == 2
+    g = graph(mutate=True)
+    before = [str(n) for n in g.nodes]
+    fast._one_cast_each(g)
+    assert [str(n) for n in g.nodes] == before
 
 
 def test_compiled_laprop_launches_do_not_grow_one_per_parameter():
