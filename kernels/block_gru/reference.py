@@ -200,6 +200,22 @@ def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0, prod=None) -> torch
     return F.silu(tap(f"n{i}", n * s.float(), n))
 
 
+def _joint_branches(inps, w: BlockGRUWeights, bf16: bool, prods) -> torch.Tensor:
+    """cat([x0, x1, x2], -1) of step() without taps, the three branches normalised as one (B, 3, K) tensor: the same
+    math per element. What a compiled step runs (imagination, acting): inductor then writes the three norms and
+    their SiLU as one reduction kernel, where it wrote a reduction per branch and a fourth kernel joining them
+    (census, 12m rollout: 4 -> 1 launch per step; bench/LOG.md, session 26). Eager keeps the branches apart, the
+    spec's order."""
+    pres = []
+    for i, (inp, prod) in enumerate(zip(inps, prods, strict=True)):
+        wt, b = getattr(w, f"w{i}"), getattr(w, f"b{i}")
+        prod = _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
+        pres.append(prod + b.float())
+    n = rms_normalize(torch.stack(pres, 1))  # (B, 3, K)
+    s = torch.stack([w.s0.float(), w.s1.float(), w.s2.float()])
+    return F.silu(n * s).flatten(1)
+
+
 def action_branch(action: torch.Tensor, w: BlockGRUWeights, bf16: bool = False) -> torch.Tensor:
     """The action branch x2 of step(), for any rows: action (N, A) -> (N, K), float32. Its input does not depend on
     the recurrence, so a caller that knows a sequence's actions up front can compute it for all steps at once (one
@@ -240,10 +256,13 @@ def step(
         seen[site] = x
         return y + taps[site].to(y.dtype)
 
-    x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0, x0p)
-    x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
-    x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
-    x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
+    if taps is None and x2 is None and torch.compiler.is_compiling():
+        x = _pin("x", _joint_branches((deter, stoch, action), w, bf16, (x0p, x1p, None)))
+    else:
+        x0 = _branch(deter, w.w0, w.b0, w.s0, bf16, tap, 0, x0p)
+        x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
+        x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
+        x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
     u = _block_inputs(deter.reshape(B, G, D // G), x)  # (B, G, D/G + 3K)
     nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
     h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
