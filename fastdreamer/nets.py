@@ -33,6 +33,17 @@ class Linear(nn.Linear):
         trunc_normal_(self.weight, fin, outscale)
         nn.init.zeros_(self.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Compiled, the bias is added after the matmul, in the matmul's dtype: under bf16 autocast the reference's
+        bf16 Linear (x @ w rounded, plus the bias rounded, rounded again; an addmm rounds once), and on a GPU the add
+        and the bias's cast go into the kernel that reads the output (the norm after it, a softmax), where an addmm
+        needed the bias cast to bf16 by a kernel of its own in each layer (census, 12m update: -30 launches;
+        bench/LOG.md, session 26). Eager keeps the addmm, the fp32 reference."""
+        if torch.compiler.is_compiling():
+            y = F.linear(x, self.weight)
+            return y + self.bias.to(y.dtype)
+        return super().forward(x)
+
 
 def rms_normalize(x: torch.Tensor) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + 1e-4) over the last dim, in float32 (RMSNorm before its scale)."""

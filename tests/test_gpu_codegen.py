@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
 from bench.gpu_codegen import triton_codegen
@@ -242,6 +243,34 @@ def test_one_cast_each_merges_views_and_leaves_a_mutating_graph_alone():
     before = [str(n) for n in g.nodes]
     fast._one_cast_each(g)
     assert [str(n) for n in g.nodes] == before
+
+
+def test_a_compiled_linear_adds_its_bias_in_the_kernel_after_it():
+    """nets.Linear compiled under bf16 autocast: the matmul without its bias, whose bf16 cast and add go into the
+    next kernel (a SiLU here), so there is no cast kernel for the bias: 3 Triton kernels (x's cast, the weight's,
+    the add with the SiLU) where the addmm took 4. Values: the eager layer's within bf16 rounding (the reference's
+    bf16 Linear rounds after the matmul and after the bias; an addmm once), and without autocast within float32
+    reassociation. (Without a backward inductor folds the add back into an addmm: the rollout keeps its addmms.)"""
+    from fastdreamer.nets import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(24, 16)
+    with torch.no_grad():
+        lin.bias.normal_()
+    x = torch.randn(8, 24)
+
+    def fn(x):
+        return F.silu(lin(x))
+
+    for autocast, tol in ((True, 2e-2), (False, 1e-6)):
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            want = fn(x)
+            with triton_codegen() as codes:
+                got = torch.compile(fn, dynamic=False)(x)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        if autocast:  # the forward graph of a training step (the heads' layers)
+            assert launches(codes[0]) == {"fused": 3, "extern": 1, "aten": 0}, kernel_names(codes[0])
+            assert "extern_kernels.mm(" in codes[0] and "addmm" not in codes[0]
 
 
 def test_compiled_laprop_launches_do_not_grow_one_per_parameter():
