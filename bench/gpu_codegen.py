@@ -82,8 +82,9 @@ def gpu_lowerings():
     inputs' or its users' kernels where they are pointwise) and the online-softmax rewrite (GPU only: one reduction
     pass for a softmax's max and sum) and the grouping of independent kernels into combo kernels (GPU only; what
     a compile with `combo_kernels` gets). Each by swapping one constant of the function's code for the duration
-    (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Yields the
-    names of those swapped."""
+    (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). And this
+    project's own choice: the block GRU's GPU-only code (`block_gru`: reference.GPU_CODE). Yields the names of those
+    swapped."""
     import torch._inductor.lowering as lowering
     from torch._inductor.fx_passes import post_grad
     from torch._inductor.scheduler import ForeachKernelSchedulerNode
@@ -96,13 +97,18 @@ def gpu_lowerings():
         # Combo kernels (when the compile asks for them: fast.combo_kernels_on) skip nodes on a "cpu" or "mps" device.
         ("combo_kernels", combo, "cpu", "cuda-like"),
     ]
+    from fastdreamer.kernels.block_gru import reference
+
     done = []
+    saved = reference.GPU_CODE
     try:
         for name, fn, old, new in swaps:
             if fn is not None and _swap_const(fn, old, new):
                 done.append((name, fn, old, new))
-        yield [name for name, *_ in done]
+        reference.GPU_CODE = True  # the block GRU's own GPU-only path (reference._split_hidden)
+        yield [name for name, *_ in done] + ["block_gru"]
     finally:
+        reference.GPU_CODE = saved
         for _, fn, old, new in done:
             _swap_const(fn, new, old)
 

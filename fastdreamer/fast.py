@@ -150,8 +150,10 @@ def _one_cast_each(graph: torch.fx.Graph) -> None:
     take the first's result. A cast often reads a view of the tensor, made anew at each step (the block GRU's
     weights: unsqueeze, then view; census, torch 2.11: 16 more launches per 12m rollout, each writing a weight's bf16
     copy again), so identical views of one tensor are merged first: a view computes nothing, and two views with the
-    same arguments are the same memory. The pass runs before inductor reinplaces anything; a graph that mutates
-    (copy_ into an input, say) is left as it is, so no cast is ever moved across a write."""
+    same arguments are the same memory. Copies (clone) are merged likewise: the block GRU's compiled step lays out
+    the x rows of its hidden weight for one matmul (reference._split_hidden), the same copy at each step. The pass
+    runs before inductor reinplaces anything; a graph that mutates (copy_ into an input, say) is left as it is, so
+    no cast or copy is ever moved across a write."""
     if any(_mutates(node) for node in graph.nodes):
         return
     first = {}
@@ -159,15 +161,21 @@ def _one_cast_each(graph: torch.fx.Graph) -> None:
         if node.op != "call_function":
             continue
         target = node.target
-        if target is not torch.ops.prims.convert_element_type.default and not getattr(target, "is_view", False):
+        if target not in _MERGED and not getattr(target, "is_view", False):
             continue
         # (op, tensor, arguments): nodes, numbers, dtypes and tuples of them, all hashable
         key = (target, node.args, tuple(node.kwargs.items()))
-        if key in first:
+        # A returned cast or copy stays its own tensor: the caller may write into one output and read another.
+        returned = target in _MERGED and any(user.op == "output" for user in node.users)
+        if key in first and not returned:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)
         else:
             first[key] = node
+
+
+# The pure ops _one_cast_each merges besides views: a cast, and a copy (a weight's slice laid out for a matmul).
+_MERGED = (torch.ops.prims.convert_element_type.default, torch.ops.aten.clone.default)
 
 
 def _mutates(node: torch.fx.Node) -> bool:

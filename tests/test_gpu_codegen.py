@@ -42,7 +42,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert len(codes) == 2 and codes.backward == [False, True] and codes.calls == [2, 2], codes.calls
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
-    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels"]  # the CI's torch has them all
+    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "block_gru"]  # the CI's torch has them all
     names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -99,7 +99,7 @@ def sin_cos_cat(a, b):
 def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
     """With the GPU's lowerings a cat of two pointwise results and its pointwise user are one kernel (a GPU's
     pointwise cat); with the CPU's, a copy kernel per input and one for the user. After the context inductor's own
-    functions have their constants back."""
+    functions have their constants back, and the block GRU's code is the CPU's again."""
     import torch._inductor.lowering as lowering
 
     gen = torch.Generator().manual_seed(0)
@@ -112,6 +112,9 @@ def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
         (counts[gpu],) = [launches(c) for c in codes]
     assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
     assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
+    from fastdreamer.kernels.block_gru import reference
+
+    assert reference.GPU_CODE is False
 
 
 def test_block_inputs_compiled_are_the_values_of_the_eager_cat():
@@ -141,11 +144,12 @@ def test_block_inputs_compiled_are_the_values_of_the_eager_cat():
         )
 
 
-def test_a_compiled_core_step_normalises_its_three_branches_in_one_kernel():
+def test_a_compiled_core_step_without_taps_joins_its_branch_norms_and_splits_its_block_layer():
     """Without taps (imagination, acting), a compiled core step normalises the three input branches as one (B, 3, K)
-    tensor (reference._joint_branches): one reduction kernel where each branch's norm had its own and a fourth kernel
-    joined them (census, 12m rollout: 4 -> 1 per step). Two reductions in all (the branches', the hidden layer's);
-    the values of the eager step, whose branches are normalised one by one (float32 reassociation at most)."""
+    tensor (reference._joint_branches: one reduction kernel where each branch's norm had its own and a fourth kernel
+    joined them) and multiplies the deter blocks and x apart (reference._split_hidden: no operand u repeating x per
+    block, no zero-padding kernel building it, and the hidden norm one kernel): two reductions in all. The values of
+    the eager step (float32 reassociation at most); each part alone equals the eager form it replaces."""
     from fastdreamer.kernels.block_gru import reference
 
     gen = torch.Generator().manual_seed(3)
@@ -154,14 +158,21 @@ def test_a_compiled_core_step_normalises_its_three_branches_in_one_kernel():
     want = reference.step(deter, stoch, action, w)
     with torch.no_grad(), triton_codegen() as codes:
         got = torch.compile(reference.step, dynamic=False)(deter, stoch, action, w)
-    reductions = [n for n in kernel_names(codes[0]) if n.startswith(("triton_red", "triton_per"))]
+    names = kernel_names(codes[0])
+    reductions = [n for n in names if n.startswith(("triton_red", "triton_per"))]
     assert len(reductions) == 2 and "stack" in reductions[0], reductions
+    assert not [n for n in names if "constant_pad_nd" in n], names
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     joint = reference._joint_branches((deter, stoch, action), w, False, (None, None, None))
-    apart = [
-        reference._branch(x, w[3 * i], w[3 * i + 1], w[3 * i + 2], False) for i, x in enumerate((deter, stoch, action))
-    ]
+    apart = [reference._branch(x, *w[3 * i : 3 * i + 3], False) for i, x in enumerate((deter, stoch, action))]
     torch.testing.assert_close(joint, torch.cat(apart, -1), rtol=1e-6, atol=1e-7)
+    u = reference._block_inputs(deter.view(7, 4, 12), joint)
+    torch.testing.assert_close(
+        reference._split_hidden(deter, joint, w, False),
+        reference.block_linear(u, w.wh, w.bh),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("name", ["chain", "viewed"])
@@ -220,25 +231,32 @@ def test_one_cast_each_keeps_one_cast_per_tensor_and_dtype():
 
 def test_one_cast_each_merges_views_and_leaves_a_mutating_graph_alone():
     """Two unsqueezes of x with the same arguments become one, so their casts become one too; an unsqueeze on another
-    dim stays. A graph with a copy_ into an input is not touched at all."""
+    dim stays; two clones of one view become one, but not two that the graph returns. A graph with a copy_ into an
+    input is not touched at all."""
     from fastdreamer import fast
 
     cast, unsq = torch.ops.prims.convert_element_type.default, torch.ops.aten.unsqueeze.default
+    clone = torch.ops.aten.clone.default
 
     def graph(mutate: bool) -> torch.fx.Graph:
         g = torch.fx.Graph()
         x = g.placeholder("x")
         views = [g.call_function(unsq, (x, d)) for d in (0, 0, 1)]
         casts = [g.call_function(cast, (v, torch.bfloat16)) for v in views]
+        clones = [g.call_function(clone, (views[2],)) for _ in range(2)]
+        added = g.call_function(torch.ops.aten.add.Tensor, tuple(clones))
+        returned = [g.call_function(clone, (views[2],)) for _ in range(2)]  # outputs: they stay apart
         if mutate:
             g.call_function(torch.ops.aten.copy_.default, (x, x))
-        g.output(tuple(casts))
+        used = [g.call_function(torch.ops.aten.neg.default, (c,)) for c in casts]
+        g.output((*used, added, *returned))
         return g
 
     g = graph(mutate=False)
     fast._one_cast_each(g)
     assert [n.args[1] for n in g.nodes if n.target is unsq] == [0, 1]
     assert len([n for n in g.nodes if n.target is cast]) == 2
+    assert len([n for n in g.nodes if n.target is clone]) == 3
     g = graph(mutate=True)
     before = [str(n) for n in g.nodes]
     fast._one_cast_each(g)

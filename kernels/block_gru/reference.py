@@ -90,6 +90,35 @@ def _block_inputs(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks, xg], -1)
 
 
+# Whether compiled code takes the paths meant for a GPU's code though its tensors are on the CPU: bench.gpu_codegen
+# sets it while it generates the GPU's kernels on a CPU (gpu_lowerings).
+GPU_CODE = False
+
+
+def _gpu_code(t: torch.Tensor) -> bool:
+    """Whether the code being compiled is a GPU's (or the census's stand-in for one, GPU_CODE)."""
+    return torch.compiler.is_compiling() and (t.is_cuda or GPU_CODE)
+
+
+def _split_hidden(deter: torch.Tensor, x: torch.Tensor, w: BlockGRUWeights, bf16: bool) -> torch.Tensor:
+    """block_linear(_block_inputs(deter blocks, x), wh, bh) of step() without taps, as the deter blocks' batched
+    matmul plus one dense matmul of x by the x rows of every block side by side: the same products summed in another
+    order, under bf16 autocast two rounded bf16 products summed in float32 instead of one rounding of their sum (as
+    Agent.merged_rollout's actor). What a GPU's compiled step runs (imagination, acting): the block layer's operand u
+    repeats x for each of the G blocks (at 12m B 1024, a 16.8 MB bf16 tensor written and read per step), and its
+    product's norm took a reduction and a pointwise kernel; split, the deter operand is written by the gate kernel
+    of the step before, the norm is one kernel, and a step launches one kernel fewer (census, 12m rollout: 433 ->
+    419 launches with _one_cast_each merging the x rows' copy; bench/LOG.md, session 26). Not on a CPU: inductor's
+    C++ code of the merged rollout then computed the gate math twice per step, once per layout of the new deter."""
+    B, D = deter.shape
+    G, _, out = w.wh.shape
+    Dg = D // G
+    wh = _operand(w.wh, bf16)
+    yd = torch.bmm(_operand(deter, bf16).view(B, G, Dg).transpose(0, 1), wh[:, :Dg])  # (G, B, out)
+    yx = _operand(x, bf16) @ wh[:, Dg:].permute(1, 0, 2).reshape(x.shape[1], G * out)  # (B, G*out)
+    return (yx.view(B, G, out).float() + yd.transpose(0, 1).float()).reshape(B, G * out) + w.bh.float()
+
+
 def rms_normalize(x: torch.Tensor) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim, in float32: rms(x) of the module docstring before its scale."""
     x = x.float()
@@ -263,8 +292,11 @@ def step(
         x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
         x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
         x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
-    u = _block_inputs(deter.reshape(B, G, D // G), x)  # (B, G, D/G + 3K)
-    nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
+    if taps is None and _gpu_code(deter):
+        nh = rms_normalize(_split_hidden(deter, x, w, bf16))
+    else:
+        u = _block_inputs(deter.reshape(B, G, D // G), x)  # (B, G, D/G + 3K)
+        nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
     h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
     hb = h.reshape(B, G, D // G)
     gates = tap("g", block_linear(hb, w.wg, w.bg, bf16), hb).reshape(B, G, 3, D // G)
