@@ -211,8 +211,12 @@ class Agent(nn.Module):
             def actor_y(pd, ps):
                 return (pd[:, :ua] + ps[:, :ua] + lin_a.bias).to(pd.dtype)
 
+            # Under bf16 autocast every reader of the feats is a matmul that casts them to bf16 first (the heads' first
+            # layers in Agent.loss): stored as bf16, the values they read are the same, the stack half the bytes, and
+            # the loss graph has no cast of its own (16,384 x 2,560 fp32 read and bf16 written at 12m).
+            store = torch.bfloat16 if block_gru._bf16_autocast(deter.device) else deter.dtype
             pd, ps = deter @ w_deter, stoch.flatten(1) @ w_stoch
-            feats, acts = [feat(deter, stoch)], []
+            feats, acts = [feat(deter, stoch).to(store)], []
             for h in range(lat_u.shape[0]):
                 action = self.policy(feats[-1], actor_y(pd, ps)).sample(act_noise[h])
                 acts.append(action)
@@ -221,7 +225,7 @@ class Agent(nn.Module):
                 logp = rssm.prior(deter, (pd[:, ua + k :] + lin_p.bias).to(pd.dtype))
                 stoch = dists.sample_onehot(logp, lat_u[h])
                 ps = stoch.flatten(1) @ w_stoch
-                feats.append(feat(deter, stoch))
+                feats.append(feat(deter, stoch).to(store))
             acts.append(self.policy(feats[-1], actor_y(pd, ps)).sample(act_noise[-1]))
             return torch.stack(feats, 1), torch.stack(acts, 1)
 

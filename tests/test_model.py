@@ -767,6 +767,26 @@ def test_merged_rollout_is_the_rollout(precision, discrete):
     assert err < BF16_REL, f"feats or actions before the trajectories part: relative error {err}"
 
 
+def test_merged_rollout_stores_its_feats_in_bf16_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast every reader of the imagined feats is a matmul that casts them to bf16 first, so
+    merged_rollout stores them as bf16: the fp32 feats of the same rollout (storage switched off) rounded, bitwise,
+    with the same actions; and a head reads the same values from either."""
+    from fastdreamer.kernels import block_gru
+
+    agent, args = _rollout_case(True, horizon=4)
+    with torch.autocast("cpu", torch.bfloat16):
+        feats, acts = agent.merged_rollout(*args)
+        with monkeypatch.context() as m:
+            m.setattr(block_gru, "_bf16_autocast", lambda device: False)
+            f32_feats, f32_acts = agent.merged_rollout(*args)
+        heads = agent.reward(feats), agent.reward(f32_feats)
+    assert feats.dtype == torch.bfloat16 and f32_feats.dtype == torch.float32
+    assert torch.equal(feats, f32_feats.bfloat16()) and torch.equal(acts, f32_acts)
+    assert torch.equal(*heads)
+    feats, _ = agent.merged_rollout(*args)  # no autocast: float32
+    assert feats.dtype == torch.float32
+
+
 def test_merged_rollout_makes_two_matmuls_fewer_per_step():
     """What merged_rollout is for, counted at the dispatcher: per step one matmul of the new deter for three uses and
     one of the new sample for two, instead of four (the actor's first layer, the core's deter and stoch branches,
