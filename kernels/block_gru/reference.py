@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 EPS = 1e-4  # the reference's RMSNorm epsilon
 
@@ -299,15 +300,38 @@ def step(
         nh = rms_normalize(tap("h", block_linear(u, w.wh, w.bh, bf16), u))
     h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
     hb = h.reshape(B, G, D // G)
+    if taps is not None and torch.compiler.is_compiling():
+        # The gate layer's product, then its bias, tap and gate math recomputed in the backward (_gate_tail).
+        y = torch.einsum("bgi,gio->bgo", _operand(hb, bf16), _operand(w.wg, bf16))
+        seen["g"] = hb
+        out = torch.utils.checkpoint.checkpoint(_gate_tail, y, w.bg, taps["g"], deter, use_reentrant=False)
+        return out, seen
     gates = tap("g", block_linear(hb, w.wg, w.bg, bf16), hb).reshape(B, G, 3, D // G)
+    out = _gate_math(gates, deter)
+    return out if taps is None else (out, seen)
+
+
+def _gate_tail(y: torch.Tensor, bg: torch.Tensor, tap_g: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    """step()'s gates from the gate layer's product y (B, G, 3D/G), with its bias and tap added as step() adds them,
+    then the gate math. A compiled step with taps (the observe loop under deferred weight gradients) runs it under
+    activation checkpointing: the backward recomputes it from y, so the forward keeps no (B, 3D) float32 gate
+    pre-activation, which it wrote from a kernel of its own (the gate math iterates over (B, D); census, 12m step:
+    9 -> 8 forward launches, the backward's 9 unchanged; bench/LOG.md, session 26). The same ops, the same values."""
+    B = y.shape[0]
+    gates = ((y.reshape(B, -1) + bg.float()) + tap_g.to(torch.float32)).reshape(B, y.shape[1], 3, -1)
+    return _gate_math(gates, deter)
+
+
+def _gate_math(gates: torch.Tensor, deter: torch.Tensor) -> torch.Tensor:
+    """deter' of the module docstring from the gate pre-activations (B, G, 3, D/G) and deter (B, D)."""
+    B, G, _, Dg = gates.shape
     # The gate math on (B, G, D/G) views, flattened only at the end: compiled on the CPU, reading the gates through
     # (B, D) reshapes (div/mod indexing) took 2.3 ms vs 1.8 ms at B1024, D512, G8.
     reset, cand, update = gates.unbind(2)
     reset = torch.sigmoid(reset)
     cand = torch.tanh(reset * cand)
     update = torch.sigmoid(update - 1.0)
-    out = (update * cand + (1.0 - update) * deter.reshape(B, G, D // G)).reshape(B, D)
-    return out if taps is None else (out, seen)
+    return (update * cand + (1.0 - update) * deter.reshape(B, G, Dg)).reshape(B, G * Dg)
 
 
 def rollout(
