@@ -55,6 +55,11 @@ def lambda_return(last, term, rew, boot, disc, lam):
     return (torch.where(reach, prods, 0.0) * x[:, None, :]).sum(-1)
 
 
+def _means(*tensors: torch.Tensor) -> torch.Tensor:
+    """The mean of each of several tensors of one shape, as one reduction: a (len(tensors),) float32 tensor."""
+    return torch.stack([t.float() for t in tensors]).flatten(1).mean(1)
+
+
 def percentiles(x: torch.Tensor, qs: tuple[float, ...]) -> list[torch.Tensor]:
     """Percentiles of a 1-d tensor with linear interpolation (numpy's default). The size is static, so the
     positions are Python numbers: one sort on the device and no host sync (torch.quantile checks its
@@ -340,20 +345,25 @@ class Agent(nn.Module):
         total = sum(means[k] * scales.get(k, cfg.loss_rec) for k in means)
         metrics = {f"loss/{k}": v.detach() for k, v in means.items()}
         with torch.no_grad():
+            # Means of same-shaped tensors as one reduction each (one or two kernels on a GPU, not one or two each);
+            # the latents' entropies summed over (S, C) and averaged over (B, T) are one sum over all their elements.
+            dyn_ent, rep_ent = _means(-(prior.exp() * prior), -(post.exp() * post)) * (S * C)
+            ret_mean, adv_mean, ent_mean = _means(ret, adv, ent)
+            val_mean, rew_mean, con_mean = _means(val, rew, con)
             metrics.update(
                 {
                     "loss/total": total.detach(),
-                    "wm/dyn_ent": dists.categorical_entropy(prior).sum(-1).mean(),
-                    "wm/rep_ent": dists.categorical_entropy(post).sum(-1).mean(),
-                    "ac/ret": ret.mean(),
-                    "ac/adv": adv.mean(),
+                    "wm/dyn_ent": dyn_ent,
+                    "wm/rep_ent": rep_ent,
+                    "ac/ret": ret_mean,
+                    "ac/adv": adv_mean,
                     "ac/adv_std": adv.std(),
-                    "ac/entropy": ent.mean(),
-                    "ac/value": val.mean(),
+                    "ac/entropy": ent_mean,
+                    "ac/value": val_mean,
                     "ac/retnorm_scale": rscale,
                     "ac/retnorm_offset": roffset,
-                    "ac/imag_reward": rew.mean(),
-                    "ac/imag_cont": con.mean(),
+                    "ac/imag_reward": rew_mean,
+                    "ac/imag_cont": con_mean,
                 }
             )
         latents = {"deter": deters.detach(), "stoch": dists.onehot_index(stochs.detach())}

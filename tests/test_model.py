@@ -767,6 +767,21 @@ def test_merged_rollout_is_the_rollout(precision, discrete):
     assert err < BF16_REL, f"feats or actions before the trajectories part: relative error {err}"
 
 
+def test_loss_metric_means_are_the_plain_means():
+    """Agent.loss takes its metrics' means of same-shaped tensors as one reduction (agent._means), and the latents'
+    entropy (summed over S and C, averaged over B and T) as a mean over all elements times S * C: the plain means
+    and the plain entropy, to float32 summation order."""
+    from fastdreamer.agent import _means
+
+    gen = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randn(6, 15, generator=gen) for _ in range(3))
+    torch.testing.assert_close(_means(a, b, c), torch.stack([a.mean(), b.mean(), c.mean()]), rtol=1e-6, atol=1e-7)
+    S, C = 4, 5
+    logp = torch.log_softmax(torch.randn(3, 7, S, C, generator=gen), -1)
+    want = dists.categorical_entropy(logp).sum(-1).mean()
+    torch.testing.assert_close(_means(-(logp.exp() * logp))[0] * (S * C), want, rtol=1e-6, atol=1e-6)
+
+
 def test_merged_rollout_stores_its_feats_in_bf16_under_bf16_autocast(monkeypatch):
     """Under bf16 autocast every reader of the imagined feats is a matmul that casts them to bf16 first, so
     merged_rollout stores them as bf16: the fp32 feats of the same rollout (storage switched off) rounded, bitwise,
