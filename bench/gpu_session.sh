@@ -134,9 +134,10 @@ quick() {
   # record, the block input in one kernel, the deter handed on masked, a tap per site: -176 launches per update in
   # the census, bench/results/gpu_codegen_12m_graphs_torch211_s25.json) and the rollout casts each weight once,
   # not at each step (fast._one_cast_each: -105). The census, its interpreter's 66 phantom gradient copies removed:
-  # 2,747 launches per graphs-mode update (~3,028 for session 24's tree counted alike). Session 26: 2,579 (the
+  # 2,747 launches per graphs-mode update (~3,028 for session 24's tree counted alike). Session 26: 2,569 (the
   # rollout 492 -> 419: wh/wg cast once, the branch norms one kernel, the block layer split, feats stored bf16; the
-  # observe step's forward 9 -> 8 with its gate pre-activations recomputed; the layers' bias casts gone).
+  # observe step's forward 9 -> 8 with its gate pre-activations recomputed; the layers' bias casts gone; the
+  # metrics' means stacked).
   # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
   #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~9.0-9.4 ms; the census counts
   #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
