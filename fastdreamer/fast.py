@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import operator
 import os
 import shutil
 
@@ -179,20 +180,12 @@ _MERGED = (torch.ops.prims.convert_element_type.default, torch.ops.aten.clone.de
 
 
 def _mutates(node: torch.fx.Node) -> bool:
-    """Whether a graph node writes into one of its arguments (an OpOverload whose schema says so, or an op inductor
-    cannot see into)."""
+    """Whether a graph node may write into one of its arguments: an op whose schema says so, or any target without a
+    schema but Python's operator.getitem (indexing an op's tuple of results)."""
     if node.op != "call_function":
         return False
     schema = getattr(node.target, "_schema", None)
-    return schema.is_mutable if schema is not None else not _is_pure_python(node.target)
-
-
-def _is_pure_python(target) -> bool:
-    """The call_function targets of a post-grad graph that are not ATen/prims overloads and write nothing: Python's
-    operator.getitem (indexing an op's tuple of results)."""
-    import operator
-
-    return target is operator.getitem
+    return schema.is_mutable if schema is not None else node.target is not operator.getitem
 
 
 @functools.cache

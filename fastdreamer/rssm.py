@@ -452,7 +452,7 @@ class _ObserveRecord(defer.Record):
         out = super().factors(own)
         x = out[self.SPLIT]  # (T*B, 3K)
         blocks = outer["core.x0"].view(T * B, G, D // G)
-        out[self.SPLIT] = torch.cat([blocks, x[:, None].expand(-1, G, -1)], -1).flatten(1)
+        out[self.SPLIT] = block_gru.reference._block_inputs(blocks, x).flatten(1)  # the u the steps' layer read
         out.update(outer)
         return {k: out[k] for k in widths}
 

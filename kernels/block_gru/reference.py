@@ -128,8 +128,12 @@ def rms_normalize(x: torch.Tensor) -> torch.Tensor:
 
 def block_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """x (B, G, I) with w (G, I, O) -> (B, G*O) plus bias (G*O,)."""
-    y = torch.einsum("bgi,gio->bgo", _operand(x, bf16), _operand(w, bf16))
-    return y.reshape(x.shape[0], -1) + b.float()
+    return _add_block_bias(torch.einsum("bgi,gio->bgo", _operand(x, bf16), _operand(w, bf16)), b)
+
+
+def _add_block_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """block_linear's product y (B, G, O) flattened to (B, G*O), plus the bias (G*O,) in float32."""
+    return y.reshape(y.shape[0], -1) + b.float()
 
 
 def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
@@ -224,10 +228,14 @@ def _branch(inp, wt, b, s, bf16: bool, tap=None, i: int = 0, prod=None) -> torch
     # compiled observe step's graph there on the H200 (bench/LOG.md, session 21; bench/graph_breaks.py shows it on
     # any machine with torch 2.11).
     tap = _no_tap if tap is None else tap
-    prod = _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
-    pre = tap(f"x{i}", prod + b.float(), inp)
+    pre = tap(f"x{i}", _branch_product(inp, wt, bf16, prod) + b.float(), inp)
     n = rms_normalize(pre)
     return F.silu(tap(f"n{i}", n * s.float(), n))
+
+
+def _branch_product(inp, wt, bf16: bool, prod=None) -> torch.Tensor:
+    """A branch's product inp @ wt, or `prod` where the caller computed it (step's x0p, x1p)."""
+    return _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
 
 
 def _joint_branches(inps, w: BlockGRUWeights, bf16: bool, prods) -> torch.Tensor:
@@ -236,11 +244,10 @@ def _joint_branches(inps, w: BlockGRUWeights, bf16: bool, prods) -> torch.Tensor
     their SiLU as one reduction kernel, where it wrote a reduction per branch and a fourth kernel joining them
     (census, 12m rollout: 4 -> 1 launch per step; bench/LOG.md, session 26). Eager keeps the branches apart, the
     spec's order."""
-    pres = []
-    for i, (inp, prod) in enumerate(zip(inps, prods, strict=True)):
-        wt, b = getattr(w, f"w{i}"), getattr(w, f"b{i}")
-        prod = _operand(inp, bf16) @ _operand(wt, bf16) if prod is None else prod
-        pres.append(prod + b.float())
+    pres = [
+        _branch_product(inp, getattr(w, f"w{i}"), bf16, prod) + getattr(w, f"b{i}").float()
+        for i, (inp, prod) in enumerate(zip(inps, prods, strict=True))
+    ]
     n = rms_normalize(torch.stack(pres, 1))  # (B, 3, K)
     s = torch.stack([w.s0.float(), w.s1.float(), w.s2.float()])
     return F.silu(n * s).flatten(1)
@@ -301,7 +308,8 @@ def step(
     h = _pin("h", F.silu(tap("nh", nh * w.sh.float(), nh)))  # (B, D)
     hb = h.reshape(B, G, D // G)
     if taps is not None and torch.compiler.is_compiling():
-        # The gate layer's product, then its bias, tap and gate math recomputed in the backward (_gate_tail).
+        # The gate layer's product (block_linear without its bias), then its bias, tap and gate math recomputed in
+        # the backward (_gate_tail).
         y = torch.einsum("bgi,gio->bgo", _operand(hb, bf16), _operand(w.wg, bf16))
         seen["g"] = hb
         out = torch.utils.checkpoint.checkpoint(_gate_tail, y, w.bg, taps["g"], deter, use_reentrant=False)
@@ -317,8 +325,7 @@ def _gate_tail(y: torch.Tensor, bg: torch.Tensor, tap_g: torch.Tensor, deter: to
     activation checkpointing: the backward recomputes it from y, so the forward keeps no (B, 3D) float32 gate
     pre-activation, which it wrote from a kernel of its own (the gate math iterates over (B, D); census, 12m step:
     9 -> 8 forward launches, the backward's 9 unchanged; bench/LOG.md, session 26). The same ops, the same values."""
-    B = y.shape[0]
-    gates = ((y.reshape(B, -1) + bg.float()) + tap_g.to(torch.float32)).reshape(B, y.shape[1], 3, -1)
+    gates = (_add_block_bias(y, bg) + tap_g.to(torch.float32)).reshape(y.shape[0], y.shape[1], 3, -1)
     return _gate_math(gates, deter)
 
 
