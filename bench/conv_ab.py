@@ -1,4 +1,5 @@
-"""A/B of the image encoder's and decoder's convolutions, fwd+bwd: memory layouts; cuDNN autotuning per process.
+"""A/B of the image encoder's and decoder's convolutions, fwd+bwd: memory layouts, the decoder's upsampling; cuDNN
+autotuning per process.
 
 Why: on an H200 (graphs mode, bf16) the 12m update with 64x64 images took ~35 ms against 14.8 ms with vector
 observations; the ~20 ms difference is the conv encoder and decoder over B*T = 1024 images, whose ~0.84 TFLOP
@@ -18,6 +19,11 @@ Variants (each on a fresh agent from make_agent's seed, so every variant starts 
                  where depth / bspace = 1, x0 keeps sp0's block-major order and it is NCHW). What stays NCHW is the
                  weights, which are then converted at every call (and their gradients back). A product change would
                  be the Conv weights made channels_last at init (fastdreamer/nets.py Conv), nothing else.
+  upsample       the decoder's upsampling convs in the reference's form (nets.UpConv.reference: repeat each pixel
+                 2 x 2, then the 5 x 5 conv) where base computes them at the input's resolution, as a 3 x 3 conv to
+                 4x the channels and a pixel shuffle (nets.UpConv: 36% of the multiply-adds, no 4x upsampled input
+                 in either pass). The same function of the same parameters, rounded otherwise. The conv inputs
+                 printed are the UpConvs' own (before the upsampling, in either form).
   inductor_cl    (not in the default list) inductor's own layout optimization forced on (force_layout_optimization):
                  inductor's heuristic leaves it off for this model on CUDA (all convolutions have <= 64 channels at
                  12m, "too small", and the decoder's output conv has 2 * out <= in channels); a product change would
@@ -33,8 +39,9 @@ with base's from the same inputs, each within its bound (CHECK_REL, or NOISE_MAR
 from eager fp32 where that is larger); a failed check prints FAIL and the variant is not timed. Then the variants are
 timed alternately, round by round (these machines are noisy): per variant the median of the rounds' medians, the
 rounds' range, ratio = base's time / the variant's (above 1: faster), and TFLOP/s from the FLOPs of one eager
-fwd+bwd (FlopCounterMode). Each conv's input layout in an eager forward is printed too: where inductor's layout
-optimization is off (CUDA, here) it fixes each conv's input to the strides of its trace, which follows eager's rules.
+fwd+bwd of base (FlopCounterMode; upsample multiplies more for the same result, and its TFLOP/s counts base's).
+Each conv's input layout in an eager forward is printed too: where inductor's layout optimization is off (CUDA,
+here) it fixes each conv's input to the strides of its trace, which follows eager's rules.
 The JSON is rewritten after every result ("complete": false until the end), so a timeout keeps the finished rows.
 
   python -m bench.conv_ab --device cuda --size 12m --mode graphs --json bench/results/conv_ab_12m.json
@@ -63,13 +70,14 @@ from .__main__ import meta
 from .bench_block_gru import write_json
 from .common import OBS, ab_parser, ab_run, make_agent, random_batch, rel_err, sync, timeit
 
-# name: (channels_last weights and conv inputs, inductor's layout optimization forced on)
+# name: (channels_last weights and conv inputs, inductor's layout optimization forced on, the decoder's sub-pixel convs)
 VARIANTS = {
-    "base": (False, False),
-    "channels_last": (True, False),
-    "inductor_cl": (False, True),
+    "base": (False, False, True),
+    "channels_last": (True, False, True),
+    "upsample": (False, False, False),
+    "inductor_cl": (False, True, True),
 }
-DEFAULT_VARIANTS = ("base", "channels_last")
+DEFAULT_VARIANTS = ("base", "channels_last", "upsample")
 # A variant against base, from the same parameters and inputs: the relative error (in norm) of the loss and of each
 # gradient, bounded per tensor by max(CHECK_REL, NOISE_MARGIN * base's own relative error from an eager fp32
 # reference with TF32 off). The variants compute the same sums by other algorithms and layouts, so they differ by
@@ -157,7 +165,8 @@ def make_step(agent, variant: str, mode: str, precision: str, device: torch.devi
     """inputs -> {"loss", "input/deter", "input/stoch"}: one fwd+bwd of image_loss in `mode` with `variant`'s layout;
     the parameters' gradients are left in p.grad (set anew each call, as update_step's zero_grad does). Graphs mode:
     the first call captures, every call replays, and the outputs are the graph's static buffers."""
-    channels_last, layout_opt = VARIANTS[variant]
+    channels_last, layout_opt, subpixel = VARIANTS[variant]
+    agent.decoder.use_subpixel(subpixel)
     if channels_last:
         to_channels_last(agent.encoder, agent.decoder)
     options = {"force_layout_optimization": True} if layout_opt else None

@@ -148,9 +148,12 @@ quick() {
   #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
   step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
     --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
-  # 3. The convolutions' layouts, each checked against eager fp32 first (never run on a GPU yet).
+  # 3. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
+  #    sub-pixel decoder (base) against the reference's repeat-then-conv (upsample; 36% of the decoder's conv
+  #    multiply-adds; CPU compile bf16, 32 images: 84.2 -> 51.0 ms for the whole image part), and channels_last.
+  #    Predicted: the decoder's ~half of pong's ~20 ms of convolutions to ~1/3, so upsample/base ~1.4-1.8x.
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
-    --variants base,channels_last,inductor_cl --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+    --variants base,upsample,channels_last --json "$OUT/conv_ab_cuda_12m.json" || rc=1
   # 4. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
   step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files

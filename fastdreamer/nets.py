@@ -129,11 +129,57 @@ class ChannelNorm(RMSNorm):
         return x.to(dtype)
 
 
+def phase_taps(kernel: int) -> torch.Tensor:
+    """(2, L, kernel) 0/1: which taps of a `kernel`-wide "same" conv over a nearest-upsampled (x2) axis read which of
+    the L = 2 * ceil(p / 2) + 1 source pixels around an output's source (p = kernel // 2), per output phase (even,
+    odd). Output 2i + a, tap t reads upsampled 2i + a + t - p, which is source i + floor((a + t - p) / 2); the zero
+    padding of the upsampled axis is exactly the source's (2H and -1 map to H and -1)."""
+    p = kernel // 2
+    reach = (p + 1) // 2
+    taps = torch.zeros(2, 2 * reach + 1, kernel)
+    for a in range(2):
+        for t in range(kernel):
+            taps[a, (a + t - p) // 2 + reach, t] = 1.0
+    return taps
+
+
 class Conv(nn.Conv2d):
     def __init__(self, cin: int, cout: int, kernel: int, outscale: float = 1.0):
         super().__init__(cin, cout, kernel, padding="same")
         trunc_normal_(self.weight, cin * kernel * kernel, outscale)
         nn.init.zeros_(self.bias)
+
+
+class UpConv(Conv):
+    """The reference decoder's upsampling conv: repeat each pixel 2 x 2, then a "same" conv (`reference`), computed
+    at the input's resolution: each of the 4 output phases is an L x L conv of x (L = 3 for kernel 5) whose taps are
+    sums of this conv's, as one conv to 4x the output channels, then pixel_shuffle interleaves the phases.
+    (N, Cin, H, W) -> (N, Cout, 2H, 2W). At kernel 5: 36/100 of the multiply-adds, and neither pass reads or writes
+    the 4x-larger upsampled input (CPU, 12m widths, 64 images, eager fp32 fwd+bwd: 305 -> 72 ms). The parameters are
+    the reference conv's, so checkpoints are unchanged."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, outscale: float = 1.0):
+        if kernel % 2 == 0:
+            raise ValueError(f"UpConv: kernel {kernel} must be odd (a symmetric 'same' padding)")
+        super().__init__(cin, cout, kernel, outscale)
+        self.register_buffer("taps", phase_taps(kernel), persistent=False)  # a constant, not in checkpoints
+        self.subpixel = True  # False: the reference's form (bench.conv_ab's `upsample` variant times the two)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.subpixel:
+            return self.reference(x)
+        # The phase weights are built in the weight's dtype by multiplies and sums, which autocast leaves alone: under
+        # bf16 autocast each is rounded once, as the conv reads it.
+        taps = self.taps.to(self.weight.dtype)
+        # (O, I, K, K) -> rows (O, I, 2, L, K) -> columns (O, I, 2, L, 2, L); (o, a, b) is pixel_shuffle's order
+        w = (self.weight[:, :, None, None, :, :] * taps[:, :, :, None]).sum(4)
+        w = (w[..., None, None, :] * taps).sum(-1)
+        w = w.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)  # (O * 4, I, L, L)
+        y = F.conv2d(x, w, self.bias.repeat_interleave(4), padding=taps.shape[1] // 2)
+        return F.pixel_shuffle(y, 2)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 def vector_keys(obs_spec: dict) -> tuple[list[str], list[str]]:
@@ -270,12 +316,18 @@ class Decoder(nn.Module):
             convs, norms = [], []
             cin = c
             for d in reversed(depths[:-1]):
-                convs.append(Conv(cin, d, kernel))
+                convs.append(UpConv(cin, d, kernel))
                 norms.append(ChannelNorm(d))
                 cin = d
             self.convs, self.norms = nn.ModuleList(convs), nn.ModuleList(norms)
-            self.img_out = Conv(cin, sum(self.img_chans), kernel)
+            self.img_out = UpConv(cin, sum(self.img_chans), kernel)
             self.depth_last = c
+
+    def use_subpixel(self, on: bool) -> None:
+        """Every upsampling conv at the input's resolution (True, the default) or in the reference's form."""
+        for m in self.modules():
+            if isinstance(m, UpConv):
+                m.subpixel = on
 
     def discrete_nll(self, key: str, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The negative log-likelihood of class indices target (..., M) under the logits (..., sum of the classes)
@@ -311,8 +363,8 @@ class Decoder(nn.Module):
             x = (x0 + x1).permute(0, 3, 1, 2)  # (N, C, h, w)
             x = F.silu(self.spnorm(x))
             for conv, norm in zip(self.convs, self.norms):
-                x = F.silu(norm(conv(F.interpolate(x, scale_factor=2, mode="nearest"))))
-            x = torch.sigmoid(self.img_out(F.interpolate(x, scale_factor=2, mode="nearest")))
+                x = F.silu(norm(conv(x)))  # (N, C', 2h, 2w)
+            x = torch.sigmoid(self.img_out(x))
             x = x.permute(0, 2, 3, 1).reshape(*bshape, *x.shape[2:], x.shape[1])
             for k, v in zip(self.img_keys, torch.split(x, self.img_chans, -1)):
                 out[k] = v
