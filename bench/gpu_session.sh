@@ -126,7 +126,7 @@ quick() {
   local rc=0
   summary=""
   begin || return 1
-  # Session 24's plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
+  # The plan, in priority order (a step that does not fit the budget is skipped; the last ones first).
   # Session 24 (bench/results/h200_2026-11-27_s24, bench/LOG.md) measured the full update at 10.46 ms (graphs, 30.1x
   # eager), 3,223 kernels per update, pong 935 env steps/s with the image update at 31 ms inside the loop. Since: the
   # compiled LaProp's 237 per-tensor stack copies are one custom op (fastdreamer::norms), the replay returns'
@@ -137,23 +137,27 @@ quick() {
   # 2,747 launches per graphs-mode update (~3,028 for session 24's tree counted alike). Session 26: 2,569 (the
   # rollout 492 -> 419: wh/wg cast once, the branch norms one kernel, the block layer split, feats stored bf16; the
   # observe step's forward 9 -> 8 with its gate pre-activations recomputed; the layers' bias casts gone; the
-  # metrics' means stacked).
+  # metrics' means stacked). Session 27: the decoder's upsampling convs at their inputs' resolution (for pong).
   # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
   #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~9.0-9.4 ms; the census counts
   #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
   #    so ~-0.5-1 ms if a combo launch costs what one of its parts did. Two compiles and captures: ~2 x 60 s cold.
   step combo_ab 200 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
     --json "$OUT/combo_ab_cuda_12m.json" || rc=1
-  # 2. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
-  #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
-  step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
-    --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
-  # 3. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
+  # 2. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
   #    sub-pixel decoder (base) against the reference's repeat-then-conv (upsample; 36% of the decoder's conv
   #    multiply-adds; CPU compile bf16, 32 images: 84.2 -> 51.0 ms for the whole image part), and channels_last.
   #    Predicted: the decoder's ~half of pong's ~20 ms of convolutions to ~1/3, so upsample/base ~1.4-1.8x.
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
     --variants base,upsample,channels_last --json "$OUT/conv_ab_cuda_12m.json" || rc=1
+  #    cuDNN's benchmark mode is a process flag (conv_ab's docstring): base again in a second process with it on; its
+  #    base row against the one above says what autotuning the static conv shapes would give the trainer.
+  step conv_ab_tuned 90 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base \
+    --cudnn-benchmark --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
+  # 3. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
+  #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
+  step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
+    --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
   # 4. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
   step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
