@@ -176,7 +176,8 @@ class UpConv(Conv):
         w = (self.weight[:, :, None, None, :, :] * taps[:, :, :, None]).sum(4)
         w = (w[..., None, None, :] * taps).sum(-1)
         w = w.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)  # (O * 4, I, L, L)
-        y = F.conv2d(x, w, self.bias.repeat_interleave(4), padding=taps.shape[1] // 2)
+        bias = self.bias[:, None].expand(-1, 4).flatten()  # (O * 4,), each output's bias for its 4 phases
+        y = F.conv2d(x, w, bias, padding=taps.shape[1] // 2)
         return F.pixel_shuffle(y, 2)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
