@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import operator
 import os
+import re
 import sys
 import types
 from unittest import mock
@@ -82,12 +83,18 @@ def gpu_lowerings():
     inputs' or its users' kernels where they are pointwise) and the online-softmax rewrite (GPU only: one reduction
     pass for a softmax's max and sum) and the grouping of independent kernels into combo kernels (GPU only; what
     a compile with `combo_kernels` gets). Each by swapping one constant of the function's code for the duration
-    (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). And this
-    project's own choice: the block GRU's GPU-only code (`block_gru`: reference.GPU_CODE). Yields the names of those
-    swapped."""
+    (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Programmatic
+    dependent launch (`pdl`: what a compile with `triton.enable_pdl` gets on a GPU of compute capability 9 or more,
+    its kernels' gdc_wait and gdc_launch_dependents and their launch_pdl) by replacing the method that asks the
+    device. And this project's own choice: the block GRU's GPU-only code (`block_gru`: reference.GPU_CODE). Yields
+    the names of those set."""
+    import torch._inductor.config as inductor_config
     import torch._inductor.lowering as lowering
+    from torch._inductor.codegen.triton import TritonKernel
     from torch._inductor.fx_passes import post_grad
     from torch._inductor.scheduler import ForeachKernelSchedulerNode
+    from torch._inductor.select_algorithm import TritonTemplateKernel
+    from torch._inductor.virtualized import V
 
     cat = getattr(lowering.lowerings.get(torch.ops.aten.cat.default), "__wrapped__", None)
     combo = getattr(ForeachKernelSchedulerNode, "_default_group_nodes_for_combo_kernels", None)
@@ -99,14 +106,21 @@ def gpu_lowerings():
     ]
     from fastdreamer.kernels.block_gru import reference
 
+    def hopper_pdl() -> bool:  # TritonKernel._enable_pdl_codegen with a Hopper GPU's answers for the device
+        return inductor_config.triton.enable_pdl and not isinstance(V.kernel, TritonTemplateKernel)
+
     done = []
     saved = reference.GPU_CODE
     try:
-        for name, fn, old, new in swaps:
-            if fn is not None and _swap_const(fn, old, new):
-                done.append((name, fn, old, new))
-        reference.GPU_CODE = True  # the block GRU's own GPU-only path (reference._split_hidden)
-        yield [name for name, *_ in done] + ["block_gru"]
+        with contextlib.ExitStack() as stack:
+            for name, fn, old, new in swaps:
+                if fn is not None and _swap_const(fn, old, new):
+                    done.append((name, fn, old, new))
+            pdl = ["pdl"] if hasattr(TritonKernel, "_enable_pdl_codegen") else []
+            if pdl:
+                stack.enter_context(mock.patch.object(TritonKernel, "_enable_pdl_codegen", staticmethod(hopper_pdl)))
+            reference.GPU_CODE = True  # the block GRU's own GPU-only path (reference._split_hidden)
+            yield [name for name, *_ in done] + pdl + ["block_gru"]
     finally:
         reference.GPU_CODE = saved
         for _, fn, old, new in done:
@@ -170,6 +184,19 @@ def triton_codegen(gpu: bool = True):
         torch._dynamo.reset()
 
 
+KERNEL_DEF = re.compile(r"^(\w+) = async_compile\.triton\(", re.M)
+
+
+def pdl_launches(code: str) -> int:
+    """How many of the Triton launches in one generated module's `call` are of kernels generated for programmatic
+    dependent launch (their triton_meta's launch_pdl)."""
+    starts = [(m.group(1), m.start()) for m in KERNEL_DEF.finditer(code)]
+    ends = [s for _, s in starts[1:]] + [code.find("def call(")] if starts else []
+    pdl = {name for (name, a), b in zip(starts, ends, strict=True) if "'launch_pdl': True" in code[a:b]}
+    body = code[code.find("def call(") :]
+    return sum(len(re.findall(rf"^\s*{name}\.run\(", body, re.M)) for name in pdl)
+
+
 def census(
     size: str,
     obs: str,
@@ -179,6 +206,7 @@ def census(
     dump: str | None = None,
     gpu: bool = True,
     combo: bool = False,
+    pdl: bool = False,
     **overrides,
 ) -> dict:
     """The launches of one full update as the GPU's fast path makes them (compiled agent, deferred observe loop;
@@ -187,7 +215,8 @@ def census(
     between the graphs that launch a kernel on a GPU (step_kernels.kernel_ops). The first update compiles; the
     next `updates` are counted.
     dump: a folder to write each graph's generated code to (graphNN.py, in compile order). gpu: triton_codegen's.
-    combo: compile with inductor's combo kernels (fast.COMBO_KERNELS). overrides: Config fields (the tests' shorter
+    combo: compile with inductor's combo kernels (fast.COMBO_KERNELS); pdl: with programmatic dependent launch
+    (fast.PDL; the same launches, counted in `pdl_kernels`). overrides: Config fields (the tests' shorter
     sequences)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -200,9 +229,9 @@ def census(
     cfg = make_config(size, **overrides)
     agent, opt = make_agent(cfg, obs, "cpu")
     data = random_batch(agent, cfg.batch_size, cfg.batch_length + cfg.replay_context, "cpu")
-    saved = fast.DEFER, fast.COMBO_KERNELS
+    saved = fast.DEFER, fast.COMBO_KERNELS, fast.PDL
     fast.DEFER = True  # the GPU's observe loop (deferred weight gradients), here on the CPU
-    fast.COMBO_KERNELS = combo
+    fast.COMBO_KERNELS, fast.PDL = combo, pdl
     try:
         with triton_codegen(gpu) as codes:
             update = fast.make_update(update_step, agent, opt, "compile", precision)
@@ -215,11 +244,11 @@ def census(
                     update(data)
             between = {name: n / updates for name, n in kernel_ops(prof.events()).items()}
     finally:
-        fast.DEFER, fast.COMBO_KERNELS = saved
+        fast.DEFER, fast.COMBO_KERNELS, fast.PDL = saved
     graphs = []
     for i, (code, calls, label) in enumerate(zip(codes, codes.calls, codes.labels, strict=True)):
         n = launches(code)
-        graphs.append({"graph": label or "?", "calls": calls / updates, **n})
+        graphs.append({"graph": label or "?", "calls": calls / updates, **n, "pdl": pdl_launches(code)})
         if dump:
             os.makedirs(dump, exist_ok=True)
             with open(os.path.join(dump, f"graph{i:02d}.py"), "w") as f:
@@ -228,6 +257,7 @@ def census(
     return {
         "meta": {
             **{"size": size, "obs": obs, "precision": precision, "optimizer": optimizer, "combo_kernels": combo},
+            "pdl": pdl,
             **overrides,
             **{"torch": torch.__version__, "batch_length": cfg.batch_length, "imag_length": cfg.imag_length},
             "gpu_lowerings": codes.gpu_lowerings,
@@ -235,6 +265,7 @@ def census(
         "graphs": graphs,
         "between": dict(sorted(between.items(), key=lambda kv: -kv[1])),
         "in_graphs": in_graphs,
+        "pdl_kernels": sum(g["calls"] * g["pdl"] for g in graphs),
         "total": in_graphs + sum(between.values()),
     }
 
@@ -266,6 +297,7 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--combo-kernels", action="store_true", help="compile with inductor's combo kernels (FASTDREAMER_COMBO_KERNELS)"
     )
+    p.add_argument("--pdl", action="store_true", help="compile with programmatic dependent launch (FASTDREAMER_PDL)")
     args = p.parse_args(argv)
     fast.check_precision(args.precision, "compile")
     out = census(
@@ -277,9 +309,11 @@ def main(argv=None) -> dict:
         args.dump,
         not args.cpu_lowerings,
         args.combo_kernels,
+        args.pdl,
     )
     m = out["meta"]
     combo = ", combo kernels" if m["combo_kernels"] else ""
+    combo += f", PDL ({out['pdl_kernels']:.0f} launches)" if m["pdl"] else ""
     print(
         f"gpu_codegen: one {m['size']} {m['obs']} update{combo}, {m['precision']}, optimizer {m['optimizer']}, torch "
         f"{m['torch']}, GPU lowerings {','.join(m['gpu_lowerings']) or 'none'}: {out['total']:.0f} launches "

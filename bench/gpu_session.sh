@@ -138,11 +138,13 @@ quick() {
   # rollout 492 -> 419: wh/wg cast once, the branch norms one kernel, the block layer split, feats stored bf16; the
   # observe step's forward 9 -> 8 with its gate pre-activations recomputed; the layers' bias casts gone; the
   # metrics' means stacked). Session 27: the decoder's upsampling convs at their inputs' resolution (for pong).
-  # 1. The headline and a lever in one process: graphs mode's full update with and without inductor's combo kernels
-  #    (bench/combo_ab.py; FASTDREAMER_COMBO_KERNELS). Predicted: plain 10.46 -> ~9.0-9.4 ms; the census counts
-  #    ~13% fewer launches with combo kernels at debug size (12m: bench/results/gpu_codegen_12m_combo_torch211.json),
-  #    so ~-0.5-1 ms if a combo launch costs what one of its parts did. Two compiles and captures: ~2 x 60 s cold.
-  step combo_ab 200 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
+  # 1. The headline and two levers in one process: graphs mode's full update plain, with inductor's combo kernels
+  #    (FASTDREAMER_COMBO_KERNELS) and with programmatic dependent launch (FASTDREAMER_PDL; bench/combo_ab.py).
+  #    Predicted: plain 10.46 -> ~9.0-9.4 ms; the census counts ~13% fewer launches with combo kernels at debug size
+  #    (12m: bench/results/gpu_codegen_12m_combo_torch211.json), so ~-0.5-1 ms if a combo launch costs what one of
+  #    its parts did; PDL covers the Triton launches (session 27's census), ~-0.3-1 ms if it hides ~0.2-0.5 us of
+  #    each one's gap and ramp. Three compiles and captures: ~3 x 60 s cold.
+  step combo_ab 260 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
     --json "$OUT/combo_ab_cuda_12m.json" || rc=1
   # 2. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
   #    sub-pixel decoder (base) against the reference's repeat-then-conv (upsample; 36% of the decoder's conv
@@ -154,12 +156,12 @@ quick() {
   #    base row against the one above says what autotuning the static conv shapes would give the trainer.
   step conv_ab_tuned 90 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base \
     --cudnn-benchmark --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
-  # 3. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
+  # 3. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
+  step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
+  # 4. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
   #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
   step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
     --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
-  # 4. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
-  step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"

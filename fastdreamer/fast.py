@@ -123,6 +123,8 @@ FAN_OUT: bool | str = os.environ.get("FASTDREAMER_FAN_OUT", "1")
 DEFER: bool | str = os.environ.get("FASTDREAMER_DEFER", "auto")
 # Inductor's combo kernels in the compiled graphs (FASTDREAMER_COMBO_KERNELS=1|0), off until a GPU has measured them.
 COMBO_KERNELS: bool | str = os.environ.get("FASTDREAMER_COMBO_KERNELS", "0")
+# Programmatic dependent launch for inductor's Triton kernels (FASTDREAMER_PDL=1|0), off until a GPU has measured it.
+PDL: bool | str = os.environ.get("FASTDREAMER_PDL", "0")
 
 
 def _switch(name: str, value: bool | str, auto: bool = False) -> bool | str:
@@ -141,6 +143,17 @@ def combo_kernels_on() -> bool:
     launches per 12m update on the GPU's path (3,094 -> 2,748); their speed and numerics on a GPU are unmeasured,
     hence off by default (bench.combo_ab measures and checks them)."""
     return bool(_switch("FASTDREAMER_COMBO_KERNELS", COMBO_KERNELS))
+
+
+def pdl_on() -> bool:
+    """Whether the fast modes' graphs are compiled with programmatic dependent launch (FASTDREAMER_PDL=1|0):
+    inductor's `triton.enable_pdl`, which on Hopper and later GPUs launches each Triton kernel so that it may start
+    while the kernel before it finishes, waiting (`gdc_wait`) only before it reads what that kernel wrote. The update
+    is a chain of ~2,500 small dependent kernels (12m, ~2.3 us each on the H200, session 24), so the gap and ramp
+    between two of them is a large part of each. Inductor generates it for CUDA devices of compute capability 9 or
+    more only (the census shows the code a Hopper GPU would get); unmeasured on a GPU, hence off by default
+    (bench.combo_ab measures and checks it)."""
+    return bool(_switch("FASTDREAMER_PDL", PDL))
 
 
 def _one_cast_each(graph: torch.fx.Graph) -> None:
@@ -205,11 +218,13 @@ def _post_grad_pass():
 
 def _compile(fn, **kwargs):
     """torch.compile with one graph per shape (dynamic=False: the kernels stay specialised) and the fast modes'
-    inductor options: one cast per tensor and dtype in a graph (_one_cast_each), and combo kernels where switched
-    on."""
+    inductor options: one cast per tensor and dtype in a graph (_one_cast_each), and combo kernels and programmatic
+    dependent launch where switched on."""
     options = {"post_grad_custom_pre_pass": _post_grad_pass()}
     if combo_kernels_on():
         options["combo_kernels"] = True
+    if pdl_on():
+        options["triton.enable_pdl"] = True
     return torch.compile(fn, dynamic=False, options=options, **kwargs)
 
 
@@ -236,7 +251,7 @@ def compile_agent(agent) -> None:
         return
     rssm = agent.rssm
     # first: a bad setting fails before any compile
-    fan_out, defer, _ = fan_out_on(), defer_on(_device(agent)), combo_kernels_on()
+    fan_out, defer, _, _ = fan_out_on(), defer_on(_device(agent)), combo_kernels_on(), pdl_on()
     # One graph per batch shape (B in observe, N in act); dynamic=False keeps the kernels specialised.
     rssm.obs_step = _same_grad_inputs(_compile(rssm.obs_step))
     # The T-step loop stays Python: a graph break around it, T calls of the compiled step inside.

@@ -466,9 +466,10 @@ def test_graph_breaks_fails_on_a_break_in_the_observe_step():
 
 
 def test_combo_ab_compiles_each_variant_with_its_own_options_and_checks_before_timing(tmp_path, monkeypatch):
-    """bench.combo_ab at a tiny shape on the CPU (where inductor forms no combo kernels, so both variants compute the
-    same): each variant's units are compiled with its own inductor options, the check passes, both are timed, and
-    the switch is back as it was. A combo variant whose gradients are wrong fails the check and exits 1."""
+    """bench.combo_ab at a tiny shape on the CPU (where inductor forms no combo kernels and no PDL code, so every
+    variant computes the same): each variant's units are compiled with its own inductor options, in order, the checks
+    pass, all are timed, and the switches are back as they were. A variant whose gradients are wrong fails its check
+    and exits 1."""
     from bench import combo_ab
     from fastdreamer import fast
 
@@ -476,7 +477,7 @@ def test_combo_ab_compiles_each_variant_with_its_own_options_and_checks_before_t
     compile_ = fast._compile
 
     def spy(fn, **kwargs):
-        seen.append(fast.combo_kernels_on())
+        seen.append((fast.combo_kernels_on(), fast.pdl_on()))
         return compile_(fn, **kwargs)
 
     monkeypatch.setattr(fast, "_compile", spy)
@@ -485,16 +486,20 @@ def test_combo_ab_compiles_each_variant_with_its_own_options_and_checks_before_t
     args += ["--batch-size", "2", "--batch-length", "6", "--imag-length", "2"]
     combo_ab.main([*args, "--json", str(out)])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert rows["combo"]["ok"] and rows["combo"]["check_worst_rel"] < combo_ab.CHECK_REL["fp32"], rows
-    assert rows["plain"]["median_ms"] > 0 and rows["combo"]["median_ms"] > 0
-    assert seen and seen.index(True) > 0 and set(seen[: seen.index(True)]) == {False} and all(seen[seen.index(True) :])
-    assert fast.COMBO_KERNELS == "0" or fast.COMBO_KERNELS is False
+    assert list(rows) == ["plain", "combo", "pdl"]
+    for v in ("combo", "pdl"):
+        assert rows[v]["ok"] and rows[v]["check_worst_rel"] < combo_ab.CHECK_REL["fp32"], rows
+    assert all(r["median_ms"] > 0 for r in rows.values())
+    # every variant's compiles, in the variants' order, each with its own switches
+    assert list(dict.fromkeys(seen)) == [(False, False), (True, False), (False, True)], seen
+    assert seen == sorted(seen, key=[(False, False), (True, False), (False, True)].index)
+    assert fast.COMBO_KERNELS in ("0", False) and fast.PDL in ("0", False)
 
     update_step = combo_ab.update_step
 
-    def wrong(agent, opt, data):  # the combo agent's gradients doubled: a wrong update
+    def wrong(agent, opt, data):  # the PDL agent's gradients doubled: a wrong update
         result = update_step(agent, opt, data)
-        if fast.combo_kernels_on():
+        if fast.pdl_on():
             for q in agent.parameters():
                 if q.grad is not None:
                     q.grad.mul_(2)
@@ -502,5 +507,7 @@ def test_combo_ab_compiles_each_variant_with_its_own_options_and_checks_before_t
 
     monkeypatch.setattr(combo_ab, "update_step", wrong)
     with pytest.raises(SystemExit) as exc:
-        combo_ab.main(args)
+        combo_ab.main([*args, "--variants", "pdl", "--json", str(out)])
     assert exc.value.code == 1
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["plain", "pdl"] and not rows["pdl"]["ok"] and "median_ms" not in rows["pdl"], rows

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch._inductor.utils import run_and_get_code
 
-from bench.gpu_codegen import triton_codegen
+from bench.gpu_codegen import pdl_launches, triton_codegen
 from bench.step_kernels import LAUNCH, launches, step_code
 
 
@@ -42,7 +42,8 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert len(codes) == 2 and codes.backward == [False, True] and codes.calls == [2, 2], codes.calls
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
-    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "block_gru"]  # the CI's torch has them all
+    # the CI's torch has them all
+    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "pdl", "block_gru"]
     names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -345,6 +346,29 @@ def test_compiled_lambda_return_is_a_few_kernels_at_any_length():
 
 def sin_times_cos(a, b):
     return a.sin() @ b.cos()
+
+
+def test_pdl_switch_reaches_inductor_and_the_census_shows_a_hoppers_code(monkeypatch):
+    """FASTDREAMER_PDL=1 compiles the fast modes' units with inductor's programmatic dependent launch: every Triton
+    kernel of the graph is generated to wait for its predecessor's writes and launched with launch_pdl (the code a
+    GPU of compute capability 9 gets; the census stands in for one), the matmul is not, and the result is eager's.
+    Off (the default), no kernel is."""
+    from fastdreamer import fast
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 16, generator=gen), torch.randn(16, 4, generator=gen)
+    for pdl in (False, True):
+        monkeypatch.setattr(fast, "PDL", pdl)
+        with triton_codegen() as codes:
+            out = fast._compile(sin_times_cos)(a, b)
+        torch.testing.assert_close(out, sin_times_cos(a, b), rtol=1e-6, atol=1e-6)
+        (code,) = codes
+        assert launches(code) == {"fused": 2, "extern": 1, "aten": 0}
+        assert pdl_launches(code) == (2 if pdl else 0)
+        assert code.count("tl.extra.cuda.gdc_wait()") == (2 if pdl else 0)
+    with triton_codegen(gpu=False) as codes:  # without the census's Hopper: a CPU device gets none
+        fast._compile(sin_times_cos)(a, b)
+    assert pdl_launches(codes[0]) == 0
 
 
 def test_combo_kernels_switch_reaches_inductor_and_the_census_counts_it(monkeypatch):

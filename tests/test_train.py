@@ -393,7 +393,7 @@ def test_bad_train_input_is_one_clear_line(args, message, tmp_path, capsys):
     assert code == 2 and len(lines) == 1 and message in lines[0], err
 
 
-@pytest.mark.parametrize("name", ["FAN_OUT", "DEFER", "COMBO_KERNELS"])
+@pytest.mark.parametrize("name", ["FAN_OUT", "DEFER", "COMBO_KERNELS", "PDL"])
 def test_a_bad_observe_loop_switch_is_one_clear_line(name, tmp_path, monkeypatch, capsys):
     from fastdreamer import fast
 
