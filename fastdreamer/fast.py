@@ -152,7 +152,9 @@ def pdl_on() -> bool:
     is a chain of ~2,500 small dependent kernels (12m, ~2.3 us each on the H200, session 24), so the gap and ramp
     between two of them is a large part of each. Inductor generates it for CUDA devices of compute capability 9 or
     more only (the census shows the code a Hopper GPU would get); unmeasured on a GPU, hence off by default
-    (bench.combo_ab measures and checks it)."""
+    (bench.combo_ab measures and checks it). Before it is a default, the CUDA fast-vs-eager tests should pass with it
+    on, several times: inductor puts a kernel's wait only where it reads what the kernel right before it wrote, so
+    any ordering fault would show as intermittent wrong values, not as an error."""
     return bool(_switch("FASTDREAMER_PDL", PDL))
 
 
