@@ -152,16 +152,16 @@ quick() {
   #    Predicted: the decoder's ~half of pong's ~20 ms of convolutions to ~1/3, so upsample/base ~1.4-1.8x.
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
     --variants base,upsample,channels_last --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  #    cuDNN's benchmark mode is a process flag (conv_ab's docstring): base again in a second process with it on; its
-  #    base row against the one above says what autotuning the static conv shapes would give the trainer.
-  step conv_ab_tuned 90 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base \
-    --cudnn-benchmark --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
-  # 3. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
-  step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
-  # 4. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
+  # 3. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
   #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
   step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
     --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
+  # 4. cuDNN's benchmark mode is a process flag (conv_ab's docstring): base again in a second process with it on; its
+  #    base row against step 2's says what autotuning the static conv shapes would give the trainer.
+  step conv_ab_tuned 90 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base \
+    --cudnn-benchmark --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
+  # 5. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
+  step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
   return "$rc"
