@@ -16,7 +16,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def conv_and_input(cin: int, cout: int, kernel: int, shape: tuple[int, int, int], seed: int, dtype=torch.float32):
-    """A Conv with a random (not zero) bias and an input (N, cin, H, W), both drawn from `seed`."""
+    """An UpConv with a random (not zero) bias and an input (N, cin, H, W), both drawn from `seed`."""
     torch.manual_seed(seed)
     conv = nets.UpConv(cin, cout, kernel).to(dtype)
     with torch.no_grad():
