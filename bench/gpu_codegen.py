@@ -86,8 +86,7 @@ def gpu_lowerings():
     (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Programmatic
     dependent launch (`pdl`: what a compile with `triton.enable_pdl` gets on a GPU of compute capability 9 or more,
     its kernels' gdc_wait and gdc_launch_dependents and their launch_pdl) by replacing the method that asks the
-    device. And this project's own choice: the block GRU's GPU-only code (`block_gru`: reference.GPU_CODE). Yields
-    the names of those set."""
+    device. Yields the names of those set."""
     import torch._inductor.config as inductor_config
     import torch._inductor.lowering as lowering
     from torch._inductor.codegen.triton import TritonKernel
@@ -104,13 +103,11 @@ def gpu_lowerings():
         # Combo kernels (when the compile asks for them: fast.combo_kernels_on) skip nodes on a "cpu" or "mps" device.
         ("combo_kernels", combo, "cpu", "cuda-like"),
     ]
-    from fastdreamer.kernels.block_gru import reference
 
     def hopper_pdl() -> bool:  # TritonKernel._enable_pdl_codegen with a Hopper GPU's answers for the device
         return inductor_config.triton.enable_pdl and not isinstance(V.kernel, TritonTemplateKernel)
 
     done = []
-    saved = reference.GPU_CODE
     try:
         with contextlib.ExitStack() as stack:
             for name, fn, old, new in swaps:
@@ -119,10 +116,8 @@ def gpu_lowerings():
             pdl = ["pdl"] if hasattr(TritonKernel, "_enable_pdl_codegen") else []
             if pdl:
                 stack.enter_context(mock.patch.object(TritonKernel, "_enable_pdl_codegen", staticmethod(hopper_pdl)))
-            reference.GPU_CODE = True  # the block GRU's own GPU-only path (reference._split_hidden)
-            yield [name for name, *_ in done] + pdl + ["block_gru"]
+            yield [name for name, *_ in done] + pdl
     finally:
-        reference.GPU_CODE = saved
         for _, fn, old, new in done:
             _swap_const(fn, new, old)
 

@@ -146,12 +146,12 @@ def between(variant: str, size: str, device: str, precision: str) -> dict[str, f
     return {k: (long.get(k, 0) - short.get(k, 0)) / 4 for k in sorted(set(short) | set(long))}
 
 
-def rollout_launches(size: str, device: str, precision: str) -> dict[str, dict[str, int]]:
+def rollout_launches(size: str, device: str, precision: str, horizon: int | None = None) -> dict[str, dict[str, int]]:
     """Launches of the whole compiled imagination rollout (one graph, H steps unrolled) from B*T starts, for
-    Agent.rollout and Agent.merged_rollout: {name: {kind: count}}."""
+    Agent.rollout and Agent.merged_rollout: {name: {kind: count}}. horizon: H (the size's imag_length when None)."""
     from fastdreamer.agent import Agent
 
-    cfg = make_config(size)
+    cfg = make_config(size) if horizon is None else make_config(size, imag_length=horizon)
     out = {}
     for name in ("rollout", "merged_rollout"):
         torch._dynamo.reset()

@@ -309,10 +309,10 @@ def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(t
         assert rows[v]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"], rows[v]
 
 
-def test_rollout_ab_checks_the_merged_rollout_then_times_both(tmp_path, monkeypatch):
-    """bench.rollout_ab at a tiny shape on the CPU: the merged rollout passes its fp32 check against the unmerged one
-    and both are timed; a merged rollout that computes something else (here its feats scaled by 1.01, made to) is a
-    FAIL row, not a time."""
+def test_rollout_ab_checks_the_merged_rollouts_then_times_them(tmp_path, monkeypatch):
+    """bench.rollout_ab at a tiny shape on the CPU: the merged rollout, with either form of the core's block layer,
+    passes its fp32 check against the unmerged one and all three are timed; a merged rollout that computes something
+    else (here its feats scaled by 1.01, made to) is a FAIL row in both forms, not a time."""
     from bench import rollout_ab
 
     args = ["--size", "debug", "--precision", "fp32", "--rounds", "1", "--repeat", "1", "--threads", "1"]
@@ -321,7 +321,8 @@ def test_rollout_ab_checks_the_merged_rollout_then_times_both(tmp_path, monkeypa
     result = rollout_ab.main([*args, "--json", str(out)])
     assert json.loads(out.read_text())["complete"] is True
     rows = {r["variant"]: r for r in result["rows"]}
-    assert rows["merged"]["ok"] is True and rows["merged"]["check"] < rollout_ab.FP32_REL, rows
+    for v in ("merged", "merged_u"):
+        assert rows[v]["ok"] is True and rows[v]["check"] < rollout_ab.FP32_REL, rows
     assert all(rows[v]["median_ms"] > 0 for v in rollout_ab.VARIANTS), rows
 
     from fastdreamer.agent import Agent
@@ -334,7 +335,8 @@ def test_rollout_ab_checks_the_merged_rollout_then_times_both(tmp_path, monkeypa
 
     monkeypatch.setattr(Agent, "merged_rollout", off)
     rows = {r["variant"]: r for r in rollout_ab.main(args)["rows"]}
-    assert rows["merged"]["ok"] is False and "median_ms" not in rows["merged"], rows
+    for v in ("merged", "merged_u"):
+        assert rows[v]["ok"] is False and "median_ms" not in rows[v], rows
     assert rows["rollout"]["median_ms"] > 0
 
 

@@ -43,7 +43,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
     # the CI's torch has them all
-    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "pdl", "block_gru"]
+    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "pdl"]
     names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -100,7 +100,7 @@ def sin_cos_cat(a, b):
 def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
     """With the GPU's lowerings a cat of two pointwise results and its pointwise user are one kernel (a GPU's
     pointwise cat); with the CPU's, a copy kernel per input and one for the user. After the context inductor's own
-    functions have their constants back, and the block GRU's code is the CPU's again."""
+    functions have their constants back."""
     import torch._inductor.lowering as lowering
 
     gen = torch.Generator().manual_seed(0)
@@ -113,9 +113,6 @@ def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
         (counts[gpu],) = [launches(c) for c in codes]
     assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
     assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
-    from fastdreamer.kernels.block_gru import reference
-
-    assert reference.GPU_CODE is False
 
 
 def test_block_inputs_compiled_are_the_values_of_the_eager_cat():

@@ -821,15 +821,54 @@ def test_merged_rollout_makes_two_matmuls_fewer_per_step():
 
 
 def test_the_compiled_merged_rollout_launches_two_matmuls_fewer_per_step():
-    """bench.step_kernels --rollout (inductor's generated code, CPU, debug size, H 15): the compiled merged rollout
-    makes 2 matmuls fewer per step, 2 more before the loop (the starts' products) and 1 fewer after it (the last
-    action's actor layer): 2H - 1 in all (seen 184 -> 155), and no more fused kernels."""
+    """bench.step_kernels --rollout (inductor's generated code, CPU, debug size, H 3 and 5): the compiled merged
+    rollout makes 2 matmuls fewer per step, 2 more before the loop (the starts' products) and 1 fewer after it (the
+    last action's actor layer): 2H - 1 in all, and no more fused kernels per step. Before the loop it may launch a
+    kernel more, the concatenation of the merged weights (seen: 13 fused kernels per step each, 46 against 45 at
+    H 3. Until session 27, 187 against 201 at H 15: the plain rollout's step had a kernel more, its next block-layer
+    operand recomputing the gate math, which the split block layer removed, reference._split_hidden)."""
     from bench.step_kernels import rollout_launches
 
-    counts = rollout_launches("debug", "cpu", "fp32")
-    H = Config(size="debug").imag_length
-    assert counts["rollout"]["extern"] - counts["merged_rollout"]["extern"] == 2 * H - 1, counts
-    assert counts["merged_rollout"]["fused"] <= counts["rollout"]["fused"], counts
+    counts = {H: rollout_launches("debug", "cpu", "fp32", H) for H in (3, 5)}
+    for H, c in counts.items():
+        assert c["rollout"]["extern"] - c["merged_rollout"]["extern"] == 2 * H - 1, counts
+    slope = {
+        name: {kind: (counts[5][name][kind] - counts[3][name][kind]) / 2 for kind in ("extern", "fused")}
+        for name in ("rollout", "merged_rollout")
+    }
+    assert slope["rollout"]["extern"] - slope["merged_rollout"]["extern"] == 2, slope
+    assert slope["merged_rollout"]["fused"] <= slope["rollout"]["fused"], slope
+
+
+def test_a_cpus_compiled_core_step_splits_its_block_layer_without_gradients_only(monkeypatch):
+    """Compiled for the CPU (inductor's C++ code), a core step without gradients (imagination, acting) multiplies the
+    deter blocks and x apart (reference._split_hidden: a bmm and a mm, no zero-padded operand u, which the C++ code
+    built with a scalar loop); with gradients it keeps u and one bmm, as it does with SPLIT_HIDDEN cleared. Both the
+    eager step's values and gradient."""
+    from torch._inductor.utils import run_and_get_code
+
+    from bench.step_kernels import launches
+
+    gen = torch.Generator().manual_seed(4)
+    w = reference.random_weights(48, 4, 24, 20, 5, gen)
+    inputs = torch.randn(7, 48, generator=gen), torch.randn(7, 20, generator=gen), torch.randn(7, 5, generator=gen)
+    want = reference.step(*inputs, w)
+    for grad, split in ((False, True), (True, True), (False, False)):
+        torch._dynamo.reset()
+        deter = inputs[0].clone().requires_grad_(grad)
+        monkeypatch.setattr(reference, "SPLIT_HIDDEN", split)  # False: bench.rollout_ab's merged_u
+        with torch.set_grad_enabled(grad):
+            got, codes = run_and_get_code(torch.compile(reference.step, dynamic=False), deter, *inputs[1:], w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        u_form = grad or not split
+        assert ("constant_pad_nd" in codes[0]) == u_form, (grad, split, codes[0][codes[0].find("def call(") :])
+        # The forward's matmuls: the three branches, the block layer (split: two), the gate layer.
+        assert launches(codes[0])["extern"] == (5 if u_form else 6), (grad, split, launches(codes[0]))
+        if grad:
+            got.square().sum().backward()
+            ref_deter = inputs[0].clone().requires_grad_()
+            reference.step(ref_deter, *inputs[1:], w).square().sum().backward()
+            torch.testing.assert_close(deter.grad, ref_deter.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compiled_function_retraces_when_the_core_is_switched(monkeypatch):

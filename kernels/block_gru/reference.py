@@ -91,26 +91,24 @@ def _block_inputs(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([blocks, xg], -1)
 
 
-# Whether compiled code takes the paths meant for a GPU's code though its tensors are on the CPU: bench.gpu_codegen
-# sets it while it generates the GPU's kernels on a CPU (gpu_lowerings).
-GPU_CODE = False
-
-
-def _gpu_code(t: torch.Tensor) -> bool:
-    """Whether the code being compiled is a GPU's (or the census's stand-in for one, GPU_CODE)."""
-    return torch.compiler.is_compiling() and (t.is_cuda or GPU_CODE)
+# Whether a compiled step without gradients splits its block layer (_split_hidden). Read while dynamo traces (it
+# guards on it, so a function traced with each value keeps both graphs); bench.rollout_ab's merged_u variant clears it
+# to time the u form beside the split one.
+SPLIT_HIDDEN = True
 
 
 def _split_hidden(deter: torch.Tensor, x: torch.Tensor, w: BlockGRUWeights, bf16: bool) -> torch.Tensor:
     """block_linear(_block_inputs(deter blocks, x), wh, bh) of step() without taps, as the deter blocks' batched
     matmul plus one dense matmul of x by the x rows of every block side by side: the same products summed in another
     order, under bf16 autocast two rounded bf16 products summed in float32 instead of one rounding of their sum (as
-    Agent.merged_rollout's actor). What a GPU's compiled step runs (imagination, acting): the block layer's operand u
+    Agent.merged_rollout's actor). What a compiled step without gradients runs (imagination, acting; with gradients
+    the observe step keeps u, its tap's factor under deferred weight gradients): the block layer's operand u
     repeats x for each of the G blocks (at 12m B 1024, a 16.8 MB bf16 tensor written and read per step), and its
     product's norm took a reduction and a pointwise kernel; split, the deter operand is written by the gate kernel
     of the step before, the norm is one kernel, and a step launches one kernel fewer (census, 12m rollout: 433 ->
-    419 launches with _one_cast_each merging the x rows' copy; bench/LOG.md, session 26). Not on a CPU: inductor's
-    C++ code of the merged rollout then computed the gate math twice per step, once per layout of the new deter."""
+    419 launches with _one_cast_each merging the x rows' copy; bench/LOG.md, session 26). On a CPU too (since
+    session 28): inductor's C++ code built u with a scalar loop (an index division and remainder per element), and
+    split the compiled merged rollout at 1m from 1,024 starts took 115 ms instead of 160 (bench/LOG.md)."""
     B, D = deter.shape
     G, _, out = w.wh.shape
     Dg = D // G
@@ -300,7 +298,7 @@ def step(
         x1 = _branch(stoch, w.w1, w.b1, w.s1, bf16, tap, 1, x1p)
         x2 = _branch(action, w.w2, w.b2, w.s2, bf16, tap, 2) if x2 is None else x2.float()
         x = _pin("x", torch.cat([x0, x1, x2], -1))  # (B, 3K)
-    if taps is None and _gpu_code(deter):
+    if SPLIT_HIDDEN and taps is None and torch.compiler.is_compiling() and not torch.is_grad_enabled():
         nh = rms_normalize(_split_hidden(deter, x, w, bf16))
     else:
         u = _block_inputs(deter.reshape(B, G, D // G), x)  # (B, G, D/G + 3K)
