@@ -113,16 +113,21 @@ class Bench:
             agent, self.cfg.batch_size, self.cfg.batch_length + self.cfg.replay_context, self.device, seed
         )
 
+    def precision_arg(self, mode: str) -> str:
+        """--precision as `mode` takes it: it sets the fast modes' matmuls; eager is the fp32 reference whatever it
+        says (auto resolves to fp32 there), so `--modes eager,compile --precision bf16` times bf16 against fp32."""
+        return "auto" if fast_mode(mode) == "eager" else self.args.precision
+
     def precision(self, mode: str) -> str:
         """fp32 or bf16: the matmul precision of `mode` under --precision on this device."""
-        return fast.resolve_precision(self.args.precision, fast_mode(mode), self.device)
+        return fast.resolve_precision(self.precision_arg(mode), fast_mode(mode), self.device)
 
     def tol(self, mode: str):
         return BF16_TOL if self.precision(mode) == "bf16" else FP32_TOL
 
     def reference_ctx(self, mode: str):
         """Eager under the mode's precision: the reference a fast mode is checked against."""
-        return fast.autocast(self.device, fast_mode(mode), self.args.precision)
+        return fast.autocast(self.device, fast_mode(mode), self.precision_arg(mode))
 
     def record(self, component: str, mode: str, fn=None, ok: bool = True, repeat: int | None = None, **extra):
         row = {"component": component, "mode": mode, "median_ms": None, "spread_ms": None, "ok": ok, **extra}
@@ -169,7 +174,7 @@ class Bench:
     def full_update(self, mode: str):
         agent, opt = self.fresh()
         data = self.data(agent)
-        update = fast.make_update(update_step, agent, opt, fast_mode(mode), self.args.precision)
+        update = fast.make_update(update_step, agent, opt, fast_mode(mode), self.precision_arg(mode))
         ok = True
         if mode != "eager":
             ref_agent, ref_opt = self.fresh()
@@ -189,7 +194,7 @@ class Bench:
     def imagine(self, mode: str):
         agent, _ = self.fresh()
         deter, stoch = rollout_starts(agent, self.cfg.batch_size * self.cfg.batch_length, self.device)
-        imagine = fast.make_imagine(agent, fast_mode(mode), self.args.precision)
+        imagine = fast.make_imagine(agent, fast_mode(mode), self.precision_arg(mode))
         ok, extra = True, {}
         if mode != "eager":
             ref, _ = self.fresh()
@@ -250,7 +255,7 @@ class Bench:
     def in_mode(self, mode, step, inputs):
         """Run step(inputs) under the mode's precision; in the graph modes, captured once (flattened inputs)."""
         if fast_mode(mode) != "graphs":
-            with fast.autocast(self.device, fast_mode(mode), self.args.precision):
+            with fast.autocast(self.device, fast_mode(mode), self.precision_arg(mode)):
                 return step(inputs)
         graphs = self.__dict__.setdefault("_graphs", {})
         key = (mode, step.__name__)
@@ -270,7 +275,7 @@ class Bench:
         n = self.cfg.num_envs
         obs = random_obs(agent, n, self.device, seed=5)
         carry = agent.initial(n, self.device)
-        act = fast.make_act(agent, fast_mode(mode), self.args.precision)
+        act = fast.make_act(agent, fast_mode(mode), self.precision_arg(mode))
         ok = True
         if mode != "eager":
             ref, _ = self.fresh()
@@ -299,7 +304,7 @@ class Bench:
                 fast_mode(mode),
                 str(self.device),
                 gru_impl="triton" if mode == "graphs_triton" else "torch",
-                precision=self.args.precision,
+                precision=self.precision_arg(mode),
                 seconds=self.args.e2e_seconds,
                 batch_size=cfg.batch_size,
                 batch_length=cfg.batch_length,

@@ -29,6 +29,18 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
 
 
+def test_bench_precision_sets_the_fast_modes_and_leaves_eager_the_fp32_reference(tmp_path):
+    """--precision bf16 with eager among the modes: eager runs as the fp32 reference it always is (it was a
+    traceback: eager cannot run bf16), and the meta says so."""
+    out = tmp_path / "bench.json"
+    argv = [*TINY, "--precision", "bf16", "--no-env", "--components", "full_update", "--json", str(out)]
+    proc = run("-m", "bench", *argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["precision"] == {"eager": "fp32"}
+    assert [(r["component"], r["mode"], r["ok"]) for r in result["rows"]] == [("full_update", "eager", True)]
+
+
 def test_bench_cli_writes_every_component_with_its_check_and_a_measured_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
     proc = run("-m", "bench", *TINY, "--e2e-seconds", "0.5", "--json", str(out))
