@@ -108,7 +108,8 @@ def _split_hidden(deter: torch.Tensor, x: torch.Tensor, w: BlockGRUWeights, bf16
     of the step before, the norm is one kernel, and a step launches one kernel fewer (census, 12m rollout: 433 ->
     419 launches with _one_cast_each merging the x rows' copy; bench/LOG.md, session 26). On a CPU too (since
     session 28): inductor's C++ code built u with a scalar loop (an index division and remainder per element), and
-    split the compiled merged rollout at 1m from 1,024 starts took 115 ms instead of 160 (bench/LOG.md)."""
+    split the compiled merged rollout at 1m from 1,024 starts took 102 ms against 147 (bench.rollout_ab, merged
+    against merged_u in one process; bench/LOG.md)."""
     B, D = deter.shape
     G, _, out = w.wh.shape
     Dg = D // G
