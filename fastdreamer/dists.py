@@ -168,31 +168,28 @@ def twohot_nll_gather(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tens
 
 
 def twohot_nll_masked(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """twohot_nll_gather with no integer index: every bin's weight from its own neighbours by the same operations
-    on the same operands, zero away from the target, summed with the log-probs. Why: compiled for CUDA, the gather
-    form's int64 indices, stored for the backward straight out of the counting reduction, make Triton 3.6 (torch
-    2.11) fail to compile the fused loss kernel for Hopper at small batches (bench/LOG.md, 2026-11-26). Costs
-    O(n) elementwise work per target, which a fused kernel hides and eager does not (3x slower there)."""
+    """twohot_nll_gather with no integer tensor: the same counts, clamps and pair as the gather form, in float32
+    (exact: counts up to 2^24), the pair's log-probs and bin values taken by masked sums over the bins (exact: one
+    term and zeros), and the weights by the gather form's own operations on the same operands. Run eagerly it gives
+    bitwise the gather form's loss and gradient (tests/test_dists.py). Why: compiled for CUDA, the gather form's int64
+    indices, stored for the backward straight out of the counting reduction, make Triton 3.6 (torch 2.11) fail to
+    compile the fused loss kernel for Hopper at small batches (bench/LOG.md, 2026-11-26). Until session 28 each bin's
+    weight was computed from its neighbours (bins.roll, two divisions per bin): compiled on the CPU, forward and
+    backward with the log-softmax at 16,384 x 255, 31.7 ms against 13.4 now (the gather form 21.8), alternated in one
+    process (bench/LOG.md, session 28)."""
     n = bins.shape[0]
-    t = target.detach().to(bins.dtype)[..., None]
-    index = torch.arange(n, device=bins.device)
-    first, last = index == 0, index == n - 1
-    # Shifted by one, with ±inf past the ends: pointwise, so a compiled kernel reads bins, not new tensors.
-    nxt = torch.where(last, math.inf, bins.roll(-1))
-    prv = torch.where(first, -math.inf, bins.roll(1))
-    # Bin j is the lower neighbour when b_j <= t < b_j+1, the upper one when b_j-1 <= t < b_j; outside the range
-    # the end bin takes all the weight (the reference's clamped pair: two halves on one bin).
-    lower = (bins <= t) & ((t < nxt) | last)
-    upper = ((prv <= t) | first) & (t < bins)
-    here, to_nxt, to_prv = (bins - t).abs(), (nxt - t).abs(), (prv - t).abs()
-    w_lower = torch.where(t >= bins[-1], 1.0, to_nxt / (here + to_nxt))
-    w_upper = torch.where(t < bins[0], 1.0, to_prv / (to_prv + here))
-    nan = t.isnan()
-    weight = torch.where(lower, w_lower, 0.0) + torch.where(upper, w_upper, 0.0)
-    weight = torch.where(nan, t, weight)  # a NaN target: NaN loss and gradient, as the gather form gives
-    # Only the two bins the gather form reads enter the sum (a -inf log-prob elsewhere adds 0, not 0 * -inf = NaN;
-    # at one of those two, even with weight 0, NaN as there).
-    return -torch.where(lower | upper | nan, logp * weight, 0.0).sum(-1)
+    t = target.detach().to(bins.dtype)
+    index = torch.arange(n, device=bins.device, dtype=bins.dtype)
+    below = ((bins <= t[..., None]).to(bins.dtype).sum(-1) - 1).clamp(0, n - 1)
+    above = (n - (bins > t[..., None]).to(bins.dtype).sum(-1)).clamp(0, n - 1)
+    equal = below == above
+    lower, upper = index == below[..., None], index == above[..., None]
+    lp_below, lp_above = (torch.where(mask, logp, 0.0).sum(-1) for mask in (lower, upper))
+    b_below, b_above = (torch.where(mask, bins, 0.0).sum(-1) for mask in (lower, upper))
+    to_below = torch.where(equal, 1.0, (b_below - t).abs())
+    to_above = torch.where(equal, 1.0, (b_above - t).abs())
+    total = to_below + to_above
+    return -(lp_below * (to_above / total) + lp_above * (to_below / total))
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
