@@ -117,21 +117,36 @@ def twohot_pred(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     return (torch.sign(d) * p * (2 * t / (1 + t)) * b_hi).sum(-1)  # not a matmul: autocast would make it bf16
 
 
+def _twohot_pair(target: torch.Tensor, bins: torch.Tensor, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's neighbouring bins of each target (...,): (below, above) indices by counting bins, clamped to
+    the bins (past an end, both the end bin). dtype: the counts' dtype (None: int64; float32 counts are exact up to
+    2^24, for code that must hold no integer tensor)."""
+    n = bins.shape[0]
+    le, gt = bins <= target[..., None], bins > target[..., None]
+    if dtype is not None:
+        le, gt = le.to(dtype), gt.to(dtype)
+    return (le.sum(-1) - 1).clamp(0, n - 1), (n - gt.sum(-1)).clamp(0, n - 1)
+
+
+def _twohot_weights(
+    b_below: torch.Tensor, b_above: torch.Tensor, target: torch.Tensor, equal: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights of the pair's bins (values b_below, b_above) for target, linear in the raw value; a clamped pair
+    (equal) gets half on each."""
+    to_below = torch.where(equal, 1.0, (b_below - target).abs())
+    to_above = torch.where(equal, 1.0, (b_above - target).abs())
+    total = to_below + to_above
+    return to_above / total, to_below / total
+
+
 def twohot_encode(target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """Two-hot encoding of scalar targets (...,) over bins (n,): weights on the two neighbouring bins,
     linear in the raw value; values outside the range go fully to the end bin."""
     n = bins.shape[0]
     target = target.to(bins.dtype)
-    below = (bins <= target[..., None]).sum(-1) - 1
-    above = n - (bins > target[..., None]).sum(-1)
-    below = below.clamp(0, n - 1)
-    above = above.clamp(0, n - 1)
-    equal = below == above
-    to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
-    to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
-    total = to_below + to_above
-    weights = (to_above / total)[..., None], (to_below / total)[..., None]
-    return one_hot(below, n, bins.dtype) * weights[0] + one_hot(above, n, bins.dtype) * weights[1]
+    below, above = _twohot_pair(target, bins)
+    w_below, w_above = _twohot_weights(bins[below], bins[above], target, below == above)
+    return one_hot(below, n, bins.dtype) * w_below[..., None] + one_hot(above, n, bins.dtype) * w_above[..., None]
 
 
 def twohot_loss(logits: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
@@ -154,42 +169,32 @@ def twohot_nll(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> 
 
 def twohot_nll_gather(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
     """The reference's form: the neighbours' indices by counting bins, clamped, and their log-probs gathered."""
-    n = bins.shape[0]
     target = target.detach().to(bins.dtype)
-    below = ((bins <= target[..., None]).sum(-1) - 1).clamp(0, n - 1)
-    above = (n - (bins > target[..., None]).sum(-1)).clamp(0, n - 1)
-    equal = below == above
-    to_below = torch.where(equal, 1.0, (bins[below] - target).abs())
-    to_above = torch.where(equal, 1.0, (bins[above] - target).abs())
-    total = to_below + to_above
+    below, above = _twohot_pair(target, bins)
+    w_below, w_above = _twohot_weights(bins[below], bins[above], target, below == above)
     lp_below = logp.gather(-1, below[..., None]).squeeze(-1)
     lp_above = logp.gather(-1, above[..., None]).squeeze(-1)
-    return -(lp_below * (to_above / total) + lp_above * (to_below / total))
+    return -(lp_below * w_below + lp_above * w_above)
 
 
 def twohot_nll_masked(logp: torch.Tensor, target: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """twohot_nll_gather with no integer tensor: the same counts, clamps and pair as the gather form, in float32
-    (exact: counts up to 2^24), the pair's log-probs and bin values taken by masked sums over the bins (exact: one
-    term and zeros), and the weights by the gather form's own operations on the same operands. Run eagerly it gives
-    bitwise the gather form's loss and gradient (tests/test_dists.py). Why: compiled for CUDA, the gather form's int64
-    indices, stored for the backward straight out of the counting reduction, make Triton 3.6 (torch 2.11) fail to
-    compile the fused loss kernel for Hopper at small batches (bench/LOG.md, 2026-11-26). Until session 28 each bin's
-    weight was computed from its neighbours (bins.roll, two divisions per bin): compiled on the CPU, forward and
-    backward with the log-softmax at 16,384 x 255, 31.7 ms against 13.4 now (the gather form 21.8), alternated in one
-    process (bench/LOG.md, session 28)."""
-    n = bins.shape[0]
+    """twohot_nll_gather with no integer tensor: the same counts, clamps and pair as the gather form (_twohot_pair),
+    in float32 (exact: counts up to 2^24), the pair's log-probs and bin values taken by masked sums over the bins
+    (exact: one term and zeros), and the weights by the gather form's own operations on the same operands
+    (_twohot_weights). Run eagerly it gives bitwise the gather form's loss and gradient (tests/test_dists.py). Why:
+    compiled for CUDA, the gather form's int64 indices, stored for the backward straight out of the counting
+    reduction, make Triton 3.6 (torch 2.11) fail to compile the fused loss kernel for Hopper at small batches
+    (bench/LOG.md, 2026-11-26). Until session 28 each bin's weight was computed from its neighbours (bins.roll, two
+    divisions per bin): compiled on the CPU, forward and backward with the log-softmax at 16,384 x 255, 31.7 ms
+    against 13.4 now (the gather form 21.8), alternated in one process (bench/LOG.md, session 28)."""
     t = target.detach().to(bins.dtype)
-    index = torch.arange(n, device=bins.device, dtype=bins.dtype)
-    below = ((bins <= t[..., None]).to(bins.dtype).sum(-1) - 1).clamp(0, n - 1)
-    above = (n - (bins > t[..., None]).to(bins.dtype).sum(-1)).clamp(0, n - 1)
-    equal = below == above
+    index = torch.arange(bins.shape[0], device=bins.device, dtype=bins.dtype)
+    below, above = _twohot_pair(t, bins, bins.dtype)
     lower, upper = index == below[..., None], index == above[..., None]
     lp_below, lp_above = (torch.where(mask, logp, 0.0).sum(-1) for mask in (lower, upper))
     b_below, b_above = (torch.where(mask, bins, 0.0).sum(-1) for mask in (lower, upper))
-    to_below = torch.where(equal, 1.0, (b_below - t).abs())
-    to_above = torch.where(equal, 1.0, (b_above - t).abs())
-    total = to_below + to_above
-    return -(lp_below * (to_above / total) + lp_above * (to_below / total))
+    w_below, w_above = _twohot_weights(b_below, b_above, t, below == above)
+    return -(lp_below * w_below + lp_above * w_above)
 
 
 def binary_logp(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
