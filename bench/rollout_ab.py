@@ -74,11 +74,11 @@ def make(cfg, obs: str, device, variant: str, mode: str, precision: str):
 def _u_form(imagine, *args):
     """imagine(*args) with the core's block layer in the u form (reference.SPLIT_HIDDEN cleared for the call: dynamo
     traces, or picks the graph traced, under it; a captured graph kept the form it was captured with)."""
-    reference.SPLIT_HIDDEN = False
+    saved, reference.SPLIT_HIDDEN = reference.SPLIT_HIDDEN, False
     try:
         return imagine(*args)
     finally:
-        reference.SPLIT_HIDDEN = True
+        reference.SPLIT_HIDDEN = saved
 
 
 def check(got, want, precision: str, deter: int, discrete: bool) -> tuple[bool, float, float | None]:
