@@ -11,7 +11,7 @@ import torch
 from fastdreamer.kernels import block_gru
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdreamer.fanout import fan_out
+from fastdreamer.fanout import CHUNK, fan_out, step_sum
 from fastdreamer.rssm import RSSM
 
 # Both paths sum the same T per-step gradients in float32 (autograd one by one, fan_out in one reduction), so they
@@ -49,6 +49,24 @@ def test_fan_out_casts_once_and_sums_the_step_gradients_in_float32():
     assert grads[0].dtype == torch.float32
     for g, p in zip(grads, (w, b), strict=True):
         assert rel(g, p.grad) < GRAD_REL
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stacked"])
+def test_step_sum_is_the_float32_sum_of_the_step_gradients_in_both_forms(running):
+    """fan_out's gradient sum in each form (running: a CPU's; stacked: in CHUNKs, every other device's) against a
+    float64 sum: float32, a new tensor (the step gradients unchanged), within reassociation of T float32 adds, for
+    bf16 and float32 gradients and T not a multiple of CHUNK."""
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float32):
+        used = [torch.randn(33, 17, generator=gen).to(dtype) for _ in range(2 * CHUNK + 3)]
+        before = [g.clone() for g in used]
+        got = step_sum(used, running)
+        want = torch.stack([g.double() for g in used]).sum(0)
+        assert got.dtype == torch.float32 and all(got.data_ptr() != g.data_ptr() for g in used)
+        assert all(torch.equal(g, b) for g, b in zip(used, before, strict=True))
+        assert rel(got.double(), want) < GRAD_REL, rel(got.double(), want)
+        one = step_sum(used[:1], running)
+        assert torch.equal(one, used[0].float()) and one.data_ptr() != used[0].data_ptr()
 
 
 interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
