@@ -11,9 +11,9 @@ its steps' output gradients two ways, and their action input two:
             inside its compiled backward, the stack's gradients contiguous (RSSM.emit_copies)
   hoist     emit, and the core's action branch computed for all steps before the loop (RSSM.hoist_action)
   merge     hoist, and one matmul of each step's new deter for its posterior and the next step's core, the
-            posterior's token part before the loop (RSSM.merge_deter): the fast modes' default on CUDA with the
-            torch core
-  cpu       fan_out, emit and hoist without defer: the fast modes' default on a CPU (defer is CUDA-only there)
+            posterior's token part before the loop (RSSM.merge_deter): the fast modes' default on CUDA and on a
+            CPU with native bf16, with the torch core
+  cpu       fan_out, emit and hoist without defer: the fast modes' default on a CPU without native bf16
 
 These machines are noisy, so the variants are timed in one process, alternated round by round, and reported as ratios
 to per_step. Before timing, each variant makes one update from the same state and its gradients are compared with

@@ -237,12 +237,17 @@ def fan_out_on() -> bool:
 
 def defer_on(device: torch.device) -> bool:
     """Whether the fast modes defer the observe steps' weight gradients on `device` (FASTDREAMER_DEFER=auto|1|0).
-    auto: on CUDA only. On the 2-core CPU (compile, one thread, alternated in one process; bench/LOG.md,
-    2026-11-26) per_step, fan_out and defer were within the machine's noise of each other per full update (a CPU
-    launches kernels for free). On a GPU defer removes 7 matmuls and up to 12 reductions per observe step from the
-    backward (predicted; bench.observe_ab measures it)."""
+    auto: on CUDA, and on a CPU that multiplies bf16 in hardware (native_bf16: where the fast modes run bf16 by
+    default). On a GPU defer removes 7 matmuls and up to 12 reductions per observe step from the backward. On the
+    2-core CPUs (compile, one thread, alternated in one process; bench/LOG.md): an AMD EPYC with avx512_bf16
+    (2026-11-26) had fan_out and defer within its noise of each other in bf16 and defer ~6% slower in fp32 at debug
+    size, so auto kept defer CUDA only; an Intel Xeon with AMX (session 29, after fan_out's faster gradient sum) had
+    defer 4-7% faster than fan_out in bf16 (1m, B8 x T32 and B16 x T64) and even in fp32 (B8 x T32)."""
     value = _switch("FASTDREAMER_DEFER", DEFER, auto=True)
-    return torch.device(device).type == "cuda" if value == "auto" else bool(value)
+    if value != "auto":
+        return bool(value)
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and native_bf16(device))
 
 
 def compile_agent(agent) -> None:
@@ -262,7 +267,7 @@ def compile_agent(agent) -> None:
     # FASTDREAMER_FAN_OUT=0 turns it off, for benchmarks that measure it.
     rssm.fan_out = fan_out
     # The observe steps' weight gradients as one reduction per parameter over all B*T rows, after the loop's
-    # backward (fastdreamer/defer.py). FASTDREAMER_DEFER=1|0|auto (default auto: CUDA only, defer_on).
+    # backward (fastdreamer/defer.py). FASTDREAMER_DEFER=1|0|auto (default auto: CUDA and bf16 CPUs, defer_on).
     rssm.defer = defer
     # Each step's two gradients (next step, output stack) meet inside its compiled backward (RSSM.emit_copies).
     rssm.emit_copies = True

@@ -573,6 +573,18 @@ def test_fp32_fast_updates_match_eager_on_cuda(mode, warm, fallback_random):
     assert_updates_close(mode, history, want, fast_agent, agent, LOSS_TOL, PARAM_TOL, 1e-4, skip=skip)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_defer_auto_is_on_for_cuda_and_for_a_cpu_with_native_bf16(native, monkeypatch):
+    """FASTDREAMER_DEFER=auto: deferred weight gradients on CUDA, and on a CPU where the fast modes run bf16 by
+    default (measured faster there, bench/LOG.md session 29), not on one without; 1 and 0 force it either way."""
+    monkeypatch.setattr(fast, "native_bf16", lambda device: native)
+    monkeypatch.setattr(fast, "DEFER", "auto")
+    assert fast.defer_on(torch.device("cpu")) is native and fast.defer_on("cuda") is True
+    for value, want in (("1", True), ("0", False)):
+        monkeypatch.setattr(fast, "DEFER", value)
+        assert fast.defer_on("cpu") is want and fast.defer_on("cuda") is want
+
+
 @pytest.mark.parametrize(
     "device,mode,defer_on,warm",
     [
