@@ -14,6 +14,8 @@ its steps' output gradients two ways, and their action input two:
             posterior's token part before the loop (RSSM.merge_deter): the fast modes' default on CUDA and on a
             CPU with native bf16, with the torch core
   cpu       fan_out, emit and hoist without defer: the fast modes' default on a CPU without native bf16
+  cpu_stacked  cpu with fan_out's gradient sum in its other form, stacks of 16 steps each summed in float32 (a GPU's;
+            a CPU's is one running sum since session 29: fastdreamer/fanout.py step_sum)
 
 These machines are noisy, so the variants are timed in one process, alternated round by round, and reported as ratios
 to per_step. Before timing, each variant makes one update from the same state and its gradients are compared with
@@ -31,7 +33,7 @@ import time
 import torch
 from fastdreamer.kernels import block_gru
 
-from fastdreamer import fast
+from fastdreamer import fanout, fast
 from fastdreamer.train import update_step
 
 from .__main__ import meta
@@ -53,6 +55,7 @@ VARIANTS = {
     "hoist": ("defer", "emit_copies", "hoist_action"),
     "merge": ("defer", "emit_copies", "hoist_action", "merge_deter"),
     "cpu": ("fan_out", "emit_copies", "hoist_action"),
+    "cpu_stacked": ("fan_out", "emit_copies", "hoist_action"),  # and fanout.FORCE_SUM = "stacked" (flags)
 }
 # One update from the same state, every variant against per_step: the largest relative difference (in norm) of one
 # parameter's gradient. The variants compute the same sums in another order (and, in bf16, without or with the
@@ -73,9 +76,17 @@ def set_flags(rssm, variant: str) -> None:
 
 def flags(agent, variant: str) -> None:
     set_flags(agent.rssm, variant)
+    fanout.FORCE_SUM = "stacked" if variant == "cpu_stacked" else None
 
 
 def main(argv=None) -> dict:
+    try:
+        return _main(argv)
+    finally:
+        fanout.FORCE_SUM = None  # cpu_stacked's setting ends with the run
+
+
+def _main(argv=None) -> dict:
     p = ab_parser(__doc__.splitlines()[0], 5, "updates")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     args = p.parse_args(argv)

@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 
 CHUNK = 16
+# step_sum's form in _FanOut's backward: None picks it by device (running on a CPU, stacked elsewhere); "running" or
+# "stacked" forces one (bench.observe_ab's cpu_stacked variant times the stacked form on a CPU).
+FORCE_SUM: str | None = None
 
 
 class _FanOut(torch.autograd.Function):
@@ -34,7 +37,8 @@ class _FanOut(torch.autograd.Function):
         used = [g for g in grads if g is not None]
         if not used:
             return None, None, None
-        return None, None, step_sum(used, running=used[0].device.type == "cpu").to(ctx.w_dtype)
+        running = FORCE_SUM == "running" if FORCE_SUM else used[0].device.type == "cpu"
+        return None, None, step_sum(used, running).to(ctx.w_dtype)
 
 
 def step_sum(used: list[torch.Tensor], running: bool) -> torch.Tensor:

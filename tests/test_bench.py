@@ -287,11 +287,11 @@ def test_block_gru_bench_times_the_deferred_modes_fwd_bwd_only_after_their_check
 
 
 def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(tmp_path, monkeypatch):
-    """bench.observe_ab at a tiny shape on the CPU: per_step, defer, emit, hoist, merge and cpu pass their gradient
-    check and are timed; a variant whose update raises (here fan_out, made to) is a FAIL row with its error, and the
-    run still completes."""
+    """bench.observe_ab at a tiny shape on the CPU: per_step, defer, emit, hoist, merge, cpu and cpu_stacked pass their
+    gradient check and are timed (and the stacked sum's switch is cleared after); a variant whose update raises (here
+    fan_out, made to) is a FAIL row with its error, and the run still completes."""
     from bench import observe_ab
-    from fastdreamer import fast
+    from fastdreamer import fanout, fast
 
     make_update = fast.make_update
 
@@ -314,9 +314,11 @@ def test_observe_ab_checks_then_times_each_variant_and_survives_one_that_fails(t
         "hoist",
         "merge",
         "cpu",
+        "cpu_stacked",
     ]
     assert rows["fan_out"]["ok"] is False and "injected" in rows["fan_out"]["error"]
-    for v in ("per_step", "defer", "emit", "hoist", "merge", "cpu"):
+    assert fanout.FORCE_SUM is None
+    for v in ("per_step", "defer", "emit", "hoist", "merge", "cpu", "cpu_stacked"):
         assert rows[v]["ok"] is True and rows[v]["median_ms"] > 0, rows[v]
         assert rows[v]["check_worst_rel"] < observe_ab.CHECK_REL["fp32"], rows[v]
 
