@@ -363,7 +363,7 @@ def parser() -> argparse.ArgumentParser:
         "--defer",
         default="auto",
         choices=["auto", "1", "0"],
-        help="fast.DEFER for every variant (auto: the trainer's, on CUDA only; 1 on a CPU runs what CUDA runs)",
+        help="fast.DEFER for every variant (auto: the trainer's, on CUDA and bf16 CPUs; 1: what CUDA runs, anywhere)",
     )
     p.add_argument(
         "--fp-contract",

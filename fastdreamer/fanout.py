@@ -11,7 +11,9 @@ float32, in another order.
 Memory: the T step gradients are held until the sum (the per-step path adds them as they come), T x the step's
 parameters in bf16, 648 MB at 12m and ~10 GiB at 200m with T 64. Worth it only where it also saves the casts, so
 the RSSM uses it under bf16 autocast only (rssm.RSSM.observe). Where fastdreamer/defer.py runs (the fast modes on
-CUDA) the steps take no parameter gradients at all, and fan_out is not used; it remains the fast modes' path on CPU.
+CUDA and, since session 29, on a CPU with native bf16: fast.defer_on) the steps take no parameter gradients at all,
+and fan_out is not used; it remains the fast modes' path on a CPU without native bf16 (which runs fp32 by default,
+where fan_out does nothing) and with FASTDREAMER_DEFER=0.
 """
 
 from __future__ import annotations
