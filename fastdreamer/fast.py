@@ -242,7 +242,7 @@ def defer_on(device: torch.device) -> bool:
     2-core CPUs (compile, one thread, alternated in one process; bench/LOG.md): an AMD EPYC with avx512_bf16
     (2026-11-26) had fan_out and defer within its noise of each other in bf16 and defer ~6% slower in fp32 at debug
     size, so auto kept defer CUDA only; an Intel Xeon with AMX (session 29, after fan_out's faster gradient sum) had
-    defer 4-7% faster than fan_out in bf16 (1m, B8 x T32 and B16 x T64) and even in fp32 (B8 x T32)."""
+    defer 4-8% faster than fan_out in bf16 (1m, B8 x T32 and B16 x T64) and even in fp32 (B8 x T32)."""
     value = _switch("FASTDREAMER_DEFER", DEFER, auto=True)
     if value != "auto":
         return bool(value)
