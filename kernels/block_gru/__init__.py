@@ -68,16 +68,13 @@ def _bf16_autocast(device: torch.device) -> bool:
 def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, taps=None, x2=None, x0p=None, x1p=None):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
     reference.step); with them the return is (deter, seen). x2: the action branch computed by the caller
-    (reference.action_branch; the torch core only: the fused kernels compute all three branches themselves). x0p:
-    the deter branch's product deter @ w0, computed by the caller (reference.step; the torch core only); x1p the
-    stoch branch's, stoch @ w1."""
+    (reference.action_branch). x0p: the deter branch's product deter @ w0, computed by the caller (reference.step);
+    x1p the stoch branch's, stoch @ w1. Both implementations take them and then skip that work."""
     if _impl == "triton":
         from . import fused
 
-        given = ", ".join(n for n, v in (("x2", x2), ("x0p", x0p), ("x1p", x1p)) if v is not None)
-        if given:
-            raise ValueError(f"block_gru: the triton core computes its input branches itself; {given}: torch core only")
-        return fused.step(deter, stoch, action, w, bf16=_bf16_autocast(deter.device), taps=taps)
+        bf16 = _bf16_autocast(deter.device)
+        return fused.step(deter, stoch, action, w, bf16=bf16, taps=taps, x0p=x0p, x1p=x1p, x2=x2)
     return reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p)
 
 

@@ -11,6 +11,11 @@ Math is reference.step's, to the letter; reference.py is the spec. One forward s
                                            h = silu(rms(hpre) * sh), gates = h_g @ wg[g] + bg_g,
                                            deter' = z * tanh(r * c) + (1 - z) * deter               -> (B, D)
 
+A caller may hand over a branch (reference.step's x0p, x1p: the deter and stoch branches' products; x2: the whole
+action branch; modes()): _fwd_branches then computes only the others (and is not launched when none is left),
+_fwd_hidden reads the given ones (a product plus its bias, normalised; x2 as it is), and the backward hands back their
+gradients (dpre_i for a product, dx_2 for x2) instead of multiplying them into the input they replace.
+
 The norm over deter spans blocks, so it is split across launches: the hidden kernel writes partial sums of
 squares, the gate kernel (which needs the whole of h_g anyway) finishes the reduction per row. The backward
 pass mirrors this with four kernels that produce every per-row gradient (d deter, d stoch, d action and the
@@ -63,7 +68,7 @@ import triton
 
 from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
-from .reference import EPS, TAP_SITES, BlockGRUWeights, check_shapes
+from .reference import ACTION_SITES, EPS, TAP_SITES, BlockGRUWeights, check_shapes
 
 __all__ = ["DEBUG_POISON", "DTYPES", "backward", "forward", "rollout", "step", "validate"]
 
@@ -175,6 +180,26 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def modes(x0p, x1p, x2) -> tuple[int, int, int]:
+    """Where each input branch comes from (the kernels' M0, M1, M2): 0 computed by the kernels, 1 the caller's
+    product (x0p = deter @ w0, x1p = stoch @ w1: the kernels add the bias, normalise and apply SiLU), 2 the caller's
+    whole branch (x2 = reference.action_branch)."""
+    return (0 if x0p is None else 1, 0 if x1p is None else 1, 0 if x2 is None else 2)
+
+
+def validate_given(deter: torch.Tensor, w: BlockGRUWeights, **given: torch.Tensor | None) -> None:
+    """The caller's branch inputs (x0p, x1p, x2) must be (B, K) of a supported dtype on deter's device."""
+    B, K = deter.shape[0], w.w0.shape[1]
+    for name, t in given.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != (B, K) or t.dtype not in DTYPES or t.device != deter.device:
+            got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"block_gru fused: {name} must be ({B}, {K}) of one of {DTYPES} on {deter.device}, got {got}"
+            )
+
+
 def forward(
     deter: torch.Tensor,
     stoch: torch.Tensor,
@@ -183,12 +208,19 @@ def forward(
     save: bool = False,
     out: torch.Tensor | None = None,
     bf16: bool = False,
+    x0p: torch.Tensor | None = None,
+    x1p: torch.Tensor | None = None,
+    x2: torch.Tensor | None = None,
 ):
     """One core step. Returns the new deter (B, D) float32 and, with save=True, the activations backward needs.
 
     `out` may be any (B, D) float32 view with unit column stride (rollout writes into its (B, T, D) result).
-    bf16=True rounds every dot's operands to bfloat16 (reference.step's bf16 compute)."""
+    bf16=True rounds every dot's operands to bfloat16 (reference.step's bf16 compute). x0p, x1p, x2: reference.step's
+    (the deter and stoch branches' products, the action branch's output, (B, K) each, computed by the caller); a
+    branch given so is not computed here (modes)."""
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
+    given = [None if t is None else _rows(t) for t in (x0p, x1p, x2)]
+    mode = modes(x0p, x1p, x2)
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
@@ -210,34 +242,42 @@ def forward(
         x, h, rs, gates = _empty((B, 3 * K), dev), _empty((B, D), dev), _empty((B,), dev), _empty((B, 3 * D), dev)
     else:
         x = h = rs = gates = pre  # never written: SAVE is off
-    _fwd_branches[(nb, 3, triton.cdiv(K, BKB))](
-        deter,
-        deter.stride(0),
-        stoch,
-        stoch.stride(0),
-        action,
-        action.stride(0),
-        w.w0,
-        w.b0,
-        w.w1,
-        w.b1,
-        w.w2,
-        w.b2,
-        pre,
-        B,
-        D,
-        SC,
-        A,
-        K,
-        BB=RB,
-        BI=_np2(max(D, SC, A)),
-        BKC=BKB,
-        **prec,
-    )
+    computed = [i for i in range(3) if mode[i] == 0]
+    if computed:
+        _fwd_branches[(nb, len(computed), triton.cdiv(K, BKB))](
+            deter,
+            deter.stride(0),
+            stoch,
+            stoch.stride(0),
+            action,
+            action.stride(0),
+            w.w0,
+            w.b0,
+            w.w1,
+            w.b1,
+            w.w2,
+            w.b2,
+            pre,
+            B,
+            D,
+            SC,
+            A,
+            K,
+            *(computed + [computed[-1]] * (3 - len(computed))),
+            BB=RB,
+            BI=_np2(max(D, SC, A)),
+            BKC=BKB,
+            **prec,
+        )
+    srcs = [a for t in given for a in ((pre, 0) if t is None else (t, t.stride(0)))]
     _fwd_hidden[(nb, G, NJ)](
         deter,
         deter.stride(0),
         pre,
+        *srcs,
+        w.b0,
+        w.b1,
+        w.b2,
         w.s0,
         w.s1,
         w.s2,
@@ -254,6 +294,9 @@ def forward(
         BI=BI,
         BJ=BJ,
         BK=BK,
+        M0=mode[0],
+        M1=mode[1],
+        M2=mode[2],
         SAVE=save,
         **prec,
     )
@@ -285,9 +328,11 @@ def forward(
     return out, (pre, x, hpre, h, rs, gates)
 
 
-def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool) -> dict[str, Tensor]:
+def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool, mode=(0, 0, 0)) -> dict[str, Tensor]:
     """Each tap site's other factor (reference.step's `seen`) from the forward's saved activations: the dots' inputs
-    as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply."""
+    as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply. A branch
+    whose product the caller computed (mode 1) keeps its sites, with the product's input as its factor (as
+    reference.step); one the caller computed whole (mode 2) has none."""
     pre, x, hpre, h, rs, _ = saved
     B, D = deter.shape
     K = pre.shape[1] // 3
@@ -295,33 +340,49 @@ def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: boo
     def op(t: Tensor) -> Tensor:
         return t.bfloat16().float() if bf16 else t.float()
 
-    n = pre.view(B, 3, K) * torch.rsqrt(pre.view(B, 3, K).square().mean(-1, keepdim=True) + EPS)
-    d = op(deter)
+    seen = {}
+    for i, inp in enumerate((deter, stoch, action)):
+        if mode[i] != 2:
+            p = pre[:, i * K : (i + 1) * K]
+            seen[f"x{i}"] = op(inp)
+            seen[f"n{i}"] = p * torch.rsqrt(p.square().mean(-1, keepdim=True) + EPS)
+    d = seen["x0"] if mode[0] != 2 else op(deter)
     u = torch.cat([d.view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
-    seen = {"x0": d, "x1": op(stoch), "x2": op(action), "n0": n[:, 0], "n1": n[:, 1], "n2": n[:, 2]}
     return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
 
 
 def backward(
-    dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False
+    dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False, given=(None, None, None)
 ) -> list[torch.Tensor]:
-    """Gradients of one step for (deter, stoch, action, *w), each in that tensor's dtype. bf16: the forward's
-    precision; the gradient passes straight through its roundings, so the dots use the rounded operands."""
+    """Gradients of one step for (deter, stoch, action, *w, *given), each in that tensor's dtype (None for a given
+    input that is None). bf16: the forward's precision; the gradient passes straight through its roundings, so the
+    dots use the rounded operands. given: forward's (x0p, x1p, x2); a weight its branch did not read gets zeros."""
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
-    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = row_grads(dout, deter, stoch, action, w, saved, bf16)
+    mode = modes(*given)
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx = row_grads(
+        dout, deter, stoch, action, w, saved, bf16, mode
+    )
 
     # Weight grads: sums over the batch of the per-row grads above times each site's other factor (_seen: the dots'
     # rounded operands with bf16), as plain float32 matmuls. Autocast off: the trainer runs backward() inside its bf16
     # autocast, and the engine carries that into this op, which would round the per-row grads and the sums to bf16
     # (measured 1.2e-2 on wh at a test shape) where the spec sums in float32.
     with torch.autocast(deter.device.type, enabled=False):
-        f = _seen(deter, stoch, action, saved, G, bf16)
+        f = _seen(deter, stoch, action, saved, G, bf16, mode)
         wgrads = []
         for i in range(3):  # one tensor per parameter: outputs of a custom op must not alias each other
+            wi = getattr(w, f"w{i}")
+            if mode[i] == 2:
+                wgrads += [
+                    torch.zeros_like(wi, dtype=torch.float32),
+                    *(torch.zeros(K, device=deter.device) for _ in range(2)),
+                ]
+                continue
             dp, dn = dpre[:, i * K : (i + 1) * K], dn_x[:, i * K : (i + 1) * K]
-            wgrads += [f[f"x{i}"].t() @ dp, dp.sum(0), (dn * f[f"n{i}"]).sum(0)]
+            dw = f[f"x{i}"].t() @ dp if mode[i] == 0 else torch.zeros_like(wi, dtype=torch.float32)
+            wgrads += [dw, dp.sum(0), (dn * f[f"n{i}"]).sum(0)]
         wgrads += [
             torch.einsum("bgi,bgo->gio", f["h"], dhpre.view(B, G, DG)),
             dhpre.sum(0),
@@ -329,15 +390,33 @@ def backward(
             torch.einsum("bgi,bgo->gio", f["g"], dgates.view(B, G, 3 * DG)),
             dgates.sum(0),
         ]
+    # An input the kernels did not read (row_grads left its gradient unwritten) gets zeros: a custom op's outputs.
+    dstoch, daction = (torch.zeros_like(g) if u else g for g, u in zip((dstoch, daction), unread(mode)))
     grads = [ddeter, dstoch, daction, *wgrads]
-    return [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
+    out = [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
+    return out + _given_grads(dpre, dx, given, copy=True)
 
 
-def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False):
+def unread(mode) -> tuple[bool, bool]:
+    """Whether stoch and action go unread by the kernels under these branch sources (their branch given)."""
+    return mode[1] != 0, mode[2] != 0
+
+
+def _given_grads(dpre: Tensor, dx: Tensor, given, copy: bool) -> list[Tensor | None]:
+    """The gradients of forward's x0p, x1p (their branches' dpre) and x2 (its part of dx), in their dtypes; copy:
+    never views of dpre or dx (a custom op's outputs must not alias)."""
+    K = dpre.shape[1] // 3
+    src = (dpre[:, :K], dpre[:, K : 2 * K], dx[:, 2 * K :])
+    return [None if t is None else g.to(t.dtype, copy=copy) for g, t in zip(src, given)]
+
+
+def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False, mode=(0, 0, 0)):
     """The per-row gradients of one step, float32: d deter, d stoch, d action, and the intermediate ones every
     weight gradient is a sum over rows of: dpre (B, 3K) of the branches' pre-activations, dn_x (B, 3K) of their
-    scaled norms, dhpre (B, D) of the hidden layer's pre-activation, dn_h (B, D) of its scaled norm, dgates (B, 3D).
-    Four kernel launches."""
+    scaled norms, dhpre (B, D) of the hidden layer's pre-activation, dn_h (B, D) of its scaled norm, dgates (B, 3D);
+    and dx (B, 3K) of the branches' outputs. Four kernel launches. mode: forward's branch sources (modes); the
+    gradient of an input the kernels did not read (stoch with x1p given, action with x2: unread(mode)) is left
+    unwritten, as are a branch given whole's (mode 2) dpre and dn_x columns: callers give those inputs no gradient."""
     pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     dout = dout.float().contiguous()
@@ -398,58 +477,69 @@ def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, save
     dx = _empty((B, 3 * K), dev)
     BKX = _col_tile(3 * K, nb, hi=TILE_K_BWD)
     _bwd_dx[(nb, triton.cdiv(3 * K, BKX))](dhpre, w.wh, dx, B, DG, G, K, BB=BB, BJ=BL, BKC=BKX, BF16=bf16)
-    _bwd_branches[(nb, 3, triton.cdiv(max(D, SC, A), BIN))](
-        dx,
-        pre,
-        w.s0,
-        w.s1,
-        w.s2,
-        w.w0,
-        w.w1,
-        w.w2,
-        dn_x,
-        dpre,
-        ddeter,
-        dstoch,
-        daction,
-        B,
-        D,
-        SC,
-        A,
-        K,
-        BB=BB,
-        BI=BIN,
-        BKC=BKC,
-        BF16=bf16,
-    )
-    return ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates
+    read = [n for n, m in zip((D, SC, A), mode) if m == 0]  # inputs the kernels multiply gradients into
+    if mode != (2, 2, 2):
+        _bwd_branches[(nb, 3, triton.cdiv(max(read), BIN) if read else 1)](
+            dx,
+            pre,
+            w.s0,
+            w.s1,
+            w.s2,
+            w.w0,
+            w.w1,
+            w.w2,
+            dn_x,
+            dpre,
+            ddeter,
+            dstoch,
+            daction,
+            B,
+            D,
+            SC,
+            A,
+            K,
+            BB=BB,
+            BI=BIN,
+            BKC=BKC,
+            M0=mode[0],
+            M1=mode[1],
+            M2=mode[2],
+            BF16=bf16,
+        )
+    return ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx
 
 
 # The kernels sit behind torch.library custom ops so torch.compile treats them as opaque calls (it runs the fake
-# implementations to learn shapes) instead of tracing into Triton launches, and autograd sees one op per step.
+# implementations to learn shapes) instead of tracing into Triton launches, and autograd sees one op per step. The
+# caller's branch inputs (x0p, x1p, x2: forward's) are optional arguments of each.
 Tensor = torch.Tensor
+OptT = Tensor | None
 SavedT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step", mutates_args=())
-def _step_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool) -> Tensor:
-    return forward(deter, stoch, action, BlockGRUWeights(*ws), bf16=bf16)
+def _step_op(
+    deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool, x0p: OptT, x1p: OptT, x2: OptT
+) -> Tensor:
+    return forward(deter, stoch, action, BlockGRUWeights(*ws), bf16=bf16, x0p=x0p, x1p=x1p, x2=x2)
 
 
 @_step_op.register_fake
-def _(deter, stoch, action, ws, bf16):
+def _(deter, stoch, action, ws, bf16, x0p, x1p, x2):
     return deter.new_empty(deter.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step_train", mutates_args=())
-def _train_op(deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool) -> SavedT:
+def _train_op(
+    deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], bf16: bool, x0p: OptT, x1p: OptT, x2: OptT
+) -> SavedT:
     """The step plus what backward needs: (out, pre, x, hpre, h, rs, gates)."""
-    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16)
+    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2)
     return (out, *saved)
 
 
 @_train_op.register_fake
-def _train_op_fake(deter, stoch, action, ws, bf16):
+def _train_op_fake(deter, stoch, action, ws, bf16, x0p, x1p, x2):
     B, D = deter.shape
     K = ws[0].shape[1]
     f32 = {"dtype": torch.float32}
@@ -467,26 +557,53 @@ def _train_op_fake(deter, stoch, action, ws, bf16):
 
 @torch.library.custom_op("fastdreamer::block_gru_step_bwd", mutates_args=())
 def _bwd_op(
-    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor], bf16: bool
+    dout: Tensor,
+    deter: Tensor,
+    stoch: Tensor,
+    action: Tensor,
+    ws: list[Tensor],
+    saved: list[Tensor],
+    bf16: bool,
+    x0p: OptT,
+    x1p: OptT,
+    x2: OptT,
 ) -> list[Tensor]:
-    return backward(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16)
+    """backward()'s gradients, those of the given inputs that are None left out (a custom op returns tensors)."""
+    grads = backward(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16, (x0p, x1p, x2))
+    return [g for g in grads if g is not None]
 
 
 @_bwd_op.register_fake
-def _(dout, deter, stoch, action, ws, saved, bf16):
-    return [torch.empty_like(t) for t in (deter, stoch, action, *ws)]
+def _(dout, deter, stoch, action, ws, saved, bf16, x0p, x1p, x2):
+    return [torch.empty_like(t) for t in (deter, stoch, action, *ws, x0p, x1p, x2) if t is not None]
+
+
+def _given_back(given, grads: list[Tensor]) -> list[Tensor | None]:
+    """The gradients of the given inputs, None where the input was None, from the op's list of the present ones."""
+    it = iter(grads)
+    return [None if t is None else next(it) for t in given]
 
 
 def _train_setup(ctx, inputs, output):
-    deter, stoch, action, ws, bf16 = inputs
-    ctx.bf16 = bf16
-    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:])
+    deter, stoch, action, ws, bf16, *given = inputs
+    ctx.bf16, ctx.n_ws, ctx.has = bf16, len(ws), [t is not None for t in given]
+    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:], *(t for t in given if t is not None))
+
+
+def _saved_given(ctx) -> tuple[list[Tensor], list[Tensor | None]]:
+    """The saved tensors of a step op before the given inputs, and forward's (x0p, x1p, x2) with their Nones."""
+    t = list(ctx.saved_tensors)
+    n = sum(ctx.has)
+    it = iter(t[len(t) - n :])
+    return t[: len(t) - n], [next(it) if h else None for h in ctx.has]
 
 
 def _train_backward(ctx, dout, *_saved_grads):
-    t = ctx.saved_tensors
-    g = _bwd_op(dout, t[0], t[1], t[2], list(t[3:17]), list(t[17:]), ctx.bf16)
-    return g[0], g[1], g[2], list(g[3:]), None
+    t, given = _saved_given(ctx)
+    n = 3 + ctx.n_ws
+    g = _bwd_op(dout, t[0], t[1], t[2], t[3:n], t[n:], ctx.bf16, *given)
+    no_stoch, no_action = unread(modes(*given))  # not read: no gradient (the op's zeros are not handed on)
+    return g[0], None if no_stoch else g[1], None if no_action else g[2], list(g[3:n]), None, *_given_back(given, g[n:])
 
 
 _train_op.register_autograd(_train_backward, setup_context=_train_setup)
@@ -497,50 +614,77 @@ _train_op.register_autograd(_train_backward, setup_context=_train_setup)
 # gradients above sum over rows) and computes no weight gradient; the step returns each site's other factor.
 @torch.library.custom_op("fastdreamer::block_gru_step_tapped", mutates_args=())
 def _tapped_op(
-    deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], taps: list[Tensor], bf16: bool
+    deter: Tensor,
+    stoch: Tensor,
+    action: Tensor,
+    ws: list[Tensor],
+    taps: list[Tensor],
+    bf16: bool,
+    x0p: OptT,
+    x1p: OptT,
+    x2: OptT,
 ) -> SavedT:
-    """_train_op with taps (zeros, in reference.TAP_SITES order), which it does not read."""
-    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16)
+    """_train_op with taps (zeros, in tap_sites order), which it does not read."""
+    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2)
     return (out, *saved)
 
 
 @_tapped_op.register_fake
-def _(deter, stoch, action, ws, taps, bf16):
-    return _train_op_fake(deter, stoch, action, ws, bf16)
+def _(deter, stoch, action, ws, taps, bf16, x0p, x1p, x2):
+    return _train_op_fake(deter, stoch, action, ws, bf16, x0p, x1p, x2)
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step_rows", mutates_args=())
 def _rows_op(
-    dout: Tensor, deter: Tensor, stoch: Tensor, action: Tensor, ws: list[Tensor], saved: list[Tensor], bf16: bool
+    dout: Tensor,
+    deter: Tensor,
+    stoch: Tensor,
+    action: Tensor,
+    ws: list[Tensor],
+    saved: list[Tensor],
+    bf16: bool,
+    m0: int,
+    m1: int,
+    m2: int,
 ) -> list[Tensor]:
-    return list(row_grads(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16))
+    return list(row_grads(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16, (m0, m1, m2)))
 
 
 @_rows_op.register_fake
-def _(dout, deter, stoch, action, ws, saved, bf16):
+def _(dout, deter, stoch, action, ws, saved, bf16, m0, m1, m2):
     B, D = deter.shape
     K = ws[0].shape[1]
-    widths = (D, stoch.shape[1], action.shape[1], 3 * K, 3 * K, D, D, 3 * D)
+    widths = (D, stoch.shape[1], action.shape[1], 3 * K, 3 * K, D, D, 3 * D, 3 * K)
     return [deter.new_empty((B, n), dtype=torch.float32) for n in widths]
 
 
+def tap_sites(x2_given: bool) -> tuple[str, ...]:
+    """The core's tap sites in TAP_SITES order; without the action branch's when the caller computed it (x2)."""
+    return tuple(s for s in TAP_SITES if not (x2_given and s in ACTION_SITES))
+
+
 def _tapped_setup(ctx, inputs, output):
-    deter, stoch, action, ws, taps, bf16 = inputs
-    ctx.bf16, ctx.n_ws, ctx.n_taps = bf16, len(ws), len(taps)
-    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:])
+    deter, stoch, action, ws, taps, bf16, *given = inputs
+    ctx.bf16, ctx.n_ws, ctx.n_taps, ctx.has = bf16, len(ws), len(taps), [t is not None for t in given]
+    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:], *(t for t in given if t is not None))
 
 
 def _tapped_backward(ctx, dout, *_saved_grads):
-    t = ctx.saved_tensors
+    t, given = _saved_given(ctx)
     deter, stoch, action = t[:3]
-    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates = _rows_op(
-        dout, deter, stoch, action, list(t[3 : 3 + ctx.n_ws]), list(t[3 + ctx.n_ws :]), ctx.bf16
+    mode = modes(*given)
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx = _rows_op(
+        dout, deter, stoch, action, t[3 : 3 + ctx.n_ws], t[3 + ctx.n_ws :], ctx.bf16, *mode
     )
     K = dpre.shape[1] // 3
-    taps = [dpre[:, :K], dn_x[:, :K], dpre[:, K : 2 * K], dn_x[:, K : 2 * K], dpre[:, 2 * K :], dn_x[:, 2 * K :]]
-    taps += [dhpre, dn_h, dgates]
+    per_site = {"h": dhpre, "nh": dn_h, "g": dgates}
+    for i in range(3):
+        per_site[f"x{i}"], per_site[f"n{i}"] = dpre[:, i * K : (i + 1) * K], dn_x[:, i * K : (i + 1) * K]
+    taps = [per_site[s] for s in tap_sites(mode[2] == 2)]
     grads = [g.to(x.dtype) for g, x in zip((ddeter, dstoch, daction), (deter, stoch, action), strict=True)]
-    return *grads, [None] * ctx.n_ws, taps, None
+    no_stoch, no_action = unread(mode)  # row_grads left these unwritten: the inputs were not read
+    grads = [grads[0], None if no_stoch else grads[1], None if no_action else grads[2]]
+    return *grads, [None] * ctx.n_ws, taps, None, *_given_grads(dpre, dx, given, copy=False)
 
 
 _tapped_op.register_autograd(_tapped_backward, setup_context=_tapped_setup)
@@ -553,17 +697,26 @@ def step(
     w: BlockGRUWeights,
     bf16: bool = False,
     taps: dict[str, torch.Tensor] | None = None,
+    x0p: torch.Tensor | None = None,
+    x1p: torch.Tensor | None = None,
+    x2: torch.Tensor | None = None,
 ):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
     (once: the backward itself is not). bf16: reference.step's bf16 compute. taps: as reference.step's (zeros at
-    every site of TAP_SITES; the weights get no gradient here); then the return is (deter, seen)."""
+    every site of TAP_SITES, less the action branch's with x2; the weights get no gradient here); then the return is
+    (deter, seen). x0p, x1p, x2: reference.step's, computed by the caller (forward)."""
     validate(deter, stoch, action, w)
+    validate_given(deter, w, x0p=x0p, x1p=x1p, x2=x2)
+    given = (x0p, x1p, x2)
     if taps is not None:
-        outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in TAP_SITES], bf16)
-        return outs[0], _seen(deter, stoch, action, outs[1:], w.wh.shape[0], bf16)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w)):
-        return _train_op(deter, stoch, action, list(w), bf16)[0]
-    return _step_op(deter, stoch, action, list(w), bf16)
+        sites = tap_sites(x2 is not None)
+        if sorted(taps) != sorted(sites):
+            raise ValueError(f"block_gru fused: taps at {sorted(taps)}, expected the sites {list(sites)}")
+        outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in sites], bf16, *given)
+        return outs[0], _seen(deter, stoch, action, outs[1:], w.wh.shape[0], bf16, modes(*given))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w, *given) if t is not None):
+        return _train_op(deter, stoch, action, list(w), bf16, *given)[0]
+    return _step_op(deter, stoch, action, list(w), bf16, *given)
 
 
 @torch.no_grad()

@@ -184,11 +184,13 @@ def _branch_bwd(
     BI: tl.constexpr,
     BKC: tl.constexpr,
     ACCUM: tl.constexpr,
+    MODE: tl.constexpr,
     BF16: tl.constexpr,
 ):
-    """The branch norm's backward for these rows (three chunked passes: rms, mean(dy * y), dpre) and
-    d input[:, chunk pi] = dpre @ w[chunk]^T. Every input chunk recomputes the row scalars, which costs two reads
-    of a K-wide row instead of a launch."""
+    """The branch norm's backward for these rows (three chunked passes: rms, mean(dy * y), dpre) and, with MODE 0,
+    d input[:, chunk pi] = dpre @ w[chunk]^T (otherwise the caller computed the branch's product, whose gradient is
+    dpre itself: only chunk 0 runs). Every input chunk recomputes the row scalars, which costs two reads of a K-wide
+    row instead of a launch."""
     rows = row0 + tl.arange(0, BB)
     rmask = rows < B
     base = rows[:, None] * (3 * K) + br * K
@@ -223,13 +225,15 @@ def _branch_bwd(
         if pi == 0:
             tl.store(dn_ptr + base + ks[None, :], dn, mask=m)
             tl.store(dpre_ptr + base + ks[None, :], dpre, mask=m)
-        w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
-        di = tl.dot(dpre, _operand(w, BF16, False), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
-    om = rmask[:, None] & imask[None, :]
-    op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
-    if ACCUM:
-        di += tl.load(op, mask=om, other=0.0)
-    tl.store(op, di, mask=om)
+        if MODE == 0:
+            w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
+            di = tl.dot(dpre, _operand(w, BF16, False), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
+    if MODE == 0:
+        om = rmask[:, None] & imask[None, :]
+        op = dinp_ptr + rows[:, None] * N_IN + ii[None, :]
+        if ACCUM:
+            di += tl.load(op, mask=om, other=0.0)
+        tl.store(op, di, mask=om)
 
 
 @triton.jit
@@ -255,24 +259,59 @@ def _bwd_branches(
     BB: tl.constexpr,
     BI: tl.constexpr,
     BKC: tl.constexpr,
+    M0: tl.constexpr,
+    M1: tl.constexpr,
+    M2: tl.constexpr,
     BF16: tl.constexpr,
 ):
     """Grid (B/BB, 3, max(D, S*C, A)/BI): branch norm backward and d input_i = dpre_i @ w_i^T, added to d deter for
-    branch 0. Programs past a branch's input width have nothing to do, except chunk 0 which always writes dpre."""
+    branch 0. Programs past a branch's input width have nothing to do, except chunk 0 which always writes dpre.
+    M_i is branch i's source as in _fwd_hidden: 0 computed here (as above), 1 the caller's product (dpre only, by
+    chunk 0), 2 the caller's x (nothing: its gradient is dx)."""
     row0 = tl.program_id(0) * BB
     br = tl.program_id(1)
     pi = tl.program_id(2)
     if br == 0:
-        if pi * BI < D:
+        if _runs(pi, BI, D, M0):
             _branch_bwd(
-                dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True, BF16
+                dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True, M0, BF16
             )
     elif br == 1:
-        if pi * BI < SC:
+        if _runs(pi, BI, SC, M1):
             _branch_bwd(
-                dx_ptr, pre_ptr, s1, w1, dn_ptr, dpre_ptr, dstoch_ptr, 1, B, SC, K, row0, pi, BB, BI, BKC, False, BF16
+                dx_ptr,
+                pre_ptr,
+                s1,
+                w1,
+                dn_ptr,
+                dpre_ptr,
+                dstoch_ptr,
+                1,
+                B,
+                SC,
+                K,
+                row0,
+                pi,
+                BB,
+                BI,
+                BKC,
+                False,
+                M1,
+                BF16,
             )
-    elif pi * BI < A:
+    elif _runs(pi, BI, A, M2):
         _branch_bwd(
-            dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False, BF16
+            dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False, M2, BF16
         )
+
+
+@triton.jit
+def _runs(pi, BI: tl.constexpr, N_IN, MODE: tl.constexpr):
+    """Whether input chunk pi of a branch of source MODE (_bwd_branches) has work."""
+    if MODE == 0:
+        ok = pi * BI < N_IN
+    elif MODE == 1:
+        ok = pi == 0
+    else:
+        ok = pi < 0
+    return ok

@@ -113,14 +113,20 @@ def _fwd_branches(
     SC,
     A,
     K,
+    br0,
+    br1,
+    br2,
     BB: tl.constexpr,
     BI: tl.constexpr,
     BKC: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
+    """Grid (B/BB, branches computed here, K/BKC): program_id(1) = j computes branch br_j (the others' products come
+    from the caller, fused.forward's x0p, x1p, x2)."""
     row0 = tl.program_id(0) * BB
-    br = tl.program_id(1)
+    j = tl.program_id(1)
+    br = tl.where(j == 0, br0, tl.where(j == 1, br1, br2))
     k0 = tl.program_id(2) * BKC
     if br == 0:
         _branch_pre(deter_ptr, deter_stride, w0, b0, pre_ptr, 0, B, D, K, row0, k0, BB, BI, BKC, BF16, DOT_BF16)
@@ -131,9 +137,24 @@ def _fwd_branches(
 
 
 @triton.jit
+def _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br: tl.constexpr, rows, ks, m, K, MODE: tl.constexpr):
+    """A tile of branch br's pre-activation: from pre (MODE 0, _fwd_branches wrote it) or the caller's product plus
+    the bias (MODE 1), float32, 0 outside m."""
+    if MODE == 1:
+        p = tl.load(src_ptr + rows[:, None] * src_stride + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        p = tl.where(m, p + tl.load(b_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :], 0.0)
+    else:
+        p = tl.load(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=m, other=0.0)
+    return p
+
+
+@triton.jit
 def _x_part(
     acc,
     pre_ptr,
+    src_ptr,
+    src_stride,
+    b_ptr,
     s_ptr,
     wh_blk,
     x_ptr,
@@ -147,27 +168,38 @@ def _x_part(
     DG,
     BB: tl.constexpr,
     BK: tl.constexpr,
+    MODE: tl.constexpr,
     SAVE: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
-    """acc += silu(rms(pre_br) * s) @ wh[g, DG + br*K : DG + (br+1)*K, js] for one block's output chunk."""
-    ss = tl.zeros((BB,), tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        p = tl.load(
-            pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0
-        )
-        ss += tl.sum(p * p, 1)
-    rs = 1.0 / tl.sqrt(ss / K + 1e-4)
+    """acc += x_br @ wh[g, DG + br*K : DG + (br+1)*K, js] for one block's output chunk, x_br = silu(rms(pre_br) * s)
+    with pre_br from _branch_tile (MODE 0 or 1; under MODE 1 the program that writes x also writes pre for the
+    backward), or x_br the caller's (MODE 2, src)."""
+    rs = tl.zeros((BB,), tl.float32)
+    if MODE != 2:
+        ss = tl.zeros((BB,), tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            p = _branch_tile(
+                pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, rmask[:, None] & (ks < K)[None, :], K, MODE
+            )
+            ss += tl.sum(p * p, 1)
+        rs = 1.0 / tl.sqrt(ss / K + 1e-4)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
         m = rmask[:, None] & kmask[None, :]
-        p = tl.load(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=m, other=0.0)
-        s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-        n = p * rs[:, None] * s[None, :]
-        x = tl.where(m, n * _sigmoid(n), 0.0)
+        if MODE == 2:
+            x = tl.load(src_ptr + rows[:, None] * src_stride + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        else:
+            p = _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, m, K, MODE)
+            s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            n = p * rs[:, None] * s[None, :]
+            x = tl.where(m, n * _sigmoid(n), 0.0)
+            if SAVE and MODE == 1:  # noqa: SIM102 (SAVE and MODE are compile-time constants, write_x a runtime one)
+                if write_x:
+                    tl.store(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], p, mask=m)
         if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, write_x a runtime one)
             if write_x:
                 tl.store(x_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], x, mask=m)
@@ -183,6 +215,15 @@ def _fwd_hidden(
     deter_ptr,
     deter_stride,
     pre_ptr,
+    src0,
+    src0_stride,
+    src1,
+    src1_stride,
+    src2,
+    src2_stride,
+    b0,
+    b1,
+    b2,
     s0,
     s1,
     s2,
@@ -199,6 +240,9 @@ def _fwd_hidden(
     BI: tl.constexpr,
     BJ: tl.constexpr,
     BK: tl.constexpr,
+    M0: tl.constexpr,
+    M1: tl.constexpr,
+    M2: tl.constexpr,
     SAVE: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
@@ -225,13 +269,76 @@ def _fwd_hidden(
         acc = _dot(_operand(a, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     write_x = (g == 0) & (pj == 0)
     acc = _x_part(
-        acc, pre_ptr, s0, wh_blk, x_ptr, write_x, 0, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+        acc,
+        pre_ptr,
+        src0,
+        src0_stride,
+        b0,
+        s0,
+        wh_blk,
+        x_ptr,
+        write_x,
+        0,
+        rows,
+        rmask,
+        js,
+        jmask,
+        K,
+        DG,
+        BB,
+        BK,
+        M0,
+        SAVE,
+        BF16,
+        DOT_BF16,
     )
     acc = _x_part(
-        acc, pre_ptr, s1, wh_blk, x_ptr, write_x, 1, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+        acc,
+        pre_ptr,
+        src1,
+        src1_stride,
+        b1,
+        s1,
+        wh_blk,
+        x_ptr,
+        write_x,
+        1,
+        rows,
+        rmask,
+        js,
+        jmask,
+        K,
+        DG,
+        BB,
+        BK,
+        M1,
+        SAVE,
+        BF16,
+        DOT_BF16,
     )
     acc = _x_part(
-        acc, pre_ptr, s2, wh_blk, x_ptr, write_x, 2, rows, rmask, js, jmask, K, DG, BB, BK, SAVE, BF16, DOT_BF16
+        acc,
+        pre_ptr,
+        src2,
+        src2_stride,
+        b2,
+        s2,
+        wh_blk,
+        x_ptr,
+        write_x,
+        2,
+        rows,
+        rmask,
+        js,
+        jmask,
+        K,
+        DG,
+        BB,
+        BK,
+        M2,
+        SAVE,
+        BF16,
+        DOT_BF16,
     )
     m = rmask[:, None] & jmask[None, :]
     hpre = tl.where(m, acc + tl.load(bh_ptr + g * DG + js, mask=jmask, other=0.0).to(tl.float32)[None, :], 0.0)

@@ -3,7 +3,8 @@
 The interpreter runs the kernels' math on CPU but never lowers them, so type and layout errors that only the
 compiler sees would first show on a GPU. This compiles each kernel at the widest tiles fused.py can choose, for
 fp32 and bf16 weights (or those named on the command line), each in fp32 and in bf16 compute (the forward's
-bf16 tensor-core dots are the GPU-only path: the interpreter emulates them in fp32), and prints
+bf16 tensor-core dots are the GPU-only path: the interpreter emulates them in fp32), the kernels that read the
+caller's branch inputs (fused.modes) also with those given, and prints
 {"kernel[weight dtype,compute]": shared bytes} as JSON. Must run with TRITON_INTERPRET unset.
 
     python tests/kernels/compile_block_gru_sm90.py [fp32] [bf16]
@@ -31,17 +32,21 @@ def main(dtypes: list[str]) -> int:
     from triton.compiler import ASTSource
 
     T, TK, TKB, BB, RB = fused.TILE, fused.TILE_K, fused.TILE_K_BWD, fused.BB, max(fused.ROW_TILES)
+    computed = {"M0": 0, "M1": 0, "M2": 0}
+    given = {"M0": 1, "M1": 1, "M2": 2}  # the observe loop's: both products and the action branch from the caller
     cases = [
         (kf._fwd_branches, {"BB": RB, "BI": T, "BKC": TK}),  # the forward's widest row tile (large batches)
-        (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True}),
+        (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **computed}),
         (kf._fwd_gates, {"BB": RB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
         (kf._fwd_branches, {"BB": BB, "BI": T, "BKC": TK}),
-        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True}),
+        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **computed}),
+        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **given}),
         (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
         (kb._bwd_gates, {"BB": BB, "BO": T, "BJ": T}),
         (kb._bwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BP": 128}),
         (kb._bwd_dx, {"BB": BB, "BJ": T, "BKC": TKB}),
-        (kb._bwd_branches, {"BB": BB, "BI": T, "BKC": TKB}),
+        (kb._bwd_branches, {"BB": BB, "BI": T, "BKC": TKB, **computed}),
+        (kb._bwd_branches, {"BB": BB, "BI": T, "BKC": TKB, **given}),
     ]
     shared = {}
     for wdtype in dtypes:
@@ -55,6 +60,8 @@ def main(dtypes: list[str]) -> int:
                     sig[name] = "constexpr"
                 elif name in WEIGHTS:
                     sig[name] = f"*{wdtype}"
+                elif name.startswith("src") and not name.endswith("_stride"):
+                    sig[name] = "*bf16"  # the caller's branch inputs: bf16 matmul outputs under autocast
                 elif name.endswith("_ptr"):
                     sig[name] = "*fp32"
                 else:
@@ -62,7 +69,8 @@ def main(dtypes: list[str]) -> int:
             opts = {"num_stages": fused.BWD_GATES_STAGES[compute == "bf16"]} if fn is kb._bwd_gates else {}
             k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
             rows = "" if consts["BB"] == BB else f"/BB{consts['BB']}"
-            shared[f"{fn.__name__}{rows}[{wdtype},{compute}]"] = k.metadata.shared
+            modes = "/given" if consts.get("M2") == 2 else ""
+            shared[f"{fn.__name__}{rows}{modes}[{wdtype},{compute}]"] = k.metadata.shared
     print(json.dumps(shared))
     return 0
 

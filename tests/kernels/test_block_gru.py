@@ -205,6 +205,114 @@ def test_forward_row_tiles_of_32_and_64(B, min_programs, rows, bf16, monkeypatch
         torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+# The caller's branch inputs (reference.step's x0p, x1p, x2; fused.modes): the combinations the RSSM passes (the
+# observe loop under hoist_action and merge_deter: all three; imagination's merged rollout: x0p and x1p) and each alone.
+GIVEN = [("x0p",), ("x1p",), ("x2",), ("x0p", "x1p"), ("x0p", "x1p", "x2")]
+GIVEN_NAMES = ("x0p", "x1p", "x2")
+
+
+def given_case(deter, stoch, action, w, names, seed, dtype=torch.float32):
+    """The given inputs of a case: the products deter @ w0 and stoch @ w1 and the branch action_branch(action) as a
+    caller computes them, moved by noise (so a kernel that recomputed the branch instead of reading it fails), in
+    dtype; None where not in names."""
+    gen = torch.Generator().manual_seed(seed)
+    wf = BlockGRUWeights(*(t.float() for t in w))
+    exact = {"x0p": deter @ wf.w0, "x1p": stoch @ wf.w1, "x2": reference.action_branch(action, wf)}
+    return {
+        n: (exact[n] + 0.3 * torch.randn(exact[n].shape, generator=gen).to(DEVICE)).to(dtype) if n in names else None
+        for n in GIVEN_NAMES
+    }
+
+
+def grads_given(fn, deter, stoch, action, w, given, dout, upcast=False, **kw):
+    """fn's output and its gradients w.r.t. the 17 inputs and the given ones (zeros where fn does not read an
+    input: the reference's autograd has no gradient there, the kernels write zeros)."""
+    ins = [t.detach().clone().requires_grad_() for t in (deter, stoch, action)]
+    ins += [(t.detach().float() if upcast else t.detach().clone()).requires_grad_() for t in w]
+    gin = {n: None if t is None else t.detach().clone().requires_grad_() for n, t in given.items()}
+    out = fn(ins[0], ins[1], ins[2], BlockGRUWeights(*ins[3:]), **gin, **kw)
+    leaves = ins + [t for t in gin.values() if t is not None]
+    grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+    return out, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("names", GIVEN, ids="+".join)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3]], ids=lambda s: "B{}_D{}_G{}_K{}_SC{}_A{}".format(*s))
+def test_given_branches_match_the_reference(shape, names, dtype):
+    """A branch the caller computed is read, not recomputed: the output and every gradient (the given inputs' too,
+    in their dtype; zeros for a weight or input the step then does not read) as reference.step with the same x0p,
+    x1p, x2, at the fp32 tolerances (bf16 weights and given inputs: compared on the same values upcast)."""
+    deter, stoch, action, w, dout = make_case(*shape, dtype=dtype, seed=sum(shape) + 3)
+    given = given_case(deter, stoch, action, w, names, seed=sum(shape), dtype=dtype)
+    out, grads = grads_given(fused.step, deter, stoch, action, w, given, dout)
+    up = {n: None if t is None else t.float() for n, t in given.items()}
+    ref, ref_grads = grads_given(reference.step, deter, stoch, action, w, up, dout, upcast=True)
+    # The noise on the given inputs moves the output far past the tolerance: the kernel reads them.
+    plain = reference.step(deter, stoch, action, BlockGRUWeights(*(t.float() for t in w)))
+    assert (plain - ref).abs().max() > 100 * OUT_TOL["atol"]
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    ins = (deter, stoch, action, *w, *(t for t in given.values() if t is not None))
+    for name, g, rg, t in zip((*NAMES, *names), grads, ref_grads, ins, strict=True):
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        tol = BF16_WEIGHT_GRAD_TOL if t.dtype == torch.bfloat16 else GRAD_TOL
+        torch.testing.assert_close(g.float(), rg, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+    unread = {"x0p": "w0", "x1p": "w1", "x2": "w2"}
+    for n in names:  # the products' weights and the whole action branch are not read: exactly zero
+        assert not grads[NAMES.index(unread[n])].any(), unread[n]
+    assert ("x1p" not in names) == bool(grads[1].any()) and ("x2" not in names) == bool(grads[2].any())
+
+
+@pytest.mark.parametrize("names", [("x0p", "x1p", "x2"), ("x0p", "x1p")], ids="+".join)
+def test_given_branches_in_bf16_compute(names, monkeypatch):
+    """The same under bf16 compute (what the switch runs under bf16 autocast), against the pinned bf16 spec."""
+    deter, stoch, action, w, dout = make_case(*SHAPES[3], seed=31)
+    given = given_case(deter, stoch, action, w, names, seed=32)
+    _, saved = fused.forward(deter, stoch, action, w, save=True, bf16=True, **given)
+    kernel = {"x": saved[1], "h": saved[3]}
+    monkeypatch.setattr(reference, "_pin", lambda name, t: t + (kernel[name] - t).detach())
+    out, grads = grads_given(fused.step, deter, stoch, action, w, given, dout, bf16=True)
+    ref, ref_grads = grads_given(reference.step, deter, stoch, action, w, given, dout, bf16=True)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for name, g, rg in zip((*NAMES, *names), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("names", [(), ("x0p", "x1p"), ("x0p", "x1p", "x2")], ids=lambda n: "+".join(n) or "none")
+def test_tapped_step_with_given_branches_matches_the_reference(names):
+    """Deferred weight gradients (taps) with given branches, as the fast modes' observe loop runs the Triton core:
+    the output, each site's factor, each tap's gradient (its site's per-row gradient) and the gradients of the
+    inputs and the given branches as reference.step's with the same taps; no tap at the action branch's sites when
+    x2 is given (a step given one there is refused)."""
+    deter, stoch, action, w, dout = make_case(*SHAPES[1], seed=41)
+    given = given_case(deter, stoch, action, w, names, seed=42)
+    widths = reference.tap_widths(w)
+    sites = fused.tap_sites("x2" in names)
+
+    def run(fn):
+        ins = [t.clone().requires_grad_() for t in (deter, stoch, action)]
+        gin = {n: None if t is None else t.clone().requires_grad_() for n, t in given.items()}
+        taps = {s: torch.zeros(deter.shape[0], widths[s], device=DEVICE, requires_grad=True) for s in sites}
+        out, seen = fn(*ins, w, taps=taps, **gin)
+        leaves = [*ins, *(t for t in gin.values() if t is not None), *taps.values()]
+        grads = torch.autograd.grad(out, leaves, dout, allow_unused=True)
+        return out, seen, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+    out, seen, grads = run(fused.step)
+    ref, ref_seen, ref_grads = run(reference.step)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    assert sorted(seen) == sorted(ref_seen) == sorted(sites)
+    for s in sites:
+        want = ref_seen[s].reshape(seen[s].shape)
+        torch.testing.assert_close(seen[s], want, **OUT_TOL, msg=lambda m, s=s: f"factor of {s}: {m}")
+    for name, g, rg in zip(("deter", "stoch", "action", *names, *sites), grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, rg, **GRAD_TOL, msg=lambda m, name=name: f"grad of {name}: {m}")
+    if "x2" in names:
+        taps = {s: torch.zeros(deter.shape[0], widths[s], device=DEVICE) for s in reference.TAP_SITES}
+        with pytest.raises(ValueError, match="taps at .* expected the sites"):
+            fused.step(deter, stoch, action, w, taps=taps, **given)
+
+
 def test_gradients_flow_when_only_the_state_requires_grad():
     deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=1)
     d = deter.clone().requires_grad_()
@@ -248,6 +356,26 @@ def test_step_with_its_backward_and_rollout_compile_as_one_graph():
     seq = torch.stack([stoch, 0.5 * stoch], 1), torch.stack([action, -action], 1)  # (B, 2, S*C), (B, 2, A)
     roll = torch.compile(fused.rollout, backend="aot_eager", fullgraph=True)(deter, *seq, w)
     torch.testing.assert_close(roll, reference.rollout(deter, *seq, w), **OUT_TOL)
+
+
+def test_step_with_given_branches_and_taps_compiles_as_one_graph():
+    """The observe loop's compiled step with the Triton core: given branches (optional arguments of the custom ops)
+    and taps trace without graph breaks and give the eager numbers and gradients."""
+    deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=12)
+    given = given_case(deter, stoch, action, w, GIVEN_NAMES, seed=13)
+    widths = reference.tap_widths(w)
+
+    def run(fn):
+        gin = {n: t.clone().requires_grad_() for n, t in given.items()}
+        taps = {s: torch.zeros(3, widths[s], device=DEVICE, requires_grad=True) for s in fused.tap_sites(True)}
+        out, seen = fn(deter, stoch, action, w, taps=taps, **gin)
+        grads = torch.autograd.grad(out, [*gin.values(), *taps.values()], dout)
+        return [out, *seen.values(), *grads]
+
+    torch._dynamo.reset()
+    got = run(torch.compile(fused.step, backend="aot_eager", fullgraph=True))
+    for a, b in zip(got, run(fused.step), strict=True):
+        torch.testing.assert_close(a, b, **OUT_TOL)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs CUDA")
@@ -440,6 +568,21 @@ def test_unsupported_inputs_raise_value_error_naming_the_shape(kind, match):
         fused.step(deter, stoch, action, w)
 
 
+@pytest.mark.parametrize(
+    "given, match",
+    [
+        ({"x0p": torch.zeros(3, 19)}, r"x0p must be \(3, 20\) of one of .*, got \(3, 19\) torch.float32"),
+        ({"x2": torch.zeros(3, 20, dtype=torch.float64)}, r"x2 must be \(3, 20\) .*got \(3, 20\) torch.float64"),
+        ({"x1p": [0.0]}, r"x1p must be \(3, 20\) .*got list"),
+    ],
+)
+def test_bad_given_branches_raise_value_error_naming_the_shape(given, match):
+    deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=7)
+    given = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in given.items()}
+    with pytest.raises(ValueError, match=match):
+        fused.step(deter, stoch, action, w, **given)
+
+
 def test_cpu_tensors_without_the_interpreter_raise_value_error(monkeypatch):
     deter, stoch, action, w, _ = make_case(3, 24, 4, 20, 15, 6, seed=13)
     deter, stoch, action, w = deter.cpu(), stoch.cpu(), action.cpu(), BlockGRUWeights(*(t.cpu() for t in w))
@@ -470,4 +613,4 @@ def test_kernels_compile_for_sm90_and_fit_in_a100_shared_memory():
         pytest.skip("Triton's bundled ptxas is missing here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 20 and all(v <= 163 * 1024 for v in shared.values()), shared
+    assert len(shared) == 24 and all(v <= 163 * 1024 for v in shared.values()), shared
