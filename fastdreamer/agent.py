@@ -201,10 +201,10 @@ class Agent(nn.Module):
         should cost about what one of 256 did (expected, unmeasured on a GPU: bench.rollout_ab). The same math up to
         the order of the sums; under bf16 autocast the actor's first pre-activation is two rounded bf16 products
         summed and rounded, the prior's a rounded product plus its bias rounded again, instead of one rounding each.
-        The Triton core computes its branches itself: then this is rollout(), as it is without an actor or prior
-        layer to merge."""
+        Either core takes the products (the Triton core's kernels then skip them); without an actor or prior layer to
+        merge this is rollout()."""
         rssm, actor = self.rssm, self.actor
-        if block_gru.get_impl() != "torch" or not len(actor.mlp) or not len(rssm.img_net):
+        if not len(actor.mlp) or not len(rssm.img_net):
             return Agent.rollout(self, deter, stoch, lat_u, act_noise)
         with torch.no_grad():
             D, lin_a, lin_p = rssm.deter, actor.mlp[0].linear, rssm.img_net[0].linear

@@ -271,12 +271,12 @@ def compile_agent(agent) -> None:
     rssm.defer = defer
     # Each step's two gradients (next step, output stack) meet inside its compiled backward (RSSM.emit_copies).
     rssm.emit_copies = True
-    # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; the torch core), compiled:
+    # The core's action branch for all steps at once, outside the loop (RSSM.hoist_action; either core), compiled:
     # eager, its mask, norm and SiLU and their backward were ~30 small kernels per update.
     rssm.hoist_action = True
     rssm.action_inputs = _compile(rssm.action_inputs)
     # One matmul of each step's new deter for its posterior and the next step's core (RSSM.merge_deter; under defer,
-    # the torch core), with the posterior's token part for all steps before the loop, compiled as its own unit.
+    # either core), with the posterior's token part for all steps before the loop, compiled as its own unit.
     rssm.merge_deter = True
     rssm.deter_inputs = _compile(rssm.deter_inputs)
     # Random numbers are drawn eagerly, up front, in every mode (Agent.noise says why), then passed in.

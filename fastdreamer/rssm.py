@@ -46,7 +46,7 @@ class BlockGRUCore(nn.Module):
         return block_gru.step(deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p)
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
-        """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x (the torch core only)."""
+        """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x."""
         return block_gru.reference.action_branch(_scale_action(action), self.weights())
 
     # The action branch's parameters (those of its tap sites, ACTION_SITES): what hoisting it takes out of the steps.
@@ -103,8 +103,8 @@ class RSSM(nn.Module):
         # The core's action branch (Linear -> RMSNorm -> SiLU of the action taken before each step) does not depend
         # on the recurrence: with hoist_action, observe computes it for all B*T rows at once (one matmul, its
         # backward one weight-gradient matmul) and the steps take it as action_x, instead of a cast, a 16-row matmul
-        # and a norm per step (the torch core only: the Triton core's kernels compute all three branches). Off in
-        # eager (the plain loop is the reference); the fast modes set it.
+        # and a norm per step (either core: the Triton core's kernels then skip the branch). Off in eager (the plain
+        # loop is the reference); the fast modes set it.
         self.hoist_action = False
         # Two matmuls of each observe step read the step's new deter: the posterior's first layer (of concat(deter,
         # token)) and, in the next step, the core's deter branch (deter @ w0; the next step's is_first mask zeroes
@@ -115,7 +115,8 @@ class RSSM(nn.Module):
         # uses is one product). Likewise each step multiplies its sample by w1 for the next step's stoch branch
         # (x1p): the sample's bf16 cast then fuses into the kernel that draws it, instead of a masking and casting
         # kernel at the start of the next step. Under defer only (the merged weight is a copy without gradient; the
-        # taps give the weights theirs), the torch core. Off in eager; the fast modes set it.
+        # taps give the weights theirs), either core (the Triton core's kernels then skip the two branches' products).
+        # Off in eager; the fast modes set it.
         self.merge_deter = False
 
     @property
@@ -165,8 +166,9 @@ class RSSM(nn.Module):
         packed, after the log-probs. emit: copies of deter and the sample at the end of the return (emit_copies).
         action_x: the core's action branch of this step's action (masked by is_first), computed by the caller
         (hoist_action); then action is not read. merge_deter (with taps): x0p deter @ w0 (N, K) and x1p flat
-        stoch @ w1 (N, K) from the previous step (this step masks them as it masks deter and stoch), merged the
-        (D, U + K) weight of deter_inputs and token_x (N, U) this step's row of its token part; the return then
+        stoch @ w1 (N, K) from the previous step (this step masks them as it masks deter and stoch), merged
+        deter_inputs' pair of weights (the (D, U + K) merged one, w1 in the posterior's dtype) and token_x (N, U)
+        this step's row of its token part; the return then
         has, after the factors, the next step's x0p and x1p. next_first (N,) (merge_deter with emit): the next
         step's is_first; this step then takes its deter masked already (by the step before, or by observe for the
         first) and returns the new deter masked by next_first, its copy for the stack unmasked. The masked deter is
@@ -210,7 +212,7 @@ class RSSM(nn.Module):
         x = torch.cat([deter, token], -1)
         y = prod = None
         if merged is not None:  # merge_deter: one product of deter for this step's posterior and the next step's core
-            prod = deter @ merged
+            prod = deter @ merged[0]
             U = self.obs_net[0].linear.out_features
             y = prod[:, :U] + token_x
         for i, layer in enumerate(self.obs_net):
@@ -219,21 +221,14 @@ class RSSM(nn.Module):
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
         sample = dists.sample_onehot(logp, u)
-        packed = _ObserveRecord.pack(seen, sites, self.core) if self._own_factors() else defer.pack(seen, sites)
+        packed = _ObserveRecord.pack(seen, sites, self.core)
         out = deter, sample, logp, packed
         if prod is None:
             return out
         # The next step's core products; contiguous: their gradients are, so they need no copy.
-        return *out, prod[:, U:].contiguous(), sample.flatten(1) @ self.core.w1
+        return *out, prod[:, U:].contiguous(), sample.flatten(1) @ merged[1]
 
     _core_sites = tuple(block_gru.reference.TAP_SITES)
-
-    @staticmethod
-    def _own_factors() -> bool:
-        """Whether the deferred observe steps record only the factors they compute (_ObserveRecord): with the torch
-        core, whose factors are the tensors it multiplies. The Triton core hands over its own rounded operands
-        (block_gru.fused), so its steps pack every factor (defer.pack)."""
-        return block_gru.get_impl() == "torch"
 
     def tap_sites(self, bf16: bool = False, check: bool = True, hoisted: bool = False) -> dict[str, defer.Site]:
         """Every site where an observe step's parameter enters (fastdreamer/defer.py), covering step_params().
@@ -286,18 +281,18 @@ class RSSM(nn.Module):
         if u is None:
             u = torch.rand((T, B, self.stoch, 1), device=tokens.device)
         tokens_t, actions_t, first_t, u_t = tokens.unbind(1), actions.unbind(1), is_first.unbind(1), u.unbind(0)
-        hoist = self.hoist_action and block_gru.get_impl() == "torch"
+        hoist = self.hoist_action
         action_x = self.action_inputs(actions, is_first).unbind(1) if hoist else [None] * T
         per_step, taps, record = [None] * T, [None] * T, None
         grad = torch.is_grad_enabled()
-        merge = self.merge_deter and self.defer and grad and block_gru.get_impl() == "torch" and len(self.obs_net) > 0
+        merge = self.merge_deter and self.defer and grad and len(self.obs_net) > 0
         x0p = x1p = merged = None
         token_x = next_first = [None] * T
         emit = self.emit_copies and grad
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params(hoist)
-            record = _ObserveRecord(self) if self._own_factors() else defer.Record()
+            record = _ObserveRecord(self, round_core=bool(dtypes) and block_gru.get_impl() == "triton")
             taps = defer.taps(self.tap_sites(bool(dtypes), hoisted=hoist), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T
@@ -355,15 +350,17 @@ class RSSM(nn.Module):
 
     def deter_inputs(self, deter, stoch, tokens, weight, bias, w0, w1):
         """What observe's steps take under merge_deter, from the posterior's first layer (weight (U, D + E), bias)
-        and the core's w0 (D, K) and w1 as the steps get them (cast, without gradient): the merged weight
-        (D, U + K) = [weight's deter columns transposed | w0]; the first step's x0p and x1p, the initial deter (B, D)
+        and the core's w0 (D, K) and w1 as the steps get them (cast, without gradient): the weights the steps
+        multiply by, (merged, w1) with merged (D, U + K) = [weight's deter columns transposed | w0] and w1 in the
+        posterior's dtype (the Triton core's w0 and w1 stay float32: cast here once, not by each step under
+        autocast); the first step's x0p and x1p, the initial deter (B, D)
         and stoch (B, S, C) times w0 and w1 (computed as each step computes the next one's); and token_x (B, T, U),
         the layer's token part with its bias for all rows, tokens (B, T, E) @ weight's token columns + bias. A unit
         of its own so that the fast modes compile it (fast.compile_agent)."""
         D = self.deter
-        merged = torch.cat([weight[:, :D].t(), w0], 1)
+        merged, w1 = torch.cat([weight[:, :D].t(), w0.to(weight.dtype)], 1), w1.to(weight.dtype)
         x0p = (deter @ merged)[:, weight.shape[0] :].contiguous()
-        return merged, x0p, stoch.flatten(1) @ w1, F.linear(tokens, weight[:, D:], bias)
+        return (merged, w1), x0p, stoch.flatten(1) @ w1, F.linear(tokens, weight[:, D:], bias)
 
     def step_params(self, hoisted: bool = False) -> dict[str, torch.Tensor]:
         """The parameters each observe step uses: the core's and the posterior's; hoisted: less the core's action
@@ -398,21 +395,25 @@ class RSSM(nn.Module):
 
 
 class _ObserveRecord(defer.Record):
-    """The deferred observe loop's record (defer.Record) with the torch core: each step packs only the factors it
-    computes (pack), and the others are the loop's own inputs and outputs, gathered once after the loop (factors):
-    the core's deter and stoch branches multiply the step's masked deter and sample in, the posterior's first layer
-    concat(new deter, token), and the block hidden layer the blocks of the masked deter beside x = concat(x0, x1,
-    x2), which is the same for every block (the step packs x once, not the G copies the layer reads). Per 12m step
-    that is 5,632 packed columns instead of 18,176, and the step's graph writes them from the kernels that compute
-    them: no copy kernels for the inputs it repacked (bench/LOG.md, session 25)."""
+    """The deferred observe loop's record (defer.Record): each step packs only the factors it computes (pack), and
+    the others are the loop's own inputs and outputs, gathered once after the loop (factors): the core's deter and
+    stoch branches multiply the step's masked deter and sample in, the posterior's first layer concat(new deter,
+    token), and the block hidden layer the blocks of the masked deter beside x = concat(x0, x1, x2), which is the
+    same for every block (the step packs x once, not the G copies the layer reads). Per 12m step that is 5,632
+    packed columns instead of 18,176, and the step's graph writes them from the kernels that compute them: no copy
+    kernels for the inputs it repacked (bench/LOG.md, session 25). Either core: the Triton core's factors are the
+    operands its dots read, rounded to bf16 in its bf16 compute (round_core; block_gru.fused._seen), so the
+    gathered deter and stoch factors are rounded the same way here (since session 31; before, its steps packed
+    every factor, G copies of x included: 15 Triton kernels around the core's op per 12m step forward)."""
 
     # Sites whose whole factor is an input or output of the loop, and the block site whose deter part is.
     OUTER = ("core.x0", "core.x1", "obs_net.0.x")
     SPLIT = "core.h"
 
-    def __init__(self, rssm: RSSM):
+    def __init__(self, rssm: RSSM, round_core: bool = False):
         super().__init__()
         self.deter, self.blocks = rssm.deter, rssm.core.wh.shape[0]
+        self.round_core = round_core
         self.loop = None  # close()'s tensors
 
     def close(self, deter0, stoch0, deters, stochs, tokens, is_first) -> None:
@@ -447,6 +448,9 @@ class _ObserveRecord(defer.Record):
             "obs_net.0.x": torch.cat([deters, tokens.movedim(1, 0)], -1),
         }
         outer = {k: v.flatten(0, 1).float() for k, v in outer.items()}
+        if self.round_core:  # the Triton core's bf16 compute multiplied them rounded (the posterior's are autocast's)
+            for k in ("core.x0", "core.x1"):
+                outer[k] = outer[k].bfloat16().float()
         own = {k: w for k, w in widths.items() if k not in self.OUTER}
         own[self.SPLIT] = (own[self.SPLIT] - D) // G  # the steps packed x, not the G blocks of [deter part, x]
         out = super().factors(own)

@@ -641,10 +641,11 @@ def test_bf16_fast_updates_match_eager_under_the_same_autocast(
     [
         pytest.param("cpu", "eager", "fp32", marks=interpreter),
         pytest.param("cpu", "eager", "bf16", marks=interpreter),
+        pytest.param("cpu", "compile", "fp32", marks=interpreter),
         pytest.param("cuda", "graphs", "bf16", marks=cuda),
     ],
 )
-def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precision, fallback_random):
+def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precision, fallback_random, monkeypatch):
     """The update with `--gru-impl triton` (Triton's interpreter on CPU) against the torch core, K updates from one
     seed. fp32: the same math in another summation order, so the fp32 bounds of the compile test, and every gradient
     within 1e-4 relative (measured 1.7e-6). bf16 (autocast; the fused core then computes in bf16 too): two bf16
@@ -653,7 +654,11 @@ def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precisio
     and the advantages ~1e-4, the size of bf16 rounding, so the actor's gradient (|g| ~ 5e-7; entropy adds none at
     a uniform policy) is mostly rounding noise. Measured, relative in norm: torch core bf16 vs fp32 up to 8%, fused
     bf16 vs torch bf16 up to 40%, in the same imagined trajectories (no action differs). The fp32 case checks the
-    actor's gradient through the fused core."""
+    actor's gradient through the fused core. compile: the fast modes' observe loop (defer, with hoist_action and
+    merge_deter handing the Triton core its branches' products and the action branch) under inductor, defer forced
+    on so that this holds on a CPU without native bf16 too."""
+    if mode == "compile":
+        monkeypatch.setattr(fast, "DEFER", True)
     bf16 = precision == "bf16"
     ctx = (lambda: fast.autocast(torch.device(device), "compile", "bf16")) if bf16 else contextlib.nullcontext
 
@@ -674,6 +679,9 @@ def test_triton_core_in_the_update_matches_the_torch_core(device, mode, precisio
     try:
         fused_agent, fused_opt = make(device)
         got = updates(fused_agent, fused_opt, mode)
+        if mode != "eager":
+            rssm = fused_agent.rssm
+            assert rssm.defer and rssm.hoist_action and rssm.merge_deter, "the fast observe loop did not run"
     finally:
         block_gru.set_impl("torch")
     tols = (BF16_TOL, BF16_TOL, GRAD_REL_TOL, ("actor.",)) if bf16 else (LOSS_TOL, PARAM_TOL, 1e-4, ())
