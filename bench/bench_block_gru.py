@@ -17,6 +17,11 @@ mean nothing. Each mode is checked against reference eager first; a failing chec
 --compute bf16 is the trainer's precision on a GPU (bf16 autocast): eager and compile run the reference under
 torch.autocast, triton runs the kernels' bf16 compute (bf16 tensor-core dots), and all are checked against
 reference.step(bf16=True).
+--given runs every mode as the fast modes' observe loop calls the core (RSSM.hoist_action and merge_deter): each
+step computes the deter and stoch branches' products outside the core (d @ w0, stoch @ w1, under autocast in bf16)
+and passes them in as x0p and x1p, with the action branch x2 computed once for all steps (its weights then get
+their gradient through it, not through a tap); the core skips that work (the Triton kernels then launch no branch
+kernel). The check stays against the plain reference.
 --json is rewritten after every row with "complete": false, and true once the last row is in.
 """
 
@@ -87,6 +92,9 @@ def parse_args(argv=None):
         help="triton_wide: the kernels with fused.py's 'wide' tile policy (triton uses the default, 'parallel'); "
         "*_defer: deferred weight gradients (fwd+bwd rows only; see above)",
     )
+    p.add_argument(
+        "--given", action="store_true", help="the branches' products and the action branch from outside the core"
+    )
     p.add_argument("--steps", type=int, default=16, help="dependent steps per timed graph")
     p.add_argument("--repeats", type=int, default=30, help="timed replays; median and p10/p90 reported")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight dtype")
@@ -152,7 +160,7 @@ def main(argv=None):
         raise SystemExit("bench_block_gru: --device cuda (the default) asked for, but CUDA is not available here")
     import triton
     from fastdreamer.kernels.block_gru import fused, reference
-    from fastdreamer.kernels.block_gru.reference import TAP_SITES, BlockGRUWeights
+    from fastdreamer.kernels.block_gru.reference import ACTION_SITES, TAP_SITES, BlockGRUWeights
 
     from fastdreamer import defer
 
@@ -181,25 +189,42 @@ def main(argv=None):
 
         return f
 
-    triton_bf16 = functools.partial(fused.step, bf16=True)
+    def given(step, bf16: bool):
+        """step as the observe loop calls it under --given: the deter and stoch branches' products computed here
+        (under autocast in bf16, as the trainer's matmuls), the action branch x2 passed by run()."""
+
+        def f(d, stoch, action, w, x2=None, **k):
+            if x2 is None:
+                return step(d, stoch, action, w, **k)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                x0p, x1p = d @ w.w0, stoch @ w.w1
+            return step(d, stoch, action, w, x0p=x0p, x1p=x1p, x2=x2, **k)
+
+        return f
+
+    triton_bf16 = given(functools.partial(fused.step, bf16=True), True)
+    torch_bf16 = given(autocast(reference.step), True)
     impls = {
-        "fp32": {"eager": reference.step, "triton": fused.step, "triton_wide": fused.step},
-        "bf16": {"eager": autocast(reference.step), "triton": triton_bf16, "triton_wide": triton_bf16},
+        "fp32": {"eager": given(reference.step, False), "triton": given(fused.step, False)},
+        "bf16": {"eager": torch_bf16, "triton": triton_bf16},
     }
+    for compute in impls:
+        impls[compute]["triton_wide"] = impls[compute]["triton"]
     spec = {"fp32": reference.step, "bf16": lambda *a: reference.step(*a, bf16=True)}
     if {"compile", "compile_defer"} & set(args.modes):
-        impls["fp32"]["compile"] = torch.compile(reference.step, dynamic=False)
-        impls["bf16"]["compile"] = torch.compile(autocast(reference.step), dynamic=False)
+        impls["fp32"]["compile"] = torch.compile(given(reference.step, False), dynamic=False)
+        impls["bf16"]["compile"] = torch.compile(torch_bf16, dynamic=False)
 
-    def tapped(step, d, stoch, action, w, tap, sites):
+    def tapped(step, d, stoch, action, w, tap, sites, x2=None):
         """One deferred step as the trainer's compiled observe step runs it: {site: tap} in, the factors packed
         inside the compiled function (outside, each factor's zero gradient would be launches of their own)."""
-        d, seen = step(d, stoch, action, w, taps=tap)
+        d, seen = step(d, stoch, action, w, taps=tap, x2=x2)
         return d, defer.pack(seen, sites)
 
     # The *_defer modes compile the whole tapped step; the Triton kernels stay opaque custom ops and the torch ops
     # around them (fused._seen, pack) fuse.
-    for compute, steps in (("fp32", (reference.step, fused.step)), ("bf16", (autocast(reference.step), triton_bf16))):
+    plain = (given(reference.step, False), given(fused.step, False))
+    for compute, steps in (("fp32", plain), ("bf16", (torch_bf16, triton_bf16))):
         for mode, step in zip(("compile_defer", "triton_defer"), steps, strict=True):
             if mode in args.modes:
                 impls[compute][mode] = torch.compile(functools.partial(tapped, step), dynamic=False)
@@ -214,26 +239,35 @@ def main(argv=None):
         w = BlockGRUWeights(*(t.to(wdtype).requires_grad_() for t in w))
         return r(B, D).requires_grad_(), r(B, SC).requires_grad_(), r(B, A).requires_grad_(), w
 
-    def run(fn, deter, stoch, action, w, backward, deferred=None):
+    def run(fn, deter, stoch, action, w, backward, deferred=None, spec=False):
         """N chained steps; with backward, gradients of sum(last deter) for every input. deferred: for a *_defer
-        mode, whose steps take taps (reference.step) and run without weight grads, its sites' defer.Site.bf16."""
+        mode, whose steps take taps (reference.step) and run without weight grads, its sites' defer.Site.bf16.
+        spec: fn is the check's reference, which computes every branch itself (no --given)."""
         with torch.set_grad_enabled(backward):
             d = deter
+            x2 = None
+            if args.given and not spec:  # the action branch, hoisted: once for all steps, on the weights with grad
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=compute == "bf16"):
+                    x2 = reference.action_branch(action, w)
             if deferred is not None:
                 widths = reference.tap_widths(w)
                 sites = {
                     s: defer.Site(kind, tuple(ps), widths[s], deferred and kind != "scale")
                     for s, (kind, *ps) in TAP_SITES.items()
+                    if not (args.given and s in ACTION_SITES)
                 }
                 record = defer.Record()
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
                 wd = BlockGRUWeights(*(t.detach() for t in w))
                 for t in range(args.steps):
-                    d, packed = fn(d, stoch, action, wd, taps[t], sites)
+                    d, packed = fn(d, stoch, action, wd, taps[t], sites, x2=x2)
                     record.append(packed)
-            else:
+            elif spec:
                 for _ in range(args.steps):
                     d = fn(d, stoch, action, w)
+            else:
+                for _ in range(args.steps):
+                    d = fn(d, stoch, action, w, x2=x2)
             if not backward:
                 return (d,)
             return (d, *torch.autograd.grad(d.sum(), (deter, stoch, action, *w)))
@@ -289,7 +323,7 @@ def main(argv=None):
         D, G, K, SC, A = SHAPES[model]
         if not backward:
             inputs = make(B, D, G, K, SC, A)
-        refs = [t.detach() for t in run(spec[compute], *inputs, backward)]
+        refs = [t.detach() for t in run(spec[compute], *inputs, backward, spec=True)]
         tol = CHECK_TOL_BF16 if compute == "bf16" else CHECK_TOL
         for mode in args.modes:
             if mode.endswith("_defer") and not backward:
@@ -306,6 +340,7 @@ def main(argv=None):
                 "weights": args.dtype,
                 "steps": args.steps,
                 "repeats": args.repeats,
+                "given": args.given,
             }
             fn = impls[compute][mode]
             try:
@@ -327,7 +362,8 @@ def main(argv=None):
             save(False)
             t = row.get("ms_per_step_median")
             print(
-                f"{compute} {model:>5} B{B:<5} {row['pass']:<8} {mode:<8} ok={row['ok']!s:<5} "
+                f"{compute} {model:>5} B{B:<5} {row['pass']:<8} {mode:<8}{' given' if args.given else ''} "
+                f"ok={row['ok']!s:<5} "
                 f"err={row.get('check_err', float('nan')):.1e} "
                 + (
                     f"{t:.4f} ms/step [{row['ms_per_step_p10']:.4f}, {row['ms_per_step_p90']:.4f}]"

@@ -146,21 +146,31 @@ quick() {
   #    each one's gap and ramp. Three compiles and captures: ~3 x 60 s cold.
   step combo_ab 260 python3 -m bench.combo_ab --device cuda --size 12m --mode graphs --rounds 3 --repeat 10 \
     --json "$OUT/combo_ab_cuda_12m.json" || rc=1
-  # 2. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
+  # 2. Issue 3's question with the inputs the observe loop now hands either core (session 31: the Triton core takes
+  #    hoist_action's x2 and merge_deter's x0p and x1p, so its forward launches no branch kernel and its backward's
+  #    branch kernel no input product): the 12m deferred step at B16, bf16, both cores, --given; then plain, as
+  #    session 11 ran it (compile_defer 159.5, triton_defer 159.8 us per step fwd+bwd). Predicted: triton_defer
+  #    given ~125-145 us (the branch kernel's ~10-15 us forward and its two weight reads backward gone); whether it
+  #    then beats compile_defer given is the measurement.
+  step gru_given 75 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
+    --modes compile_defer triton_defer --given --repeats 20 --json "$OUT/block_gru_defer_12m_given.json" || rc=1
+  step gru_plain 60 python3 bench/bench_block_gru.py --device cuda --models 12m --batches 16 --compute bf16 \
+    --modes compile_defer triton_defer --repeats 20 --json "$OUT/block_gru_defer_12m.json" || rc=1
+  # 3. The convolutions, each variant checked against eager fp32 first (never run on a GPU yet): session 27's
   #    sub-pixel decoder (base) against the reference's repeat-then-conv (upsample; 36% of the decoder's conv
   #    multiply-adds; CPU compile bf16, 32 images: 84.2 -> 51.0 ms for the whole image part), and channels_last.
   #    Predicted: the decoder's ~half of pong's ~20 ms of convolutions to ~1/3, so upsample/base ~1.4-1.8x.
   step conv_ab 120 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs \
     --variants base,upsample,channels_last --json "$OUT/conv_ab_cuda_12m.json" || rc=1
-  # 3. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
+  # 4. What bounds pong: where the 12m image update's time goes (session 11: ~20 ms more than the vector update's,
   #    for ~1 TFLOP of convolutions; session 24's census: as many launches as the vector update, so kernel time).
   step profile_image 150 python3 -m bench.profile_update --device cuda --size 12m --obs image --mode compile \
     --updates 1 --top 40 --out "$OUT/profile_12m_image.txt" || rc=1
-  # 4. cuDNN's benchmark mode is a process flag (conv_ab's docstring): base again in a second process with it on; its
-  #    base row against step 2's says what autotuning the static conv shapes would give the trainer.
+  # 5. cuDNN's benchmark mode is a process flag (conv_ab's docstring): base again in a second process with it on; its
+  #    base row against step 3's says what autotuning the static conv shapes would give the trainer.
   step conv_ab_tuned 90 python3 -m bench.conv_ab --device cuda --size 12m --mode graphs --variants base \
     --cudnn-benchmark --json "$OUT/conv_ab_cuda_12m_benchmark.json" || rc=1
-  # 5. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
+  # 6. The LaProp step alone (session 11: eager 0.726, compiled 0.510 ms); predicted compiled ~0.2-0.25 ms.
   step optim 60 python3 -m bench.optim_step --device cuda --size 12m --json "$OUT/optim_step_cuda_12m.json" || rc=1
   rm -f "$OUT"/*.tmp  # a JSON write cut by a timeout leaves its temp file; the device returns only 8 files
   echo "== quick: rc $rc after $SECONDS s of $BUDGET:$summary"
@@ -192,6 +202,10 @@ diag() {  # the follow-up call after quick, on the warm machine (BUDGET = the de
   summary=""
   begin || return 1
   step e2e 150 python3 -m bench.end_to_end --preset pong --size 12m --mode graphs --device cuda --seconds 8 || rc=1
+  # The full update with the Triton core in graphs mode, now with hoist_action and merge_deter too (session 31),
+  # against the torch core in the same process (first session: 31.77 against 21.52 ms, without those levers).
+  step full_triton 200 python3 -m bench --device cuda --size 12m --components full_update \
+    --modes eager,graphs,graphs_triton --no-env --repeat 10 --json "$OUT/fast_cuda_12m_graphs_triton.json" || rc=1
   # The CUDA-only report tests (session 24: a stale T-frame assertion, fixed) and the kernels' CUDA-graph tests.
   step cuda_tests 90 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_report.py \
     tests/kernels -k "cuda or graphed" || rc=1

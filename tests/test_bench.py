@@ -271,17 +271,19 @@ def test_block_gru_bench_keeps_its_rows_when_killed_and_is_complete_at_the_end(t
     ]
 
 
-def test_block_gru_bench_times_the_deferred_modes_fwd_bwd_only_after_their_check(tmp_path):
+@pytest.mark.parametrize("given", [False, True], ids=["plain", "given"])
+def test_block_gru_bench_times_the_deferred_modes_fwd_bwd_only_after_their_check(tmp_path, given):
     """compile_defer and triton_defer (deferred weight gradients, fastdreamer/defer.py) pass the bench's check
-    against the spec, gradients of all 14 weights included, and have fwd+bwd rows only."""
+    against the spec, gradients of all 14 weights included, and have fwd+bwd rows only; so with --given (the
+    branches' products and the action branch from outside the core, as the fast modes' observe loop runs it)."""
     out = tmp_path / "gru.json"
-    args = ["--device", "cpu", "--small", "--compute", "bf16", "--json", str(out)]
+    args = ["--device", "cpu", "--small", "--compute", "bf16", "--json", str(out), *(["--given"] if given else [])]
     proc = run("bench/bench_block_gru.py", *args, "--modes", "triton_defer", "compile_defer")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["results"]
-    assert [(r["pass"], r["mode"], r["ok"]) for r in rows] == [
-        ("fwd+bwd", "triton_defer", True),
-        ("fwd+bwd", "compile_defer", True),
+    assert [(r["pass"], r["mode"], r["ok"], r["given"]) for r in rows] == [
+        ("fwd+bwd", "triton_defer", True, given),
+        ("fwd+bwd", "compile_defer", True, given),
     ]
     assert all(r["ms_per_step_median"] > 0 and r["check_err_grad"] > 0 for r in rows)
 
