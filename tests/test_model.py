@@ -1,6 +1,7 @@
 """The RSSM core, losses and agent against plain implementations written here."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -103,8 +104,8 @@ def _assert_same_step(got, want, probe, leaves):
 def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     """step(..., x2=action_branch(action)) is step(..., action), bitwise: output, every gradient (the action and the
     branch's weights through action_branch), and with taps the same seen factors less the branch's sites (taps at
-    those sites with x2 are refused). The Triton core refuses x2 (its kernels compute the branches)."""
-    from fastdreamer.kernels import block_gru
+    those sites with x2 are refused). The switch hands x2 to the Triton core too, whose output is the reference's
+    given the same x2 (tests/kernels/test_block_gru.py checks its gradients)."""
 
     B, w, deter, stoch, action, probe, leaves = _core_case(11)
     want = reference.step(deter, stoch, action, w, bf16)
@@ -122,9 +123,7 @@ def test_block_gru_step_takes_its_action_branch_precomputed(bf16, monkeypatch):
     with pytest.raises(ValueError, match="action branch's sites"):  # their taps would get no gradient
         reference.step(deter, stoch, None, w, bf16, taps=taps, x2=x2)
 
-    monkeypatch.setattr(block_gru, "_impl", "triton")
-    with pytest.raises(ValueError, match="computes its input branches itself; x2:"):
-        block_gru.step(deter, stoch, None, w, x2=x2)
+    _assert_triton_core_takes(monkeypatch, deter, stoch, action, w, x2=x2)
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -132,8 +131,7 @@ def test_block_gru_step_takes_its_branch_products_precomputed(bf16, monkeypatch)
     """step(..., x0p=deter @ w0, x1p=stoch @ w1) is step(...), bitwise, output and every gradient (deter's through
     both its uses, w0's and w1's through the products), with taps the same seen factors at every site (x0's is
     still deter, x1's stoch); with rows of the inputs and of the products zeroed alike (the RSSM's is_first mask)
-    too. The Triton core refuses x0p and x1p."""
-    from fastdreamer.kernels import block_gru
+    too. The switch hands x0p and x1p to the Triton core too (as x2 above)."""
 
     B, w, deter, stoch, action, probe, leaves = _core_case(12)
     keep = torch.tensor([1.0, 0.0, 1.0])[:, None]
@@ -150,11 +148,23 @@ def test_block_gru_step_takes_its_branch_products_precomputed(bf16, monkeypatch)
     assert torch.equal(out_p, out) and sorted(seen_p) == sorted(seen)
     assert all(torch.equal(seen_p[site], seen[site]) for site in seen)
 
-    monkeypatch.setattr(block_gru, "_impl", "triton")
-    with pytest.raises(ValueError, match="computes its input branches itself; x0p:"):
-        block_gru.step(deter, stoch, action, w, x0p=prod)
-    with pytest.raises(ValueError, match="computes its input branches itself; x0p, x1p:"):
-        block_gru.step(deter, stoch, action, w, x0p=prod, x1p=prod1)
+    _assert_triton_core_takes(monkeypatch, deter, stoch, action, w, x0p=prod)
+    _assert_triton_core_takes(monkeypatch, deter, stoch, action, w, x0p=prod, x1p=prod1)
+
+
+def _assert_triton_core_takes(monkeypatch, deter, stoch, action, w, **given):
+    """block_gru.step under the Triton core with these given branches: reference.step's float32 output given the
+    same, within the fused kernels' output tolerance (kernels/block_gru/fused.py); without grad."""
+    from fastdreamer.kernels import block_gru
+
+    if os.environ.get("TRITON_INTERPRET") != "1":  # these are CPU tensors: the kernels take them in the interpreter
+        return
+    with torch.no_grad():
+        want = reference.step(deter, stoch, action, w, **given)
+        monkeypatch.setattr(block_gru, "_impl", "triton")
+        got = block_gru.step(deter, stoch, action, w, **given)
+        monkeypatch.setattr(block_gru, "_impl", "torch")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
 def test_block_gru_rejects_bad_shapes():
