@@ -292,7 +292,9 @@ class RSSM(nn.Module):
         if self.defer and grad:
             dtypes = self.step_dtypes(deter.device)
             params = self.step_params(hoist)
-            record = _ObserveRecord(self, round_core=bool(dtypes) and block_gru.get_impl() == "triton")
+            # The Triton core's factors are rounded exactly when the switch runs its bf16 compute.
+            triton_bf16 = block_gru.get_impl() == "triton" and block_gru._bf16_autocast(deter.device)
+            record = _ObserveRecord(self, round_core=triton_bf16)
             taps = defer.taps(self.tap_sites(bool(dtypes), hoisted=hoist), params, T, deter.shape[0], record)
             # One (cast) copy of each parameter, without gradient: the taps carry the gradients.
             per_step = [{n: p.detach().to(dtypes.get(n, p.dtype)) for n, p in params.items()}] * T

@@ -340,14 +340,14 @@ def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: boo
     def op(t: Tensor) -> Tensor:
         return t.bfloat16().float() if bf16 else t.float()
 
+    # Each branch's norm on its own (a whole-branch x2 leaves its pre columns unwritten): in the fast modes' step,
+    # with all three given, one norm over the (B, 3, K) view took a Triton kernel more (census, session 31).
     seen = {}
     for i, inp in enumerate((deter, stoch, action)):
         if mode[i] != 2:
             p = pre[:, i * K : (i + 1) * K]
-            seen[f"x{i}"] = op(inp)
-            seen[f"n{i}"] = p * torch.rsqrt(p.square().mean(-1, keepdim=True) + EPS)
-    d = seen["x0"] if mode[0] != 2 else op(deter)
-    u = torch.cat([d.view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+            seen[f"x{i}"], seen[f"n{i}"] = op(inp), p * torch.rsqrt(p.square().mean(-1, keepdim=True) + EPS)
+    u = torch.cat([seen["x0"].view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
     return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
 
 
