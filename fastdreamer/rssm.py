@@ -197,7 +197,8 @@ class RSSM(nn.Module):
             x0p, x1p = x0p * keep, x1p * keep
         if action_x is None:
             action = action * keep
-        stoch = stoch * keep[:, :, None]
+        if x1p is None:  # with x1p the core does not read stoch (either core; the Triton op still takes it)
+            stoch = stoch * keep[:, :, None]
         if taps is None:
             if any(m is not None for m in merge):
                 raise ValueError("RSSM: merge_deter's inputs are for the deferred-gradient path (taps)")
