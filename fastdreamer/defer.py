@@ -89,23 +89,35 @@ def pack(seen: dict[str, torch.Tensor], sites: dict[str, Site]) -> torch.Tensor:
 
 
 class Record(list):
-    """The steps' other factors, one packed (B, sum of x widths) tensor per step. append() detaches it: the record
-    lives on the taps' autograd node, so a recorded tensor that carried the graph would keep that node, and itself,
-    alive for good (a reference cycle through autograd's C++ nodes, which gc cannot see)."""
+    """The steps' other factors, one packed (B, sum of x widths) tensor per step, or a tuple of tensors that are its
+    consecutive columns (each site's within one of them), as each step packed them. append() detaches them: the
+    record lives on the taps' autograd node, so a recorded tensor that carried the graph would keep that node, and
+    itself, alive for good (a reference cycle through autograd's C++ nodes, which gc cannot see)."""
 
-    def append(self, packed: torch.Tensor) -> None:
-        super().append(packed.detach())
+    def append(self, packed: torch.Tensor | tuple[torch.Tensor, ...]) -> None:
+        super().append(tuple(t.detach() for t in packed) if isinstance(packed, tuple) else packed.detach())
 
     def factors(self, widths: dict[str, int]) -> dict[str, torch.Tensor]:
         """Each site's other factor over all rows, {site: (steps * B, width)} float32, rows step-major (the taps'
-        gradients are stacked the same way), from the packed steps; widths: {site: x width}, in pack's order."""
-        x_all = torch.stack(list(self)).flatten(0, 1).float()
-        if x_all.shape[1] != sum(widths.values()):
+        gradients are stacked the same way), from the packed steps; widths: {site: x width}, in pack's order. Each
+        part of tuple steps is stacked on its own, so the columns are not copied into one tensor first."""
+        steps = [s if isinstance(s, tuple) else (s,) for s in self]
+        parts = [torch.stack(list(p)).flatten(0, 1).float() for p in zip(*steps, strict=True)]
+        held = sum(p.shape[1] for p in parts)
+        if held != sum(widths.values()):
             raise RuntimeError(
-                f"defer: the record holds {x_all.shape[1]} columns of factors per row, the sites take "
+                f"defer: the record holds {held} columns of factors per row, the sites take "
                 f"{sum(widths.values())} ({widths})"
             )
-        return dict(zip(widths, x_all.split(list(widths.values()), 1), strict=True))
+        out, names = {}, iter(widths)
+        for p in parts:
+            col = 0
+            while col < p.shape[1]:
+                name = next(names)
+                out[name], col = p[:, col : col + widths[name]], col + widths[name]
+            if col != p.shape[1]:
+                raise RuntimeError(f"defer: site {name!r} spans two parts of the packed factors ({widths})")
+        return out
 
 
 class _Taps(torch.autograd.Function):

@@ -36,14 +36,25 @@ class BlockGRUCore(nn.Module):
     def weights(self) -> block_gru.BlockGRUWeights:
         return block_gru.BlockGRUWeights(*(getattr(self, n) for n in block_gru.BlockGRUWeights._fields))
 
-    def forward(self, deter: torch.Tensor, stoch: torch.Tensor, action, taps=None, action_x=None, x0p=None, x1p=None):
+    def forward(
+        self,
+        deter: torch.Tensor,
+        stoch: torch.Tensor,
+        action,
+        taps=None,
+        action_x=None,
+        x0p=None,
+        x1p=None,
+        packed=False,
+    ):
         """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
         action_x: the action branch already computed (action_branch; block_gru.step's x2); then action is not
-        read. x0p, x1p: deter @ w0 and stoch @ w1 already computed (block_gru.step's)."""
+        read. x0p, x1p: deter @ w0 and stoch @ w1 already computed (block_gru.step's). packed (taps and action_x):
+        (deter, seen, packed factors) (block_gru.step's)."""
         if action_x is None:
             action = _scale_action(action)
         w = self.weights()
-        return block_gru.step(deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p)
+        return block_gru.step(deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p, packed=packed)
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x."""
@@ -208,7 +219,11 @@ class RSSM(nn.Module):
         hoisted = action_x is not None
         sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
         core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
-        deter, core_seen = self.core(deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p)
+        # Hoisted, the core's own factors come packed as the record keeps them (the Triton core's kernels write them).
+        core_out = self.core(
+            deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p, packed=hoisted
+        )
+        deter, core_seen = core_out[:2]
         seen = {f"core.{s}": x for s, x in core_seen.items()}
         x = torch.cat([deter, token], -1)
         y = prod = None
@@ -222,7 +237,7 @@ class RSSM(nn.Module):
         logit = self.obs_logit(x)
         logp = self._logp(logit + taps["obs_logit.x"].to(logit.dtype))
         sample = dists.sample_onehot(logp, u)
-        packed = _ObserveRecord.pack(seen, sites, self.core)
+        packed = _ObserveRecord.pack(seen, sites, self.core, core_out[2] if hoisted else None)
         out = deter, sample, logp, packed
         if prod is None:
             return out
@@ -426,9 +441,20 @@ class _ObserveRecord(defer.Record):
         self.loop = tuple(t.detach() for t in (deter0, stoch0, deters, stochs, tokens, is_first))
 
     @classmethod
-    def pack(cls, seen: dict[str, torch.Tensor], sites: dict[str, defer.Site], core: BlockGRUCore) -> torch.Tensor:
+    def pack(
+        cls, seen: dict[str, torch.Tensor], sites: dict[str, defer.Site], core: BlockGRUCore, core_packed=None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """One step's own factors, (B, own width), in the order of `sites`: defer.pack less the OUTER sites, and of
-        the SPLIT site only x (block 0's columns after its deter part; seen's u is (B, G, D/G + 3K))."""
+        the SPLIT site only x (block 0's columns after its deter part; seen's u is (B, G, D/G + 3K)). core_packed:
+        the core's own factors already packed so (block_gru.step's packed, with the action branch hoisted); the
+        return is then (core_packed, the rest packed), which the record reads as one: the Triton core's kernels
+        wrote core_packed, and a cat would copy it (one kernel per step)."""
+        if core_packed is not None:
+            own = [n for n in sites if n.startswith("core.") and n not in cls.OUTER]
+            if own != [f"core.{s}" for s in block_gru.reference.PACKED_SITES]:
+                raise RuntimeError(f"RSSM: the core's own sites {own} are not block_gru's packed ones")
+            rest = [seen[n].flatten(1) for n in sites if not n.startswith("core.") and n not in cls.OUTER]
+            return core_packed.detach(), torch.cat(rest, 1).detach()
         dg = core.wh.shape[2]
         parts = [
             seen[name][:, 0, dg:] if name == cls.SPLIT else seen[name].flatten(1)

@@ -590,3 +590,24 @@ def test_records_refuse_factors_they_do_not_hold():
         record.factors({"a": 3, "b": 3})
     with pytest.raises(RuntimeError, match="not closed"):
         _ObserveRecord(make_rssm()).factors({})
+
+
+def test_records_read_steps_packed_in_parts_as_one():
+    """A step may pack its factors as a tuple of consecutive column blocks (the observe loop's core factors as the
+    Triton core's kernels wrote them, then the rest): factors() reads them as the one tensor they stand for, and
+    refuses a site whose columns span two parts."""
+    steps = [torch.randn(2, 7) for _ in range(3)]
+    whole, parts = defer.Record(), defer.Record()
+    for x in steps:
+        whole.append(x)
+        parts.append((x[:, :3], x[:, 3:].bfloat16().float()))
+    widths = {"a": 1, "b": 2, "c": 4}
+    want, got = whole.factors(widths), parts.factors(widths)
+    assert list(got) == list(widths)
+    for name in widths:
+        torch.testing.assert_close(got[name], want[name], atol=2e-2, rtol=1e-2)
+    assert torch.equal(got["b"], want["b"])  # the first part as it was appended
+    with pytest.raises(RuntimeError, match="site 'b' spans two parts"):
+        parts.factors({"a": 2, "b": 2, "c": 3})
+    with pytest.raises(RuntimeError, match="holds 7 columns"):
+        parts.factors({"a": 1, "b": 2})

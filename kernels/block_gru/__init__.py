@@ -65,17 +65,32 @@ def _bf16_autocast(device: torch.device) -> bool:
     return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
 
 
-def step(deter: torch.Tensor, stoch: torch.Tensor, action, w: BlockGRUWeights, taps=None, x2=None, x0p=None, x1p=None):
+def step(
+    deter: torch.Tensor,
+    stoch: torch.Tensor,
+    action,
+    w: BlockGRUWeights,
+    taps=None,
+    x2=None,
+    x0p=None,
+    x1p=None,
+    packed: bool = False,
+):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
     reference.step); with them the return is (deter, seen). x2: the action branch computed by the caller
     (reference.action_branch). x0p: the deter branch's product deter @ w0, computed by the caller (reference.step);
-    x1p the stoch branch's, stoch @ w1. Both implementations take them and then skip that work."""
+    x1p the stoch branch's, stoch @ w1. Both implementations take them and then skip that work. packed (with taps
+    and x2): the return is (deter, seen, reference.pack_factors(seen)), which the Triton core's kernels write as
+    they run (no kernels of their own)."""
+    if packed and (taps is None or x2 is None):
+        raise ValueError("block_gru: packed factors are for a tapped step given the action branch (taps and x2)")
     if _impl == "triton":
         from . import fused
 
         bf16 = _bf16_autocast(deter.device)
-        return fused.step(deter, stoch, action, w, bf16=bf16, taps=taps, x0p=x0p, x1p=x1p, x2=x2)
-    return reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p)
+        return fused.step(deter, stoch, action, w, bf16=bf16, taps=taps, x0p=x0p, x1p=x1p, x2=x2, packed=packed)
+    out = reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p)
+    return (*out, reference.pack_factors(out[1])) if packed else out
 
 
 def rollout(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> torch.Tensor:

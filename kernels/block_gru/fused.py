@@ -66,6 +66,7 @@ import os
 import torch
 import triton
 
+from . import reference
 from .kernels_bwd import _bwd_branches, _bwd_dx, _bwd_gates, _bwd_hidden
 from .kernels_fwd import _fwd_branches, _fwd_gates, _fwd_hidden
 from .reference import ACTION_SITES, EPS, TAP_SITES, BlockGRUWeights, check_shapes
@@ -211,8 +212,11 @@ def forward(
     x0p: torch.Tensor | None = None,
     x1p: torch.Tensor | None = None,
     x2: torch.Tensor | None = None,
+    factors: bool = False,
 ):
-    """One core step. Returns the new deter (B, D) float32 and, with save=True, the activations backward needs.
+    """One core step. Returns the new deter (B, D) float32 and, with save=True, the activations backward needs;
+    with factors=True (save and x2 only) also the tap sites' factors the kernels compute, packed as
+    reference.pack_factors packs them (B, packed width), which the kernels write as they compute the activations.
 
     `out` may be any (B, D) float32 view with unit column stride (rollout writes into its (B, T, D) result).
     bf16=True rounds every dot's operands to bfloat16 (reference.step's bf16 compute). x0p, x1p, x2: reference.step's
@@ -221,6 +225,8 @@ def forward(
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     given = [None if t is None else _rows(t) for t in (x0p, x1p, x2)]
     mode = modes(x0p, x1p, x2)
+    if factors and not (save and mode[2] == 2):
+        raise ValueError("block_gru fused: the packed factors are for a saving step given the action branch (x2)")
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     SC, A = stoch.shape[1], action.shape[1]
@@ -242,6 +248,9 @@ def forward(
         x, h, rs, gates = _empty((B, 3 * K), dev), _empty((B, D), dev), _empty((B,), dev), _empty((B, 3 * D), dev)
     else:
         x = h = rs = gates = pre  # never written: SAVE is off
+    # The packed factors: n0 | n1 | x | nh | g (reference.PACKED_SITES); the kernels write n_i at i * K and x at 2K.
+    widths = reference.packed_widths(w)
+    fac = _empty((B, sum(widths.values())), dev) if factors else pre  # never written without
     computed = [i for i in range(3) if mode[i] == 0]
     if computed:
         _fwd_branches[(nb, len(computed), triton.cdiv(K, BKB))](
@@ -286,6 +295,8 @@ def forward(
         hpre,
         part,
         x,
+        fac,
+        fac.stride(0),
         B,
         DG,
         K,
@@ -298,6 +309,7 @@ def forward(
         M1=mode[1],
         M2=mode[2],
         SAVE=save,
+        FAC=factors,
         **prec,
     )
     _fwd_gates[(nb, G, NJ)](
@@ -313,6 +325,9 @@ def forward(
         h,
         rs,
         gates,
+        fac,
+        fac.stride(0),
+        widths["n0"] + widths["n1"] + widths["h"],
         B,
         DG,
         G * NJ,
@@ -321,24 +336,36 @@ def forward(
         BJ=BJ,
         BP=triton.next_power_of_2(G * NJ),
         SAVE=save,
+        FAC=factors,
         **prec,
     )
     if not save:
         return out
+    if factors:
+        return out, (pre, x, hpre, h, rs, gates), fac
     return out, (pre, x, hpre, h, rs, gates)
 
 
-def _seen(deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool, mode=(0, 0, 0)) -> dict[str, Tensor]:
+def _seen(
+    deter: Tensor, stoch: Tensor, action: Tensor, saved, G: int, bf16: bool, mode=(0, 0, 0), fac: Tensor | None = None
+) -> dict[str, Tensor]:
     """Each tap site's other factor (reference.step's `seen`) from the forward's saved activations: the dots' inputs
     as the dots saw them (rounded to bf16 with bf16), and the normalised values the norm scales multiply. A branch
     whose product the caller computed (mode 1) keeps its sites, with the product's input as its factor (as
-    reference.step); one the caller computed whole (mode 2) has none."""
+    reference.step); one the caller computed whole (mode 2) has none. fac: forward's packed factors (with x2), which
+    the factors the kernels compute are then views of."""
     pre, x, hpre, h, rs, _ = saved
     B, D = deter.shape
     K = pre.shape[1] // 3
 
     def op(t: Tensor) -> Tensor:
         return t.bfloat16().float() if bf16 else t.float()
+
+    if fac is not None:
+        n0, n1, xr, nh, g = fac.split([K, K, 3 * K, D, D], 1)  # reference.packed_widths
+        x0 = op(deter)
+        u = torch.cat([x0.view(B, G, D // G), xr[:, None, :].expand(B, G, 3 * K)], 2)
+        return {"x0": x0, "n0": n0, "x1": op(stoch), "n1": n1, "h": u, "nh": nh, "g": g.view(B, G, D // G)}
 
     # Each branch's norm on its own (a whole-branch x2 leaves its pre columns unwritten): in the fast modes' step,
     # with all three given, one norm over the (B, 3, K) view took a Triton kernel more (census, session 31).
@@ -515,6 +542,7 @@ def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, save
 Tensor = torch.Tensor
 OptT = Tensor | None
 SavedT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+TappedT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]  # SavedT and the packed factors
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step", mutates_args=())
@@ -623,15 +651,22 @@ def _tapped_op(
     x0p: OptT,
     x1p: OptT,
     x2: OptT,
-) -> SavedT:
-    """_train_op with taps (zeros, in tap_sites order), which it does not read."""
-    out, saved = forward(deter, stoch, action, BlockGRUWeights(*ws), save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2)
-    return (out, *saved)
+) -> TappedT:
+    """_train_op with taps (zeros, in tap_sites order), which it does not read, and with x2 given the packed factors
+    (forward's factors) after its outputs; without x2, a (B, 0) tensor there."""
+    w = BlockGRUWeights(*ws)
+    if x2 is None:
+        out, saved = forward(deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p)
+        return (out, *saved, deter.new_empty((deter.shape[0], 0), dtype=torch.float32))
+    out, saved, fac = forward(deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2, factors=True)
+    return (out, *saved, fac)
 
 
 @_tapped_op.register_fake
 def _(deter, stoch, action, ws, taps, bf16, x0p, x1p, x2):
-    return _train_op_fake(deter, stoch, action, ws, bf16, x0p, x1p, x2)
+    width = 0 if x2 is None else sum(reference.packed_widths(BlockGRUWeights(*ws)).values())
+    fac = deter.new_empty((deter.shape[0], width), dtype=torch.float32)
+    return (*_train_op_fake(deter, stoch, action, ws, bf16, x0p, x1p, x2), fac)
 
 
 @torch.library.custom_op("fastdreamer::block_gru_step_rows", mutates_args=())
@@ -666,10 +701,10 @@ def tap_sites(x2_given: bool) -> tuple[str, ...]:
 def _tapped_setup(ctx, inputs, output):
     deter, stoch, action, ws, taps, bf16, *given = inputs
     ctx.bf16, ctx.n_ws, ctx.n_taps, ctx.has = bf16, len(ws), len(taps), [t is not None for t in given]
-    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:], *(t for t in given if t is not None))
+    ctx.save_for_backward(deter, stoch, action, *ws, *output[1:-1], *(t for t in given if t is not None))
 
 
-def _tapped_backward(ctx, dout, *_saved_grads):
+def _tapped_backward(ctx, dout, *_output_grads):
     t, given = _saved_given(ctx)
     deter, stoch, action = t[:3]
     mode = modes(*given)
@@ -700,20 +735,26 @@ def step(
     x0p: torch.Tensor | None = None,
     x1p: torch.Tensor | None = None,
     x2: torch.Tensor | None = None,
+    packed: bool = False,
 ):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
     (once: the backward itself is not). bf16: reference.step's bf16 compute. taps: as reference.step's (zeros at
     every site of TAP_SITES, less the action branch's with x2; the weights get no gradient here); then the return is
-    (deter, seen). x0p, x1p, x2: reference.step's, computed by the caller (forward)."""
+    (deter, seen). x0p, x1p, x2: reference.step's, computed by the caller (forward). packed (with taps and x2): the
+    return is (deter, seen, the packed factors: reference.pack_factors(seen), as the kernels wrote them)."""
     validate(deter, stoch, action, w)
     validate_given(deter, w, x0p=x0p, x1p=x1p, x2=x2)
     given = (x0p, x1p, x2)
+    if packed and (taps is None or x2 is None):
+        raise ValueError("block_gru fused: packed factors are for a tapped step given the action branch (taps and x2)")
     if taps is not None:
         sites = tap_sites(x2 is not None)
         if sorted(taps) != sorted(sites):
             raise ValueError(f"block_gru fused: taps at {sorted(taps)}, expected the sites {list(sites)}")
         outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in sites], bf16, *given)
-        return outs[0], _seen(deter, stoch, action, outs[1:], w.wh.shape[0], bf16, modes(*given))
+        fac = None if x2 is None else outs[-1]
+        seen = _seen(deter, stoch, action, outs[1:-1], w.wh.shape[0], bf16, modes(*given), fac)
+        return (outs[0], seen, fac) if packed else (outs[0], seen)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (deter, stoch, action, *w, *given) if t is not None):
         return _train_op(deter, stoch, action, list(w), bf16, *given)[0]
     return _step_op(deter, stoch, action, list(w), bf16, *given)

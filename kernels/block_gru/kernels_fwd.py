@@ -35,6 +35,14 @@ def _round_bf16(x):
 
 
 @triton.jit
+def _seen_op(x, BF16: tl.constexpr):
+    """A dot's float32 operand as the dot reads it, kept as float32: rounded to bfloat16 in bf16 compute."""
+    if BF16:
+        x = _round_bf16(x)
+    return x
+
+
+@triton.jit
 def _operand(x, BF16: tl.constexpr, DOT_BF16: tl.constexpr):
     """A dot operand: float32, or rounded to bfloat16 in bf16 compute (as bfloat16 for the tensor cores)."""
     x = x.to(tl.float32)
@@ -159,6 +167,8 @@ def _x_part(
     wh_blk,
     x_ptr,
     write_x,
+    fac_ptr,
+    fac_stride,
     br: tl.constexpr,
     rows,
     rmask,
@@ -170,12 +180,15 @@ def _x_part(
     BK: tl.constexpr,
     MODE: tl.constexpr,
     SAVE: tl.constexpr,
+    FAC: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
     """acc += x_br @ wh[g, DG + br*K : DG + (br+1)*K, js] for one block's output chunk, x_br = silu(rms(pre_br) * s)
     with pre_br from _branch_tile (MODE 0 or 1; under MODE 1 the program that writes x also writes pre for the
-    backward), or x_br the caller's (MODE 2, src)."""
+    backward), or x_br the caller's (MODE 2, src). FAC (with SAVE): the program that writes x also writes the tap
+    factors (fused.forward's fac): the branch's normalised pre_br (MODE 0 or 1, at column br*K) and x_br as the dot
+    reads it (rounded to bf16 in bf16 compute), at 2K + br*K."""
     rs = tl.zeros((BB,), tl.float32)
     if MODE != 2:
         ss = tl.zeros((BB,), tl.float32)
@@ -200,9 +213,16 @@ def _x_part(
             if SAVE and MODE == 1:  # noqa: SIM102 (SAVE and MODE are compile-time constants, write_x a runtime one)
                 if write_x:
                     tl.store(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], p, mask=m)
+            if SAVE and FAC:  # noqa: SIM102 (as above)
+                if write_x:
+                    tl.store(fac_ptr + rows[:, None] * fac_stride + br * K + ks[None, :], p * rs[:, None], mask=m)
         if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, write_x a runtime one)
             if write_x:
                 tl.store(x_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], x, mask=m)
+                if FAC:
+                    tl.store(
+                        fac_ptr + rows[:, None] * fac_stride + (2 + br) * K + ks[None, :], _seen_op(x, BF16), mask=m
+                    )
         w = tl.load(
             wh_blk + (DG + br * K + ks[:, None]) * DG + js[None, :], mask=kmask[:, None] & jmask[None, :], other=0.0
         )
@@ -232,6 +252,8 @@ def _fwd_hidden(
     hpre_ptr,
     part_ptr,
     x_ptr,
+    fac_ptr,
+    fac_stride,
     B,
     DG,
     K,
@@ -244,6 +266,7 @@ def _fwd_hidden(
     M1: tl.constexpr,
     M2: tl.constexpr,
     SAVE: tl.constexpr,
+    FAC: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
@@ -278,6 +301,8 @@ def _fwd_hidden(
         wh_blk,
         x_ptr,
         write_x,
+        fac_ptr,
+        fac_stride,
         0,
         rows,
         rmask,
@@ -289,6 +314,7 @@ def _fwd_hidden(
         BK,
         M0,
         SAVE,
+        FAC,
         BF16,
         DOT_BF16,
     )
@@ -302,6 +328,8 @@ def _fwd_hidden(
         wh_blk,
         x_ptr,
         write_x,
+        fac_ptr,
+        fac_stride,
         1,
         rows,
         rmask,
@@ -313,6 +341,7 @@ def _fwd_hidden(
         BK,
         M1,
         SAVE,
+        FAC,
         BF16,
         DOT_BF16,
     )
@@ -326,6 +355,8 @@ def _fwd_hidden(
         wh_blk,
         x_ptr,
         write_x,
+        fac_ptr,
+        fac_stride,
         2,
         rows,
         rmask,
@@ -337,6 +368,7 @@ def _fwd_hidden(
         BK,
         M2,
         SAVE,
+        FAC,
         BF16,
         DOT_BF16,
     )
@@ -360,6 +392,9 @@ def _fwd_gates(
     h_ptr,
     rs_ptr,
     gates_ptr,
+    fac_ptr,
+    fac_stride,
+    fac_nh,
     B,
     DG,
     NP,
@@ -368,9 +403,13 @@ def _fwd_gates(
     BJ: tl.constexpr,
     BP: tl.constexpr,
     SAVE: tl.constexpr,
+    FAC: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
+    """FAC (with SAVE): the programs that write h also write the tap factors (fused.forward's fac) hpre * rs, the
+    normalised hidden layer, at column fac_nh, and h as the dots read it (rounded to bf16 in bf16 compute) at
+    fac_nh + D."""
     row0 = tl.program_id(0) * BB
     g = tl.program_id(1)
     pj = tl.program_id(2)
@@ -401,6 +440,10 @@ def _fwd_gates(
         if SAVE:  # noqa: SIM102 (SAVE is a compile-time constant, pj a runtime one)
             if pj == 0:
                 tl.store(h_ptr + rows[:, None] * D + g * DG + ii[None, :], h, mask=m)
+                if FAC:
+                    fp = fac_ptr + rows[:, None] * fac_stride + fac_nh + g * DG + ii[None, :]
+                    tl.store(fp, hp * rs[:, None], mask=m)
+                    tl.store(fp + D, _seen_op(h, BF16), mask=m)
         wm = imask[:, None] & jmask[None, :]
         wp = wg_blk + ii[:, None] * (3 * DG) + js[None, :]
         hd = _operand(h, BF16, DOT_BF16)

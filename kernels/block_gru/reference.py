@@ -210,6 +210,25 @@ TAP_SITES = {
 ACTION_SITES = ("x2", "n2")
 
 
+# The core's own tap factors that an observe loop records at each step when it gives the action branch (x2) and
+# gathers the deter and stoch branches' factors (its own inputs) after the loop: pack_factors packs them in this order,
+# h's without its deter blocks (only x, which every block reads alike).
+PACKED_SITES = ("n0", "n1", "h", "nh", "g")
+
+
+def packed_widths(w: BlockGRUWeights) -> dict[str, int]:
+    """The width of each PACKED_SITES factor in pack_factors' result, in order."""
+    D, K = w.bh.shape[0], w.w0.shape[1]
+    return {"n0": K, "n1": K, "h": 3 * K, "nh": D, "g": D}
+
+
+def pack_factors(seen: dict[str, torch.Tensor]) -> torch.Tensor:
+    """step()'s factors (seen, with taps and x2) of PACKED_SITES as one (B, sum of packed_widths) tensor."""
+    x_width = 3 * seen["n0"].shape[1]
+    h = seen["h"][:, 0, seen["h"].shape[2] - x_width :]  # block 0's x, after its deter part
+    return torch.cat([seen["n0"], seen["n1"], h, seen["nh"], seen["g"].flatten(1)], 1)
+
+
 def tap_widths(w: BlockGRUWeights) -> dict[str, int]:
     """The width of each tap site's value (its shape is (B, width))."""
     D, K = w.bh.shape[0], w.w0.shape[1]

@@ -4,7 +4,7 @@ The interpreter runs the kernels' math on CPU but never lowers them, so type and
 compiler sees would first show on a GPU. This compiles each kernel at the widest tiles fused.py can choose, for
 fp32 and bf16 weights (or those named on the command line), each in fp32 and in bf16 compute (the forward's
 bf16 tensor-core dots are the GPU-only path: the interpreter emulates them in fp32), the kernels that read the
-caller's branch inputs (fused.modes) also with those given, and prints
+caller's branch inputs (fused.modes) also with those given (and writing the packed tap factors, FAC), and prints
 {"kernel[weight dtype,compute]": shared bytes} as JSON. Must run with TRITON_INTERPRET unset.
 
     python tests/kernels/compile_block_gru_sm90.py [fp32] [bf16]
@@ -36,12 +36,14 @@ def main(dtypes: list[str]) -> int:
     given = {"M0": 1, "M1": 1, "M2": 2}  # the observe loop's: both products and the action branch from the caller
     cases = [
         (kf._fwd_branches, {"BB": RB, "BI": T, "BKC": TK}),  # the forward's widest row tile (large batches)
-        (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **computed}),
-        (kf._fwd_gates, {"BB": RB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
+        (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, "FAC": False, **computed}),
+        (kf._fwd_gates, {"BB": RB, "BI": T, "BJ": T, "BP": 128, "SAVE": True, "FAC": False}),
         (kf._fwd_branches, {"BB": BB, "BI": T, "BKC": TK}),
-        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **computed}),
-        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, **given}),
-        (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True}),
+        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, "FAC": False, **computed}),
+        # The observe loop's tapped step: given branches, and the kernels write the packed factors (FAC).
+        (kf._fwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, "FAC": True, **given}),
+        (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True, "FAC": False}),
+        (kf._fwd_gates, {"BB": BB, "BI": T, "BJ": T, "BP": 128, "SAVE": True, "FAC": True}),
         (kb._bwd_gates, {"BB": BB, "BO": T, "BJ": T}),
         (kb._bwd_hidden, {"BB": BB, "BI": T, "BJ": T, "BP": 128}),
         (kb._bwd_dx, {"BB": BB, "BJ": T, "BKC": TKB}),
@@ -70,7 +72,8 @@ def main(dtypes: list[str]) -> int:
             k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options=opts)
             rows = "" if consts["BB"] == BB else f"/BB{consts['BB']}"
             modes = "/given" if consts.get("M2") == 2 else ""
-            shared[f"{fn.__name__}{rows}{modes}[{wdtype},{compute}]"] = k.metadata.shared
+            fac = "/fac" if consts.get("FAC") else ""
+            shared[f"{fn.__name__}{rows}{modes}{fac}[{wdtype},{compute}]"] = k.metadata.shared
     print(json.dumps(shared))
     return 0
 

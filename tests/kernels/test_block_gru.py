@@ -313,6 +313,66 @@ def test_tapped_step_with_given_branches_matches_the_reference(names):
             fused.step(deter, stoch, action, w, taps=taps, **given)
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16compute"])
+@pytest.mark.parametrize("names", [("x2",), ("x0p", "x1p", "x2")], ids="+".join)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_D{}_G{}_K{}_SC{}_A{}".format(*s))
+def test_packed_factors_are_the_reference_factors(shape, names, bf16, monkeypatch):
+    """With x2 the tapped step's kernels write the factors of reference.PACKED_SITES themselves (packed=True; the
+    fast observe loop records them as they are): every element written (the buffer starts as NaN), equal to the
+    factors computed from the saved activations in torch (fused._seen without them), and to reference.step's
+    factors packed (reference.pack_factors), those rounded to bf16 that the bf16 compute's dots read rounded (x, h),
+    with the spec's x and h pinned to the kernel's."""
+    deter, stoch, action, w, _ = make_case(*shape, seed=sum(shape) + 7)
+    given = given_case(deter, stoch, action, w, names, seed=sum(shape) + 8)
+    sites = fused.tap_sites(True)
+    widths = reference.tap_widths(w)
+    taps = {s: torch.zeros(deter.shape[0], widths[s], device=DEVICE) for s in sites}
+    out, seen, fac = fused.step(deter, stoch, action, w, bf16=bf16, taps=taps, packed=True, **given)
+    assert fac.shape == (deter.shape[0], sum(reference.packed_widths(w).values())) and fac.isfinite().all()
+    # The same factors from the saved activations, in torch.
+    _, saved = fused.forward(deter, stoch, action, w, save=True, bf16=bf16, **given)
+    plain = fused._seen(deter, stoch, action, saved, w.wh.shape[0], bf16, fused.modes(*given.values()))
+    torch.testing.assert_close(fac, reference.pack_factors(plain), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(reference.pack_factors(seen), fac, atol=0, rtol=0)  # seen's are views of fac
+    # The spec's.
+    kernel = {"x": saved[1], "h": saved[3]}
+    if bf16:
+        monkeypatch.setattr(reference, "_pin", lambda name, t: t + (kernel[name] - t).detach())
+    ref, ref_seen = reference.step(deter, stoch, action, w, bf16=bf16, taps=taps, **given)
+    want = reference.pack_factors(ref_seen)
+    if bf16:
+        K, D = w.w0.shape[1], deter.shape[1]
+        rounded = torch.zeros(want.shape[1], dtype=torch.bool, device=DEVICE)
+        rounded[2 * K : 5 * K] = rounded[5 * K + D :] = True
+        want = torch.where(rounded, want.bfloat16().float(), want)
+        assert (want != reference.pack_factors(ref_seen)).any()  # the rounding shows at these shapes
+    torch.testing.assert_close(fac, want, **OUT_TOL)
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+
+
+def test_packed_factors_under_either_implementation_and_bad_requests():
+    """The switch's packed=True gives reference.pack_factors of the step's factors under the torch core too, and a
+    request without taps or without x2 is refused (the packed layout has no action branch sites)."""
+    deter, stoch, action, w, _ = make_case(*SHAPES[1], seed=51)
+    given = given_case(deter, stoch, action, w, ("x2",), seed=52)
+    widths = reference.tap_widths(w)
+    taps = {s: torch.zeros(deter.shape[0], widths[s], device=DEVICE) for s in fused.tap_sites(True)}
+    got = {}
+    for impl in block_gru.IMPLS:
+        assert block_gru.set_impl(impl) == impl
+        out, seen, packed = block_gru.step(deter, stoch, action, w, taps=taps, packed=True, **given)
+        torch.testing.assert_close(packed, reference.pack_factors(seen), atol=0, rtol=0)
+        got[impl] = out, packed
+        with pytest.raises(ValueError, match="packed factors are for a tapped step"):
+            block_gru.step(deter, stoch, action, w, taps=taps, packed=True)
+        with pytest.raises(ValueError, match="packed factors are for a tapped step"):
+            block_gru.step(deter, stoch, action, w, packed=True, **given)
+    for a, b in zip(got["triton"], got["torch"], strict=True):
+        torch.testing.assert_close(a, b, **OUT_TOL)
+    with pytest.raises(ValueError, match="packed factors are for a tapped step"):
+        fused.step(deter, stoch, action, w, taps=taps, packed=True)
+
+
 def test_gradients_flow_when_only_the_state_requires_grad():
     deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=1)
     d = deter.clone().requires_grad_()
@@ -613,4 +673,4 @@ def test_kernels_compile_for_sm90_and_fit_in_a100_shared_memory():
         pytest.skip("Triton's bundled ptxas is missing here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(shared) == 24 and all(v <= 163 * 1024 for v in shared.values()), shared
+    assert len(shared) == 26 and all(v <= 163 * 1024 for v in shared.values()), shared
