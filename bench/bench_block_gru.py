@@ -21,7 +21,9 @@ reference.step(bf16=True).
 step computes the deter and stoch branches' products outside the core (d @ w0, stoch @ w1, under autocast in bf16)
 and passes them in as x0p and x1p, with the action branch x2 computed once for all steps (its weights then get
 their gradient through it, not through a tap); the core skips that work (the Triton kernels then launch no branch
-kernel). The check stays against the plain reference.
+kernel). The *_defer modes then record the factors as the observe loop does (rssm._ObserveRecord): each step packs
+the core's own (reference.pack_factors; the Triton kernels write them, block_gru.step's packed), and the deter and
+stoch factors are the loop's inputs, gathered after it. The check stays against the plain reference.
 --json is rewritten after every row with "complete": false, and true once the last row is in.
 """
 
@@ -215,11 +217,40 @@ def main(argv=None):
         impls["fp32"]["compile"] = torch.compile(given(reference.step, False), dynamic=False)
         impls["bf16"]["compile"] = torch.compile(torch_bf16, dynamic=False)
 
-    def tapped(step, d, stoch, action, w, tap, sites, x2=None):
+    def tapped(step, packs, d, stoch, action, w, tap, sites, x2=None):
         """One deferred step as the trainer's compiled observe step runs it: {site: tap} in, the factors packed
-        inside the compiled function (outside, each factor's zero gradient would be launches of their own)."""
+        inside the compiled function (outside, each factor's zero gradient would be launches of their own). Under
+        --given as the observe loop packs them (rssm._ObserveRecord): the core's own (reference.PACKED_SITES; the
+        Triton kernels write them, packs), the deter and stoch factors gathered after the loop (GivenRecord)."""
+        if x2 is None:
+            d, seen = step(d, stoch, action, w, taps=tap)
+            return d, defer.pack(seen, sites)
+        if packs:
+            return step(d, stoch, action, w, taps=tap, x2=x2, packed=True)[::2]
         d, seen = step(d, stoch, action, w, taps=tap, x2=x2)
-        return d, defer.pack(seen, sites)
+        return d, reference.pack_factors(seen)
+
+    class GivenRecord(defer.Record):
+        """--given's record: the steps' packed core factors, and the loop's inputs (each step's deter, the stoch)
+        that the deter and stoch sites' factors are, gathered once (rounded to bf16 where the Triton kernels'
+        bf16 compute multiplied them so), with h's deter blocks beside the packed x, as rssm._ObserveRecord."""
+
+        def __init__(self, stoch, round_inputs: bool):
+            super().__init__()
+            self.stoch, self.round, self.deters = stoch, round_inputs, []
+
+        def factors(self, widths):
+            packed = torch.stack(list(self)).flatten(0, 1).float()
+            w = self.w
+            out = dict(zip(reference.PACKED_SITES, packed.split(list(reference.packed_widths(w).values()), 1)))
+            x0 = torch.stack(self.deters).flatten(0, 1).float()
+            x1 = self.stoch.detach().float().repeat(len(self), 1)
+            if self.round:
+                x0, x1 = x0.bfloat16().float(), x1.bfloat16().float()
+            G = w.wh.shape[0]
+            out["h"] = reference._block_inputs(x0.view(x0.shape[0], G, -1), out["h"]).flatten(1)
+            out.update(x0=x0, x1=x1)
+            return {k: out[k] for k in widths}
 
     # The *_defer modes compile the whole tapped step; the Triton kernels stay opaque custom ops and the torch ops
     # around them (fused._seen, pack) fuse.
@@ -227,7 +258,8 @@ def main(argv=None):
     for compute, steps in (("fp32", plain), ("bf16", (torch_bf16, triton_bf16))):
         for mode, step in zip(("compile_defer", "triton_defer"), steps, strict=True):
             if mode in args.modes:
-                impls[compute][mode] = torch.compile(functools.partial(tapped, step), dynamic=False)
+                packs = mode == "triton_defer"
+                impls[compute][mode] = torch.compile(functools.partial(tapped, step, packs), dynamic=False)
 
     def make(B, D, G, K, SC, A):
         gen = torch.Generator().manual_seed(0)
@@ -256,10 +288,16 @@ def main(argv=None):
                     for s, (kind, *ps) in TAP_SITES.items()
                     if not (args.given and s in ACTION_SITES)
                 }
-                record = defer.Record()
+                if args.given:
+                    record = GivenRecord(stoch, compute == "bf16" and fn is impls["bf16"].get("triton_defer"))
+                    record.w = w
+                else:
+                    record = defer.Record()
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)
                 wd = BlockGRUWeights(*(t.detach() for t in w))
                 for t in range(args.steps):
+                    if args.given:
+                        record.deters.append(d.detach())
                     d, packed = fn(d, stoch, action, wd, taps[t], sites, x2=x2)
                     record.append(packed)
             elif spec:
