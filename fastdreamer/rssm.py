@@ -46,15 +46,19 @@ class BlockGRUCore(nn.Module):
         x0p=None,
         x1p=None,
         packed=False,
+        first=None,
     ):
         """deter (N, D), stoch (N, S*C), action (N, A) -> deter (N, D); with taps (block_gru.step) (deter, seen).
         action_x: the action branch already computed (action_branch; block_gru.step's x2); then action is not
         read. x0p, x1p: deter @ w0 and stoch @ w1 already computed (block_gru.step's). packed (taps and action_x):
-        (deter, seen, packed factors) (block_gru.step's)."""
+        (deter, seen, packed factors) (block_gru.step's). first: the rows where x0p and x1p count as zero
+        (block_gru.step's)."""
         if action_x is None:
             action = _scale_action(action)
         w = self.weights()
-        return block_gru.step(deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p, packed=packed)
+        return block_gru.step(
+            deter, stoch, action, w, taps=taps, x2=action_x, x0p=x0p, x1p=x1p, packed=packed, first=first
+        )
 
     def action_branch(self, action: torch.Tensor) -> torch.Tensor:
         """The core's action branch for any rows, (N, A) -> (N, K): forward's action_x."""
@@ -204,8 +208,6 @@ class RSSM(nn.Module):
         keep = (~is_first).to(deter.dtype)[:, None]
         if mask_deter:
             deter = deter * keep
-        if x0p is not None:
-            x0p, x1p = x0p * keep, x1p * keep
         if action_x is None:
             action = action * keep
         if x1p is None:  # with x1p the core does not read stoch (either core; the Triton op still takes it)
@@ -220,8 +222,11 @@ class RSSM(nn.Module):
         sites = self.tap_sites(check=False, hoisted=hoisted)  # the layout only: widths and order
         core_taps = {s: taps[f"core.{s}"] for s in self._core_sites if f"core.{s}" in sites}
         # Hoisted, the core's own factors come packed as the record keeps them (the Triton core's kernels write them).
+        # The core zeroes x0p and x1p on the first rows itself (block_gru.step's first: the Triton core as it reads
+        # them, with no masking kernels before it and after its backward).
+        first = None if x0p is None else is_first
         core_out = self.core(
-            deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p, packed=hoisted
+            deter, stoch.flatten(1), action, core_taps, action_x=action_x, x0p=x0p, x1p=x1p, packed=hoisted, first=first
         )
         deter, core_seen = core_out[:2]
         seen = {f"core.{s}": x for s, x in core_seen.items()}

@@ -75,21 +75,25 @@ def step(
     x0p=None,
     x1p=None,
     packed: bool = False,
+    first=None,
 ):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> deter (B, D). taps (deferred weight gradients,
     reference.step); with them the return is (deter, seen). x2: the action branch computed by the caller
     (reference.action_branch). x0p: the deter branch's product deter @ w0, computed by the caller (reference.step);
     x1p the stoch branch's, stoch @ w1. Both implementations take them and then skip that work. packed (with taps
     and x2): the return is (deter, seen, reference.pack_factors(seen)), which the Triton core's kernels write as
-    they run (no kernels of their own)."""
+    they run (no kernels of their own). first (B,) bool: the rows where x0p and x1p count as zero (reference.step's;
+    the Triton core applies it as it reads them, and writes their gradients masked)."""
     if packed and (taps is None or x2 is None):
         raise ValueError("block_gru: packed factors are for a tapped step given the action branch (taps and x2)")
     if _impl == "triton":
         from . import fused
 
         bf16 = _bf16_autocast(deter.device)
-        return fused.step(deter, stoch, action, w, bf16=bf16, taps=taps, x0p=x0p, x1p=x1p, x2=x2, packed=packed)
-    out = reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p)
+        return fused.step(
+            deter, stoch, action, w, bf16=bf16, taps=taps, x0p=x0p, x1p=x1p, x2=x2, packed=packed, first=first
+        )
+    out = reference.step(deter, stoch, action, w, taps=taps, x2=x2, x0p=x0p, x1p=x1p, first=first)
     return (*out, reference.pack_factors(out[1])) if packed else out
 
 

@@ -137,10 +137,23 @@ def fwd_tiles(B: int, DG: int, G: int, K: int) -> dict[str, int]:
     }
 
 
-def _empty(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if DEBUG_POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
-    return torch.empty(shape, device=device, dtype=torch.float32)
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def validate_first(deter: torch.Tensor, first: torch.Tensor | None) -> None:
+    """step's first must be (B,) bool on deter's device."""
+    B = deter.shape[0]
+    if first is not None and not (
+        isinstance(first, torch.Tensor)
+        and first.shape == (B,)
+        and first.dtype == torch.bool
+        and first.device == deter.device
+    ):
+        got = f"{tuple(first.shape)} {first.dtype} on {first.device}" if isinstance(first, torch.Tensor) else first
+        raise ValueError(f"block_gru fused: first must be ({B},) bool on {deter.device}, got {got}")
 
 
 def validate(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
@@ -213,10 +226,12 @@ def forward(
     x1p: torch.Tensor | None = None,
     x2: torch.Tensor | None = None,
     factors: bool = False,
+    first: torch.Tensor | None = None,
 ):
     """One core step. Returns the new deter (B, D) float32 and, with save=True, the activations backward needs;
     with factors=True (save and x2 only) also the tap sites' factors the kernels compute, packed as
     reference.pack_factors packs them (B, packed width), which the kernels write as they compute the activations.
+    first (B,) bool: the rows where x0p and x1p count as zero (reference.step's), applied as they are read.
 
     `out` may be any (B, D) float32 view with unit column stride (rollout writes into its (B, T, D) result).
     bf16=True rounds every dot's operands to bfloat16 (reference.step's bf16 compute). x0p, x1p, x2: reference.step's
@@ -297,6 +312,8 @@ def forward(
         x,
         fac,
         fac.stride(0),
+        pre if first is None else first,
+        0 if first is None else first.stride(0),
         B,
         DG,
         K,
@@ -310,6 +327,7 @@ def forward(
         M2=mode[2],
         SAVE=save,
         FAC=factors,
+        RESET=first is not None,
         **prec,
     )
     _fwd_gates[(nb, G, NJ)](
@@ -388,8 +406,8 @@ def backward(
     B, D = deter.shape
     G, DG, K = w.wh.shape[0], D // w.wh.shape[0], w.w0.shape[1]
     mode = modes(*given)
-    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx = row_grads(
-        dout, deter, stoch, action, w, saved, bf16, mode
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx, *gin = row_grads(
+        dout, deter, stoch, action, w, saved, bf16, mode, given
     )
 
     # Weight grads: sums over the batch of the per-row grads above times each site's other factor (_seen: the dots'
@@ -421,7 +439,7 @@ def backward(
     dstoch, daction = (torch.zeros_like(g) if u else g for g, u in zip((dstoch, daction), unread(mode)))
     grads = [ddeter, dstoch, daction, *wgrads]
     out = [g.to(t.dtype) for g, t in zip(grads, (deter, stoch, action, *w))]
-    return out + _given_grads(dpre, dx, given, copy=True)
+    return out + _given_grads(gin, dx, given, copy=True)
 
 
 def unread(mode) -> tuple[bool, bool]:
@@ -429,21 +447,34 @@ def unread(mode) -> tuple[bool, bool]:
     return mode[1] != 0, mode[2] != 0
 
 
-def _given_grads(dpre: Tensor, dx: Tensor, given, copy: bool) -> list[Tensor | None]:
-    """The gradients of forward's x0p, x1p (their branches' dpre) and x2 (its part of dx), in their dtypes; copy:
-    never views of dpre or dx (a custom op's outputs must not alias)."""
-    K = dpre.shape[1] // 3
-    src = (dpre[:, :K], dpre[:, K : 2 * K], dx[:, 2 * K :])
-    return [None if t is None else g.to(t.dtype, copy=copy) for g, t in zip(src, given)]
+def _given_grads(gin, dx: Tensor, given, copy: bool) -> list[Tensor | None]:
+    """The gradients of forward's x0p, x1p (row_grads' gin: their branches' dpre, masked by first, in their dtypes)
+    and x2 (its part of dx, in its dtype); copy: never a view of dx (a custom op's outputs must not alias)."""
+    K = dx.shape[1] // 3
+    x2 = None if given[2] is None else dx[:, 2 * K :].to(given[2].dtype, copy=copy)
+    return [*gin, x2]
 
 
-def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, saved, bf16: bool = False, mode=(0, 0, 0)):
+def row_grads(
+    dout: torch.Tensor,
+    deter,
+    stoch,
+    action,
+    w: BlockGRUWeights,
+    saved,
+    bf16: bool = False,
+    mode=(0, 0, 0),
+    given=(None, None, None),
+    first: Tensor | None = None,
+):
     """The per-row gradients of one step, float32: d deter, d stoch, d action, and the intermediate ones every
     weight gradient is a sum over rows of: dpre (B, 3K) of the branches' pre-activations, dn_x (B, 3K) of their
     scaled norms, dhpre (B, D) of the hidden layer's pre-activation, dn_h (B, D) of its scaled norm, dgates (B, 3D);
-    and dx (B, 3K) of the branches' outputs. Four kernel launches. mode: forward's branch sources (modes); the
-    gradient of an input the kernels did not read (stoch with x1p given, action with x2: unread(mode)) is left
-    unwritten, as are a branch given whole's (mode 2) dpre and dn_x columns: callers give those inputs no gradient."""
+    and dx (B, 3K) of the branches' outputs; then the gradients of the given products x0p and x1p (given: forward's
+    (x0p, x1p, x2)), their dpre masked by first (forward's) and in their dtypes, None where not given. Four kernel
+    launches. mode: forward's branch sources (modes); the gradient of an input the kernels did not read (stoch with
+    x1p given, action with x2: unread(mode)) is left unwritten, as are a branch given whole's (mode 2) dpre and dn_x
+    columns: callers give those inputs no gradient."""
     pre, x, hpre, h, rs, gates = saved
     deter, stoch, action = _rows(deter), _rows(stoch), _rows(action)
     dout = dout.float().contiguous()
@@ -459,6 +490,7 @@ def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, save
     dn_h, dy_h, dhpre, part = _empty((B, D), dev), _empty((B, D), dev), _empty((B, D), dev), _empty((B, G * NJ), dev)
     dn_x, dpre = _empty((B, 3 * K), dev), _empty((B, 3 * K), dev)
     dstoch, daction = _empty((B, SC), dev), _empty((B, A), dev)
+    gin = [_empty((B, K), dev, t.dtype) if m == 1 else None for m, t in zip(mode[:2], given[:2])]
     _bwd_gates[(nb, G, NJ)](
         dout,
         deter,
@@ -520,6 +552,9 @@ def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, save
             ddeter,
             dstoch,
             daction,
+            *(dpre if g is None else g for g in gin),
+            dpre if first is None else first,
+            0 if first is None else first.stride(0),
             B,
             D,
             SC,
@@ -531,9 +566,10 @@ def row_grads(dout: torch.Tensor, deter, stoch, action, w: BlockGRUWeights, save
             M0=mode[0],
             M1=mode[1],
             M2=mode[2],
+            RESET=first is not None,
             BF16=bf16,
         )
-    return ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx
+    return ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx, *gin
 
 
 # The kernels sit behind torch.library custom ops so torch.compile treats them as opaque calls (it runs the fake
@@ -651,19 +687,22 @@ def _tapped_op(
     x0p: OptT,
     x1p: OptT,
     x2: OptT,
+    first: OptT,
 ) -> TappedT:
     """_train_op with taps (zeros, in tap_sites order), which it does not read, and with x2 given the packed factors
-    (forward's factors) after its outputs; without x2, a (B, 0) tensor there."""
+    (forward's factors) after its outputs; without x2, a (B, 0) tensor there. first: forward's."""
     w = BlockGRUWeights(*ws)
     if x2 is None:
-        out, saved = forward(deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p)
+        out, saved = forward(deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p, first=first)
         return (out, *saved, deter.new_empty((deter.shape[0], 0), dtype=torch.float32))
-    out, saved, fac = forward(deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2, factors=True)
+    out, saved, fac = forward(
+        deter, stoch, action, w, save=True, bf16=bf16, x0p=x0p, x1p=x1p, x2=x2, factors=True, first=first
+    )
     return (out, *saved, fac)
 
 
 @_tapped_op.register_fake
-def _(deter, stoch, action, ws, taps, bf16, x0p, x1p, x2):
+def _(deter, stoch, action, ws, taps, bf16, x0p, x1p, x2, first):
     width = 0 if x2 is None else sum(reference.packed_widths(BlockGRUWeights(*ws)).values())
     fac = deter.new_empty((deter.shape[0], width), dtype=torch.float32)
     return (*_train_op_fake(deter, stoch, action, ws, bf16, x0p, x1p, x2), fac)
@@ -678,19 +717,25 @@ def _rows_op(
     ws: list[Tensor],
     saved: list[Tensor],
     bf16: bool,
-    m0: int,
-    m1: int,
     m2: int,
+    x0p: OptT,
+    x1p: OptT,
+    first: OptT,
 ) -> list[Tensor]:
-    return list(row_grads(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16, (m0, m1, m2)))
+    """row_grads' gradients, the given products' last (those not given left out: a custom op returns tensors). The
+    products are passed for their dtypes and presence (modes), not read."""
+    mode = (*modes(x0p, x1p, None)[:2], m2)
+    grads = row_grads(dout, deter, stoch, action, BlockGRUWeights(*ws), saved, bf16, mode, (x0p, x1p, None), first)
+    return [g for g in grads if g is not None]
 
 
 @_rows_op.register_fake
-def _(dout, deter, stoch, action, ws, saved, bf16, m0, m1, m2):
+def _(dout, deter, stoch, action, ws, saved, bf16, m2, x0p, x1p, first):
     B, D = deter.shape
     K = ws[0].shape[1]
     widths = (D, stoch.shape[1], action.shape[1], 3 * K, 3 * K, D, D, 3 * D, 3 * K)
-    return [deter.new_empty((B, n), dtype=torch.float32) for n in widths]
+    rows = [deter.new_empty((B, n), dtype=torch.float32) for n in widths]
+    return rows + [deter.new_empty((B, K), dtype=t.dtype) for t in (x0p, x1p) if t is not None]
 
 
 def tap_sites(x2_given: bool) -> tuple[str, ...]:
@@ -705,12 +750,13 @@ def _tapped_setup(ctx, inputs, output):
 
 
 def _tapped_backward(ctx, dout, *_output_grads):
-    t, given = _saved_given(ctx)
+    t, (*given, first) = _saved_given(ctx)
     deter, stoch, action = t[:3]
     mode = modes(*given)
-    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx = _rows_op(
-        dout, deter, stoch, action, t[3 : 3 + ctx.n_ws], t[3 + ctx.n_ws :], ctx.bf16, *mode
+    ddeter, dstoch, daction, dpre, dn_x, dhpre, dn_h, dgates, dx, *gin = _rows_op(
+        dout, deter, stoch, action, t[3 : 3 + ctx.n_ws], t[3 + ctx.n_ws :], ctx.bf16, mode[2], *given[:2], first
     )
+    gin = _given_back(given[:2], gin)
     K = dpre.shape[1] // 3
     per_site = {"h": dhpre, "nh": dn_h, "g": dgates}
     for i in range(3):
@@ -719,7 +765,7 @@ def _tapped_backward(ctx, dout, *_output_grads):
     grads = [g.to(x.dtype) for g, x in zip((ddeter, dstoch, daction), (deter, stoch, action), strict=True)]
     no_stoch, no_action = unread(mode)  # row_grads left these unwritten: the inputs were not read
     grads = [grads[0], None if no_stoch else grads[1], None if no_action else grads[2]]
-    return *grads, [None] * ctx.n_ws, taps, None, *_given_grads(dpre, dx, given, copy=False)
+    return *grads, [None] * ctx.n_ws, taps, None, *_given_grads(gin, dx, given, copy=False), None
 
 
 _tapped_op.register_autograd(_tapped_backward, setup_context=_tapped_setup)
@@ -736,14 +782,21 @@ def step(
     x1p: torch.Tensor | None = None,
     x2: torch.Tensor | None = None,
     packed: bool = False,
+    first: torch.Tensor | None = None,
 ):
     """One core step: deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D) float32; differentiable
     (once: the backward itself is not). bf16: reference.step's bf16 compute. taps: as reference.step's (zeros at
     every site of TAP_SITES, less the action branch's with x2; the weights get no gradient here); then the return is
     (deter, seen). x0p, x1p, x2: reference.step's, computed by the caller (forward). packed (with taps and x2): the
-    return is (deter, seen, the packed factors: reference.pack_factors(seen), as the kernels wrote them)."""
+    return is (deter, seen, the packed factors: reference.pack_factors(seen), as the kernels wrote them). first:
+    reference.step's; the tapped kernels apply it as they read x0p and x1p and write their gradients masked (the
+    observe loop's step then has no masking kernels of its own), the other paths mask the products here."""
     validate(deter, stoch, action, w)
     validate_given(deter, w, x0p=x0p, x1p=x1p, x2=x2)
+    validate_first(deter, first)
+    if first is not None and taps is None:
+        keep = (~first).float()[:, None]
+        x0p, x1p = (None if t is None else t * keep for t in (x0p, x1p))
     given = (x0p, x1p, x2)
     if packed and (taps is None or x2 is None):
         raise ValueError("block_gru fused: packed factors are for a tapped step given the action branch (taps and x2)")
@@ -751,7 +804,7 @@ def step(
         sites = tap_sites(x2 is not None)
         if sorted(taps) != sorted(sites):
             raise ValueError(f"block_gru fused: taps at {sorted(taps)}, expected the sites {list(sites)}")
-        outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in sites], bf16, *given)
+        outs = _tapped_op(deter, stoch, action, list(w), [taps[s] for s in sites], bf16, *given, first)
         fac = None if x2 is None else outs[-1]
         seen = _seen(deter, stoch, action, outs[1:-1], w.wh.shape[0], bf16, modes(*given), fac)
         return (outs[0], seen, fac) if packed else (outs[0], seen)

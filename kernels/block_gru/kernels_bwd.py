@@ -174,6 +174,8 @@ def _branch_bwd(
     dn_ptr,
     dpre_ptr,
     dinp_ptr,
+    gin_ptr,
+    keep,
     br,
     B,
     N_IN,
@@ -189,8 +191,8 @@ def _branch_bwd(
 ):
     """The branch norm's backward for these rows (three chunked passes: rms, mean(dy * y), dpre) and, with MODE 0,
     d input[:, chunk pi] = dpre @ w[chunk]^T (otherwise the caller computed the branch's product, whose gradient is
-    dpre itself: only chunk 0 runs). Every input chunk recomputes the row scalars, which costs two reads of a K-wide
-    row instead of a launch."""
+    dpre times the rows' keep, which chunk 0 writes to gin (B, K) in gin's dtype: only chunk 0 runs). Every input
+    chunk recomputes the row scalars, which costs two reads of a K-wide row instead of a launch."""
     rows = row0 + tl.arange(0, BB)
     rmask = rows < B
     base = rows[:, None] * (3 * K) + br * K
@@ -225,6 +227,9 @@ def _branch_bwd(
         if pi == 0:
             tl.store(dn_ptr + base + ks[None, :], dn, mask=m)
             tl.store(dpre_ptr + base + ks[None, :], dpre, mask=m)
+            if MODE == 1:
+                gp = gin_ptr + rows[:, None] * K + ks[None, :]
+                tl.store(gp, (dpre * keep[:, None]).to(gin_ptr.dtype.element_ty), mask=m)
         if MODE == 0:
             w = tl.load(w_ptr + ii[None, :] * K + ks[:, None], mask=kmask[:, None] & imask[None, :], other=0.0)
             di = tl.dot(dpre, _operand(w, BF16, False), di, input_precision="ieee")  # w[ii, ks] read as (BKC, BI)
@@ -251,6 +256,10 @@ def _bwd_branches(
     ddeter_ptr,
     dstoch_ptr,
     daction_ptr,
+    g0_ptr,
+    g1_ptr,
+    first_ptr,
+    first_stride,
     B,
     D,
     SC,
@@ -262,19 +271,45 @@ def _bwd_branches(
     M0: tl.constexpr,
     M1: tl.constexpr,
     M2: tl.constexpr,
+    RESET: tl.constexpr,
     BF16: tl.constexpr,
 ):
     """Grid (B/BB, 3, max(D, S*C, A)/BI): branch norm backward and d input_i = dpre_i @ w_i^T, added to d deter for
     branch 0. Programs past a branch's input width have nothing to do, except chunk 0 which always writes dpre.
     M_i is branch i's source as in _fwd_hidden: 0 computed here (as above), 1 the caller's product (dpre only, by
-    chunk 0), 2 the caller's x (nothing: its gradient is dx)."""
+    chunk 0, and the product's gradient, dpre times keep (0 on the rows where first_ptr is true with RESET, as
+    _fwd_hidden), to g0 or g1), 2 the caller's x (nothing: its gradient is dx)."""
     row0 = tl.program_id(0) * BB
     br = tl.program_id(1)
     pi = tl.program_id(2)
+    rows = row0 + tl.arange(0, BB)
+    keep = tl.full((BB,), 1.0, tl.float32)
+    if RESET:
+        keep = tl.where(tl.load(first_ptr + rows * first_stride, mask=rows < B, other=0) != 0, 0.0, 1.0)
     if br == 0:
         if _runs(pi, BI, D, M0):
             _branch_bwd(
-                dx_ptr, pre_ptr, s0, w0, dn_ptr, dpre_ptr, ddeter_ptr, 0, B, D, K, row0, pi, BB, BI, BKC, True, M0, BF16
+                dx_ptr,
+                pre_ptr,
+                s0,
+                w0,
+                dn_ptr,
+                dpre_ptr,
+                ddeter_ptr,
+                g0_ptr,
+                keep,
+                0,
+                B,
+                D,
+                K,
+                row0,
+                pi,
+                BB,
+                BI,
+                BKC,
+                True,
+                M0,
+                BF16,
             )
     elif br == 1:
         if _runs(pi, BI, SC, M1):
@@ -286,6 +321,8 @@ def _bwd_branches(
                 dn_ptr,
                 dpre_ptr,
                 dstoch_ptr,
+                g1_ptr,
+                keep,
                 1,
                 B,
                 SC,
@@ -301,7 +338,27 @@ def _bwd_branches(
             )
     elif _runs(pi, BI, A, M2):
         _branch_bwd(
-            dx_ptr, pre_ptr, s2, w2, dn_ptr, dpre_ptr, daction_ptr, 2, B, A, K, row0, pi, BB, BI, BKC, False, M2, BF16
+            dx_ptr,
+            pre_ptr,
+            s2,
+            w2,
+            dn_ptr,
+            dpre_ptr,
+            daction_ptr,
+            dpre_ptr,
+            keep,
+            2,
+            B,
+            A,
+            K,
+            row0,
+            pi,
+            BB,
+            BI,
+            BKC,
+            False,
+            M2,
+            BF16,
         )
 
 

@@ -145,11 +145,12 @@ def _fwd_branches(
 
 
 @triton.jit
-def _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br: tl.constexpr, rows, ks, m, K, MODE: tl.constexpr):
-    """A tile of branch br's pre-activation: from pre (MODE 0, _fwd_branches wrote it) or the caller's product plus
-    the bias (MODE 1), float32, 0 outside m."""
+def _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br: tl.constexpr, rows, ks, m, K, keep, MODE: tl.constexpr):
+    """A tile of branch br's pre-activation: from pre (MODE 0, _fwd_branches wrote it) or the caller's product times
+    keep (the rows' 0/1 reset, fused.forward's first) plus the bias (MODE 1), float32, 0 outside m."""
     if MODE == 1:
         p = tl.load(src_ptr + rows[:, None] * src_stride + ks[None, :], mask=m, other=0.0).to(tl.float32)
+        p = p * keep[:, None]
         p = tl.where(m, p + tl.load(b_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :], 0.0)
     else:
         p = tl.load(pre_ptr + rows[:, None] * (3 * K) + br * K + ks[None, :], mask=m, other=0.0)
@@ -169,6 +170,7 @@ def _x_part(
     write_x,
     fac_ptr,
     fac_stride,
+    keep,
     br: tl.constexpr,
     rows,
     rmask,
@@ -195,7 +197,7 @@ def _x_part(
         for k0 in range(0, K, BK):
             ks = k0 + tl.arange(0, BK)
             p = _branch_tile(
-                pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, rmask[:, None] & (ks < K)[None, :], K, MODE
+                pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, rmask[:, None] & (ks < K)[None, :], K, keep, MODE
             )
             ss += tl.sum(p * p, 1)
         rs = 1.0 / tl.sqrt(ss / K + 1e-4)
@@ -206,7 +208,7 @@ def _x_part(
         if MODE == 2:
             x = tl.load(src_ptr + rows[:, None] * src_stride + ks[None, :], mask=m, other=0.0).to(tl.float32)
         else:
-            p = _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, m, K, MODE)
+            p = _branch_tile(pre_ptr, src_ptr, src_stride, b_ptr, br, rows, ks, m, K, keep, MODE)
             s = tl.load(s_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
             n = p * rs[:, None] * s[None, :]
             x = tl.where(m, n * _sigmoid(n), 0.0)
@@ -254,6 +256,8 @@ def _fwd_hidden(
     x_ptr,
     fac_ptr,
     fac_stride,
+    first_ptr,
+    first_stride,
     B,
     DG,
     K,
@@ -267,9 +271,11 @@ def _fwd_hidden(
     M2: tl.constexpr,
     SAVE: tl.constexpr,
     FAC: tl.constexpr,
+    RESET: tl.constexpr,
     BF16: tl.constexpr,
     DOT_BF16: tl.constexpr,
 ):
+    """RESET: the given products (MODE 1) count as zero on the rows where first_ptr (B,) is true."""
     row0 = tl.program_id(0) * BB
     g = tl.program_id(1)
     pj = tl.program_id(2)
@@ -291,6 +297,9 @@ def _fwd_hidden(
         w = tl.load(wh_blk + ii[:, None] * DG + js[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
         acc = _dot(_operand(a, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     write_x = (g == 0) & (pj == 0)
+    keep = tl.full((BB,), 1.0, tl.float32)
+    if RESET:
+        keep = tl.where(tl.load(first_ptr + rows * first_stride, mask=rmask, other=0) != 0, 0.0, 1.0)
     acc = _x_part(
         acc,
         pre_ptr,
@@ -303,6 +312,7 @@ def _fwd_hidden(
         write_x,
         fac_ptr,
         fac_stride,
+        keep,
         0,
         rows,
         rmask,
@@ -330,6 +340,7 @@ def _fwd_hidden(
         write_x,
         fac_ptr,
         fac_stride,
+        keep,
         1,
         rows,
         rmask,
@@ -357,6 +368,7 @@ def _fwd_hidden(
         write_x,
         fac_ptr,
         fac_stride,
+        keep,
         2,
         rows,
         rmask,

@@ -288,6 +288,7 @@ def step(
     x2: torch.Tensor | None = None,
     x0p: torch.Tensor | None = None,
     x1p: torch.Tensor | None = None,
+    first: torch.Tensor | None = None,
 ):
     """One core step. deter (B, D), stoch (B, S*C), action (B, A) -> new deter (B, D), float32. bf16: the bf16
     compute of the module docstring. taps: {site: (B, width) zeros} for every site of TAP_SITES; then the return is
@@ -297,7 +298,12 @@ def step(
     and the branch's sites (ACTION_SITES) take no taps. x0p: the deter branch's product deter @ w0 (B, K), computed
     by the caller (the RSSM's observe loop computes it with the matmul that also reads deter for its posterior,
     RSSM.merge_deter); then w0 is not read (its tap site still is: its factor is deter). x1p: likewise stoch @ w1
-    (Agent.merged_rollout)."""
+    (Agent.merged_rollout). first (B,) bool: the rows where x0p and x1p count as zero (the first step of a sequence,
+    where the observe loop resets deter and stoch: their products are then zero, and the caller need not zero them
+    itself; the Triton core does it on load)."""
+    if first is not None:
+        keep = (~first).float()[:, None]  # float32, as a caller's mask promotes a bf16 product
+        x0p, x1p = (None if t is None else t * keep for t in (x0p, x1p))
     if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):
         raise ValueError(f"block_gru: taps at the action branch's sites {given} with x2: they would get no gradient")
     B, D = deter.shape

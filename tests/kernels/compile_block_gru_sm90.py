@@ -32,8 +32,9 @@ def main(dtypes: list[str]) -> int:
     from triton.compiler import ASTSource
 
     T, TK, TKB, BB, RB = fused.TILE, fused.TILE_K, fused.TILE_K_BWD, fused.BB, max(fused.ROW_TILES)
-    computed = {"M0": 0, "M1": 0, "M2": 0}
-    given = {"M0": 1, "M1": 1, "M2": 2}  # the observe loop's: both products and the action branch from the caller
+    computed = {"M0": 0, "M1": 0, "M2": 0, "RESET": False}
+    # The observe loop's: both products and the action branch from the caller, the products reset on first rows.
+    given = {"M0": 1, "M1": 1, "M2": 2, "RESET": True}
     cases = [
         (kf._fwd_branches, {"BB": RB, "BI": T, "BKC": TK}),  # the forward's widest row tile (large batches)
         (kf._fwd_hidden, {"BB": RB, "BI": T, "BJ": T, "BK": TK, "SAVE": True, "FAC": False, **computed}),
@@ -62,8 +63,10 @@ def main(dtypes: list[str]) -> int:
                     sig[name] = "constexpr"
                 elif name in WEIGHTS:
                     sig[name] = f"*{wdtype}"
-                elif name.startswith("src") and not name.endswith("_stride"):
-                    sig[name] = "*bf16"  # the caller's branch inputs: bf16 matmul outputs under autocast
+                elif name.startswith("src") and not name.endswith("_stride") or name in ("g0_ptr", "g1_ptr"):
+                    sig[name] = "*bf16"  # the caller's branch inputs (bf16 matmul outputs under autocast), their grads
+                elif name == "first_ptr":
+                    sig[name] = "*i1"
                 elif name.endswith("_ptr"):
                     sig[name] = "*fp32"
                 else:

@@ -373,6 +373,62 @@ def test_packed_factors_under_either_implementation_and_bad_requests():
         fused.step(deter, stoch, action, w, taps=taps, packed=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tapped", [False, True], ids=["train", "tapped"])
+def test_first_zeroes_the_given_products_on_its_rows(tapped, dtype):
+    """first (the observe loop's is_first): x0p and x1p count as zero on its rows. The tapped kernels apply it as they
+    read them and write the products' gradients masked, in their dtype (the other paths mask in torch): output,
+    factors, every tap's gradient and the gradients of the inputs and the given branches as reference.step's with the
+    same first; the products' gradients exactly zero on the first rows, and the result differs from the unmasked
+    step's there (so a kernel that ignored first fails)."""
+    deter, stoch, action, w, dout = make_case(*SHAPES[3], seed=61)
+    names = ("x0p", "x1p", "x2")
+    given = given_case(deter, stoch, action, w, names, seed=62, dtype=dtype)
+    # A column of a (B, T) mask, as the observe loop's steps take it: strided.
+    first = torch.tensor([[i % 3 == 1, i % 2 == 0] for i in range(deter.shape[0])], device=DEVICE)[:, 0]
+    assert first.stride(0) == 2
+    widths = reference.tap_widths(w)
+    sites = fused.tap_sites(True)
+
+    def run(fn, first):
+        ins = [t.clone().requires_grad_() for t in (deter,)]
+        gin = {n: t.clone().requires_grad_() for n, t in given.items()}
+        kw = {"first": first}
+        taps = {}
+        if tapped:
+            taps = {s: torch.zeros(deter.shape[0], widths[s], device=DEVICE, requires_grad=True) for s in sites}
+            kw["taps"] = taps
+        out = fn(ins[0], stoch, action, w, **gin, **kw)
+        out, seen = out if tapped else (out, {})
+        leaves = [*ins, *gin.values(), *taps.values()]
+        grads = torch.autograd.grad(out, leaves, dout)
+        return out, seen, grads
+
+    out, seen, grads = run(fused.step, first)
+    ref, ref_seen, ref_grads = run(reference.step, first)
+    plain, _, _ = run(fused.step, None)
+    rows = first.nonzero()[:, 0]
+    assert (plain[rows] - ref[rows]).abs().max() > 100 * OUT_TOL["atol"]
+    torch.testing.assert_close(out, ref, **OUT_TOL)
+    for s in seen:
+        torch.testing.assert_close(seen[s], ref_seen[s].reshape(seen[s].shape), **OUT_TOL, msg=lambda m, s=s: s)
+    for name, g, rg in zip(("deter", *names, *(sites if tapped else ())), grads, ref_grads, strict=True):
+        want_dtype = given[name].dtype if name in given else torch.float32
+        assert g.dtype == want_dtype, name
+        tol = BF16_WEIGHT_GRAD_TOL if g.dtype == torch.bfloat16 else GRAD_TOL
+        torch.testing.assert_close(g.float(), rg.float(), **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+    for g in grads[1:3]:  # x0p's and x1p's
+        assert not g[rows].any() and g[first.logical_not()].abs().sum() > 0
+
+
+def test_bad_first_raises_value_error_naming_the_shape():
+    deter, stoch, action, w, _ = make_case(*SHAPES[1], seed=63)
+    given = given_case(deter, stoch, action, w, ("x0p", "x1p"), seed=64)
+    for bad in (torch.zeros(deter.shape[0] + 1, dtype=torch.bool), torch.zeros(deter.shape[0])):
+        with pytest.raises(ValueError, match=r"first must be \(3,\) bool"):
+            fused.step(deter, stoch, action, w, first=bad.to(DEVICE), **given)
+
+
 def test_gradients_flow_when_only_the_state_requires_grad():
     deter, stoch, action, w, dout = make_case(3, 24, 4, 20, 15, 6, seed=1)
     d = deter.clone().requires_grad_()
