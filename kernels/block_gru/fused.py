@@ -14,7 +14,9 @@ Math is reference.step's, to the letter; reference.py is the spec. One forward s
 A caller may hand over a branch (reference.step's x0p, x1p: the deter and stoch branches' products; x2: the whole
 action branch; modes()): _fwd_branches then computes only the others (and is not launched when none is left),
 _fwd_hidden reads the given ones (a product plus its bias, normalised; x2 as it is), and the backward hands back their
-gradients (dpre_i for a product, dx_2 for x2) instead of multiplying them into the input they replace.
+gradients (dpre_i for a product, dx_2 for x2) instead of multiplying them into the input they replace. With `first`
+(the observe loop's is_first) a given product counts as zero on those rows: _fwd_hidden applies it as it loads the
+product and _bwd_branches as it writes the product's gradient (in the product's dtype).
 
 The norm over deter spans blocks, so it is split across launches: the hidden kernel writes partial sums of
 squares, the gate kernel (which needs the whole of h_g anyway) finishes the reduction per row. The backward
