@@ -302,6 +302,9 @@ def step(
     where the observe loop resets deter and stoch: their products are then zero, and the caller need not zero them
     itself; the Triton core does it on load)."""
     if first is not None:
+        if not (isinstance(first, torch.Tensor) and first.shape == deter.shape[:1] and first.dtype == torch.bool):
+            got = f"{tuple(first.shape)} {first.dtype}" if isinstance(first, torch.Tensor) else type(first).__name__
+            raise ValueError(f"block_gru: first must be ({deter.shape[0]},) bool, got {got}")
         keep = (~first).float()[:, None]  # float32, as a caller's mask promotes a bf16 product
         x0p, x1p = (None if t is None else t * keep for t in (x0p, x1p))
     if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):

@@ -425,8 +425,9 @@ def test_bad_first_raises_value_error_naming_the_shape():
     deter, stoch, action, w, _ = make_case(*SHAPES[1], seed=63)
     given = given_case(deter, stoch, action, w, ("x0p", "x1p"), seed=64)
     for bad in (torch.zeros(deter.shape[0] + 1, dtype=torch.bool), torch.zeros(deter.shape[0])):
-        with pytest.raises(ValueError, match=r"first must be \(3,\) bool"):
-            fused.step(deter, stoch, action, w, first=bad.to(DEVICE), **given)
+        for step in (fused.step, reference.step):
+            with pytest.raises(ValueError, match=r"first must be \(3,\) bool"):
+                step(deter, stoch, action, w, first=bad.to(DEVICE), **given)
 
 
 def test_gradients_flow_when_only_the_state_requires_grad():
