@@ -235,9 +235,9 @@ def main(argv=None):
         that the deter and stoch sites' factors are, gathered once (rounded to bf16 where the Triton kernels'
         bf16 compute multiplied them so), with h's deter blocks beside the packed x, as rssm._ObserveRecord."""
 
-        def __init__(self, stoch, round_inputs: bool):
+        def __init__(self, stoch, w, round_inputs: bool):
             super().__init__()
-            self.stoch, self.round, self.deters = stoch, round_inputs, []
+            self.stoch, self.w, self.round, self.deters = stoch, w, round_inputs, []
 
         def factors(self, widths):
             packed = torch.stack(list(self)).flatten(0, 1).float()
@@ -289,8 +289,7 @@ def main(argv=None):
                     if not (args.given and s in ACTION_SITES)
                 }
                 if args.given:
-                    record = GivenRecord(stoch, compute == "bf16" and fn is impls["bf16"].get("triton_defer"))
-                    record.w = w
+                    record = GivenRecord(stoch, w, compute == "bf16" and fn is impls["bf16"].get("triton_defer"))
                 else:
                     record = defer.Record()
                 taps = defer.taps(sites, w._asdict(), args.steps, deter.shape[0], record)

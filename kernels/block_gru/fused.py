@@ -145,19 +145,6 @@ def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = to
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def validate_first(deter: torch.Tensor, first: torch.Tensor | None) -> None:
-    """step's first must be (B,) bool on deter's device."""
-    B = deter.shape[0]
-    if first is not None and not (
-        isinstance(first, torch.Tensor)
-        and first.shape == (B,)
-        and first.dtype == torch.bool
-        and first.device == deter.device
-    ):
-        got = f"{tuple(first.shape)} {first.dtype} on {first.device}" if isinstance(first, torch.Tensor) else first
-        raise ValueError(f"block_gru fused: first must be ({B},) bool on {deter.device}, got {got}")
-
-
 def validate(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
     """The reference's shape checks plus what these kernels need: dtypes, one device, contiguous weights."""
     check_shapes(deter, stoch, action, w)
@@ -795,10 +782,10 @@ def step(
     observe loop's step then has no masking kernels of its own), the other paths mask the products here."""
     validate(deter, stoch, action, w)
     validate_given(deter, w, x0p=x0p, x1p=x1p, x2=x2)
-    validate_first(deter, first)
-    if first is not None and taps is None:
-        keep = (~first).float()[:, None]
-        x0p, x1p = (None if t is None else t * keep for t in (x0p, x1p))
+    if taps is None:
+        x0p, x1p = reference.reset_given(first, deter, x0p, x1p)
+    else:
+        reference.reset_given(first, deter, None, None)  # the check only: the tapped kernels apply first
     given = (x0p, x1p, x2)
     if packed and (taps is None or x2 is None):
         raise ValueError("block_gru fused: packed factors are for a tapped step given the action branch (taps and x2)")

@@ -135,6 +135,24 @@ def _add_block_bias(y: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return y.reshape(y.shape[0], -1) + b.float()
 
 
+def reset_given(first: torch.Tensor | None, deter: torch.Tensor, x0p, x1p):
+    """step()'s first applied to the given products: (x0p, x1p) zeroed on the rows where first (B,) bool is true
+    (None stays None); a bad first is a ValueError naming its shape. A float32 mask, as a caller's mask promotes a
+    bf16 product."""
+    if first is None:
+        return x0p, x1p
+    if not (
+        isinstance(first, torch.Tensor)
+        and first.shape == deter.shape[:1]
+        and first.dtype == torch.bool
+        and first.device == deter.device
+    ):
+        got = f"{tuple(first.shape)} {first.dtype} on {first.device}" if isinstance(first, torch.Tensor) else first
+        raise ValueError(f"block_gru: first must be ({deter.shape[0]},) bool on {deter.device}, got {got}")
+    keep = (~first).float()[:, None]
+    return tuple(None if t is None else t * keep for t in (x0p, x1p))
+
+
 def check_shapes(deter: torch.Tensor, stoch: torch.Tensor, action: torch.Tensor, w: BlockGRUWeights) -> None:
     """Raise ValueError naming the shape when inputs and weights disagree, or a width is 0 (the fused backward
     writes a branch's gradient from its input tiles, of which a width of 0 has none)."""
@@ -301,12 +319,7 @@ def step(
     (Agent.merged_rollout). first (B,) bool: the rows where x0p and x1p count as zero (the first step of a sequence,
     where the observe loop resets deter and stoch: their products are then zero, and the caller need not zero them
     itself; the Triton core does it on load)."""
-    if first is not None:
-        if not (isinstance(first, torch.Tensor) and first.shape == deter.shape[:1] and first.dtype == torch.bool):
-            got = f"{tuple(first.shape)} {first.dtype}" if isinstance(first, torch.Tensor) else type(first).__name__
-            raise ValueError(f"block_gru: first must be ({deter.shape[0]},) bool, got {got}")
-        keep = (~first).float()[:, None]  # float32, as a caller's mask promotes a bf16 product
-        x0p, x1p = (None if t is None else t * keep for t in (x0p, x1p))
+    x0p, x1p = reset_given(first, deter, x0p, x1p)
     if x2 is not None and taps is not None and (given := [s for s in ACTION_SITES if s in taps]):
         raise ValueError(f"block_gru: taps at the action branch's sites {given} with x2: they would get no gradient")
     B, D = deter.shape
