@@ -86,8 +86,13 @@ def gpu_lowerings():
     (private code of torch 2.11 and 2.13; on another torch that lacks the constant, it is left alone). Programmatic
     dependent launch (`pdl`: what a compile with `triton.enable_pdl` gets on a GPU of compute capability 9 or more,
     its kernels' gdc_wait and gdc_launch_dependents and their launch_pdl) by replacing the method that asks the
-    device. Yields the names of those set."""
+    device. And the choice to keep (realize) a value that several kernels read rather than recompute it in each
+    (`realize`): a CPU device keeps any that took an exp or a sigmoid (torch 2.13: a tanh or a log too) and, in torch
+    2.13, allows larger expressions before it keeps one; `ir.is_cpu`, which inductor's ir module asks for those
+    heuristics alone, answers as for CUDA.
+    Yields the names of those set."""
     import torch._inductor.config as inductor_config
+    import torch._inductor.ir as ir
     import torch._inductor.lowering as lowering
     from torch._inductor.codegen.triton import TritonKernel
     from torch._inductor.fx_passes import post_grad
@@ -116,7 +121,10 @@ def gpu_lowerings():
             pdl = ["pdl"] if hasattr(TritonKernel, "_enable_pdl_codegen") else []
             if pdl:
                 stack.enter_context(mock.patch.object(TritonKernel, "_enable_pdl_codegen", staticmethod(hopper_pdl)))
-            yield [name for name, *_ in done] + pdl
+            realize = ["realize"] if hasattr(ir, "is_cpu") else []
+            if realize:
+                stack.enter_context(mock.patch.object(ir, "is_cpu", lambda x: False))
+            yield [name for name, *_ in done] + pdl + realize
     finally:
         for _, fn, old, new in done:
             _swap_const(fn, new, old)

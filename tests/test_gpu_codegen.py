@@ -43,7 +43,7 @@ def test_triton_codegen_generates_triton_kernels_and_runs_the_graphs_eagerly():
     assert codes.labels[1] == f"backward of {codes.labels[0]}"
     assert launches(codes[0]) == {"fused": 2, "extern": 1, "aten": 0}, launches(codes[0])
     # the CI's torch has them all
-    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "pdl"]
+    assert codes.gpu_lowerings == ["cat", "online_softmax", "combo_kernels", "pdl", "realize"]
     names = kernel_names(codes[0])
     assert all(n.startswith("triton_") for n in names) and len(names) == 2, names
     # Outside, the CPU's own code again (no graph compiled inside is reused).
@@ -113,6 +113,33 @@ def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
         (counts[gpu],) = [launches(c) for c in codes]
     assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
     assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
+
+
+def outer_and_sum(x, y):
+    s = torch.sigmoid(x)
+    return s[:, :, None] * y[:, None, :], s.sum(1)
+
+
+def test_gpu_lowerings_recompute_a_reused_sigmoid_as_a_gpu_does_and_are_undone_after():
+    """A sigmoid read by two kernels (a broadcast product and a row sum): on a CUDA device inductor recomputes it in
+    each (it keeps a reused value only past realize_reads_threshold reads or a large expression), on a CPU device it
+    stores it once and both read it (ir.is_cpu's heuristics). The census answers as for CUDA; outside it the CPU's
+    rule again."""
+    import torch._inductor.ir as ir
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 32, generator=gen), torch.randn(16, 8, generator=gen)
+    sigmoids = {}
+    for gpu in (True, False):
+        with triton_codegen(gpu) as codes:
+            out = torch.compile(outer_and_sum, dynamic=False)(x, y)
+        for got, want in zip(out, outer_and_sum(x, y), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        (code,) = codes
+        assert launches(code) == {"fused": 2, "extern": 0, "aten": 0}, launches(code)
+        sigmoids[gpu] = code.count("tl.sigmoid(")
+    assert sigmoids == {True: 2, False: 1}
+    assert ir.is_cpu(torch.device("cpu"))
 
 
 def test_block_inputs_compiled_are_the_values_of_the_eager_cat():
