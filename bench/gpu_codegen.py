@@ -29,6 +29,8 @@ from unittest import mock
 
 import torch
 
+from fastdreamer import provenance
+
 
 class Codes(list):
     """The generated wrapper modules (source text), in compile order, and how often each was called (`calls`, by
@@ -264,6 +266,7 @@ def census(
             **overrides,
             **{"torch": torch.__version__, "batch_length": cfg.batch_length, "imag_length": cfg.imag_length},
             "gpu_lowerings": codes.gpu_lowerings,
+            **provenance.git_info(),
         },
         "graphs": graphs,
         "between": dict(sorted(between.items(), key=lambda kv: -kv[1])),

@@ -448,18 +448,20 @@ class _ObserveRecord(defer.Record):
     @classmethod
     def pack(
         cls, seen: dict[str, torch.Tensor], sites: dict[str, defer.Site], core: BlockGRUCore, core_packed=None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """One step's own factors, (B, own width), in the order of `sites`: defer.pack less the OUTER sites, and of
         the SPLIT site only x (block 0's columns after its deter part; seen's u is (B, G, D/G + 3K)). core_packed:
         the core's own factors already packed so (block_gru.step's packed, with the action branch hoisted); the
-        return is then (core_packed, the rest packed), which the record reads as one: the Triton core's kernels
-        wrote core_packed, and a cat would copy it (one kernel per step)."""
+        return is then (core_packed, each other site's factor), which the record reads as one: the Triton core's
+        kernels wrote core_packed and the posterior's kernels its factors, and a cat would copy them. (A cat of the
+        posterior's two was a kernel of its own per step in torch 2.11's GPU code, the H200's, though not in 2.13's,
+        which writes a cat's inputs in place when they have other readers.)"""
         if core_packed is not None:
             own = [n for n in sites if n.startswith("core.") and n not in cls.OUTER]
             if own != [f"core.{s}" for s in block_gru.reference.PACKED_SITES]:
                 raise RuntimeError(f"RSSM: the core's own sites {own} are not block_gru's packed ones")
             rest = [seen[n].flatten(1) for n in sites if not n.startswith("core.") and n not in cls.OUTER]
-            return core_packed.detach(), torch.cat(rest, 1).detach()
+            return core_packed.detach(), *(r.detach() for r in rest)
         dg = core.wh.shape[2]
         parts = [
             seen[name][:, 0, dg:] if name == cls.SPLIT else seen[name].flatten(1)

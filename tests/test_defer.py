@@ -592,6 +592,24 @@ def test_records_refuse_factors_they_do_not_hold():
         _ObserveRecord(make_rssm()).factors({})
 
 
+def test_observe_record_keeps_a_hoisted_steps_factors_as_computed():
+    """With the core's factors packed (the hoisted step), _ObserveRecord.pack hands the record the core's buffer and
+    each other own site's factor as the step computed it, in the sites' order, with no copy (a cat of the
+    posterior's factors was a kernel per step in torch 2.11's GPU code); the loop's own sites are left out."""
+    from fastdreamer.rssm import _ObserveRecord
+
+    rssm = make_rssm()
+    sites = rssm.tap_sites(check=False, hoisted=True)
+    B, gen = 3, torch.Generator().manual_seed(0)
+    seen = {name: torch.randn(B, site.width, generator=gen) for name, site in sites.items()}
+    core_packed = torch.randn(B, 7, generator=gen)
+    got = _ObserveRecord.pack(seen, sites, rssm.core, core_packed)
+    rest = [n for n in sites if not n.startswith("core.") and n not in _ObserveRecord.OUTER]
+    assert rest and len(got) == 1 + len(rest)
+    for t, want in zip(got, [core_packed] + [seen[n] for n in rest], strict=True):
+        assert t.data_ptr() == want.data_ptr() and torch.equal(t, want) and not t.requires_grad
+
+
 def test_records_read_steps_packed_in_parts_as_one():
     """A step may pack its factors as a tuple of consecutive column blocks (the observe loop's core factors as the
     Triton core's kernels wrote them, then the rest): factors() reads them as the one tensor they stand for, and
