@@ -138,6 +138,9 @@ quick() {
   # rollout 492 -> 419: wh/wg cast once, the branch norms one kernel, the block layer split, feats stored bf16; the
   # observe step's forward 9 -> 8 with its gate pre-activations recomputed; the layers' bias casts gone; the
   # metrics' means stacked). Session 27: the decoder's upsampling convs at their inputs' resolution (for pong).
+  # Session 33: under torch 2.11 (this machine's) session 32's observe step had one kernel more per step (a cat of
+  # the posterior's factors), removed: 2,551 launches per update in the census under 2.11 with a GPU's realize rule
+  # (bench/results/gpu_codegen_12m_graphs_torch211_s33.json; diag's profile, compile mode, is `--optimizer eager`'s).
   # 1. The headline and two levers in one process: graphs mode's full update plain, with inductor's combo kernels
   #    (FASTDREAMER_COMBO_KERNELS) and with programmatic dependent launch (FASTDREAMER_PDL; bench/combo_ab.py).
   #    Predicted: plain 10.46 -> ~9.0-9.4 ms; the census counts ~13% fewer launches with combo kernels at debug size
