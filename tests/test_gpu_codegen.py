@@ -97,6 +97,18 @@ def sin_cos_cat(a, b):
     return torch.cat([a.sin(), b.cos()], 1) * 2
 
 
+def codes_both_ways(fn, *args) -> dict[bool, str]:
+    """fn compiled with the GPU's lowerings and with the CPU's ({gpu: its one generated module}), each checked
+    against eager fn (the same ATen ops: float32 reassociation at most)."""
+    out = {}
+    for gpu in (True, False):
+        with triton_codegen(gpu) as codes:
+            got = torch.compile(fn, dynamic=False)(*args)
+        torch.testing.assert_close(got, fn(*args), rtol=1e-6, atol=1e-6)
+        (out[gpu],) = codes
+    return out
+
+
 def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
     """With the GPU's lowerings a cat of two pointwise results and its pointwise user are one kernel (a GPU's
     pointwise cat); with the CPU's, a copy kernel per input and one for the user. After the context inductor's own
@@ -105,12 +117,7 @@ def test_gpu_lowerings_fuse_a_cat_as_a_gpu_does_and_are_undone_after():
 
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 4, generator=gen), torch.randn(8, 5, generator=gen)
-    counts = {}
-    for gpu in (True, False):
-        with triton_codegen(gpu) as codes:
-            out = torch.compile(sin_cos_cat, dynamic=False)(a, b)
-        torch.testing.assert_close(out, sin_cos_cat(a, b), rtol=1e-6, atol=1e-6)
-        (counts[gpu],) = [launches(c) for c in codes]
+    counts = {gpu: launches(code) for gpu, code in codes_both_ways(sin_cos_cat, a, b).items()}
     assert counts == {True: {"fused": 1, "extern": 0, "aten": 0}, False: {"fused": 3, "extern": 0, "aten": 0}}
     assert "cpu" in lowering.lowerings[torch.ops.aten.cat.default].__wrapped__.__code__.co_consts
 
@@ -129,16 +136,9 @@ def test_gpu_lowerings_recompute_a_reused_sigmoid_as_a_gpu_does_and_are_undone_a
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 32, generator=gen), torch.randn(16, 8, generator=gen)
-    sigmoids = {}
-    for gpu in (True, False):
-        with triton_codegen(gpu) as codes:
-            out = torch.compile(outer_and_sum, dynamic=False)(x, y)
-        for got, want in zip(out, outer_and_sum(x, y), strict=True):
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        (code,) = codes
-        assert launches(code) == {"fused": 2, "extern": 0, "aten": 0}, launches(code)
-        sigmoids[gpu] = code.count("tl.sigmoid(")
-    assert sigmoids == {True: 2, False: 1}
+    codes = codes_both_ways(outer_and_sum, x, y)
+    assert all(launches(c) == {"fused": 2, "extern": 0, "aten": 0} for c in codes.values())
+    assert {gpu: code.count("tl.sigmoid(") for gpu, code in codes.items()} == {True: 2, False: 1}
     assert ir.is_cpu(torch.device("cpu"))
 
 
