@@ -176,9 +176,12 @@ class UpConv(Conv):
         w = (self.weight[:, :, None, None, :, :] * taps[:, :, :, None]).sum(4)
         w = (w[..., None, None, :] * taps).sum(-1)
         w = w.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)  # (O * 4, I, L, L)
-        bias = self.bias[:, None].expand(-1, 4).flatten()  # (O * 4,), each output's bias for its 4 phases
-        y = F.conv2d(x, w, bias, padding=taps.shape[1] // 2)
-        return F.pixel_shuffle(y, 2)
+        y = F.pixel_shuffle(F.conv2d(x, w, padding=taps.shape[1] // 2), 2)
+        # The bias after the shuffle, in the conv's output dtype (autocast's conv would have cast it so too), not
+        # repeated for the 4 phases as the conv's own bias: torch 2.11's inductor (the H200's) could not lower a conv
+        # whose bias is computed in float32 (`freeze_layout` of a View), so compile and graphs failed on image
+        # observations at fp32; added here it goes into the kernel that reads the shuffle.
+        return y + self.bias.to(y.dtype)[:, None, None]
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.interpolate(x, scale_factor=2, mode="nearest"))

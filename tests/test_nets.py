@@ -65,6 +65,24 @@ def test_upsampled_conv_compiled_is_the_repeat_then_conv():
         assert rel_err(g, w) < 1e-5, (name, rel_err(g, w))
 
 
+def test_upsampled_conv_gives_its_conv_no_computed_bias():
+    """The traced sub-pixel conv calls conv2d without a bias and adds its own after the shuffle: torch 2.11's inductor
+    (the H200's) cannot lower a conv whose bias is a computed float32 tensor (the phases' repeated bias: `View`'s
+    freeze_layout, a LoweringException), so compile and graphs failed on image observations at fp32 there."""
+    convs = []
+
+    def backend(gm, example_inputs):
+        convs.extend(n for n in gm.graph.nodes if n.op == "call_function" and "conv2d" in str(n.target))
+        return gm.forward
+
+    conv, x = conv_and_input(4, 3, 5, (2, 5, 6), seed=3)
+    torch.testing.assert_close(torch.compile(conv, backend=backend, fullgraph=True)(x), conv.reference(x))
+    assert len(convs) == 1, convs
+    (node,) = convs
+    bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+    assert bias is None, node.format_node()
+
+
 def test_upsampled_conv_under_bf16_autocast_rounds_like_the_reference():
     # Under bf16 autocast both forms round the input and the weights to bf16 (8 bits: 2^-9 relative each) and the
     # output once; the phase weights are sums of up to 4 weights, rounded once after the sum. So each form is off the
