@@ -76,7 +76,8 @@ def test_upsampled_conv_gives_its_conv_no_computed_bias():
         return gm.forward
 
     conv, x = conv_and_input(4, 3, 5, (2, 5, 6), seed=3)
-    torch.testing.assert_close(torch.compile(conv, backend=backend, fullgraph=True)(x), conv.reference(x))
+    got = torch.compile(conv, backend=backend, fullgraph=True)(x)
+    assert rel_err(got, conv.reference(x)) < 1e-5  # the bound of the compiled test above
     assert len(convs) == 1, convs
     (node,) = convs
     bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
