@@ -371,7 +371,7 @@ def _seen(
     if fac is not None:
         n0, n1, xr, nh, g = fac.split([K, K, 3 * K, D, D], 1)  # reference.packed_widths
         x0 = op(deter)
-        u = torch.cat([x0.view(B, G, D // G), xr[:, None, :].expand(B, G, 3 * K)], 2)
+        u = reference._block_inputs(x0.view(B, G, D // G), xr)
         return {"x0": x0, "n0": n0, "x1": op(stoch), "n1": n1, "h": u, "nh": nh, "g": g.view(B, G, D // G)}
 
     # Each branch's norm on its own (a whole-branch x2 leaves its pre columns unwritten): in the fast modes' step,
@@ -381,7 +381,7 @@ def _seen(
         if mode[i] != 2:
             p = pre[:, i * K : (i + 1) * K]
             seen[f"x{i}"], seen[f"n{i}"] = op(inp), p * torch.rsqrt(p.square().mean(-1, keepdim=True) + EPS)
-    u = torch.cat([seen["x0"].view(B, G, D // G), op(x)[:, None, :].expand(B, G, 3 * K)], 2)
+    u = reference._block_inputs(seen["x0"].view(B, G, D // G), op(x))
     return {**seen, "h": u, "nh": hpre * rs[:, None], "g": op(h).view(B, G, D // G)}
 
 

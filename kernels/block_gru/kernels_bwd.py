@@ -8,7 +8,7 @@ Every dot here is float32 without TF32.
 import triton
 import triton.language as tl
 
-from .kernels_fwd import _operand, _sigmoid, _silu_grad, _tanh
+from .kernels_fwd import _operand, _row_keep, _sigmoid, _silu_grad, _tanh
 
 
 @triton.jit
@@ -283,9 +283,7 @@ def _bwd_branches(
     br = tl.program_id(1)
     pi = tl.program_id(2)
     rows = row0 + tl.arange(0, BB)
-    keep = tl.full((BB,), 1.0, tl.float32)
-    if RESET:
-        keep = tl.where(tl.load(first_ptr + rows * first_stride, mask=rows < B, other=0) != 0, 0.0, 1.0)
+    keep = _row_keep(first_ptr, first_stride, rows, rows < B, BB, RESET)
     if br == 0:
         if _runs(pi, BI, D, M0):
             _branch_bwd(

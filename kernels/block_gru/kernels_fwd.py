@@ -43,6 +43,15 @@ def _seen_op(x, BF16: tl.constexpr):
 
 
 @triton.jit
+def _row_keep(first_ptr, first_stride, rows, rmask, BB: tl.constexpr, RESET: tl.constexpr):
+    """(BB,) float32: 0 on the rows where first_ptr (B,) is true (with RESET), else 1; fused.forward's first."""
+    keep = tl.full((BB,), 1.0, tl.float32)
+    if RESET:
+        keep = tl.where(tl.load(first_ptr + rows * first_stride, mask=rmask, other=0) != 0, 0.0, 1.0)
+    return keep
+
+
+@triton.jit
 def _operand(x, BF16: tl.constexpr, DOT_BF16: tl.constexpr):
     """A dot operand: float32, or rounded to bfloat16 in bf16 compute (as bfloat16 for the tensor cores)."""
     x = x.to(tl.float32)
@@ -297,9 +306,7 @@ def _fwd_hidden(
         w = tl.load(wh_blk + ii[:, None] * DG + js[None, :], mask=imask[:, None] & jmask[None, :], other=0.0)
         acc = _dot(_operand(a, BF16, DOT_BF16), _operand(w, BF16, DOT_BF16), acc, DOT_BF16)
     write_x = (g == 0) & (pj == 0)
-    keep = tl.full((BB,), 1.0, tl.float32)
-    if RESET:
-        keep = tl.where(tl.load(first_ptr + rows * first_stride, mask=rmask, other=0) != 0, 0.0, 1.0)
+    keep = _row_keep(first_ptr, first_stride, rows, rmask, BB, RESET)
     acc = _x_part(
         acc,
         pre_ptr,
